@@ -1,0 +1,6 @@
+//! vi-model: VideoCrafter2 (UNet3D with fps conditioning, CLIP text encoder + BPE tokenizer, VAE
+//! decoder), the samplers, and Video-Infinity's clip parallelism. One model code path over the op
+//! vocabulary of `vi-runtime`; the model never branches on the device.
+
+pub mod params;
+pub mod temporal;

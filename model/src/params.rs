@@ -1,0 +1,206 @@
+//! Where a model gets its parameters: a [`ParamSource`] looked up by exact checkpoint key names.
+//!
+//! Models are built from a config and a [`Params`] (a source + a key prefix). The same construction
+//! code, run on a [`MetaRecorder`], yields the parameter table (names and shapes, no allocation) that
+//! tests compare with the manifests; run on a [`StoreSource`], it loads real weights.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use vi_runtime::{DType, Device, Tensor};
+use vi_weights::WeightStore;
+
+/// Error of model construction and running.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Runtime(#[from] vi_runtime::Error),
+    #[error(transparent)]
+    Weights(#[from] vi_weights::WeightsError),
+    #[error("parameter `{key}`: {msg}")]
+    Param { key: String, msg: String },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A source of named parameters.
+pub trait ParamSource: Sync {
+    /// The parameter `key` with exactly `shape`, on the source's device and dtype.
+    /// Errors name the key (missing, wrong shape, not finite).
+    fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor>;
+    fn contains(&self, key: &str) -> bool;
+}
+
+/// A prefix into a [`ParamSource`]: `p.pp("down_blocks").pp(0).get("conv.weight", ..)` looks up
+/// `down_blocks.0.conv.weight`.
+#[derive(Clone, Copy)]
+pub struct Params<'a> {
+    src: &'a dyn ParamSource,
+    prefix: &'a str,
+}
+
+/// An owned prefix (Params borrows its prefix; `pp` returns this, which derefs by `.p()`).
+pub struct PrefixedParams<'a> {
+    src: &'a dyn ParamSource,
+    prefix: String,
+}
+
+impl<'a> Params<'a> {
+    pub fn new(src: &'a dyn ParamSource) -> Self {
+        Params { src, prefix: "" }
+    }
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+    pub fn pp(&self, name: impl std::fmt::Display) -> PrefixedParams<'a> {
+        PrefixedParams {
+            src: self.src,
+            prefix: self.key(&name.to_string()),
+        }
+    }
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.get(&self.key(name), shape)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(&self.key(name))
+    }
+}
+
+impl<'a> PrefixedParams<'a> {
+    pub fn p(&self) -> Params<'_> {
+        Params {
+            src: self.src,
+            prefix: &self.prefix,
+        }
+    }
+    pub fn pp(&self, name: impl std::fmt::Display) -> PrefixedParams<'a> {
+        PrefixedParams {
+            src: self.src,
+            prefix: format!("{}.{}", self.prefix, name),
+        }
+    }
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.p().get(name, shape)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.p().contains(name)
+    }
+}
+
+/// Records every requested (key, shape) and returns meta tensors: the parameter table of a model
+/// built from its config alone.
+#[derive(Default)]
+pub struct MetaRecorder {
+    table: Mutex<BTreeMap<String, Vec<usize>>>,
+    /// Keys `contains` answers true for (optional parameters such as conv_shortcut are decided by
+    /// the config, so by default `contains` is false).
+    pub present: Option<std::collections::HashSet<String>>,
+}
+
+impl MetaRecorder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn table(&self) -> BTreeMap<String, Vec<usize>> {
+        self.table.lock().unwrap().clone()
+    }
+}
+
+impl ParamSource for MetaRecorder {
+    fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut t = self.table.lock().unwrap();
+        if let Some(prev) = t.insert(key.to_string(), shape.to_vec()) {
+            if prev != shape {
+                return Err(ModelError::Param {
+                    key: key.into(),
+                    msg: format!("requested twice with shapes {prev:?} and {shape:?}"),
+                });
+            }
+        }
+        Ok(Tensor::meta(shape, DType::F32))
+    }
+    fn contains(&self, key: &str) -> bool {
+        self.present.as_ref().is_some_and(|p| p.contains(key))
+    }
+}
+
+/// Parameters from a [`WeightStore`], converted to `dtype` and placed on `device`.
+/// `prefix` is prepended to every key (e.g. `weight/` in golden files); `alt_prefix` is tried
+/// second (e.g. `text_model.` for text encoders written by transformers < 5).
+/// Records which keys were used, so callers can report unused tensors.
+pub struct StoreSource<'s> {
+    pub store: &'s WeightStore,
+    pub prefix: String,
+    pub alt_prefix: Option<String>,
+    pub device: Device,
+    pub dtype: DType,
+    used: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl<'s> StoreSource<'s> {
+    pub fn new(store: &'s WeightStore, prefix: &str, device: Device, dtype: DType) -> Self {
+        StoreSource {
+            store,
+            prefix: prefix.to_string(),
+            alt_prefix: None,
+            device,
+            dtype,
+            used: Mutex::new(Default::default()),
+        }
+    }
+    pub fn with_alt_prefix(mut self, alt: &str) -> Self {
+        self.alt_prefix = Some(alt.to_string());
+        self
+    }
+    fn resolve(&self, key: &str) -> Option<String> {
+        let k = format!("{}{}", self.prefix, key);
+        if self.store.contains(&k) {
+            return Some(k);
+        }
+        let alt = format!("{}{}", self.alt_prefix.as_deref()?, key);
+        self.store.contains(&alt).then_some(alt)
+    }
+    /// Store keys (full names) that were used so far.
+    pub fn used(&self) -> std::collections::BTreeSet<String> {
+        self.used.lock().unwrap().clone()
+    }
+}
+
+impl ParamSource for StoreSource<'_> {
+    fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.resolve(key).ok_or_else(|| ModelError::Param {
+            key: key.to_string(),
+            msg: format!(
+                "missing from {}",
+                self.store
+                    .paths()
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+        let data = self.store.read_f32(&full, Some(shape))?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Param {
+                key: full,
+                msg: format!("non-finite value {} at element {i}", data[i]),
+            });
+        }
+        self.used.lock().unwrap().insert(full);
+        Ok(Tensor::from_vec(data, shape)?
+            .to_device(self.device)?
+            .to_dtype(self.dtype)?)
+    }
+    fn contains(&self, key: &str) -> bool {
+        self.resolve(key).is_some()
+    }
+}

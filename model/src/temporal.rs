@@ -1,0 +1,123 @@
+//! The three parts of the UNet that mix frames, behind one interface.
+//!
+//! Everything else in the UNet works frame by frame. The temporal conv layers, the temporal
+//! transformers' GroupNorm and the temporal attention call a [`TemporalContext`]: [`LocalContext`]
+//! is the plain whole-video model (diffusers semantics, one clip = the whole video); the
+//! clip-parallel context of Video-Infinity (`crate::clip_parallel`) exchanges halos and global
+//! tokens with the other ranks. The exchange lives there and nowhere else.
+
+use vi_runtime::{ops, Tensor};
+
+use crate::params::{Params, Result};
+
+/// diffusers `TemporalConvLayer`: conv1..conv4, each GroupNorm -> SiLU -> Conv3d kernel (3,1,1),
+/// zero padding 1 frame; output = input + conv4(conv3(conv2(conv1(x)))).
+pub struct TemporalConvLayer {
+    /// (gamma, beta) of the GroupNorm of conv1..conv4, each [C].
+    pub norms: Vec<(Tensor, Tensor)>,
+    /// (weight [C, C, 3, 1, 1], bias [C]) of the Conv3d of conv1..conv4.
+    pub convs: Vec<(Tensor, Tensor)>,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl TemporalConvLayer {
+    /// Keys `conv{1..4}.0.{weight,bias}` (GroupNorm) and `conv1.2.*` / `conv{2..4}.3.*` (Conv3d).
+    pub fn load(p: Params, channels: usize, groups: usize, eps: f32) -> Result<Self> {
+        let mut norms = Vec::new();
+        let mut convs = Vec::new();
+        for i in 1..=4 {
+            let c = p.pp(format!("conv{i}"));
+            norms.push((
+                c.get("0.weight", &[channels])?,
+                c.get("0.bias", &[channels])?,
+            ));
+            let conv_idx = if i == 1 { 2 } else { 3 };
+            convs.push((
+                c.get(
+                    &format!("{conv_idx}.weight"),
+                    &[channels, channels, 3, 1, 1],
+                )?,
+                c.get(&format!("{conv_idx}.bias"), &[channels])?,
+            ));
+        }
+        Ok(TemporalConvLayer {
+            norms,
+            convs,
+            groups,
+            eps,
+        })
+    }
+
+    /// One block i (0..4) on a window h [B, F, S, C]: GroupNorm over the whole window per batch
+    /// (statistics over F x S x C/G) -> SiLU -> Conv3d with 1-frame zero padding at the window ends.
+    pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        let (b, f, s, c) = (h.dim(0), h.dim(1), h.dim(2), h.dim(3));
+        let (g, be) = &self.norms[i];
+        let n = ops::group_norm(
+            &h.reshape(&[b, f * s, c])?,
+            self.groups,
+            g,
+            be,
+            self.eps,
+            true,
+        )?;
+        let (w, bias) = &self.convs[i];
+        Ok(ops::temporal_conv(
+            &n.reshape(&[b, f, s, c])?,
+            w,
+            Some(bias),
+        )?)
+    }
+
+    /// conv4(conv3(conv2(conv1(h)))) on a window h [B, F, S, C] (no residual).
+    pub fn body(&self, h: &Tensor) -> Result<Tensor> {
+        let mut h = h.clone();
+        for i in 0..4 {
+            h = self.block(i, &h)?;
+        }
+        Ok(h)
+    }
+}
+
+/// How the frame-mixing parts of the UNet see the rest of the video.
+/// Layouts: x [B, F, S, C] (S = H*W, channels-last); attention q/k/v [b, n, heads, head_dim]
+/// with b = B*S rows (one per batch element and spatial position), n = this clip's frames.
+pub trait TemporalContext: Sync {
+    /// A whole TemporalConvLayer: x [B, F, S, C] -> x + body(window) restricted to this clip.
+    fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor>;
+    /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C].
+    fn temporal_group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor>;
+    /// Self-attention over frames (attn1 and attn2 of every temporal transformer and of
+    /// `transformer_in`): q, k, v [b, n, H, D] after projection -> [b, n, H, D] before to_out.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor>;
+}
+
+/// The plain model: this clip is the whole video (diffusers `UNet3DConditionModel` semantics).
+pub struct LocalContext;
+
+impl TemporalContext for LocalContext {
+    fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::add(x, &layer.body(x)?)?)
+    }
+    fn temporal_group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        Ok(ops::group_norm(x, groups, gamma, beta, eps, false)?)
+    }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        Ok(ops::attention(q, k, v, scale, None, false)?)
+    }
+}

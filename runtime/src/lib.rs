@@ -1,0 +1,23 @@
+//! vi-runtime: tensors, the op vocabulary the VideoCrafter2 models need, and the backends that run it.
+//!
+//! * [`Tensor`]: an immutable, contiguous, row-major n-d array on a [`Device`] with a [`DType`].
+//! * [`ops`]: the whole op vocabulary (shape checks here, math in the backends). The models call only these.
+//! * `cpu`: the f32 reference backend (rayon + `gemm`), used by tests and CI.
+//! * `cuda` (feature `cuda`): bf16 storage, fp32 accumulation, our kernels + cuBLASLt/cuDNN.
+//! * [`comm`]: the `Communicator` trait (halo and global-token exchange between ranks) and its implementations.
+//!
+//! Layout convention of the whole project: activations are channels-last (`[N, H, W, C]`, sequences
+//! `[B, S, C]`, attention `[B, S, heads, head_dim]`); weights keep their PyTorch layout.
+
+pub mod comm;
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod device;
+mod error;
+pub mod ops;
+mod tensor;
+
+pub use device::{DType, Device};
+pub use error::{Error, Result};
+pub use tensor::{Storage, Tensor};

@@ -1,0 +1,708 @@
+//! The op vocabulary: every computation the UNet3D, the CLIP text encoder and the VAE decoder need.
+//!
+//! Each function checks shapes/devices here, then dispatches to the backend of its inputs' device
+//! (enum dispatch: CPU reference or CUDA). Models call only these functions and never branch on the
+//! device. All tensors are contiguous row-major; activations are channels-last.
+
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Parameters of the dual-scope temporal attention (DESIGN section 3; golden README "AttentionPlugin").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DualScopeParams {
+    /// Local half-window `p`: query i sees padded local positions i ..= i + 2p.
+    pub pad: usize,
+    /// Base logit scale (attn_scale / sqrt(head_dim)).
+    pub scale: f32,
+    /// Added to the logits of the 2p+1 visible local columns.
+    pub local_bias: f32,
+    /// Added to the logits of the G global columns.
+    pub global_bias: f32,
+    /// Multiply the scale by ln(2p+1+G)/ln(16) (the number of unmasked keys per row).
+    pub token_num_scale: bool,
+}
+
+/// The backend interface. Inputs are already validated by the functions of this module (shapes,
+/// same device, dtype supported). Outputs are fresh contiguous tensors on the inputs' device.
+pub(crate) trait Backend: Sync {
+    /// a [batch, M, K] x b [batch_b, K, N] -> [batch, M, N]; batch_b is `batch` or 1 (broadcast).
+    /// With `trans_b`, b is [batch_b, N, K] and the product uses its transpose.
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor>;
+    /// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N]  (PyTorch Linear).
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+    /// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout]; zero padding `pad` on each side.
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor>;
+    /// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> [B, F, S, Cout]; zero padding (k-1)/2 frames.
+    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+    /// Per (n, group) statistics of x [N, S, C]: [N, G, 3] = (count, mean, M2 = sum of squared deviations).
+    fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor>;
+    /// y = (x - mean) / sqrt(var + eps) * gamma + beta, optionally SiLU; x [N, S, C], stats [N, G, 2]
+    /// = (mean, biased variance) per (n, group).
+    fn group_norm_apply(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor>;
+    /// GroupNorm over x [N, S, C] (stats per n and group over S and C/G), optionally fused SiLU.
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor>;
+    /// LayerNorm over the last dim.
+    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor>;
+    fn softmax_last(&self, x: &Tensor) -> Result<Tensor>;
+    /// q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv].
+    /// logits = q·k * scale (+ bias[Sq, Sk]) (causal: key j > query i masked).
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        bias: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor>;
+    /// q [b, n, H, D]; k_local/v_local [b, n + 2p, H, D]; k_glob/v_glob [b, G, H, D] -> [b, n, H, D].
+    /// Query i sees local rows i ..= i+2p (+local_bias) and all G global rows (+global_bias).
+    #[allow(clippy::too_many_arguments)]
+    fn dual_scope_attention(
+        &self,
+        q: &Tensor,
+        k_local: &Tensor,
+        v_local: &Tensor,
+        k_glob: &Tensor,
+        v_glob: &Tensor,
+        p: &DualScopeParams,
+    ) -> Result<Tensor>;
+    fn unary(&self, x: &Tensor, op: UnaryOp) -> Result<Tensor>;
+    /// x [.., 2N] -> [.., N] = x[.., :N] * gelu(x[.., N:]) (exact erf GELU).
+    fn geglu(&self, x: &Tensor) -> Result<Tensor>;
+    /// Elementwise with numpy broadcasting; `out_shape` is the broadcast shape.
+    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor>;
+    /// x * mul + add, elementwise.
+    fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor>;
+    fn clamp(&self, x: &Tensor, lo: f32, hi: f32) -> Result<Tensor>;
+    /// Concatenate along `axis` (shapes equal elsewhere).
+    fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor>;
+    /// Take `indices` along `axis` (a slice is a contiguous run of indices).
+    fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor>;
+    /// Contiguous copy with dims permuted: out.dim(i) = x.dim(perm[i]).
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor>;
+    /// x [N, H, W, C] -> [N, 2H, 2W, C], nearest.
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor>;
+    /// rows of `table` [V, C] -> [ids.len(), C].
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnaryOp {
+    Silu,
+    /// Exact erf GELU.
+    Gelu,
+    Exp,
+    Sqrt,
+    Neg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+fn backend(t: &Tensor, op: &'static str) -> Result<&'static dyn Backend> {
+    match t.device() {
+        Device::Cpu => {
+            if t.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    op,
+                    dtype: t.dtype(),
+                    device: t.device(),
+                });
+            }
+            Ok(&crate::cpu::CpuBackend)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(&crate::cuda::CudaBackend),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::Cuda(
+            "this binary was built without the `cuda` feature".into(),
+        )),
+        Device::Meta => Err(Error::Meta(op)),
+    }
+}
+
+fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    let d = ts[0].device();
+    for t in ts {
+        if t.device() != d {
+            return Err(Error::DeviceMismatch {
+                op,
+                a: d,
+                b: t.device(),
+            });
+        }
+        if t.dtype() != ts[0].dtype() {
+            return Err(Error::shape(
+                op,
+                format!("dtype mismatch {:?} vs {:?}", ts[0].dtype(), t.dtype()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn expect_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
+    if t.rank() != rank {
+        return Err(Error::shape(
+            op,
+            format!("{name} must have rank {rank}, got {:?}", t.shape()),
+        ));
+    }
+    Ok(())
+}
+
+fn expect_vec(op: &'static str, name: &str, t: &Tensor, len: usize) -> Result<()> {
+    if t.shape() != [len] {
+        return Err(Error::shape(
+            op,
+            format!("{name} must be [{len}], got {:?}", t.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// Batched matmul: a [..., M, K] x b [..., K, N] -> [..., M, N]. `b` may be 2-D (shared by all batches)
+/// or have a batch equal to a's.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_impl(a, b, false)
+}
+
+/// a [..., M, K] x b[..., N, K]^T -> [..., M, N].
+pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_impl(a, b, true)
+}
+
+fn matmul_impl(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    same_device(OP, &[a, b])?;
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::shape(
+            OP,
+            format!("need rank >= 2: {:?} x {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let (m, k) = (a.dim(a.rank() - 2), a.dim(a.rank() - 1));
+    let (kb, n) = if trans_b {
+        (b.dim(b.rank() - 1), b.dim(b.rank() - 2))
+    } else {
+        (b.dim(b.rank() - 2), b.dim(b.rank() - 1))
+    };
+    let batch: usize = a.shape()[..a.rank() - 2].iter().product();
+    let batch_b: usize = b.shape()[..b.rank() - 2].iter().product();
+    if k != kb || (batch_b != 1 && batch_b != batch) {
+        return Err(Error::shape(
+            OP,
+            format!("{:?} x {:?} (trans_b {trans_b})", a.shape(), b.shape()),
+        ));
+    }
+    let a3 = a.reshape(&[batch, m, k])?;
+    let b3 = b.reshape(&[batch_b, b.dim(b.rank() - 2), b.dim(b.rank() - 1)])?;
+    let out = backend(a, OP)?.matmul(&a3, &b3, trans_b)?;
+    let mut shape = a.shape()[..a.rank() - 2].to_vec();
+    shape.extend([m, n]);
+    out.reshape(&shape)
+}
+
+/// PyTorch Linear: x [..., K], w [N, K], bias [N] -> [..., N].
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    same_device(OP, &[x, w])?;
+    expect_rank(OP, "weight", w, 2)?;
+    let (n, k) = (w.dim(0), w.dim(1));
+    if x.rank() == 0 || x.dim(x.rank() - 1) != k {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device(OP, &[x, b])?;
+        expect_vec(OP, "bias", b, n)?;
+    }
+    let rows = x.elem_count() / k;
+    let out = backend(x, OP)?.linear(&x.reshape(&[rows, k])?, w, bias)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    out.reshape(&shape)
+}
+
+/// 2-D convolution, channels-last: x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout],
+/// Ho = (H + 2 pad - kh) / stride + 1.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    same_device(OP, &[x, w])?;
+    expect_rank(OP, "x", x, 4)?;
+    expect_rank(OP, "weight", w, 4)?;
+    if x.dim(3) != w.dim(1) || stride == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if x.dim(1) + 2 * pad < w.dim(2) || x.dim(2) + 2 * pad < w.dim(3) {
+        return Err(Error::shape(
+            OP,
+            format!("input {:?} smaller than kernel {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device(OP, &[x, b])?;
+        expect_vec(OP, "bias", b, w.dim(0))?;
+    }
+    backend(x, OP)?.conv2d(x, w, bias, stride, pad)
+}
+
+/// Convolution over frames (kernel k odd, zero padding (k-1)/2): x [B, F, S, Cin],
+/// w [Cout, Cin, k] or the Conv3d layout [Cout, Cin, k, 1, 1] -> [B, F, S, Cout].
+pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "temporal_conv";
+    same_device(OP, &[x, w])?;
+    expect_rank(OP, "x", x, 4)?;
+    let w = match w.rank() {
+        3 => w.clone(),
+        5 if w.dim(3) == 1 && w.dim(4) == 1 => w.reshape(&[w.dim(0), w.dim(1), w.dim(2)])?,
+        _ => {
+            return Err(Error::shape(
+                OP,
+                format!("weight {:?} is not [Cout, Cin, k(,1,1)]", w.shape()),
+            ))
+        }
+    };
+    if x.dim(3) != w.dim(1) || w.dim(2) % 2 == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device(OP, &[x, b])?;
+        expect_vec(OP, "bias", b, w.dim(0))?;
+    }
+    backend(x, OP)?.temporal_conv(x, &w, bias)
+}
+
+fn check_gn(op: &'static str, x: &Tensor, groups: usize) -> Result<()> {
+    expect_rank(op, "x", x, 3)?;
+    if groups == 0 || x.dim(2) % groups != 0 {
+        return Err(Error::shape(
+            op,
+            format!("{} channels not divisible into {groups} groups", x.dim(2)),
+        ));
+    }
+    Ok(())
+}
+
+/// GroupNorm (+ optional fused SiLU) of x [N, S, C]: statistics per n and group over S x C/G.
+/// Spatial GroupNorm: N = frames, S = H*W. Temporal GroupNorm: N = batch, S = F*H*W.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm";
+    same_device(OP, &[x, gamma, beta])?;
+    check_gn(OP, x, groups)?;
+    expect_vec(OP, "gamma", gamma, x.dim(2))?;
+    expect_vec(OP, "beta", beta, x.dim(2))?;
+    backend(x, OP)?.group_norm(x, groups, gamma, beta, eps, silu)
+}
+
+/// Partial GroupNorm statistics of x [N, S, C]: [N, G, 3] = (count, mean, M2) per (n, group), to be
+/// combined across ranks (Chan's parallel variance) and applied with [`group_norm_apply`].
+pub fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
+    const OP: &str = "group_norm_stats";
+    check_gn(OP, x, groups)?;
+    backend(x, OP)?.group_norm_stats(x, groups)
+}
+
+/// Normalise x [N, S, C] with given stats [N, G, 2] = (mean, biased variance).
+pub fn group_norm_apply(
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm_apply";
+    same_device(OP, &[x, stats, gamma, beta])?;
+    expect_rank(OP, "x", x, 3)?;
+    expect_rank(OP, "stats", stats, 3)?;
+    let g = stats.dim(1);
+    check_gn(OP, x, g)?;
+    if stats.dim(0) != x.dim(0) || stats.dim(2) != 2 {
+        return Err(Error::shape(
+            OP,
+            format!("stats {:?} for x {:?}", stats.shape(), x.shape()),
+        ));
+    }
+    expect_vec(OP, "gamma", gamma, x.dim(2))?;
+    expect_vec(OP, "beta", beta, x.dim(2))?;
+    backend(x, OP)?.group_norm_apply(x, stats, gamma, beta, eps, silu)
+}
+
+/// LayerNorm over the last dim.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    same_device(OP, &[x, gamma, beta])?;
+    let c = *x.shape().last().ok_or_else(|| Error::shape(OP, "scalar"))?;
+    expect_vec(OP, "gamma", gamma, c)?;
+    expect_vec(OP, "beta", beta, c)?;
+    backend(x, OP)?.layer_norm(x, gamma, beta, eps)
+}
+
+/// Softmax over the last dim.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    backend(x, "softmax")?.softmax_last(x)
+}
+
+/// Scaled-dot-product attention. q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv];
+/// optional additive bias [Sq, Sk] (shared by batch and heads); `causal` masks keys j > i.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    bias: Option<&Tensor>,
+    causal: bool,
+) -> Result<Tensor> {
+    const OP: &str = "attention";
+    same_device(OP, &[q, k, v])?;
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        expect_rank(OP, n, t, 4)?;
+    }
+    let ok = q.dim(0) == k.dim(0)
+        && k.dim(0) == v.dim(0)
+        && q.dim(2) == k.dim(2)
+        && k.dim(2) == v.dim(2)
+        && q.dim(3) == k.dim(3)
+        && k.dim(1) == v.dim(1);
+    if !ok {
+        return Err(Error::shape(
+            OP,
+            format!("q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device(OP, &[q, b])?;
+        if b.shape() != [q.dim(1), k.dim(1)] {
+            return Err(Error::shape(
+                OP,
+                format!("bias {:?} for [{}, {}]", b.shape(), q.dim(1), k.dim(1)),
+            ));
+        }
+    }
+    if causal && q.dim(1) != k.dim(1) {
+        return Err(Error::shape(OP, "causal attention needs Sq == Sk"));
+    }
+    backend(q, OP)?.attention(q, k, v, scale, bias, causal)
+}
+
+/// The dual-scope temporal attention of Video-Infinity, banded local window + global keys, computed
+/// without a dense mask. See [`DualScopeParams`] and `Backend::dual_scope_attention`.
+pub fn dual_scope_attention(
+    q: &Tensor,
+    k_local: &Tensor,
+    v_local: &Tensor,
+    k_glob: &Tensor,
+    v_glob: &Tensor,
+    p: &DualScopeParams,
+) -> Result<Tensor> {
+    const OP: &str = "dual_scope_attention";
+    same_device(OP, &[q, k_local, v_local, k_glob, v_glob])?;
+    for (n, t) in [
+        ("q", q),
+        ("k_local", k_local),
+        ("v_local", v_local),
+        ("k_glob", k_glob),
+        ("v_glob", v_glob),
+    ] {
+        expect_rank(OP, n, t, 4)?;
+    }
+    let (b, n, h, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let loc = [b, n + 2 * p.pad, h, d];
+    let ok = k_local.shape() == loc
+        && v_local.shape() == loc
+        && k_glob.shape() == v_glob.shape()
+        && k_glob.dim(0) == b
+        && k_glob.dim(2) == h
+        && k_glob.dim(3) == d;
+    if !ok {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q {:?} k_local {:?} v_local {:?} k_glob {:?} v_glob {:?} pad {}",
+                q.shape(),
+                k_local.shape(),
+                v_local.shape(),
+                k_glob.shape(),
+                v_glob.shape(),
+                p.pad
+            ),
+        ));
+    }
+    backend(q, OP)?.dual_scope_attention(q, k_local, v_local, k_glob, v_glob, p)
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    backend(x, "silu")?.unary(x, UnaryOp::Silu)
+}
+/// Exact (erf) GELU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    backend(x, "gelu")?.unary(x, UnaryOp::Gelu)
+}
+pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    backend(x, "unary")?.unary(x, op)
+}
+
+/// GEGLU: x [..., 2N] -> x[..., :N] * gelu(x[..., N:]).
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "geglu";
+    if x.rank() == 0 || x.dim(x.rank() - 1) % 2 != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("last dim of {:?} must be even", x.shape()),
+        ));
+    }
+    backend(x, OP)?.geglu(x)
+}
+
+/// numpy broadcast of two shapes.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    const OP: &str = "binary";
+    same_device(OP, &[a, b])?;
+    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
+        Error::shape(
+            OP,
+            format!("{:?} {op:?} {:?} do not broadcast", a.shape(), b.shape()),
+        )
+    })?;
+    backend(a, OP)?.binary(a, b, op, &shape)
+}
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Add)
+}
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Sub)
+}
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Mul)
+}
+pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(a, b, BinaryOp::Div)
+}
+/// x * mul + add.
+pub fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+    backend(x, "affine")?.affine(x, mul, add)
+}
+pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    affine(x, s, 0.0)
+}
+pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    backend(x, "clamp")?.clamp(x, lo, hi)
+}
+
+/// Concatenate along `axis`.
+pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+    const OP: &str = "concat";
+    let first = xs.first().ok_or_else(|| Error::shape(OP, "no tensors"))?;
+    same_device(OP, xs)?;
+    if axis >= first.rank() {
+        return Err(Error::shape(
+            OP,
+            format!("axis {axis} for {:?}", first.shape()),
+        ));
+    }
+    for t in xs {
+        let ok = t.rank() == first.rank()
+            && (0..t.rank()).all(|d| d == axis || t.dim(d) == first.dim(d));
+        if !ok {
+            return Err(Error::shape(
+                OP,
+                format!("{:?} vs {:?} along axis {axis}", first.shape(), t.shape()),
+            ));
+        }
+    }
+    if xs.len() == 1 {
+        return Ok((*first).clone());
+    }
+    backend(first, OP)?.concat(xs, axis)
+}
+
+/// Take `indices` along `axis`.
+pub fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+    const OP: &str = "index_select";
+    if axis >= x.rank() || indices.iter().any(|&i| i >= x.dim(axis)) {
+        return Err(Error::shape(
+            OP,
+            format!("indices {indices:?} on axis {axis} of {:?}", x.shape()),
+        ));
+    }
+    backend(x, OP)?.index_select(x, axis, indices)
+}
+
+/// Elements start .. start+len along `axis` (a copy).
+pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    if axis >= x.rank() || start + len > x.dim(axis) {
+        return Err(Error::shape(
+            "narrow",
+            format!("{start}+{len} on axis {axis} of {:?}", x.shape()),
+        ));
+    }
+    if start == 0 && len == x.dim(axis) {
+        return Ok(x.clone());
+    }
+    let idx: Vec<usize> = (start..start + len).collect();
+    index_select(x, axis, &idx)
+}
+
+/// Split into pieces of the given sizes along `axis`.
+pub fn split(x: &Tensor, axis: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut start = 0;
+    for &s in sizes {
+        out.push(narrow(x, axis, start, s)?);
+        start += s;
+    }
+    if axis < x.rank() && start != x.dim(axis) {
+        return Err(Error::shape(
+            "split",
+            format!(
+                "sizes {sizes:?} do not cover axis {axis} of {:?}",
+                x.shape()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Contiguous copy with permuted dims: out.dim(i) = x.dim(perm[i]).
+pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    const OP: &str = "permute";
+    let mut seen = vec![false; x.rank()];
+    if perm.len() != x.rank()
+        || perm
+            .iter()
+            .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(Error::shape(
+            OP,
+            format!("perm {perm:?} for {:?}", x.shape()),
+        ));
+    }
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        return Ok(x.clone());
+    }
+    backend(x, OP)?.permute(x, perm)
+}
+
+/// Nearest-neighbour x2 upsampling, channels-last: [N, H, W, C] -> [N, 2H, 2W, C].
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    expect_rank("upsample_nearest2x", "x", x, 4)?;
+    backend(x, "upsample_nearest2x")?.upsample_nearest2x(x)
+}
+
+/// Embedding lookup: rows of table [V, C] -> [ids.len(), C].
+pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    expect_rank(OP, "table", table, 2)?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.dim(0)) {
+        return Err(Error::shape(
+            OP,
+            format!("id {bad} out of range for a table of {} rows", table.dim(0)),
+        ));
+    }
+    backend(table, OP)?.embedding(ids, table)
+}
+
+/// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, float32):
+/// half = dim/2, freq_i = exp(-ln(10000) * i / (half - shift)), arg = t * freq_i,
+/// out = [sin, cos] or [cos, sin] with `flip_sin_to_cos`. Returns [t.len(), dim] on `device`.
+pub fn timestep_embedding(
+    t: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f32,
+    device: Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let mut out = vec![0f32; t.len() * dim];
+    for (r, &tv) in t.iter().enumerate() {
+        for i in 0..half {
+            let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift);
+            let arg = tv * exponent.exp();
+            let (s, c) = (arg.sin(), arg.cos());
+            let row = &mut out[r * dim..(r + 1) * dim];
+            if flip_sin_to_cos {
+                row[i] = c;
+                row[half + i] = s;
+            } else {
+                row[i] = s;
+                row[half + i] = c;
+            }
+        }
+    }
+    Tensor::from_slice_on(&out, &[t.len(), dim], device, dtype)
+}

@@ -1,0 +1,220 @@
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::{DType, Device, Error, Result};
+
+/// Backing data of a tensor. Always contiguous, row-major, exactly `elem_count` elements.
+pub enum Storage {
+    /// CPU: f32 is the compute type; f16/bf16 only hold data until converted.
+    CpuF32(Vec<f32>),
+    CpuF16(Vec<f16>),
+    CpuBF16(Vec<bf16>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
+    /// Shape only (parameter tables).
+    Meta,
+}
+
+/// An immutable, contiguous, row-major n-d array. Cloning is cheap (shared storage).
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor{{shape: {:?}, dtype: {:?}, device: {:?}}}",
+            self.shape, self.dtype, self.device
+        )
+    }
+}
+
+impl Tensor {
+    /// Build from raw parts; `storage` must hold `shape.product()` elements of `dtype` on `device`.
+    pub fn from_storage(storage: Storage, shape: Vec<usize>, dtype: DType, device: Device) -> Self {
+        Tensor {
+            storage: Arc::new(storage),
+            shape,
+            dtype,
+            device,
+        }
+    }
+
+    /// f32 tensor on the CPU from a vector.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::shape(
+                "from_vec",
+                format!(
+                    "{} elements for shape {:?} ({} needed)",
+                    data.len(),
+                    shape,
+                    n
+                ),
+            ));
+        }
+        Ok(Tensor::from_storage(
+            Storage::CpuF32(data),
+            shape.to_vec(),
+            DType::F32,
+            Device::Cpu,
+        ))
+    }
+
+    /// f32 tensor from a slice, placed on `device` (converted to `dtype` there).
+    pub fn from_slice_on(
+        data: &[f32],
+        shape: &[usize],
+        device: Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape)?
+            .to_device(device)?
+            .to_dtype(dtype)
+    }
+
+    pub fn zeros(shape: &[usize], device: Device, dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(vec![0.0; n], shape)?
+            .to_device(device)?
+            .to_dtype(dtype)
+    }
+
+    /// A shape-only tensor (no data).
+    pub fn meta(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_storage(Storage::Meta, shape.to_vec(), dtype, Device::Meta)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    /// Size of dimension `d`; negative-free: panics only on a caller bug (d >= rank).
+    pub fn dim(&self, d: usize) -> usize {
+        self.shape[d]
+    }
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Same data, new shape (free: tensors are contiguous).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.elem_count() {
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} -> {:?}", self.shape, shape),
+            ));
+        }
+        Ok(Tensor {
+            storage: self.storage.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+            device: self.device,
+        })
+    }
+
+    /// The f32 data of a CPU f32 tensor (no copy).
+    pub fn as_cpu_f32(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::CpuF32(v) => Ok(v),
+            _ => Err(Error::DType {
+                op: "as_cpu_f32",
+                dtype: self.dtype,
+                device: self.device,
+            }),
+        }
+    }
+
+    /// Copy the data to a host `Vec<f32>` (any device, any dtype).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        match &*self.storage {
+            Storage::CpuF32(v) => Ok(v.clone()),
+            Storage::CpuF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::CpuBF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.to_vec_f32(),
+            Storage::Meta => Err(Error::Meta("to_vec_f32")),
+        }
+    }
+
+    /// Convert the element type (on the tensor's device).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let storage = match &*self.storage {
+            Storage::Meta => Storage::Meta,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Storage::Cuda(s.to_dtype(dtype)?),
+            _ => {
+                let v = self.to_vec_f32()?;
+                match dtype {
+                    DType::F32 => Storage::CpuF32(v),
+                    DType::F16 => Storage::CpuF16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+                    DType::BF16 => Storage::CpuBF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+                }
+            }
+        };
+        Ok(Tensor::from_storage(
+            storage,
+            self.shape.clone(),
+            dtype,
+            self.device,
+        ))
+    }
+
+    /// Move to another device, keeping the dtype.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device {
+            return Ok(self.clone());
+        }
+        match device {
+            Device::Meta => Ok(Tensor::meta(&self.shape, self.dtype)),
+            Device::Cpu => match &*self.storage {
+                #[cfg(feature = "cuda")]
+                Storage::Cuda(s) => {
+                    let v = s.to_vec_f32()?;
+                    Tensor::from_vec(v, &self.shape)?.to_dtype(self.dtype)
+                }
+                _ => Err(Error::Meta("to_device")),
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ord) => {
+                let v = self.to_vec_f32()?;
+                let s = crate::cuda::CudaStorage::from_f32(ord, &v, self.dtype)?;
+                Ok(Tensor::from_storage(
+                    Storage::Cuda(s),
+                    self.shape.clone(),
+                    self.dtype,
+                    device,
+                ))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Cuda(
+                "this binary was built without the `cuda` feature".into(),
+            )),
+        }
+    }
+}
