@@ -2,5 +2,8 @@
 //! decoder), the samplers, and Video-Infinity's clip parallelism. One model code path over the op
 //! vocabulary of `vi-runtime`; the model never branches on the device.
 
+pub mod clip;
 pub mod params;
+pub mod sampler;
 pub mod temporal;
+pub mod vae;
