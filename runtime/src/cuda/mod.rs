@@ -1,1 +1,613 @@
-//! CUDA backend (feature `cuda`): bf16 storage, fp32 accumulation. (Being written.)
+//! CUDA backend (feature `cuda`): bf16 activations (f32 and f16 also supported), fp32 accumulation in
+//! every kernel and GEMM.
+//!
+//! * [`CudaDevice`]: one per ordinal, created once and cached: the cudarc context, the single stream all
+//!   work of this device is queued on (several in-process ranks sharing a GPU serialise on it), the
+//!   loaded kernel modules and the cuBLASLt handle + per-shape GEMM plans.
+//! * [`CudaStorage`]: a device buffer of one dtype, the `Storage::Cuda` payload of a [`Tensor`].
+//! * [`CudaBackend`]: the [`crate::ops::Backend`] implementation. GEMMs (linear, matmul, 1x1 / 3x3 /
+//!   temporal conv) go through cuBLASLt (`gemm.rs`, `conv.rs`); elementwise and layout kernels are ours
+//!   (`elementwise.rs`, `layout.rs`, `cuda/kernels/{elementwise,layout}.cu`); GroupNorm / LayerNorm /
+//!   softmax and the attention kernels are in `norm.rs` / `attention.rs`.
+//!
+//! Memory: allocations are stream-ordered (`cuMemAllocAsync`) from the device's default memory pool
+//! whose release threshold is raised to "keep everything": freed blocks stay cached in the pool and are
+//! reused by the next allocation of the stream, so a UNet pass does not call the OS-level allocator per
+//! op (the driver's pool is the caching allocator; free + alloc of a cached block costs ~1 µs).
+//!
+//! Synchronisation: cudarc's per-buffer event tracking is disabled (it would create two CUDA events per
+//! allocation); it is not needed because every kernel, copy and GEMM of a device runs on its one stream
+//! in issue order, and tensors are immutable (outputs are always fresh buffers).
+//!
+//! Robustness: cudarc loads libcuda / libcublasLt lazily and panics when they are missing; every entry
+//! here checks for the library first and catches panics of the first initialisation, so a machine
+//! without a GPU gets an `Error::Cuda` ("no CUDA driver found ..."), never a panic.
+
+pub(crate) mod attention;
+pub(crate) mod conv;
+pub(crate) mod elementwise;
+pub(crate) mod gemm;
+pub(crate) mod layout;
+pub(crate) mod norm;
+pub mod profile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+};
+use half::{bf16, f16};
+
+use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::{DType, Device, Error, Result, Storage, Tensor};
+
+/// Wrap a CUDA-side error with what we were doing.
+pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Run a cudarc call that may panic because a shared library or symbol is missing; turn the panic into
+/// an error mentioning `what`.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Error::Cuda(format!("{what}: {msg}"))
+    })
+}
+
+/// Number of CUDA devices, or an error when there is no driver. Never panics.
+pub fn device_count() -> Result<usize> {
+    check_driver()?;
+    let n = no_panic("cuDeviceGetCount", || {
+        cudarc::driver::result::init()?;
+        cudarc::driver::result::device::get_count()
+    })?
+    .map_err(|e| cuda_err("cuDeviceGetCount", e))?;
+    Ok(n as usize)
+}
+
+/// True when a CUDA driver and at least one device are present (tests and benches skip otherwise).
+pub fn is_available() -> bool {
+    matches!(device_count(), Ok(n) if n > 0)
+}
+
+fn check_driver() -> Result<()> {
+    // SAFETY: only tries to dlopen the driver library (no CUDA call is made).
+    let present = no_panic("loading libcuda", || unsafe {
+        cudarc::driver::sys::is_culib_present()
+    })?;
+    if !present {
+        return Err(Error::Cuda(
+            "no CUDA driver found (libcuda.so.1 could not be loaded)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A CUDA device as used by the runtime. Cached per ordinal for the life of the process.
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// (major, minor) compute capability.
+    cc: (u32, u32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<String, CudaFunction>>,
+    blas: OnceLock<std::result::Result<gemm::Blas, String>>,
+    /// Weight re-layouts cached per source buffer address and length (conv weights to
+    /// [Cout, kh, kw, Cin], temporal conv weights to [k, Cout, Cin]). The entry keeps the source tensor
+    /// alive, so its address cannot be reused by another buffer while the entry exists.
+    #[allow(dead_code)]
+    pub(crate) weight_cache: Mutex<HashMap<(u64, usize), (Tensor, Arc<CudaStorage>)>>,
+    pub(crate) profiler: profile::Profiler,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice({}, sm_{}{})",
+            self.ordinal, self.cc.0, self.cc.1
+        )
+    }
+}
+
+static DEVICES: Mutex<Vec<Option<Arc<CudaDevice>>>> = Mutex::new(Vec::new());
+static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// When on, every new device buffer is filled with all-ones bytes (NaN in f32/bf16/f16) before use, so
+/// elements a kernel fails to write show up as NaN. For tests; off by default.
+pub fn set_poison_allocations(on: bool) {
+    POISON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The cached device for `ordinal` (created on first use).
+pub(crate) fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    let mut devs = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(Some(d)) = devs.get(ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(CudaDevice::new(ordinal)?);
+    if devs.len() <= ordinal {
+        devs.resize(ordinal + 1, None);
+    }
+    devs[ordinal] = Some(d.clone());
+    Ok(d)
+}
+
+impl CudaDevice {
+    fn new(ordinal: usize) -> Result<CudaDevice> {
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(Error::Cuda(format!(
+                "CUDA device {ordinal} requested but {n} device(s) present"
+            )));
+        }
+        let ctx = no_panic("creating the CUDA context", || CudaContext::new(ordinal))?
+            .map_err(|e| cuda_err("creating the CUDA context", e))?;
+        // SAFETY: all work of this device is issued on `stream` below (single-stream ordering), so the
+        // per-buffer events cudarc would otherwise create are unnecessary.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating a stream", e))?;
+        if ctx.has_async_alloc() {
+            // SAFETY: plain driver calls on this device's default pool; the attribute is a u64.
+            unsafe {
+                let pool = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device())
+                    .map_err(|e| cuda_err("default memory pool", e))?;
+                let mut keep: u64 = u64::MAX;
+                cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool,
+                    cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                )
+                .result()
+                .map_err(|e| cuda_err("memory pool release threshold", e))?;
+            }
+        }
+        Ok(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            cc: (major as u32, minor as u32),
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
+            weight_cache: Mutex::new(HashMap::new()),
+            profiler: profile::Profiler::from_env(),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+    pub(crate) fn ctx(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The one stream all work of this device runs on.
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Wait for all queued work of this device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("stream synchronize", e))
+    }
+
+    /// The kernel `kernel` of module `module` (`cuda/kernels/<module>.cu`). The module is loaded once:
+    /// the embedded cubin for this device's compute capability, else the PTX (JIT by the driver).
+    pub(crate) fn func(&self, module: &str, kernel: &str) -> Result<CudaFunction> {
+        let key = format!("{module}::{kernel}");
+        if let Some(f) = self.funcs.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        let m = self.module(module)?;
+        let f = m.load_function(kernel).map_err(|e| {
+            cuda_err(
+                &format!("kernel `{kernel}` not found in module `{module}`"),
+                e,
+            )
+        })?;
+        self.funcs.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, name: &str) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().unwrap();
+        let src = vi_kernels::module(name).ok_or_else(|| {
+            Error::Cuda(format!(
+                "kernel module `{name}` is not embedded (cuda/kernels/{name}.cu missing or vi-kernels \
+                 built without its `cuda` feature)"
+            ))
+        })?;
+        if let Some(m) = mods.get(src.name) {
+            return Ok(m.clone());
+        }
+        let image = match src.cubin_for(self.cc.0, self.cc.1) {
+            Some(c) => c.data.to_vec(),
+            None => src.ptx.to_vec(),
+        };
+        let m = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+            .map_err(|e| cuda_err(&format!("loading kernel module `{name}`"), e))?;
+        mods.insert(src.name, m.clone());
+        Ok(m)
+    }
+
+    /// The cuBLASLt state of this device (created on first use).
+    pub(crate) fn blas(&self) -> Result<&gemm::Blas> {
+        self.blas
+            .get_or_init(|| gemm::Blas::new(self).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| Error::Cuda(e.clone()))
+    }
+
+    /// A fresh uninitialised buffer of `len` elements (NaN-filled when poisoning is on).
+    pub(crate) fn alloc(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let what = || format!("allocating {len} x {dtype:?} on cuda:{}", self.ordinal);
+        // SAFETY: the buffer is uninitialised; every caller writes all `len` elements before reading
+        // (or poisoning fills it below).
+        let buf = unsafe {
+            match dtype {
+                DType::F32 => self.stream.alloc::<f32>(len).map(CudaBuf::F32),
+                DType::BF16 => self.stream.alloc::<bf16>(len).map(CudaBuf::BF16),
+                DType::F16 => self.stream.alloc::<f16>(len).map(CudaBuf::F16),
+            }
+        }
+        .map_err(|e| cuda_err(&what(), e))?;
+        let s = CudaStorage {
+            dev: self.clone(),
+            buf,
+        };
+        if POISON.load(std::sync::atomic::Ordering::Relaxed) {
+            s.memset_bytes(0xFF)?;
+        }
+        Ok(s)
+    }
+
+    /// A fresh zero-filled buffer.
+    pub(crate) fn alloc_zeros(self: &Arc<Self>, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let s = self.alloc(dtype, len)?;
+        s.memset_bytes(0)?;
+        Ok(s)
+    }
+}
+
+/// Typed device buffer.
+pub enum CudaBuf {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
+}
+
+impl CudaBuf {
+    fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::BF16(s) => s.len(),
+            CudaBuf::F16(s) => s.len(),
+        }
+    }
+}
+
+/// The data of a CUDA tensor: one contiguous device buffer.
+pub struct CudaStorage {
+    dev: Arc<CudaDevice>,
+    buf: CudaBuf,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage({:?}, {:?} x {})",
+            self.dev,
+            self.dtype(),
+            self.len()
+        )
+    }
+}
+
+impl CudaStorage {
+    /// Upload f32 host data to device `ordinal`, stored as `dtype` (converted on the host).
+    pub fn from_f32(ordinal: usize, data: &[f32], dtype: DType) -> Result<CudaStorage> {
+        let dev = device(ordinal)?;
+        let st = dev.stream();
+        let what = "host -> device copy";
+        let buf = match dtype {
+            DType::F32 => CudaBuf::F32(st.clone_htod(data).map_err(|e| cuda_err(what, e))?),
+            DType::BF16 => {
+                let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaBuf::BF16(st.clone_htod(&h).map_err(|e| cuda_err(what, e))?)
+            }
+            DType::F16 => {
+                let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                CudaBuf::F16(st.clone_htod(&h).map_err(|e| cuda_err(what, e))?)
+            }
+        };
+        Ok(CudaStorage { dev, buf })
+    }
+
+    /// Upload bf16 host data (no conversion).
+    pub fn from_bf16(ordinal: usize, data: &[bf16]) -> Result<CudaStorage> {
+        let dev = device(ordinal)?;
+        let buf = dev
+            .stream()
+            .clone_htod(data)
+            .map_err(|e| cuda_err("host -> device copy", e))?;
+        Ok(CudaStorage {
+            dev,
+            buf: CudaBuf::BF16(buf),
+        })
+    }
+
+    /// Copy to the host as f32 (synchronises the stream).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        let st = self.dev.stream();
+        let what = "device -> host copy";
+        Ok(match &self.buf {
+            CudaBuf::F32(s) => st.clone_dtoh(s).map_err(|e| cuda_err(what, e))?,
+            CudaBuf::BF16(s) => st
+                .clone_dtoh(s)
+                .map_err(|e| cuda_err(what, e))?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            CudaBuf::F16(s) => st
+                .clone_dtoh(s)
+                .map_err(|e| cuda_err(what, e))?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        })
+    }
+
+    /// Convert the element type on the device (a fresh buffer).
+    pub fn to_dtype(&self, dtype: DType) -> Result<CudaStorage> {
+        elementwise::convert(self, dtype)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.buf {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::BF16(_) => DType::BF16,
+            CudaBuf::F16(_) => DType::F16,
+        }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub(crate) fn dev(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+    pub(crate) fn buf(&self) -> &CudaBuf {
+        &self.buf
+    }
+    /// Raw device address of the first element (for kernel arguments and cuBLASLt). Valid while
+    /// `self` lives; all users run on the device's single stream, so no extra synchronisation.
+    pub(crate) fn ptr(&self) -> u64 {
+        let st = self.dev.stream();
+        match &self.buf {
+            CudaBuf::F32(s) => s.device_ptr(st).0,
+            CudaBuf::BF16(s) => s.device_ptr(st).0,
+            CudaBuf::F16(s) => s.device_ptr(st).0,
+        }
+    }
+    /// Address of element `elem` (for GEMMs on row ranges).
+    pub(crate) fn ptr_at(&self, elem: usize) -> u64 {
+        self.ptr() + (elem * self.dtype().size_in_bytes()) as u64
+    }
+    fn memset_bytes(&self, byte: u8) -> Result<()> {
+        let bytes = self.len() * self.dtype().size_in_bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        // SAFETY: writes exactly the bytes of this buffer, on its stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                self.ptr(),
+                byte,
+                bytes,
+                self.dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| cuda_err("memset", e))
+    }
+
+    /// Wrap as a tensor of `shape` (must hold `len()` elements).
+    pub(crate) fn into_tensor(self, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), self.len());
+        let dtype = self.dtype();
+        let ordinal = self.dev.ordinal;
+        Tensor::from_storage(
+            Storage::Cuda(self),
+            shape.to_vec(),
+            dtype,
+            Device::Cuda(ordinal),
+        )
+    }
+}
+
+/// The CUDA storage of a tensor (error if it is not on a CUDA device).
+pub(crate) fn storage<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
+    match t.storage() {
+        Storage::Cuda(s) => Ok(s),
+        _ => Err(Error::DeviceMismatch {
+            op,
+            a: Device::Cuda(0),
+            b: t.device(),
+        }),
+    }
+}
+
+/// Kernel-name suffix of a dtype: kernels are instantiated per storage type as `<name>_f32`,
+/// `<name>_bf16`, `<name>_f16`.
+pub(crate) fn dtype_suffix(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+    }
+}
+
+/// 1-D launch: `n` threads in blocks of `block`, grid capped (kernels use grid-stride loops).
+pub(crate) fn cfg_1d(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 65535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The CUDA implementation of the op vocabulary.
+pub(crate) struct CudaBackend;
+
+impl Backend for CudaBackend {
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+        let _p = profile::scope(a, "gemm")?;
+        gemm::matmul(a, b, trans_b)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let _p = profile::scope(x, "gemm")?;
+        gemm::linear(x, w, bias)
+    }
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(x, "conv2d")?;
+        conv::conv2d(x, w, bias, stride, pad)
+    }
+    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let _p = profile::scope(x, "temporal_conv")?;
+        conv::temporal_conv(x, w, bias)
+    }
+    fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
+        let _p = profile::scope(x, "group_norm")?;
+        norm::group_norm_stats(x, groups)
+    }
+    fn group_norm_apply(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(x, "group_norm")?;
+        norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
+    }
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(x, "group_norm")?;
+        norm::group_norm(x, groups, gamma, beta, eps, silu)
+    }
+    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        let _p = profile::scope(x, "layer_norm")?;
+        norm::layer_norm(x, gamma, beta, eps)
+    }
+    fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope(x, "softmax")?;
+        norm::softmax_last(x)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        bias: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(q, "attention")?;
+        attention::attention(q, k, v, scale, bias, causal)
+    }
+    fn dual_scope_attention(
+        &self,
+        q: &Tensor,
+        k_local: &Tensor,
+        v_local: &Tensor,
+        k_glob: &Tensor,
+        v_glob: &Tensor,
+        p: &DualScopeParams,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(q, "dual_scope_attention")?;
+        attention::dual_scope_attention(q, k_local, v_local, k_glob, v_glob, p)
+    }
+    fn unary(&self, x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+        let _p = profile::scope(x, "elementwise")?;
+        elementwise::unary(x, op)
+    }
+    fn geglu(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope(x, "elementwise")?;
+        elementwise::geglu(x)
+    }
+    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+        let _p = profile::scope(a, "elementwise")?;
+        elementwise::binary(a, b, op, out_shape)
+    }
+    fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+        let _p = profile::scope(x, "elementwise")?;
+        elementwise::affine(x, mul, add)
+    }
+    fn clamp(&self, x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+        let _p = profile::scope(x, "elementwise")?;
+        elementwise::clamp(x, lo, hi)
+    }
+    fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+        let _p = profile::scope(xs[0], "layout")?;
+        layout::concat(xs, axis)
+    }
+    fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+        let _p = profile::scope(x, "layout")?;
+        layout::index_select(x, axis, indices)
+    }
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        let _p = profile::scope(x, "layout")?;
+        layout::permute(x, perm)
+    }
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope(x, "layout")?;
+        layout::upsample_nearest2x(x)
+    }
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        let _p = profile::scope(table, "layout")?;
+        layout::embedding(ids, table)
+    }
+}

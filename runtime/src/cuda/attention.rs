@@ -1,0 +1,290 @@
+//! Attention launchers for `cuda/kernels/attention.cu` and `cuda/kernels/dual_scope.cu`
+//! (see `docs/kernels.md`). Layout [B, S, heads, head_dim], read in place (row stride heads*head_dim).
+//!
+//! Kernel choice (per call):
+//! * fast path: bf16/f16 storage, head_dim (= value dim) in {32, 64, 128}, 16-byte aligned buffers:
+//!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported) and `dual_mma_*`;
+//! * otherwise, or with the environment variable `VI_ATTN_KERNEL=simple`: the straightforward fp32
+//!   kernels `attn_generic_*` (any D, value dim <= 512) and `dual_generic_*` (D <= 128).
+
+use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
+
+use super::norm::launch;
+use super::{dtype_suffix, storage};
+use crate::ops::DualScopeParams;
+use crate::{DType, Error, Result, Tensor};
+
+/// Which attention kernels a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttnKernel {
+    /// Tensor-core kernels where they apply, else the simple ones.
+    Auto,
+    /// Always the simple fp32 kernels (`VI_ATTN_KERNEL=simple`), for comparisons.
+    Simple,
+}
+
+/// The kernel choice from `VI_ATTN_KERNEL` (read per call so a benchmark can switch within a process).
+pub(crate) fn kernel_choice() -> AttnKernel {
+    match std::env::var("VI_ATTN_KERNEL") {
+        Ok(v) if v.eq_ignore_ascii_case("simple") => AttnKernel::Simple,
+        _ => AttnKernel::Auto,
+    }
+}
+
+/// Shared memory a block may use without opting in.
+const SMEM_DEFAULT: usize = 48 * 1024;
+
+fn fast_dtype(d: DType) -> bool {
+    matches!(d, DType::BF16 | DType::F16)
+}
+
+fn i32_arg(op: &'static str, name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(op, format!("{name} = {v} exceeds the i32 range")))
+}
+
+/// q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv];
+/// logits = q·k * scale (+ bias[Sq, Sk]) (causal: key j > query i masked).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    bias: Option<&Tensor>,
+    causal: bool,
+) -> Result<Tensor> {
+    const OP: &str = "attention";
+    let (qs, ks, vs) = (storage(q, OP)?, storage(k, OP)?, storage(v, OP)?);
+    let bsv = bias.map(|b| storage(b, OP)).transpose()?;
+    let dev = qs.dev();
+    let (b, sq, h, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let (sk, dv) = (k.dim(1), v.dim(3));
+    let dt = q.dtype();
+    let out = dev.alloc(dt, b * sq * h * dv)?;
+    let oshape = [b, sq, h, dv];
+    if out.is_empty() {
+        return Ok(out.into_tensor(&oshape));
+    }
+    let (qp, kp, vp, op) = (qs.ptr(), ks.ptr(), vs.ptr(), out.ptr());
+    let bp: u64 = bsv.map_or(0, |s| s.ptr()); // null pointer = no bias
+    let causal_i = causal as i32;
+    let (sq_i, sk_i, h_i) = (
+        i32_arg(OP, "Sq", sq)?,
+        i32_arg(OP, "Sk", sk)?,
+        i32_arg(OP, "heads", h)?,
+    );
+    let aligned = [qp, kp, vp, op].iter().all(|p| p % 16 == 0);
+    let fast = kernel_choice() == AttnKernel::Auto
+        && fast_dtype(dt)
+        && d == dv
+        && matches!(d, 32 | 64 | 128)
+        && aligned
+        && b <= 65535
+        && h <= 65535;
+    if fast {
+        let name = format!("attn_flash_{}_d{d}", dtype_suffix(dt));
+        let f = dev.func("attention", &name)?;
+        let smem = (64 + 4 * 64) * (d + 8) * dt.size_in_bytes();
+        if smem > SMEM_DEFAULT {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| super::cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (sq.div_ceil(64) as u32, h as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&bp)
+                .arg(&op)
+                .arg(&sq_i)
+                .arg(&sk_i)
+                .arg(&h_i)
+                .arg(&scale_log2)
+                .arg(&causal_i);
+        })?;
+    } else {
+        let l = match dv {
+            0..=128 => 4,
+            129..=512 => 16,
+            _ => {
+                return Err(Error::shape(
+                    OP,
+                    format!("value head dim {dv} > 512 is not supported by the CUDA kernels"),
+                ))
+            }
+        };
+        let name = format!("attn_generic_{}_l{l}", dtype_suffix(dt));
+        let f = dev.func("attention", &name)?;
+        let warps = b * sq * h;
+        let blocks = warps.div_ceil(4);
+        if blocks > i32::MAX as usize || d * 16 > SMEM_DEFAULT {
+            return Err(Error::shape(
+                OP,
+                format!("q {:?} too large for the generic kernel", q.shape()),
+            ));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (4 * d * 4) as u32,
+        };
+        let (b_i, d_i, dv_i) = (
+            i32_arg(OP, "B", b)?,
+            i32_arg(OP, "D", d)?,
+            i32_arg(OP, "Dv", dv)?,
+        );
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&bp)
+                .arg(&op)
+                .arg(&b_i)
+                .arg(&sq_i)
+                .arg(&sk_i)
+                .arg(&h_i)
+                .arg(&d_i)
+                .arg(&dv_i)
+                .arg(&scale)
+                .arg(&causal_i);
+        })?;
+    }
+    Ok(out.into_tensor(&oshape))
+}
+
+/// q [b, n, H, D]; k_local/v_local [b, n + 2p, H, D]; k_glob/v_glob [b, G, H, D] -> [b, n, H, D].
+pub(crate) fn dual_scope_attention(
+    q: &Tensor,
+    k_local: &Tensor,
+    v_local: &Tensor,
+    k_glob: &Tensor,
+    v_glob: &Tensor,
+    p: &DualScopeParams,
+) -> Result<Tensor> {
+    const OP: &str = "dual_scope_attention";
+    let qs = storage(q, OP)?;
+    let (kls, vls) = (storage(k_local, OP)?, storage(v_local, OP)?);
+    let (kgs, vgs) = (storage(k_glob, OP)?, storage(v_glob, OP)?);
+    let dev = qs.dev();
+    let (nb, n, h, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let g = k_glob.dim(1);
+    let dt = q.dtype();
+    let out = dev.alloc(dt, q.elem_count())?;
+    if out.is_empty() {
+        return Ok(out.into_tensor(q.shape()));
+    }
+    // Number of visible keys per query row: 2p + 1 local + G global.
+    let nvis = 2 * p.pad + 1 + g;
+    let scale = if p.token_num_scale {
+        p.scale * ((nvis as f32).ln() / 16f32.ln())
+    } else {
+        p.scale
+    };
+    // A zero-size k_glob may have no device allocation: pass the (valid) q pointer instead; G = 0
+    // means it is never read.
+    let (qp, klp, vlp, op) = (qs.ptr(), kls.ptr(), vls.ptr(), out.ptr());
+    let (kgp, vgp) = if g == 0 {
+        (qp, qp)
+    } else {
+        (kgs.ptr(), vgs.ptr())
+    };
+    let (nb_i, n_i, h_i, pad_i, g_i) = (
+        i32_arg(OP, "b", nb)?,
+        i32_arg(OP, "n", n)?,
+        i32_arg(OP, "heads", h)?,
+        i32_arg(OP, "pad", p.pad)?,
+        i32_arg(OP, "G", g)?,
+    );
+    let aligned = [qp, klp, vlp, kgp, vgp, op].iter().all(|x| x % 16 == 0);
+    // Keys staged per warp (padded to 16): a 16-query tile sees min(16, n) + 2p local rows + G.
+    let nkp = (n.min(16) + 2 * p.pad + g).div_ceil(16) * 16;
+    let per_warp = (16 + 2 * nkp) * (d + 8) * dt.size_in_bytes();
+    let fast = kernel_choice() == AttnKernel::Auto
+        && fast_dtype(dt)
+        && matches!(d, 32 | 64 | 128)
+        && aligned
+        && per_warp <= SMEM_DEFAULT;
+    if fast {
+        let wpb = [4usize, 2, 1]
+            .into_iter()
+            .find(|&w| w * per_warp <= SMEM_DEFAULT)
+            .unwrap_or(1);
+        let tasks = nb * h * n.div_ceil(16);
+        let blocks = tasks.div_ceil(wpb);
+        if blocks > i32::MAX as usize {
+            return Err(Error::shape(OP, format!("q {:?} too large", q.shape())));
+        }
+        let name = format!("dual_mma_{}_d{d}", dtype_suffix(dt));
+        let f = dev.func("dual_scope", &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (32 * wpb as u32, 1, 1),
+            shared_mem_bytes: (wpb * per_warp) as u32,
+        };
+        let l2e = std::f32::consts::LOG2_E;
+        let (scale_l2, lb_l2, gb_l2) = (scale * l2e, p.local_bias * l2e, p.global_bias * l2e);
+        let nkp_i = nkp as i32;
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&klp)
+                .arg(&vlp)
+                .arg(&kgp)
+                .arg(&vgp)
+                .arg(&op)
+                .arg(&nb_i)
+                .arg(&n_i)
+                .arg(&h_i)
+                .arg(&pad_i)
+                .arg(&g_i)
+                .arg(&nkp_i)
+                .arg(&scale_l2)
+                .arg(&lb_l2)
+                .arg(&gb_l2);
+        })?;
+    } else {
+        if d > 128 {
+            return Err(Error::shape(
+                OP,
+                format!("head dim {d} > 128 is not supported by the CUDA kernels"),
+            ));
+        }
+        let name = format!("dual_generic_{}_l4", dtype_suffix(dt));
+        let f = dev.func("dual_scope", &name)?;
+        let blocks = (nb * n * h).div_ceil(4);
+        if blocks > i32::MAX as usize {
+            return Err(Error::shape(OP, format!("q {:?} too large", q.shape())));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (4 * d * 4) as u32,
+        };
+        let d_i = d as i32;
+        let (lb, gb) = (p.local_bias, p.global_bias);
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&klp)
+                .arg(&vlp)
+                .arg(&kgp)
+                .arg(&vgp)
+                .arg(&op)
+                .arg(&nb_i)
+                .arg(&n_i)
+                .arg(&h_i)
+                .arg(&d_i)
+                .arg(&pad_i)
+                .arg(&g_i)
+                .arg(&scale)
+                .arg(&lb)
+                .arg(&gb);
+        })?;
+    }
+    Ok(out.into_tensor(q.shape()))
+}

@@ -1,0 +1,503 @@
+//! GEMMs through cuBLASLt: bf16/f16 inputs with fp32 accumulation (CUBLAS_COMPUTE_32F), or exact f32
+//! (no TF32). Descriptors, layouts and the heuristic's algorithm are built once per GEMM shape (plus
+//! pointer alignments) and cached in [`Blas`]; only the pointers change between calls.
+//!
+//! Row-major bridge: cuBLASLt is column-major. A row-major C[M, N] = A[M, K] · B is the column-major
+//! C^T[N, M] = B^T · A^T, and a row-major matrix with row stride `ld` is a column-major matrix of the
+//! transposed shape with the same `ld`. So every call passes our B as cuBLASLt's "A", our A as its
+//! "B", and swaps M and N. The Linear bias (one value per output column of the row-major C) is then a
+//! per-row bias of the column-major D, which is exactly CUBLASLT_EPILOGUE_BIAS.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::CudaSlice;
+
+use super::{cuda_err, storage, CudaDevice};
+use crate::{DType, Error, Result, Tensor};
+
+/// A row-major GEMM: C[b] (= beta * C[b]) + A[b] · op(B[b]) (+ bias), for b in 0..batch.
+/// Pointers are raw device addresses; strides and leading dims are in elements.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gemm {
+    pub dtype: DType,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A [M, K], row stride `lda` (>= K).
+    pub a: u64,
+    pub lda: usize,
+    /// B [K, N] (row stride `ldb` >= N), or with `trans_b` B [N, K] (row stride `ldb` >= K).
+    pub b: u64,
+    pub ldb: usize,
+    pub trans_b: bool,
+    /// C [M, N], row stride `ldc` (>= N); read when `beta != 0`, always written.
+    pub c: u64,
+    pub ldc: usize,
+    /// Per-column bias [N] of the same dtype, added in the epilogue.
+    pub bias: Option<u64>,
+    /// 0.0 (overwrite) or 1.0 (accumulate into C).
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    dtype: DType,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    trans_b: bool,
+    bias: bool,
+    accumulate: bool,
+    batch: usize,
+    strides: (usize, usize, usize),
+    /// Alignment in bytes (power of two, capped at 256) of A, B, C and bias.
+    align: (u32, u32, u32, u32),
+}
+
+/// Cached cuBLASLt objects for one GEMM shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the raw cuBLASLt descriptors are only used under the `plans` mutex.
+unsafe impl Send for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created by us, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+        }
+    }
+}
+
+/// Per-device cuBLASLt state: handle, workspace, plan cache.
+pub(crate) struct Blas {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    workspace_bytes: usize,
+    plans: Mutex<HashMap<Key, Plan>>,
+}
+
+// SAFETY: the handle is used only while holding the `plans` mutex (see `run`), so never concurrently.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+fn blas_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    cuda_err(&format!("cuBLASLt {what}"), e)
+}
+
+impl Blas {
+    pub(crate) fn new(dev: &CudaDevice) -> Result<Blas> {
+        // SAFETY: only tries to dlopen libcublasLt.
+        let present =
+            std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
+        if !present {
+            return Err(Error::Cuda(
+                "libcublasLt not found: set LD_LIBRARY_PATH to the CUDA libraries (e.g. \
+                 site-packages/nvidia/cu13/lib or /usr/local/cuda/lib64)"
+                    .into(),
+            ));
+        }
+        dev.ctx()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        let handle = std::panic::catch_unwind(lt::create_handle)
+            .map_err(|_| Error::Cuda("cublasLtCreate panicked (incompatible libcublasLt?)".into()))?
+            .map_err(|e| blas_err("create handle", e))?;
+        // NVIDIA's recommendation: 32 MiB on Hopper, 4 MiB before.
+        let workspace_bytes = if dev.compute_capability().0 >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        };
+        // SAFETY: scratch memory for cuBLASLt; never read by us.
+        let workspace = unsafe { dev.stream().alloc::<u8>(workspace_bytes) }
+            .map_err(|e| cuda_err("cuBLASLt workspace", e))?;
+        Ok(Blas {
+            handle,
+            workspace,
+            workspace_bytes,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.lock().unwrap().clear();
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn align_of(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        (1u64 << ptr.trailing_zeros().min(8)) as u32
+    }
+}
+
+fn data_type(d: DType) -> sys::cudaDataType {
+    match d {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+    }
+}
+
+fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    v: &T,
+) -> Result<()> {
+    // SAFETY: `v` is a plain value of the type the attribute expects, copied by cuBLASLt.
+    unsafe {
+        lt::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, size_of::<T>())
+    }
+    .map_err(|e| blas_err(&format!("set {attr:?}"), e))
+}
+
+fn set_layout<T>(
+    l: sys::cublasLtMatrixLayout_t,
+    attr: sys::cublasLtMatrixLayoutAttribute_t,
+    v: &T,
+) -> Result<()> {
+    // SAFETY: as above.
+    unsafe {
+        lt::set_matrix_layout_attribute(l, attr, v as *const T as *const c_void, size_of::<T>())
+    }
+    .map_err(|e| blas_err(&format!("set {attr:?}"), e))
+}
+
+fn set_pref<T>(
+    p: sys::cublasLtMatmulPreference_t,
+    attr: sys::cublasLtMatmulPreferenceAttributes_t,
+    v: &T,
+) -> Result<()> {
+    // SAFETY: as above.
+    unsafe {
+        lt::set_matmul_pref_attribute(p, attr, v as *const T as *const c_void, size_of::<T>())
+    }
+    .map_err(|e| blas_err(&format!("set {attr:?}"), e))
+}
+
+impl Blas {
+    fn plan(&self, key: &Key) -> Result<Plan> {
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        use sys::cublasLtMatrixLayoutAttribute_t as L;
+        let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let desc = lt::create_matmul_desc(compute, sys::cudaDataType_t::CUDA_R_32F)
+            .map_err(|e| blas_err("create matmul desc", e))?;
+        let dt = data_type(key.dtype);
+        // Column-major view (see the module doc): cuBLASLt A = our B, cuBLASLt B = our A.
+        // cuBLASLt A: op(A) is [n, k]; stored col-major as [n, k] (no transpose: our B [K, N] row-major)
+        // or [k, n] with op = T (our B [N, K] row-major).
+        let (a_rows, a_cols) = if key.trans_b {
+            (key.k, key.n)
+        } else {
+            (key.n, key.k)
+        };
+        let la = lt::create_matrix_layout(dt, a_rows as u64, a_cols as u64, key.ldb as i64)
+            .map_err(|e| blas_err("layout A", e))?;
+        let lb = lt::create_matrix_layout(dt, key.k as u64, key.m as u64, key.lda as i64)
+            .map_err(|e| blas_err("layout B", e))?;
+        let lc = lt::create_matrix_layout(dt, key.n as u64, key.m as u64, key.ldc as i64)
+            .map_err(|e| blas_err("layout C", e))?;
+        let plan_partial = Plan {
+            desc,
+            layouts: [la, lb, lc],
+            // SAFETY: plain C struct, filled by the heuristic below before use.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let transa: i32 = key.trans_b as i32;
+        let transb: i32 = 0;
+        set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &transa)?;
+        set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &transb)?;
+        let epilogue = if key.bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
+        if key.bias {
+            let bias_type = data_type(key.dtype);
+            set_desc(
+                desc,
+                D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &(bias_type as u32),
+            )?;
+            // Dummy pointer so the heuristic sees a bias; the real one is set per call.
+            let p: u64 = 256;
+            set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
+        }
+        if key.batch > 1 {
+            let count = key.batch as i32;
+            let (sa, sb, sc) = key.strides;
+            for (l, stride) in [(la, sb), (lb, sa), (lc, sc)] {
+                set_layout(l, L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count)?;
+                set_layout(
+                    l,
+                    L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &(stride as i64),
+                )?;
+            }
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| blas_err("create preference", e))?;
+        struct PrefGuard(sys::cublasLtMatmulPreference_t);
+        impl Drop for PrefGuard {
+            fn drop(&mut self) {
+                // SAFETY: created above, destroyed once.
+                unsafe {
+                    let _ = lt::destroy_matmul_pref(self.0);
+                }
+            }
+        }
+        let _pref_guard = PrefGuard(pref);
+        set_pref(
+            pref,
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &self.workspace_bytes,
+        )?;
+        let (al_a, al_b, al_c, al_bias) = key.align;
+        // cuBLASLt's "A" is our B and vice versa.
+        set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_b)?;
+        set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_a)?;
+        set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c)?;
+        set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c)?;
+        let _ = al_bias;
+        // SAFETY: all descriptors are valid and alive.
+        let heur =
+            unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, lc, pref) }
+                .map_err(|e| blas_err(&format!("no algorithm for {key:?}"), e))?;
+        Ok(Plan {
+            algo: heur.algo,
+            ..plan_partial
+        })
+    }
+
+    /// Queue the GEMM on the device stream.
+    pub(crate) fn run(&self, dev: &CudaDevice, g: &Gemm) -> Result<()> {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let key = Key {
+            dtype: g.dtype,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            lda: g.lda,
+            ldb: g.ldb,
+            ldc: g.ldc,
+            trans_b: g.trans_b,
+            bias: g.bias.is_some(),
+            accumulate: g.beta != 0.0,
+            batch: g.batch,
+            strides: if g.batch > 1 {
+                (g.stride_a, g.stride_b, g.stride_c)
+            } else {
+                (0, 0, 0)
+            },
+            align: (
+                align_of(g.a),
+                align_of(g.b),
+                align_of(g.c),
+                g.bias.map(align_of).unwrap_or(256),
+            ),
+        };
+        let mut plans = self.plans.lock().unwrap();
+        if !plans.contains_key(&key) {
+            let p = self.plan(&key)?;
+            plans.insert(key, p);
+        }
+        let plan = &plans[&key];
+        if let Some(bias) = g.bias {
+            set_desc(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias,
+            )?;
+        }
+        dev.ctx()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        let alpha: f32 = 1.0;
+        let beta: f32 = g.beta;
+        let ws = {
+            use cudarc::driver::DevicePtr;
+            self.workspace.device_ptr(dev.stream()).0
+        };
+        let [la, lb, lc] = plan.layouts;
+        // SAFETY: pointers are live device buffers of the sizes described by the layouts (checked by
+        // the callers), the plan's descriptors are alive, and the call is queued on the device stream.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                g.b as *const c_void,
+                la,
+                g.a as *const c_void,
+                lb,
+                g.c as *const c_void,
+                lc,
+                g.c as *mut c_void,
+                lc,
+                &plan.algo,
+                ws as *mut c_void,
+                self.workspace_bytes,
+                dev.stream().cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| blas_err(&format!("matmul {key:?}"), e))
+    }
+}
+
+/// a [batch, M, K] x b [batch_b, K, N] (or [batch_b, N, K] with trans_b) -> [batch, M, N].
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    let (sa, sb) = (storage(a, OP)?, storage(b, OP)?);
+    let dev = sa.dev().clone();
+    let (batch, m, k) = (a.dim(0), a.dim(1), a.dim(2));
+    let batch_b = b.dim(0);
+    let n = if trans_b { b.dim(1) } else { b.dim(2) };
+    if k == 0 {
+        let z = dev.alloc_zeros(a.dtype(), batch * m * n)?;
+        return Ok(z.into_tensor(&[batch, m, n]));
+    }
+    let out = dev.alloc(a.dtype(), batch * m * n)?;
+    let ldb = if trans_b { k } else { n };
+    let g = if batch_b == 1 {
+        // B shared by every batch: one GEMM with the batches stacked along M.
+        Gemm {
+            dtype: a.dtype(),
+            m: batch * m,
+            n,
+            k,
+            a: sa.ptr(),
+            lda: k,
+            b: sb.ptr(),
+            ldb,
+            trans_b,
+            c: out.ptr(),
+            ldc: n,
+            bias: None,
+            beta: 0.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    } else {
+        Gemm {
+            dtype: a.dtype(),
+            m,
+            n,
+            k,
+            a: sa.ptr(),
+            lda: k,
+            b: sb.ptr(),
+            ldb,
+            trans_b,
+            c: out.ptr(),
+            ldc: n,
+            bias: None,
+            beta: 0.0,
+            batch,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+        }
+    };
+    dev.blas()?.run(&dev, &g)?;
+    Ok(out.into_tensor(&[batch, m, n]))
+}
+
+/// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N].
+pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (sx, sw) = (storage(x, OP)?, storage(w, OP)?);
+    let bias_ptr = bias.map(|b| storage(b, OP).map(|s| s.ptr())).transpose()?;
+    let dev = sx.dev().clone();
+    let (rows, k) = (x.dim(0), x.dim(1));
+    let n = w.dim(0);
+    let out = dev.alloc(x.dtype(), rows * n)?;
+    gemm_rows(
+        &dev,
+        x.dtype(),
+        rows,
+        n,
+        k,
+        sx.ptr(),
+        k,
+        sw.ptr(),
+        out.ptr(),
+        n,
+        bias_ptr,
+        0.0,
+    )?;
+    Ok(out.into_tensor(&[rows, n]))
+}
+
+/// C[rows, N] (row stride ldc) (+)= A[rows, K] (row stride lda) · W[N, K]^T (+ bias): the building
+/// block of linear, 1x1 / im2col convolutions and the temporal convolution taps.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rows(
+    dev: &CudaDevice,
+    dtype: DType,
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    w: u64,
+    c: u64,
+    ldc: usize,
+    bias: Option<u64>,
+    beta: f32,
+) -> Result<()> {
+    dev.blas()?.run(
+        dev,
+        &Gemm {
+            dtype,
+            m: rows,
+            n,
+            k,
+            a,
+            lda,
+            b: w,
+            ldb: k,
+            trans_b: true,
+            c,
+            ldc,
+            bias,
+            beta,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        },
+    )
+}

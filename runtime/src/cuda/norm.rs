@@ -1,0 +1,303 @@
+//! GroupNorm / LayerNorm / softmax launchers for `cuda/kernels/norm.cu` (see `docs/kernels.md`).
+//!
+//! Inputs are validated by `crate::ops` (shapes, one CUDA device, one dtype) and are contiguous.
+//! All statistics are fp32 whatever the storage dtype (f32, bf16, f16):
+//! * `group_norm_stats` returns an **f32** tensor [N, G, 3] = (count, mean, M2) (counts reach 1.6M,
+//!   not representable in bf16).
+//! * `group_norm_apply` accepts stats [N, G, 2] in f32 or in x's dtype.
+//! * `group_norm` = partial moments (pass 1, many blocks per (n)) + per-group Chan merge + apply.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::{cuda_err, dtype_suffix, storage, CudaDevice, CudaStorage};
+use crate::{DType, Error, Result, Tensor};
+
+const MODULE: &str = "norm";
+
+/// Largest vector width (elements) whose bytes are <= 16, that divides `divides` and keeps every
+/// pointer in `ptrs` aligned to the vector size.
+pub(crate) fn vec_width(dtype: DType, divides: usize, ptrs: &[u64]) -> usize {
+    let size = dtype.size_in_bytes();
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|&v| {
+            v * size <= 16 && divides % v == 0 && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
+        })
+        .unwrap_or(1)
+}
+
+fn i32_arg(op: &'static str, name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::shape(op, format!("{name} = {v} exceeds the i32 range")))
+}
+
+/// Launch `f` with the arguments pushed by `push`, mapping a launch failure to an error naming `what`.
+pub(crate) fn launch<'a>(
+    dev: &'a Arc<CudaDevice>,
+    f: &'a CudaFunction,
+    cfg: LaunchConfig,
+    what: &str,
+    push: impl FnOnce(&mut LaunchArgs<'a>),
+) -> Result<()> {
+    let mut b = dev.stream().launch_builder(f);
+    push(&mut b);
+    // SAFETY: every launcher passes exactly the arguments of the kernel's C signature (pointers to
+    // live device buffers of the documented sizes, i32/f32 scalars) and a grid/block/smem config
+    // satisfying the launch contract written above the kernel in its .cu file.
+    unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {what}"), e))?;
+    Ok(())
+}
+
+/// Per-(n, chunk, column vector) partial moments + per-group merge into `out` (f32):
+/// mode 0 -> [N, G, 3] (count, mean, M2); mode 1 -> [N, G, 2] (mean, biased var).
+fn moments(x: &Tensor, groups: usize, mode: i32, op: &'static str) -> Result<CudaStorage> {
+    let xs = storage(x, op)?;
+    let dev = xs.dev();
+    let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
+    let cg = c / groups;
+    let per = if mode == 0 { 3 } else { 2 };
+    let out = dev.alloc(DType::F32, n * groups * per)?;
+    if n * groups == 0 {
+        return Ok(out);
+    }
+    if n > 65535 || groups > 65535 {
+        return Err(Error::shape(
+            op,
+            format!("N = {n} / G = {groups} exceed the grid limit 65535"),
+        ));
+    }
+    let v = vec_width(x.dtype(), cg, &[xs.ptr()]);
+    let nvec = c / v;
+    let bdx = nvec.min(512);
+    let bdy = (512 / bdx).clamp(1, 8);
+    // ~1024 blocks in total, each thread getting >= 2 rows of its chunk.
+    let max_chunks = s.div_ceil(bdy * 2).max(1);
+    let want = 1024usize.div_ceil(n).clamp(1, max_chunks);
+    let rows_per_chunk = s.div_ceil(want).max(1);
+    let nchunks = s.div_ceil(rows_per_chunk).max(1);
+    let part = dev.alloc(DType::F32, n * nchunks * nvec * 3)?;
+    let name = format!("gn_partial_{}_v{v}", dtype_suffix(x.dtype()));
+    let f = dev.func(MODULE, &name)?;
+    let (s_i, c_i, rpc) = (
+        i32_arg(op, "S", s)?,
+        i32_arg(op, "C", c)?,
+        i32_arg(op, "rows per chunk", rows_per_chunk)?,
+    );
+    let (xp, pp) = (xs.ptr(), part.ptr());
+    let cfg = LaunchConfig {
+        grid_dim: (nchunks as u32, n as u32, 1),
+        block_dim: (bdx as u32, bdy as u32, 1),
+        shared_mem_bytes: (bdx * bdy * 3 * 4) as u32,
+    };
+    launch(dev, &f, cfg, &name, |b| {
+        b.arg(&xp).arg(&pp).arg(&s_i).arg(&c_i).arg(&rpc);
+    })?;
+    let f = dev.func(MODULE, "gn_finalize")?;
+    let (nch, nv, vpg) = (nchunks as i32, nvec as i32, (cg / v) as i32);
+    let op_ = out.ptr();
+    let cfg = LaunchConfig {
+        grid_dim: (groups as u32, n as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(dev, &f, cfg, "gn_finalize", |b| {
+        b.arg(&pp).arg(&op_).arg(&nch).arg(&nv).arg(&vpg).arg(&mode);
+    })?;
+    drop(part); // stream-ordered free after the kernels that use it
+    Ok(out)
+}
+
+/// x [N, S, C] -> f32 [N, G, 3] = (count, mean, M2) per (n, group).
+pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
+    const OP: &str = "group_norm_stats";
+    let out = moments(x, groups, 0, OP)?;
+    Ok(out.into_tensor(&[x.dim(0), groups, 3]))
+}
+
+/// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups.
+fn apply(
+    x: &Tensor,
+    stats: &CudaStorage,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+    op: &'static str,
+) -> Result<Tensor> {
+    let xs = storage(x, op)?;
+    let (gs, bs) = (storage(gamma, op)?, storage(beta, op)?);
+    let dev = xs.dev();
+    let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
+    let out = dev.alloc(x.dtype(), x.elem_count())?;
+    if x.elem_count() == 0 {
+        return Ok(out.into_tensor(x.shape()));
+    }
+    if gamma.dtype() != x.dtype() || beta.dtype() != x.dtype() {
+        return Err(Error::shape(op, "gamma/beta dtype differs from x"));
+    }
+    let sdt = stats.dtype();
+    if sdt != DType::F32 && sdt != x.dtype() {
+        return Err(Error::shape(
+            op,
+            format!("stats dtype {sdt:?} must be F32 or {:?}", x.dtype()),
+        ));
+    }
+    if n > 65535 {
+        return Err(Error::shape(
+            op,
+            format!("N = {n} exceeds the grid limit 65535"),
+        ));
+    }
+    if c * 8 > 48 * 1024 {
+        return Err(Error::shape(
+            op,
+            format!("C = {c} too large for the apply kernel (<= 6144)"),
+        ));
+    }
+    let v = vec_width(x.dtype(), c, &[xs.ptr(), out.ptr()]);
+    let name = format!(
+        "gn_apply_{}_s{}_v{v}",
+        dtype_suffix(x.dtype()),
+        dtype_suffix(sdt)
+    );
+    let f = dev.func(MODULE, &name)?;
+    let per_n = s * c / v;
+    let bx = per_n.div_ceil(256 * 8).clamp(1, 65535);
+    let cfg = LaunchConfig {
+        grid_dim: (bx as u32, n as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (2 * c * 4) as u32,
+    };
+    let (s_i, c_i, g_i) = (
+        i32_arg(op, "S", s)?,
+        i32_arg(op, "C", c)?,
+        i32_arg(op, "G", groups)?,
+    );
+    let silu_i = silu as i32;
+    let (xp, sp, gp, bp, yp) = (xs.ptr(), stats.ptr(), gs.ptr(), bs.ptr(), out.ptr());
+    launch(dev, &f, cfg, &name, |b| {
+        b.arg(&xp)
+            .arg(&sp)
+            .arg(&gp)
+            .arg(&bp)
+            .arg(&yp)
+            .arg(&s_i)
+            .arg(&c_i)
+            .arg(&g_i)
+            .arg(&eps)
+            .arg(&silu_i);
+    })?;
+    Ok(out.into_tensor(x.shape()))
+}
+
+/// Normalise x [N, S, C] with stats [N, G, 2] = (mean, biased var), f32 or x's dtype.
+pub(crate) fn group_norm_apply(
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm_apply";
+    let ss = storage(stats, OP)?;
+    apply(x, ss, stats.dim(1), gamma, beta, eps, silu, OP)
+}
+
+/// GroupNorm of x [N, S, C] (+ SiLU): stats kernel, merge kernel, apply kernel.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "group_norm";
+    if x.elem_count() == 0 {
+        return Ok(storage(x, OP)?
+            .dev()
+            .alloc(x.dtype(), 0)?
+            .into_tensor(x.shape()));
+    }
+    let mv = moments(x, groups, 1, OP)?;
+    apply(x, &mv, groups, gamma, beta, eps, silu, OP)
+}
+
+/// Row kernels (one warp per row of the last dim): `layer_norm_*` and `softmax_*`.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// LayerNorm over the last dim (fp32 two-pass statistics per row).
+pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let xs = storage(x, OP)?;
+    let (gs, bs) = (storage(gamma, OP)?, storage(beta, OP)?);
+    let dev = xs.dev();
+    let c = x.dim(x.rank() - 1);
+    let out = dev.alloc(x.dtype(), x.elem_count())?;
+    if x.elem_count() == 0 {
+        return Ok(out.into_tensor(x.shape()));
+    }
+    let rows = x.elem_count() / c;
+    if rows.div_ceil(4) > i32::MAX as usize {
+        return Err(Error::shape(
+            OP,
+            format!("{rows} rows exceed the grid limit"),
+        ));
+    }
+    let v = vec_width(x.dtype(), c, &[xs.ptr(), gs.ptr(), bs.ptr(), out.ptr()]);
+    let name = format!("layer_norm_{}_v{v}", dtype_suffix(x.dtype()));
+    let f = dev.func(MODULE, &name)?;
+    let (r_i, c_i) = (i32_arg(OP, "rows", rows)?, i32_arg(OP, "C", c)?);
+    let (xp, gp, bp, yp) = (xs.ptr(), gs.ptr(), bs.ptr(), out.ptr());
+    launch(dev, &f, rows_cfg(rows), &name, |b| {
+        b.arg(&xp)
+            .arg(&gp)
+            .arg(&bp)
+            .arg(&yp)
+            .arg(&r_i)
+            .arg(&c_i)
+            .arg(&eps);
+    })?;
+    Ok(out.into_tensor(x.shape()))
+}
+
+/// Softmax over the last dim (a row of all -inf gives zeros, like the CPU reference).
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "softmax";
+    let xs = storage(x, OP)?;
+    let dev = xs.dev();
+    let c = if x.rank() == 0 {
+        1
+    } else {
+        x.dim(x.rank() - 1)
+    };
+    let out = dev.alloc(x.dtype(), x.elem_count())?;
+    if x.elem_count() == 0 {
+        return Ok(out.into_tensor(x.shape()));
+    }
+    let rows = x.elem_count() / c;
+    if rows.div_ceil(4) > i32::MAX as usize {
+        return Err(Error::shape(
+            OP,
+            format!("{rows} rows exceed the grid limit"),
+        ));
+    }
+    let v = vec_width(x.dtype(), c, &[xs.ptr(), out.ptr()]);
+    let name = format!("softmax_{}_v{v}", dtype_suffix(x.dtype()));
+    let f = dev.func(MODULE, &name)?;
+    let (r_i, c_i) = (i32_arg(OP, "rows", rows)?, i32_arg(OP, "C", c)?);
+    let (xp, yp) = (xs.ptr(), out.ptr());
+    launch(dev, &f, rows_cfg(rows), &name, |b| {
+        b.arg(&xp).arg(&yp).arg(&r_i).arg(&c_i);
+    })?;
+    Ok(out.into_tensor(x.shape()))
+}
