@@ -3,12 +3,25 @@
 //! The Video-Infinity exchange needs: neighbour halos (left/right), an all-gather of global tokens,
 //! an all-reduce (optional GroupNorm sync), gather to rank 0 (frames), and a barrier.
 //! Every call on every rank returns an error within the configured timeout once any rank has failed
-//! or aborted: never a hang. (Implementation in progress: `InProcess` below.)
+//! or aborted: never a hang.
+//!
+//! [`InProcessGroup`] builds one [`InProcessComm`] per rank for ranks that are threads of one
+//! process (CPU ranks, or several clips sharing one GPU). Tensors are handed over as they are (an
+//! `Arc` clone: no copy, no device transfer), so a CUDA tensor stays on its device.
 
-use crate::{Result, Tensor};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result, Tensor};
 
 /// What a rank can ask of the group. Tensors are exchanged whole; shapes may differ between ranks
 /// where noted.
+///
+/// Every rank must issue the same sequence of collective calls (each call of each kind is matched
+/// with the calls of the same index on the other ranks). A communicator belongs to one rank and is
+/// used by one thread at a time.
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
@@ -19,13 +32,365 @@ pub trait Communicator: Send + Sync {
         to_left: Option<&Tensor>,
         to_right: Option<&Tensor>,
     ) -> Result<(Option<Tensor>, Option<Tensor>)>;
-    /// Every rank's tensor, in rank order (shapes may differ in the first dim).
+    /// Every rank's tensor, in rank order (shapes may differ between ranks).
     fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
-    /// Elementwise sum over ranks (all shapes equal).
+    /// Elementwise sum over ranks (all shapes equal). The sum is taken in rank order, so every
+    /// rank gets the bit-identical result.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
     /// Rank 0 gets every rank's tensor in rank order; other ranks get None.
     fn gather_to_root(&self, t: &Tensor) -> Result<Option<Vec<Tensor>>>;
     fn barrier(&self) -> Result<()>;
     /// Mark this rank failed: every pending and future call on every rank returns an error.
     fn abort(&self, reason: &str);
+    /// Whether the group has been aborted (by any rank, or by a timeout).
+    fn is_aborted(&self) -> bool {
+        false
+    }
+}
+
+/// The kind of a collective call; carried with every message so that mismatched call sequences
+/// are reported instead of silently pairing unrelated tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum OpKind {
+    Neighbors,
+    AllGather,
+    AllReduce,
+    Gather,
+    Barrier,
+}
+
+/// Key of one message: (call index of the sender, source rank, destination rank).
+type MsgKey = (u64, usize, usize);
+
+struct Message {
+    kind: OpKind,
+    payload: Option<Tensor>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Set once: the first failure (abort, panic, timeout), as a message naming the rank.
+    aborted: Option<String>,
+    mailbox: HashMap<MsgKey, Message>,
+    /// Ranks whose communicator was dropped: they will never send again.
+    departed: Vec<bool>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    cv: Condvar,
+    /// Mirror of `state.aborted.is_some()` readable without the lock.
+    aborted_flag: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a thread panicked while holding it; the state itself is a
+        // plain map that is never left half-updated, so keep going (the panic aborts the group).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn abort(&self, reason: String) {
+        let mut st = self.lock();
+        if st.aborted.is_none() {
+            st.aborted = Some(reason);
+            self.aborted_flag.store(true, Ordering::SeqCst);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+}
+
+/// Constructor of a group of in-process ranks.
+pub struct InProcessGroup;
+
+impl InProcessGroup {
+    /// How long a call waits for a peer before it fails (and aborts the group).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// One communicator per rank (index = rank). Each is `Send`: move it to its rank's thread.
+    /// A call that waits longer than `timeout` for a peer fails and aborts the whole group.
+    // A group is nothing but its members: `new` hands out the per-rank communicators.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(world_size: usize, timeout: Duration) -> Vec<InProcessComm> {
+        assert!(world_size >= 1, "a group needs at least one rank");
+        let shared = Arc::new(Shared {
+            world: world_size,
+            timeout,
+            state: Mutex::new(State {
+                departed: vec![false; world_size],
+                ..Default::default()
+            }),
+            cv: Condvar::new(),
+            aborted_flag: AtomicBool::new(false),
+        });
+        (0..world_size)
+            .map(|rank| InProcessComm {
+                rank,
+                shared: shared.clone(),
+                seq: AtomicU64::new(0),
+            })
+            .collect()
+    }
+
+    /// [`InProcessGroup::new`] with [`InProcessGroup::DEFAULT_TIMEOUT`].
+    pub fn with_default_timeout(world_size: usize) -> Vec<InProcessComm> {
+        Self::new(world_size, Self::DEFAULT_TIMEOUT)
+    }
+}
+
+/// One rank of an [`InProcessGroup`]. Dropping it while its thread unwinds from a panic aborts the
+/// group; dropping it otherwise marks the rank as departed, so a peer waiting for a message it
+/// never sent fails at once instead of waiting for the timeout.
+pub struct InProcessComm {
+    rank: usize,
+    shared: Arc<Shared>,
+    /// Index of the next collective call of this rank.
+    seq: AtomicU64,
+}
+
+impl InProcessComm {
+    /// The timeout of this group.
+    pub fn timeout(&self) -> Duration {
+        self.shared.timeout
+    }
+
+    /// The reason the group was aborted, if it was.
+    pub fn abort_reason(&self) -> Option<String> {
+        self.shared.lock().aborted.clone()
+    }
+
+    fn aborted_error(reason: &str, rank: usize, what: &str) -> Error {
+        Error::Comm(format!("rank {rank}: {what}: group aborted: {reason}"))
+    }
+
+    /// Start a call: check the group is alive and take the call index.
+    fn begin(&self, kind: OpKind) -> Result<u64> {
+        if self.shared.aborted_flag.load(Ordering::SeqCst) {
+            let st = self.shared.lock();
+            let reason = st.aborted.clone().unwrap_or_default();
+            return Err(Self::aborted_error(
+                &reason,
+                self.rank,
+                &format!("{kind:?}"),
+            ));
+        }
+        Ok(self.seq.fetch_add(1, Ordering::SeqCst))
+    }
+
+    fn send(&self, seq: u64, kind: OpKind, dst: usize, payload: Option<Tensor>) -> Result<()> {
+        let mut st = self.shared.lock();
+        if let Some(reason) = &st.aborted {
+            return Err(Self::aborted_error(reason, self.rank, &format!("{kind:?}")));
+        }
+        st.mailbox
+            .insert((seq, self.rank, dst), Message { kind, payload });
+        drop(st);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// Wait for the message of call `seq` from `src`. Fails when the group is aborted, when `src`
+    /// departed without sending it, or after the timeout (which aborts the group).
+    fn recv(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
+        let deadline = Instant::now() + self.shared.timeout;
+        let key = (seq, src, self.rank);
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(reason) = &st.aborted {
+                return Err(Self::aborted_error(reason, self.rank, &format!("{kind:?}")));
+            }
+            if let Some(msg) = st.mailbox.remove(&key) {
+                if msg.kind != kind {
+                    let reason = format!(
+                        "rank {}: collective call #{seq} mismatch: this rank called {kind:?}, \
+                         rank {src} called {:?}",
+                        self.rank, msg.kind
+                    );
+                    drop(st);
+                    self.shared.abort(reason.clone());
+                    return Err(Error::Comm(reason));
+                }
+                return Ok(msg.payload);
+            }
+            if st.departed[src] {
+                let reason = format!(
+                    "rank {}: {kind:?} (call #{seq}): rank {src} left the group without sending",
+                    self.rank
+                );
+                drop(st);
+                self.shared.abort(reason.clone());
+                return Err(Error::Comm(reason));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let reason = format!(
+                    "rank {}: {kind:?} (call #{seq}): timed out after {:?} waiting for rank {src}",
+                    self.rank, self.shared.timeout
+                );
+                drop(st);
+                self.shared.abort(reason.clone());
+                return Err(Error::Comm(reason));
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Send `t` to every rank (itself included) and receive every rank's tensor, in rank order.
+    fn exchange_all(&self, kind: OpKind, t: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
+        let seq = self.begin(kind)?;
+        let w = self.shared.world;
+        for dst in 0..w {
+            if dst != self.rank {
+                self.send(seq, kind, dst, t.cloned())?;
+            }
+        }
+        let mut out = Vec::with_capacity(w);
+        for src in 0..w {
+            if src == self.rank {
+                out.push(t.cloned());
+            } else {
+                out.push(self.recv(seq, kind, src)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Elementwise sum of equal-shape tensors in the given order. CPU f32 tensors are summed here;
+/// other devices/dtypes through the op vocabulary (so a CUDA tensor stays on its device).
+fn sum_in_order(ts: &[Tensor]) -> Result<Tensor> {
+    let first = &ts[0];
+    for t in ts {
+        if t.shape() != first.shape() {
+            return Err(Error::Comm(format!(
+                "all_reduce_sum: shapes differ between ranks: {:?} vs {:?}",
+                first.shape(),
+                t.shape()
+            )));
+        }
+    }
+    if ts.iter().all(|t| t.as_cpu_f32().is_ok()) {
+        let mut acc = first.as_cpu_f32()?.to_vec();
+        for t in &ts[1..] {
+            for (a, b) in acc.iter_mut().zip(t.as_cpu_f32()?) {
+                *a += b;
+            }
+        }
+        return Tensor::from_vec(acc, first.shape());
+    }
+    let mut acc = first.clone();
+    for t in &ts[1..] {
+        acc = crate::ops::add(&acc, t)?;
+    }
+    Ok(acc)
+}
+
+impl Communicator for InProcessComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn exchange_neighbors(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        const K: OpKind = OpKind::Neighbors;
+        let seq = self.begin(K)?;
+        let (r, w) = (self.rank, self.shared.world);
+        if r > 0 {
+            self.send(seq, K, r - 1, to_left.cloned())?;
+        }
+        if r + 1 < w {
+            self.send(seq, K, r + 1, to_right.cloned())?;
+        }
+        let from_left = if r > 0 {
+            self.recv(seq, K, r - 1)?
+        } else {
+            None
+        };
+        let from_right = if r + 1 < w {
+            self.recv(seq, K, r + 1)?
+        } else {
+            None
+        };
+        Ok((from_left, from_right))
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        let all = self.exchange_all(OpKind::AllGather, Some(t))?;
+        all.into_iter()
+            .enumerate()
+            .map(|(src, x)| {
+                x.ok_or_else(|| Error::Comm(format!("all_gather: rank {src} sent nothing")))
+            })
+            .collect()
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let all = self.exchange_all(OpKind::AllReduce, Some(t))?;
+        let all: Vec<Tensor> = all
+            .into_iter()
+            .enumerate()
+            .map(|(src, x)| {
+                x.ok_or_else(|| Error::Comm(format!("all_reduce_sum: rank {src} sent nothing")))
+            })
+            .collect::<Result<_>>()?;
+        sum_in_order(&all)
+    }
+
+    fn gather_to_root(&self, t: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        const K: OpKind = OpKind::Gather;
+        let seq = self.begin(K)?;
+        if self.rank != 0 {
+            self.send(seq, K, 0, Some(t.clone()))?;
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(self.shared.world);
+        out.push(t.clone());
+        for src in 1..self.shared.world {
+            let x = self
+                .recv(seq, K, src)?
+                .ok_or_else(|| Error::Comm(format!("gather_to_root: rank {src} sent nothing")))?;
+            out.push(x);
+        }
+        Ok(Some(out))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.exchange_all(OpKind::Barrier, None).map(|_| ())
+    }
+
+    fn abort(&self, reason: &str) {
+        self.shared
+            .abort(format!("rank {} aborted: {reason}", self.rank));
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.shared.aborted_flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for InProcessComm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.abort(format!("rank {} panicked", self.rank));
+            return;
+        }
+        let mut st = self.shared.lock();
+        st.departed[self.rank] = true;
+        drop(st);
+        self.shared.cv.notify_all();
+    }
 }
