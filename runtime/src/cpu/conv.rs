@@ -1,0 +1,145 @@
+//! conv2d (im2col on NHWC + GEMM) and temporal_conv (k shifted GEMMs accumulated).
+
+use rayon::prelude::*;
+
+use super::gemm::{fill_bias, sgemm, Mat};
+use super::out;
+use crate::{Result, Tensor};
+
+/// Elements of one im2col block; bounds the scratch memory of a convolution (8 MiB).
+const COL_BUDGET: usize = 1 << 21;
+
+/// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout], zero padding `pad`.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (n, h, wd, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let ho = (h + 2 * pad - kh) / stride + 1;
+    let wo = (wd + 2 * pad - kw) / stride + 1;
+    let xd = x.as_cpu_f32()?;
+    let wdat = w.as_cpu_f32()?;
+    let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
+    let rows = n * ho * wo;
+    let mut o = vec![0f32; rows * cout];
+    fill_bias(&mut o, cout, bias);
+    let acc = bias.is_some();
+
+    if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+        // Pointwise: a plain GEMM against the [Cout, Cin] weight, transposed by strides.
+        sgemm(
+            rows,
+            cout,
+            cin,
+            &mut o,
+            cout,
+            Mat::rows(xd, cin),
+            Mat::trans(wdat, cin),
+            acc,
+            true,
+        );
+        return out(o, &[n, ho, wo, cout]);
+    }
+
+    // Weight reordered to [Cout, kh, kw, Cin] so that one im2col row is kh*kw contiguous Cin runs.
+    let kk = kh * kw * cin;
+    let mut wt = vec![0f32; cout * kk];
+    wt.par_chunks_mut(kk).enumerate().for_each(|(co, dst)| {
+        let src = &wdat[co * kk..(co + 1) * kk];
+        for ci in 0..cin {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    dst[(ky * kw + kx) * cin + ci] = src[(ci * kh + ky) * kw + kx];
+                }
+            }
+        }
+    });
+
+    let block = (COL_BUDGET / kk.max(1)).max(64).min(rows.max(1));
+    let mut col = vec![0f32; block * kk];
+    for r0 in (0..rows).step_by(block) {
+        let mr = block.min(rows - r0);
+        col[..mr * kk]
+            .par_chunks_mut(kk)
+            .enumerate()
+            .for_each(|(i, crow)| {
+                let r = r0 + i;
+                let (ni, rem) = (r / (ho * wo), r % (ho * wo));
+                let (oy, ox) = (rem / wo, rem % wo);
+                for ky in 0..kh {
+                    let iy = (oy * stride + ky) as isize - pad as isize;
+                    for kx in 0..kw {
+                        let ix = (ox * stride + kx) as isize - pad as isize;
+                        let dst = &mut crow[(ky * kw + kx) * cin..(ky * kw + kx + 1) * cin];
+                        if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < wd {
+                            let s = ((ni * h + iy as usize) * wd + ix as usize) * cin;
+                            dst.copy_from_slice(&xd[s..s + cin]);
+                        } else {
+                            dst.fill(0.0);
+                        }
+                    }
+                }
+            });
+        sgemm(
+            mr,
+            cout,
+            kk,
+            &mut o[r0 * cout..(r0 + mr) * cout],
+            cout,
+            Mat::rows(&col[..mr * kk], kk),
+            Mat::trans(&wt, kk),
+            acc,
+            true,
+        );
+    }
+    out(o, &[n, ho, wo, cout])
+}
+
+/// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> [B, F, S, Cout]; zero padding (k-1)/2 frames.
+/// out[b, f] = bias + sum_t x[b, f + t - pad] · w[:, :, t]^T, one GEMM per (b, t) over the valid frames.
+pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, f, s, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, k) = (w.dim(0), w.dim(2));
+    let pad = (k - 1) / 2;
+    let xd = x.as_cpu_f32()?;
+    let wdat = w.as_cpu_f32()?;
+    let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
+    let mut o = vec![0f32; b * f * s * cout];
+    fill_bias(&mut o, cout, bias);
+    // `o` starts as bias (or zeros) and every tap accumulates into it.
+    for t in 0..k {
+        // Output frames fo with 0 <= fo + t - pad < f.
+        let f0 = pad.saturating_sub(t);
+        let f1 = (f + pad).saturating_sub(t).min(f);
+        if f0 >= f1 {
+            continue;
+        }
+        let fi0 = f0 + t - pad;
+        // rhs[ci, co] = w[co, ci, t]: row stride k, column stride cin*k.
+        let rhs = Mat {
+            data: &wdat[t..],
+            rs: k,
+            cs: cin * k,
+        };
+        for bi in 0..b {
+            let xs = &xd[((bi * f + fi0) * s) * cin..((bi * f + fi0 + f1 - f0) * s) * cin];
+            let os = &mut o[((bi * f + f0) * s) * cout..((bi * f + f1) * s) * cout];
+            sgemm(
+                (f1 - f0) * s,
+                cout,
+                cin,
+                os,
+                cout,
+                Mat::rows(xs, cin),
+                rhs,
+                true,
+                true,
+            );
+        }
+    }
+    out(o, &[b, f, s, cout])
+}
