@@ -6,4 +6,5 @@ pub mod clip;
 pub mod params;
 pub mod sampler;
 pub mod temporal;
+pub mod unet;
 pub mod vae;

@@ -1,0 +1,325 @@
+//! The down, mid and up blocks of the UNet3D (diffusers `CrossAttnDownBlock3D`, `DownBlock3D`,
+//! `UNetMidBlock3DCrossAttn`, `CrossAttnUpBlock3D`, `UpBlock3D`). Activations are per frame
+//! [B*F, H, W, C] (row b*F + f); the temporal parts view them as [B, F, H*W, C].
+
+use vi_runtime::Tensor;
+
+use super::config::UNetConfig;
+use super::resnet::{Downsample, ResnetBlock, Upsample};
+use super::temporal_transformer::TransformerTemporal;
+use super::transformer::Transformer2D;
+use super::Trace;
+use crate::params::{Params, Result};
+use crate::temporal::{TemporalContext, TemporalConvLayer};
+
+/// GroupNorm eps of TemporalConvLayer (PyTorch's nn.GroupNorm default; not the config's norm_eps).
+pub(crate) const TEMP_CONV_GN_EPS: f32 = 1e-5;
+
+/// What every block needs besides its input.
+pub(crate) struct Fwd<'a> {
+    /// B (CFG batch); the frame count is rows / B.
+    pub batch: usize,
+    /// SiLU(time + fps embedding), [1, 4*C0].
+    pub emb_silu: &'a Tensor,
+    /// [B, L, cross_dim].
+    pub ehs: &'a Tensor,
+    pub ctx: &'a dyn TemporalContext,
+    pub trace: Option<Trace<'a>>,
+}
+
+impl Fwd<'_> {
+    pub fn trace(&self, name: impl FnOnce() -> String, x: &Tensor) {
+        if let Some(t) = self.trace {
+            t(&name(), x);
+        }
+    }
+
+    /// A TemporalConvLayer on x [B*F, H, W, C] through the context.
+    pub fn temp_conv(&self, layer: &TemporalConvLayer, x: &Tensor, name: &str) -> Result<Tensor> {
+        let (nf, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let f = nf / self.batch;
+        self.trace(|| format!("{name}/in"), x);
+        let y = self
+            .ctx
+            .conv_layer(layer, &x.reshape(&[self.batch, f, h * w, c])?)?
+            .reshape(&[nf, h, w, c])?;
+        self.trace(|| format!("{name}/out"), &y);
+        Ok(y)
+    }
+
+    pub fn resnet(&self, r: &ResnetBlock, x: &Tensor, name: &str) -> Result<Tensor> {
+        let y = r.forward(x, self.emb_silu)?;
+        self.trace(|| format!("{name}/out"), &y);
+        Ok(y)
+    }
+
+    pub fn attn(&self, a: &Transformer2D, x: &Tensor, name: &str) -> Result<Tensor> {
+        let y = a.forward(x, self.ehs)?;
+        self.trace(|| format!("{name}/out"), &y);
+        Ok(y)
+    }
+
+    pub fn temp_attn(&self, a: &TransformerTemporal, x: &Tensor, name: &str) -> Result<Tensor> {
+        let y = a.forward(x, self.batch, self.ctx, name, self.trace)?;
+        self.trace(|| format!("{name}/out"), &y);
+        Ok(y)
+    }
+}
+
+/// Spatial + temporal transformer pair of a cross-attention layer.
+pub(crate) struct AttnPair {
+    pub attn: Transformer2D,
+    pub temp_attn: TransformerTemporal,
+}
+
+impl AttnPair {
+    fn load(p: Params, cfg: &UNetConfig, channels: usize, idx: usize) -> Result<AttnPair> {
+        let (heads, hd) = cfg.level_heads(channels);
+        let g = cfg.norm_num_groups;
+        Ok(AttnPair {
+            attn: Transformer2D::load(
+                p.pp("attentions").pp(idx).p(),
+                channels,
+                heads,
+                hd,
+                cfg.cross_attention_dim,
+                g,
+            )?,
+            temp_attn: TransformerTemporal::load(
+                p.pp("temp_attentions").pp(idx).p(),
+                channels,
+                heads,
+                hd,
+                g,
+            )?,
+        })
+    }
+}
+
+/// One layer of a down/up block: resnet -> temp_conv -> [attention -> temp_attention].
+pub(crate) struct Layer {
+    resnet: ResnetBlock,
+    temp_conv: TemporalConvLayer,
+    attn: Option<AttnPair>,
+}
+
+impl Layer {
+    fn load(
+        p: Params,
+        cfg: &UNetConfig,
+        cin: usize,
+        cout: usize,
+        idx: usize,
+        cross: bool,
+    ) -> Result<Layer> {
+        let g = cfg.norm_num_groups;
+        Ok(Layer {
+            resnet: ResnetBlock::load(
+                p.pp("resnets").pp(idx).p(),
+                cin,
+                cout,
+                cfg.time_embed_dim(),
+                g,
+                cfg.norm_eps,
+                1.0,
+            )?,
+            temp_conv: TemporalConvLayer::load(
+                p.pp("temp_convs").pp(idx).p(),
+                cout,
+                g,
+                TEMP_CONV_GN_EPS,
+            )?,
+            attn: if cross {
+                Some(AttnPair::load(p, cfg, cout, idx)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, fw: &Fwd, prefix: &str, idx: usize) -> Result<Tensor> {
+        let h = fw.resnet(&self.resnet, x, &format!("{prefix}.resnets.{idx}"))?;
+        let mut h = fw.temp_conv(&self.temp_conv, &h, &format!("{prefix}.temp_convs.{idx}"))?;
+        if let Some(a) = &self.attn {
+            h = fw.attn(&a.attn, &h, &format!("{prefix}.attentions.{idx}"))?;
+            h = fw.temp_attn(&a.temp_attn, &h, &format!("{prefix}.temp_attentions.{idx}"))?;
+        }
+        Ok(h)
+    }
+}
+
+pub(crate) struct DownBlock {
+    layers: Vec<Layer>,
+    downsampler: Option<Downsample>,
+}
+
+impl DownBlock {
+    /// Down block `i` of `cfg`.
+    pub fn load(p: Params, cfg: &UNetConfig, i: usize, cross: bool) -> Result<DownBlock> {
+        let boc = &cfg.block_out_channels;
+        let cin = if i == 0 { boc[0] } else { boc[i - 1] };
+        let cout = boc[i];
+        let layers = (0..cfg.layers_per_block)
+            .map(|l| Layer::load(p, cfg, if l == 0 { cin } else { cout }, cout, l, cross))
+            .collect::<Result<Vec<_>>>()?;
+        let downsampler = if i + 1 < boc.len() {
+            Some(Downsample::load(p.pp("downsamplers").pp(0).p(), cout)?)
+        } else {
+            None
+        };
+        Ok(DownBlock {
+            layers,
+            downsampler,
+        })
+    }
+
+    /// Appends every layer's output (and the downsampled output) to `skips`; returns the last.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        fw: &Fwd,
+        prefix: &str,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, fw, prefix, l)?;
+            skips.push(h.clone());
+        }
+        if let Some(d) = &self.downsampler {
+            h = d.forward(&h)?;
+            fw.trace(|| format!("{prefix}.downsamplers.0/out"), &h);
+            skips.push(h.clone());
+        }
+        fw.trace(|| format!("{prefix}/out"), &h);
+        Ok(h)
+    }
+}
+
+/// `UNetMidBlock3DCrossAttn` with one attention layer: resnet0, temp_conv0, then attention,
+/// temp_attention, resnet1, temp_conv1.
+pub(crate) struct MidBlock {
+    resnets: Vec<ResnetBlock>,
+    temp_convs: Vec<TemporalConvLayer>,
+    attns: Vec<AttnPair>,
+}
+
+impl MidBlock {
+    pub fn load(p: Params, cfg: &UNetConfig) -> Result<MidBlock> {
+        let c = *cfg.block_out_channels.last().expect("validated config");
+        let g = cfg.norm_num_groups;
+        let num_layers = 1;
+        let mut resnets = Vec::new();
+        let mut temp_convs = Vec::new();
+        let mut attns = Vec::new();
+        for j in 0..=num_layers {
+            resnets.push(ResnetBlock::load(
+                p.pp("resnets").pp(j).p(),
+                c,
+                c,
+                cfg.time_embed_dim(),
+                g,
+                cfg.norm_eps,
+                cfg.mid_block_scale_factor,
+            )?);
+            temp_convs.push(TemporalConvLayer::load(
+                p.pp("temp_convs").pp(j).p(),
+                c,
+                g,
+                TEMP_CONV_GN_EPS,
+            )?);
+        }
+        for j in 0..num_layers {
+            attns.push(AttnPair::load(p, cfg, c, j)?);
+        }
+        Ok(MidBlock {
+            resnets,
+            temp_convs,
+            attns,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, fw: &Fwd) -> Result<Tensor> {
+        let pre = "mid_block";
+        let h = fw.resnet(&self.resnets[0], x, &format!("{pre}.resnets.0"))?;
+        let mut h = fw.temp_conv(&self.temp_convs[0], &h, &format!("{pre}.temp_convs.0"))?;
+        for (j, a) in self.attns.iter().enumerate() {
+            h = fw.attn(&a.attn, &h, &format!("{pre}.attentions.{j}"))?;
+            h = fw.temp_attn(&a.temp_attn, &h, &format!("{pre}.temp_attentions.{j}"))?;
+            h = fw.resnet(
+                &self.resnets[j + 1],
+                &h,
+                &format!("{pre}.resnets.{}", j + 1),
+            )?;
+            h = fw.temp_conv(
+                &self.temp_convs[j + 1],
+                &h,
+                &format!("{pre}.temp_convs.{}", j + 1),
+            )?;
+        }
+        fw.trace(|| format!("{pre}/out"), &h);
+        Ok(h)
+    }
+}
+
+pub(crate) struct UpBlock {
+    layers: Vec<Layer>,
+    upsampler: Option<Upsample>,
+}
+
+impl UpBlock {
+    /// Up block `i` of `cfg` (layers_per_block + 1 layers; layer j's resnet takes the running
+    /// hidden states concatenated with a skip).
+    pub fn load(p: Params, cfg: &UNetConfig, i: usize, cross: bool) -> Result<UpBlock> {
+        let n = cfg.block_out_channels.len();
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let prev_out = if i == 0 { rev[0] } else { rev[i - 1] };
+        let cout = rev[i];
+        let cin = rev[(i + 1).min(n - 1)];
+        let num_layers = cfg.layers_per_block + 1;
+        let layers = (0..num_layers)
+            .map(|j| {
+                let skip = if j == num_layers - 1 { cin } else { cout };
+                let res_in = if j == 0 { prev_out } else { cout };
+                Layer::load(p, cfg, res_in + skip, cout, j, cross)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upsampler = if i + 1 < n {
+            Some(Upsample::load(p.pp("upsamplers").pp(0).p(), cout)?)
+        } else {
+            None
+        };
+        Ok(UpBlock { layers, upsampler })
+    }
+
+    /// Pops one skip per layer from `skips` (last first); the upsampler targets the size of the
+    /// skip that the next block will pop first.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        fw: &Fwd,
+        prefix: &str,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (j, layer) in self.layers.iter().enumerate() {
+            let skip = skips.pop().ok_or_else(|| {
+                crate::params::ModelError::Msg(format!("{prefix}: ran out of skip connections"))
+            })?;
+            // Channel concat with the skip last: [hidden, skip].
+            h = vi_runtime::ops::concat(&[&h, &skip], 3)?;
+            h = layer.forward(&h, fw, prefix, j)?;
+        }
+        if let Some(u) = &self.upsampler {
+            let next = skips.last().ok_or_else(|| {
+                crate::params::ModelError::Msg(format!(
+                    "{prefix}: no skip left to size the upsampling"
+                ))
+            })?;
+            h = u.forward(&h, (next.dim(1), next.dim(2)))?;
+            fw.trace(|| format!("{prefix}.upsamplers.0/out"), &h);
+        }
+        fw.trace(|| format!("{prefix}/out"), &h);
+        Ok(h)
+    }
+}

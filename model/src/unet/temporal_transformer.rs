@@ -1,0 +1,93 @@
+//! diffusers `TransformerTemporalModel` (`temp_attentions.*` and `transformer_in`): attention over
+//! the frames at each spatial position. Its GroupNorm and both of its attentions (attn1 and attn2
+//! are self-attention over frames: double_self_attention) go through the [`TemporalContext`].
+
+use vi_runtime::{ops, Tensor};
+
+use super::resnet::Affine;
+use super::transformer::{Attention, BasicTransformerBlock, TRANSFORMER_GN_EPS};
+use super::Trace;
+use crate::params::{Params, Result};
+use crate::temporal::TemporalContext;
+
+pub(crate) struct TransformerTemporal {
+    norm: Affine,
+    groups: usize,
+    proj_in: Affine,
+    block: BasicTransformerBlock,
+    proj_out: Affine,
+}
+
+impl TransformerTemporal {
+    /// `channels` in/out, `heads` x `head_dim` inner width (may differ from `channels`:
+    /// transformer_in is C0 -> 8*attention_head_dim).
+    pub fn load(
+        p: Params,
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        groups: usize,
+    ) -> Result<TransformerTemporal> {
+        let inner = heads * head_dim;
+        Ok(TransformerTemporal {
+            norm: Affine::norm(p, "norm", channels)?,
+            groups,
+            proj_in: Affine::linear(p, "proj_in", channels, inner)?,
+            block: BasicTransformerBlock::load(
+                p.pp("transformer_blocks").pp(0).p(),
+                inner,
+                heads,
+                head_dim,
+                inner,
+            )?,
+            proj_out: Affine::linear(p, "proj_out", inner, channels)?,
+        })
+    }
+
+    /// Self-attention over frames: x [b, n, inner] -> to_q/k/v -> ctx.attention -> to_out.
+    fn attend(&self, a: &Attention, x: &Tensor, ctx: &dyn TemporalContext) -> Result<Tensor> {
+        let q = a.q(x)?;
+        let (k, v) = a.kv(x)?;
+        let o = ctx.attention(&q, &k, &v, a.scale())?;
+        a.out(&o)
+    }
+
+    /// x [B*F, H, W, C] (row b*F + f) -> same. `batch` = B. `name` (the module path) and `trace`
+    /// report the first block's attn1 input/output ([B*S, F, inner]).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: usize,
+        ctx: &dyn TemporalContext,
+        name: &str,
+        trace: Option<Trace>,
+    ) -> Result<Tensor> {
+        let (nf, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let (b, f, s) = (batch, nf / batch, hh * ww);
+        // GroupNorm over the 5-D [B, C, F, H, W] tensor = per batch element over F*S positions.
+        let h = ctx.temporal_group_norm(
+            &x.reshape(&[b, f * s, c])?,
+            self.groups,
+            &self.norm.w,
+            &self.norm.b,
+            TRANSFORMER_GN_EPS,
+        )?;
+        // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
+        let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
+        let h = self.proj_in.apply_linear(&h)?;
+        let blk = &self.block;
+        let n1 = blk.ln(&h, &blk.norm1)?;
+        let a1 = self.attend(&blk.attn1, &n1, ctx)?;
+        if let Some(t) = trace {
+            t(&format!("{name}.transformer_blocks.0.attn1/in"), &n1);
+            t(&format!("{name}.transformer_blocks.0.attn1/out"), &a1);
+        }
+        let h = ops::add(&h, &a1)?;
+        let n2 = blk.ln(&h, &blk.norm2)?;
+        let h = ops::add(&h, &self.attend(&blk.attn2, &n2, ctx)?)?;
+        let h = blk.ff_residual(&h)?;
+        let h = self.proj_out.apply_linear(&h)?; // [B*S, F, C]
+        let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
+        Ok(ops::add(x, &h.reshape(&[nf, hh, ww, c])?)?)
+    }
+}
