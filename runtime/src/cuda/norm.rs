@@ -23,7 +23,10 @@ pub(crate) fn vec_width(dtype: DType, divides: usize, ptrs: &[u64]) -> usize {
     [8usize, 4, 2, 1]
         .into_iter()
         .find(|&v| {
-            v * size <= 16 && divides % v == 0 && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
+            // v is a power of two: `divides & (v - 1) == 0` <=> v divides `divides`.
+            v * size <= 16
+                && divides & (v - 1) == 0
+                && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
         })
         .unwrap_or(1)
 }
@@ -115,6 +118,7 @@ pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
     Ok(out.into_tensor(&[x.dim(0), groups, 3]))
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups.
 fn apply(
     x: &Tensor,

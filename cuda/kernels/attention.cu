@@ -1,0 +1,193 @@
+// Scaled-dot-product attention, layout [B, S, H, D] (row stride H*D, read in place: no transposes).
+//   q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> o [B, Sq, H, Dv]
+//   logits = (q . k) * scale (+ bias[Sq, Sk]) (causal: key j > query i masked); softmax over keys.
+// Two kernels (launchers in runtime/src/cuda/attention.rs):
+//   attn_generic_<dt>_l<L>: any D, Dv <= 32*L, any dtype, fp32 math. One warp per (b, i, h).
+//   attn_flash_<dt>_d<D>:   bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
+//                           fp32 accumulation), online softmax, 64 queries x 64 keys per block step.
+
+#include "vi_mma.cuh"
+
+// ---------------------------------------------------------------------------------------------------
+// Generic kernel. Warp w (global) -> h = w % H, i = (w / H) % Sq, b = w / (H * Sq).
+// Per tile of 32 keys: lane j computes logit s_j = sum_d (scale*q[d]) * k[j][d] (+ bias[i][j]);
+// online softmax over tiles; output phase: lane owns channels d = lane + 32*t (t < L) and
+// accumulates sum_j p_j v[j][d] (p_j broadcast by shuffle; v rows read coalesced).
+// Grid ceil(B*Sq*H / 4); block 128 (4 warps); dynamic smem 4*D floats (the scaled q rows).
+// A row with every key masked (possible only through -inf bias) outputs 0, like the CPU softmax.
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int L>
+__device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const T* __restrict__ bias,
+                             T* __restrict__ o, int B, int Sq, int Sk, int H, int D, int Dv,
+                             float scale, int causal) {
+    extern __shared__ float sq_all[];
+    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+    const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + wib;
+    if (w >= (long long)B * Sq * H) return;  // whole warp; only __syncwarp below
+    const int h = (int)(w % H);
+    const int i = (int)((w / H) % Sq);
+    const int b = (int)(w / ((long long)H * Sq));
+    float* sq = sq_all + wib * D;
+    const T* qr = q + (((size_t)b * Sq + i) * H + h) * D;
+    for (int d = lane; d < D; d += 32) sq[d] = vi_to_f(qr[d]) * scale;
+    __syncwarp();
+
+    const size_t kstride = (size_t)H * D, vstride = (size_t)H * Dv;
+    const T* kb = k + (size_t)b * Sk * kstride + (size_t)h * D;
+    const T* vb = v + (size_t)b * Sk * vstride + (size_t)h * Dv;
+    const int kend = causal ? min(Sk, i + 1) : Sk;
+    float m = -VI_INF, l = 0.f;
+    float acc[L];
+#pragma unroll
+    for (int t = 0; t < L; ++t) acc[t] = 0.f;
+
+    for (int j0 = 0; j0 < kend; j0 += 32) {
+        const int j = j0 + lane;
+        float s = -VI_INF;
+        if (j < kend) {
+            const T* kr = kb + (size_t)j * kstride;
+            float dot = 0.f;
+            for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
+            s = dot;
+            if (bias) s += vi_to_f(bias[(size_t)i * Sk + j]);
+        }
+        const float mn = fmaxf(m, vi_warp_max(s));
+        if (mn == -VI_INF) continue;  // warp-uniform: every key so far masked
+        const float alpha = __expf(m - mn);  // m = -inf -> 0
+        const float p = __expf(s - mn);      // s = -inf -> 0
+        l = l * alpha + vi_warp_sum(p);
+#pragma unroll
+        for (int t = 0; t < L; ++t) acc[t] *= alpha;
+        const int nj = min(32, kend - j0);
+#pragma unroll 1
+        for (int jj = 0; jj < nj; ++jj) {
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+            const T* vr = vb + (size_t)(j0 + jj) * vstride;
+#pragma unroll
+            for (int t = 0; t < L; ++t) {
+                const int d = lane + 32 * t;
+                if (d < Dv) acc[t] = fmaf(pj, vi_to_f(vr[d]), acc[t]);
+            }
+        }
+        m = mn;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = o + (((size_t)b * Sq + i) * H + h) * Dv;
+#pragma unroll
+    for (int t = 0; t < L; ++t) {
+        const int d = lane + 32 * t;
+        if (d < Dv) orow[d] = vi_from_f<T>(acc[t] * inv);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Flash kernel. Block (blockIdx.x = query tile of 64, blockIdx.y = h, blockIdx.z = b), 4 warps; warp w
+// owns queries q0 + 16w .. q0 + 16w + 15. Per step the block stages 64 keys of K and V in shared
+// memory (cp.async 16-byte chunks, zero-filled beyond Sk; double-buffered: the next tile is in flight
+// while the current one is consumed), each warp runs the tile engine (vi_mma.cuh).
+// Shared rows are padded to D + 8 elements (row pitch = 16 bytes mod 128) so the 8 row addresses of
+// every ldmatrix hit distinct banks.
+// Masks: key j >= Sk -> -inf (tail tile); causal: j > i -> -inf; bias added in the log2 domain.
+// Query rows >= Sq compute on zero q and are never stored (nor is their bias read).
+// Grid (ceil(Sq/64), H, B); block 128; dynamic smem (64 + 2*2*64) * (D+8) * sizeof(T).
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const T* __restrict__ bias,
+                           T* __restrict__ o, int Sq, int Sk, int H, float scale_log2,
+                           int causal) {
+    constexpr int BM = 64, BN = 64, LD = D + 8, CH = D / 8;  // CH: 16-byte chunks per row
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + BM * LD;  // [2][BN][LD]
+    T* sV = sK + 2 * BN * LD;  // [2][BN][LD]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const size_t rs = (size_t)H * D;  // row stride of q, k, v, o
+    const T* qb = q + (size_t)b * Sq * rs + (size_t)h * D;
+    const T* kb = k + (size_t)b * Sk * rs + (size_t)h * D;
+    const T* vb = v + (size_t)b * Sk * rs + (size_t)h * D;
+
+    // Stage Q (rows q0..q0+63) and the first K/V tile.
+    for (int c = tid; c < BM * CH; c += blockDim.x) {
+        const int r = c / CH, cc = c % CH;
+        const bool ok = q0 + r < Sq;
+        vi_cp_async16(sQ + r * LD + cc * 8, ok ? qb + (size_t)(q0 + r) * rs + cc * 8 : qb, ok);
+    }
+    // Keys beyond the block's last query are all masked under causal: stop there.
+    const int kend = causal ? min(Sk, q0 + BM) : Sk;
+    const int ntiles = (kend + BN - 1) / BN;
+    auto load_kv = [&](int tile, int buf) {
+        const int k0 = tile * BN;
+        T* dK = sK + buf * BN * LD;
+        T* dV = sV + buf * BN * LD;
+        for (int c = tid; c < BN * CH; c += blockDim.x) {
+            const int r = c / CH, cc = c % CH;
+            const bool ok = k0 + r < Sk;
+            const size_t off = (size_t)(k0 + r) * rs + cc * 8;
+            vi_cp_async16(dK + r * LD + cc * 8, ok ? kb + off : kb, ok);
+            vi_cp_async16(dV + r * LD + cc * 8, ok ? vb + off : vb, ok);
+        }
+    };
+    if (ntiles > 0) load_kv(0, 0);
+    vi_cp_async_commit();
+
+    ViWarpAttn<T, D> wa;
+    wa.init();
+    const int qw = q0 + warp * 16;  // this warp's first query
+    for (int t = 0; t < ntiles; ++t) {
+        // Prefetch tile t+1 into the other buffer (it was consumed in step t-1, guarded by the
+        // trailing __syncthreads of that step), then wait for tile t (and Q) only.
+        if (t + 1 < ntiles) load_kv(t + 1, (t + 1) & 1);
+        vi_cp_async_commit();
+        vi_cp_async_wait<1>();
+        __syncthreads();
+        if (t == 0) wa.load_q(sQ + warp * 16 * LD, LD, lane);
+        const int k0 = t * BN;
+        const T* cK = sK + (t & 1) * BN * LD;
+        const T* cV = sV + (t & 1) * BN * LD;
+        // Warp-uniform skip: under causal, a tile entirely after this warp's last query adds nothing.
+        if (!(causal && k0 > qw + 15)) {
+            wa.template step<BN>(cK, cV, LD, scale_log2, lane, [&](int r, int j) -> float {
+                const int qi = qw + r, kj = k0 + j;
+                if (kj >= Sk || (causal && kj > qi)) return -VI_INF;
+                if (bias != nullptr && qi < Sq) return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                return 0.f;
+            });
+        }
+        __syncthreads();  // everyone done with buffer t&1 before it is refilled at step t+1
+    }
+    if (ntiles == 0) {  // Sk == 0: nothing to attend to; outputs 0 (Q was still loaded: drain it)
+        vi_cp_async_wait<0>();
+    }
+    T* ob = o + (size_t)b * Sq * rs + (size_t)h * D;
+    wa.store(min(16, Sq - qw), lane, [&](int r) { return ob + (size_t)(qw + r) * rs; });
+}
+
+#define VI_ATTN_GENERIC(T, NAME, L)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attn_generic_##NAME##_l##L(              \
+        const T* q, const T* k, const T* v, const T* bias, T* o, int B, int Sq, int Sk, int H,  \
+        int D, int Dv, float scale, int causal) {                                               \
+        attn_generic<T, L>(q, k, v, bias, o, B, Sq, Sk, H, D, Dv, scale, causal);               \
+    }
+#define VI_ATTN_FLASH(T, NAME, D)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) attn_flash_##NAME##_d##D(                \
+        const T* q, const T* k, const T* v, const T* bias, T* o, int Sq, int Sk, int H,         \
+        float scale_log2, int causal) {                                                          \
+        attn_flash<T, D>(q, k, v, bias, o, Sq, Sk, H, scale_log2, causal);                       \
+    }
+
+VI_ATTN_GENERIC(float, f32, 4)
+VI_ATTN_GENERIC(float, f32, 16)
+VI_ATTN_GENERIC(__nv_bfloat16, bf16, 4)
+VI_ATTN_GENERIC(__nv_bfloat16, bf16, 16)
+VI_ATTN_GENERIC(__half, f16, 4)
+VI_ATTN_GENERIC(__half, f16, 16)
+
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 32)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 64)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 128)
+VI_ATTN_FLASH(__half, f16, 32)
+VI_ATTN_FLASH(__half, f16, 64)
+VI_ATTN_FLASH(__half, f16, 128)

@@ -1,0 +1,348 @@
+//! The hand-written CUDA kernels (GroupNorm, LayerNorm, softmax, attention, dual-scope attention)
+//! against the CPU backend on random inputs, including tails (sizes not multiples of the tiles),
+//! odd channel counts, bias/causal attention, several head dims, every storage dtype, and both
+//! attention kernel families (tensor-core fast path and `VI_ATTN_KERNEL=simple`).
+//!
+//! Everything runs in ONE test function: the kernel choice is switched through the environment
+//! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs.
+//! Without a GPU (or without the `cuda` feature) the test prints that it is skipped and passes.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use rand_distr::StandardNormal;
+    use vi_runtime::ops::{self, DualScopeParams};
+    use vi_runtime::{DType, Device, Tensor};
+
+    const DEV: Device = Device::Cuda(0);
+
+    /// Tolerances (atol, rtol) per storage dtype of the GPU computation. The CPU reference gets the
+    /// same dtype-rounded inputs, so these cover only the kernel's own rounding (fp32 math; bf16/f16
+    /// output rounding and, in the tensor-core attention, the bf16/f16 probabilities of P·V).
+    fn tol(dt: DType, f32_tol: (f64, f64)) -> (f64, f64) {
+        match dt {
+            DType::F32 => f32_tol,
+            DType::F16 => (4e-3, 4e-3),
+            DType::BF16 => (2e-2, 1.6e-2),
+        }
+    }
+
+    /// Random data with a given mean and spread, rounded through `dt` (what the GPU will see).
+    fn rand_vec(r: &mut StdRng, n: usize, mean: f32, std: f32, dt: DType) -> Vec<f32> {
+        let v: Vec<f32> = (0..n)
+            .map(|_| mean + std * r.sample::<f32, _>(StandardNormal))
+            .collect();
+        round(&v, dt)
+    }
+
+    fn round(v: &[f32], dt: DType) -> Vec<f32> {
+        Tensor::from_vec(v.to_vec(), &[v.len()])
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap()
+    }
+
+    fn cpu(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape).unwrap()
+    }
+    fn gpu(v: &[f32], shape: &[usize], dt: DType) -> Tensor {
+        Tensor::from_slice_on(v, shape, DEV, dt).unwrap()
+    }
+
+    /// |got - want| <= atol + rtol |want| everywhere (NaN fails); prints max error and rel L2.
+    fn check(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64)) {
+        assert_eq!(got.shape(), want.shape(), "{what}: shape");
+        let g = got.to_vec_f32().unwrap();
+        let w = want.to_vec_f32().unwrap();
+        let (mut worst, mut worst_i, mut max_abs) = (f64::NEG_INFINITY, 0usize, 0f64);
+        let (mut num, mut den) = (0f64, 0f64);
+        for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
+            let err = (a as f64 - b as f64).abs();
+            let excess = if err.is_nan() {
+                f64::INFINITY
+            } else {
+                err - (atol + rtol * (b as f64).abs())
+            };
+            if excess > worst {
+                (worst, worst_i) = (excess, i);
+            }
+            max_abs = max_abs.max(err);
+            num += err * err;
+            den += (b as f64) * (b as f64);
+        }
+        let rel_l2 = (num / den.max(1e-30)).sqrt();
+        println!("{what}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
+        assert!(
+            g.is_empty() || worst <= 0.0,
+            "{what}: element {worst_i} got {} want {} (atol {atol}, rtol {rtol}); max abs err \
+             {max_abs:.3e}, rel L2 {rel_l2:.3e}",
+            g[worst_i],
+            w[worst_i]
+        );
+    }
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    fn group_norms(r: &mut StdRng) {
+        // (N, S, C, G): cg = 10, 40, 8, 2, 3 (vector widths 2, 8, 8, 2, 1), a temporal-sized one.
+        let cases = [
+            (2, 100, 320, 32),
+            (1, 2560, 1280, 32),
+            (3, 77, 64, 8),
+            (2, 33, 6, 3),
+            (2, 17, 15, 5),
+            (1, 16 * 160, 640, 32),
+            (2, 1, 64, 32),
+        ];
+        for &(n, s, c, g) in &cases {
+            for dt in DTYPES {
+                for silu in [false, true] {
+                    // Offset mean: exercises the shifted sums of the statistics kernel.
+                    let x = rand_vec(r, n * s * c, 3.0, 1.5, dt);
+                    let gm = rand_vec(r, c, 1.0, 0.3, dt);
+                    let bt = rand_vec(r, c, 0.0, 0.3, dt);
+                    let want = ops::group_norm(
+                        &cpu(&x, &[n, s, c]),
+                        g,
+                        &cpu(&gm, &[c]),
+                        &cpu(&bt, &[c]),
+                        1e-5,
+                        silu,
+                    )
+                    .unwrap();
+                    let got = ops::group_norm(
+                        &gpu(&x, &[n, s, c], dt),
+                        g,
+                        &gpu(&gm, &[c], dt),
+                        &gpu(&bt, &[c], dt),
+                        1e-5,
+                        silu,
+                    )
+                    .unwrap();
+                    let what = format!("group_norm [{n},{s},{c}] G{g} {dt:?} silu {silu}");
+                    check(&what, &got, &want, tol(dt, (1e-4, 1e-4)));
+                }
+            }
+            // Statistics (f32 output) and apply with given stats.
+            let x = rand_vec(r, n * s * c, -2.0, 2.0, DType::F32);
+            let want = ops::group_norm_stats(&cpu(&x, &[n, s, c]), g).unwrap();
+            let got = ops::group_norm_stats(&gpu(&x, &[n, s, c], DType::F32), g).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            check(
+                &format!("group_norm_stats [{n},{s},{c}] G{g}"),
+                &got,
+                &want,
+                (1e-4, 1e-4),
+            );
+            let st = want.to_vec_f32().unwrap();
+            let mv: Vec<f32> = st
+                .chunks_exact(3)
+                .flat_map(|m| [m[1], m[2] / m[0]])
+                .collect();
+            let gm = rand_vec(r, c, 1.0, 0.3, DType::F32);
+            let bt = rand_vec(r, c, 0.0, 0.3, DType::F32);
+            for dt in DTYPES {
+                let xr = round(&x, dt);
+                let mvr = round(&mv, dt);
+                let (gmr, btr) = (round(&gm, dt), round(&bt, dt));
+                let want = ops::group_norm_apply(
+                    &cpu(&xr, &[n, s, c]),
+                    &cpu(&mvr, &[n, g, 2]),
+                    &cpu(&gmr, &[c]),
+                    &cpu(&btr, &[c]),
+                    1e-6,
+                    true,
+                )
+                .unwrap();
+                let got = ops::group_norm_apply(
+                    &gpu(&xr, &[n, s, c], dt),
+                    &gpu(&mvr, &[n, g, 2], dt),
+                    &gpu(&gmr, &[c], dt),
+                    &gpu(&btr, &[c], dt),
+                    1e-6,
+                    true,
+                )
+                .unwrap();
+                let what = format!("group_norm_apply [{n},{s},{c}] G{g} {dt:?}");
+                check(&what, &got, &want, tol(dt, (1e-4, 1e-4)));
+            }
+        }
+    }
+
+    fn layer_norms_and_softmax(r: &mut StdRng) {
+        for &(rows, c) in &[(2 * 77, 1280), (15, 7), (2, 1000), (40, 320), (3, 1)] {
+            for dt in DTYPES {
+                let x = rand_vec(r, rows * c, 1.0, 2.0, dt);
+                let gm = rand_vec(r, c, 1.0, 0.3, dt);
+                let bt = rand_vec(r, c, 0.0, 0.3, dt);
+                let want =
+                    ops::layer_norm(&cpu(&x, &[rows, c]), &cpu(&gm, &[c]), &cpu(&bt, &[c]), 1e-5)
+                        .unwrap();
+                let got = ops::layer_norm(
+                    &gpu(&x, &[rows, c], dt),
+                    &gpu(&gm, &[c], dt),
+                    &gpu(&bt, &[c], dt),
+                    1e-5,
+                )
+                .unwrap();
+                check(
+                    &format!("layer_norm [{rows},{c}] {dt:?}"),
+                    &got,
+                    &want,
+                    tol(dt, (1e-4, 1e-4)),
+                );
+                // Softmax, with one row of all -inf and a few -inf entries elsewhere.
+                let mut xs = rand_vec(r, rows * c, 0.0, 3.0, dt);
+                xs[..c].fill(f32::NEG_INFINITY);
+                for i in (c..xs.len()).step_by(5) {
+                    xs[i] = f32::NEG_INFINITY;
+                }
+                let want = ops::softmax_last(&cpu(&xs, &[rows, c])).unwrap();
+                let got = ops::softmax_last(&gpu(&xs, &[rows, c], dt)).unwrap();
+                check(
+                    &format!("softmax [{rows},{c}] {dt:?}"),
+                    &got,
+                    &want,
+                    tol(dt, (1e-6, 1e-4)),
+                );
+            }
+        }
+    }
+
+    /// (B, Sq, Sk, H, D, Dv, bias, causal)
+    type AttnCase = (usize, usize, usize, usize, usize, usize, bool, bool);
+
+    fn attentions(r: &mut StdRng, label: &str) {
+        let cases: [AttnCase; 10] = [
+            (2, 130, 77, 5, 64, 64, false, false), // cross-attention, tails on both sides
+            (1, 77, 77, 4, 64, 64, true, true),    // CLIP text encoder
+            (2, 200, 200, 2, 64, 64, false, true),
+            (1, 300, 300, 1, 64, 64, true, false),
+            (1, 64, 64, 3, 32, 32, false, false),
+            (1, 50, 70, 2, 128, 128, false, true),
+            (1, 40, 30, 3, 40, 40, false, false), // generic only (D = 40)
+            (1, 20, 33, 2, 8, 16, true, false),   // D != Dv
+            (1, 70, 70, 1, 512, 512, false, false), // VAE mid-block attention (generic, L = 16)
+            (1, 1024, 1024, 1, 64, 64, false, false),
+        ];
+        for &(b, sq, sk, h, d, dv, with_bias, causal) in &cases {
+            for dt in DTYPES {
+                let scale = 1.0 / (d as f32).sqrt();
+                let q = rand_vec(r, b * sq * h * d, 0.0, 1.0, dt);
+                let k = rand_vec(r, b * sk * h * d, 0.0, 1.0, dt);
+                let v = rand_vec(r, b * sk * h * dv, 0.0, 1.0, dt);
+                let bias = rand_vec(r, sq * sk, 0.0, 1.0, dt);
+                let (qs, ks, vs) = ([b, sq, h, d], [b, sk, h, d], [b, sk, h, dv]);
+                let want = ops::attention(
+                    &cpu(&q, &qs),
+                    &cpu(&k, &ks),
+                    &cpu(&v, &vs),
+                    scale,
+                    with_bias.then(|| cpu(&bias, &[sq, sk])).as_ref(),
+                    causal,
+                )
+                .unwrap();
+                let got = ops::attention(
+                    &gpu(&q, &qs, dt),
+                    &gpu(&k, &ks, dt),
+                    &gpu(&v, &vs, dt),
+                    scale,
+                    with_bias.then(|| gpu(&bias, &[sq, sk], dt)).as_ref(),
+                    causal,
+                )
+                .unwrap();
+                let what = format!(
+                    "attention[{label}] B{b} Sq{sq} Sk{sk} H{h} D{d} Dv{dv} bias {with_bias} \
+                     causal {causal} {dt:?}"
+                );
+                check(&what, &got, &want, tol(dt, (2e-5, 1e-4)));
+            }
+        }
+    }
+
+    /// (b, n, H, D, pad, G, token_num_scale)
+    type DualCase = (usize, usize, usize, usize, usize, usize, bool);
+
+    fn dual_scopes(r: &mut StdRng, label: &str) {
+        let cases: [DualCase; 6] = [
+            (37, 16, 5, 64, 4, 6, false),
+            (10, 24, 2, 64, 2, 4, true), // two query tiles, the second one partial
+            (5, 7, 3, 32, 1, 0, false),  // no global tokens
+            (3, 40, 1, 128, 3, 9, true),
+            (4, 9, 2, 40, 2, 3, false),   // generic only (D = 40)
+            (2, 16, 1, 64, 8, 20, false), // wide window: several key tiles
+        ];
+        for &(b, n, h, d, pad, g, tns) in &cases {
+            for dt in DTYPES {
+                let p = DualScopeParams {
+                    pad,
+                    scale: 1.0 / (d as f32).sqrt(),
+                    local_bias: 11.0,
+                    global_bias: 1.0,
+                    token_num_scale: tns,
+                };
+                let nl = n + 2 * pad;
+                let q = rand_vec(r, b * n * h * d, 0.0, 1.0, dt);
+                let mut kl = rand_vec(r, b * nl * h * d, 0.0, 1.0, dt);
+                let vl = rand_vec(r, b * nl * h * d, 0.0, 1.0, dt);
+                // Zero keys at the video ends, as the clip-parallel context produces.
+                kl[..pad * h * d].fill(0.0);
+                let kg = rand_vec(r, b * g * h * d, 0.0, 1.0, dt);
+                let vg = rand_vec(r, b * g * h * d, 0.0, 1.0, dt);
+                let (qs, ls, gs) = ([b, n, h, d], [b, nl, h, d], [b, g, h, d]);
+                let want = ops::dual_scope_attention(
+                    &cpu(&q, &qs),
+                    &cpu(&kl, &ls),
+                    &cpu(&vl, &ls),
+                    &cpu(&kg, &gs),
+                    &cpu(&vg, &gs),
+                    &p,
+                )
+                .unwrap();
+                let got = ops::dual_scope_attention(
+                    &gpu(&q, &qs, dt),
+                    &gpu(&kl, &ls, dt),
+                    &gpu(&vl, &ls, dt),
+                    &gpu(&kg, &gs, dt),
+                    &gpu(&vg, &gs, dt),
+                    &p,
+                )
+                .unwrap();
+                let what = format!(
+                    "dual_scope[{label}] b{b} n{n} H{h} D{d} pad{pad} G{g} tns {tns} {dt:?}"
+                );
+                check(&what, &got, &want, tol(dt, (2e-5, 1e-4)));
+            }
+        }
+    }
+
+    pub fn run() {
+        if !vi_runtime::cuda::is_available() {
+            println!("SKIPPED cuda_kernels: no CUDA device available");
+            return;
+        }
+        vi_runtime::cuda::set_poison_allocations(true);
+        let mut r = StdRng::seed_from_u64(0x5eed_cafe);
+        group_norms(&mut r);
+        layer_norms_and_softmax(&mut r);
+        // The kernel choice is read per call; this is the only test of the binary (module docs).
+        std::env::remove_var("VI_ATTN_KERNEL");
+        attentions(&mut r, "auto");
+        dual_scopes(&mut r, "auto");
+        std::env::set_var("VI_ATTN_KERNEL", "simple");
+        attentions(&mut r, "simple");
+        dual_scopes(&mut r, "simple");
+        std::env::remove_var("VI_ATTN_KERNEL");
+    }
+}
+
+#[test]
+fn cuda_kernels_vs_cpu() {
+    #[cfg(feature = "cuda")]
+    gpu::run();
+    #[cfg(not(feature = "cuda"))]
+    println!("SKIPPED cuda_kernels: built without the `cuda` feature");
+}
