@@ -1,0 +1,220 @@
+//! Command-line interface (clap derive). Defaults are the reference's (Video-Infinity on
+//! VideoCrafter2) unless stated.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "video-infinity",
+    version,
+    about = "Long text-to-video generation with VideoCrafter2 and Video-Infinity clip parallelism",
+    long_about = "Generates long videos from text by running the VideoCrafter2 text-to-video model \
+                  with the Video-Infinity method: the video is split into one clip per rank, ranks \
+                  exchange temporal halos and global tokens at every step.\n\n\
+                  Without weights at hand, `--model tiny` runs an embedded tiny model with random \
+                  weights (a demo of the machinery; its video is noise-like)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a video from text prompts.
+    Generate(GenerateArgs),
+    /// Show what a safetensors file or a model folder holds (tensors, dtypes, shapes, missing keys).
+    Inspect(InspectArgs),
+    /// Run a golden reference dump and report the error against its reference outputs.
+    Verify(VerifyArgs),
+    /// Convert an original VideoCrafter2 checkpoint into the diffusers/transformers folder layout.
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    /// DPM-Solver++ SDE, order 2 (what Video-Infinity runs).
+    DpmSde,
+    /// DPM-Solver++ 2M (deterministic).
+    Dpm2m,
+    /// DDIM, eta 0 (VideoCrafter2's own sampler).
+    Ddim,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model folder (unet/, text_encoder/, tokenizer/, vae/ in diffusers layout), or `tiny` for
+    /// the embedded tiny model with random weights.
+    #[arg(long, value_name = "DIR|tiny")]
+    pub model: String,
+
+    /// Text prompt. Repeat for several segments: with n prompts and W ranks, rank r uses
+    /// prompt floor(r * n / W) (the reference's mapping).
+    #[arg(long, value_name = "TEXT", conflicts_with = "prompts")]
+    pub prompt: Vec<String>,
+
+    /// File of prompt segments keyed by frame: one `FIRST_FRAME: prompt` per line (first line at
+    /// frame 0, increasing; `#` comments and blank lines ignored). Each rank uses the segment that
+    /// holds its first frame.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
+    /// Negative prompt (the unconditional branch of classifier-free guidance).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    pub negative_prompt: String,
+
+    /// Total number of frames of the video [default: 24 per rank (the reference clip length);
+    /// tiny model: 16 per rank].
+    #[arg(long)]
+    pub frames: Option<usize>,
+
+    /// Ranks and their devices: `cpu`, `cpu:N` (N ranks on the CPU), `cuda:0`, `cuda:0-7`,
+    /// `cuda:0x4` (4 ranks time-sharing GPU 0); a bare `0-7` means `cuda:0-7`.
+    #[arg(long, default_value = "cpu", value_name = "SPEC")]
+    pub devices: String,
+
+    /// Denoising steps [default: 30; tiny model: 4].
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Classifier-free guidance scale: eps = uncond + g * (cond - uncond).
+    #[arg(long, default_value_t = 12.0)]
+    pub guidance: f32,
+
+    /// Frame-rate conditioning passed to the UNet's fps embedding.
+    #[arg(long, default_value_t = 24.0)]
+    pub fps_cond: f32,
+
+    /// Seed of the initial latents (rank r draws from seed + r) and of the SDE noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Sampler.
+    #[arg(long, value_enum, default_value_t = SamplerArg::DpmSde)]
+    pub sampler: SamplerArg,
+
+    /// Video height in pixels, a multiple of 64 [default: 320; tiny model: 64].
+    #[arg(long)]
+    pub height: Option<usize>,
+
+    /// Video width in pixels, a multiple of 64 [default: 512; tiny model: 64].
+    #[arg(long)]
+    pub width: Option<usize>,
+
+    /// Write an H.264 MP4 file here.
+    #[arg(long, value_name = "FILE.mp4")]
+    pub out: Option<PathBuf>,
+
+    /// Write the frames as PNG files `frame_00000.png`, ... into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub frames_dir: Option<PathBuf>,
+
+    /// Frame rate of the MP4 file.
+    #[arg(long, default_value_t = 8)]
+    pub out_fps: u32,
+
+    /// Replace existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Storage precision of weights and activations on CUDA (the CPU backend computes in f32).
+    #[arg(long, value_enum, default_value_t = DTypeArg::Bf16)]
+    pub dtype: DTypeArg,
+
+    #[command(flatten)]
+    pub vi: ViArgs,
+
+    /// No progress bar (stage lines and the summary are still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Video-Infinity knobs (defaults: the reference's plugin configuration).
+#[derive(Debug, Args, Clone)]
+#[command(next_help_heading = "Video-Infinity options")]
+pub struct ViArgs {
+    /// Global tokens per temporal attention (the first top_k of all ranks' strided frames).
+    #[arg(long, default_value_t = 16)]
+    pub top_k: usize,
+
+    /// Neighbour frames on each side of a clip in temporal attention (local window 2p+1).
+    #[arg(long, default_value_t = 8)]
+    pub attn_pad: usize,
+
+    /// Neighbour frames on each side of a clip for the temporal conv layers.
+    #[arg(long, default_value_t = 4)]
+    pub conv_pad: usize,
+
+    /// Timestep at and above which the global tokens are favoured (global phase); below it the
+    /// local window is.
+    #[arg(long, default_value_t = 800)]
+    pub phase_t: u32,
+
+    /// Logit bias added to the favoured token group (the other group gets +0; the reference's
+    /// common +1 on all keys cancels in the softmax).
+    #[arg(long, default_value_t = 10.0)]
+    pub phase_bias: f32,
+
+    /// Turn off the phase bias (`dynamic_scale: false`).
+    #[arg(long)]
+    pub no_dynamic_scale: bool,
+
+    /// Scale each query's logits by ln(visible keys)/ln(16) (`token_num_scale`).
+    #[arg(long)]
+    pub token_num_scale: bool,
+
+    /// Synchronise the temporal layers' GroupNorm statistics across ranks (paper, off in the
+    /// reference code).
+    #[arg(long)]
+    pub groupnorm_sync: bool,
+
+    /// Mask the zero keys at the video's two ends instead of letting them dilute attention (the
+    /// reference does not mask them).
+    #[arg(long)]
+    pub exact_seam: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A `.safetensors` file, or a model folder (unet/, text_encoder/, vae/, tokenizer/).
+    pub path: PathBuf,
+    /// List every tensor (default for a file: the first 50 and a summary).
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A golden reference file (`kind` metadata: unet3d, clip_text, vae_decoder, scheduler), or a
+    /// tokenizer case file (`tokenizer_cases.json`, with --tokenizer).
+    #[arg(long, value_name = "FILE")]
+    pub golden: PathBuf,
+    /// Tokenizer folder (vocab.json, merges.txt) for a tokenizer case file.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Device to run on.
+    #[arg(long, default_value = "cpu", value_name = "SPEC")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The original checkpoint (`model.ckpt`, a PyTorch pickle holding UNet + OpenCLIP + VAE).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// Output model folder (created; unet/, text_encoder/, tokenizer/?, vae/).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace an existing output folder's files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
