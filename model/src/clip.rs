@@ -1,0 +1,257 @@
+//! The CLIP text encoder (transformers `CLIPTextModel`), as the text-to-video pipeline uses it.
+//!
+//! `last_hidden_state` = final_layer_norm(blocks(token_embedding(ids) + position_embedding(0..S))),
+//! each block pre-LayerNorm: `x += out_proj(causal_attention(layer_norm1(x)))`,
+//! `x += fc2(act(fc1(layer_norm2(x))))`. No padding mask: the pipeline passes none, so pad tokens
+//! are ordinary (causally masked) tokens. Activations are `[n_prompts, S, hidden]`.
+//!
+//! Keys are the transformers 5 spelling (`embeddings.*`, `encoder.layers.{i}.*`,
+//! `final_layer_norm.*`); files written by transformers 4 add a `text_model.` prefix, which callers
+//! handle with `StoreSource::with_alt_prefix("text_model.")`. The legacy non-persistent buffer
+//! `embeddings.position_ids` is never requested.
+
+use serde_json::Value;
+use vi_runtime::{ops, Tensor};
+
+use crate::params::{ModelError, Params, Result};
+
+/// The MLP activation (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// `"gelu"`: exact erf GELU (OpenCLIP ViT-H text tower, i.e. VideoCrafter2 / zeroscope).
+    Gelu,
+    /// `"quick_gelu"`: x * sigmoid(1.702 x) (OpenAI CLIP).
+    QuickGelu,
+}
+
+/// transformers `CLIPTextConfig`: the fields that shape the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipTextConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    pub hidden_act: ClipActivation,
+    pub layer_norm_eps: f32,
+}
+
+fn get_usize(v: &Value, name: &str, default: Option<usize>) -> Result<usize> {
+    match v.get(name) {
+        None | Some(Value::Null) => default
+            .ok_or_else(|| ModelError::Config(format!("CLIP text config: missing field `{name}`"))),
+        Some(x) => x
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                ModelError::Config(format!(
+                    "CLIP text config: `{name}` must be a positive integer, got {x}"
+                ))
+            }),
+    }
+}
+
+impl ClipTextConfig {
+    /// Parse a transformers config dict: a `CLIPTextConfig` (`model_type: clip_text_model`, as in
+    /// `text_encoder/config.json`) or a full `CLIPConfig` whose `text_config` holds it.
+    /// The structural fields (hidden_size, num_hidden_layers, num_attention_heads,
+    /// intermediate_size) are required; the others take the transformers defaults when absent
+    /// (max_position_embeddings 77, vocab_size 49408, hidden_act "quick_gelu", layer_norm_eps 1e-5).
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let v = match v.get("text_config") {
+            Some(t) if t.is_object() => t,
+            _ => v,
+        };
+        if !v.is_object() {
+            return Err(ModelError::Config(
+                "CLIP text config must be a JSON object".into(),
+            ));
+        }
+        let hidden_act = match v.get("hidden_act") {
+            None | Some(Value::Null) => ClipActivation::QuickGelu,
+            Some(Value::String(s)) if s == "gelu" => ClipActivation::Gelu,
+            Some(Value::String(s)) if s == "quick_gelu" => ClipActivation::QuickGelu,
+            Some(other) => {
+                return Err(ModelError::Config(format!(
+                    "CLIP text config: hidden_act {other} is not supported (\"gelu\" or \"quick_gelu\")"
+                )))
+            }
+        };
+        let layer_norm_eps = match v.get("layer_norm_eps") {
+            None | Some(Value::Null) => 1e-5,
+            Some(x) => x.as_f64().filter(|e| *e > 0.0).ok_or_else(|| {
+                ModelError::Config(format!(
+                    "CLIP text config: layer_norm_eps must be a positive number, got {x}"
+                ))
+            })? as f32,
+        };
+        let cfg = ClipTextConfig {
+            hidden_size: get_usize(v, "hidden_size", None)?,
+            num_hidden_layers: get_usize(v, "num_hidden_layers", None)?,
+            num_attention_heads: get_usize(v, "num_attention_heads", None)?,
+            intermediate_size: get_usize(v, "intermediate_size", None)?,
+            max_position_embeddings: get_usize(v, "max_position_embeddings", Some(77))?,
+            vocab_size: get_usize(v, "vocab_size", Some(49408))?,
+            hidden_act,
+            layer_norm_eps,
+        };
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            return Err(ModelError::Config(format!(
+                "CLIP text config: hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// A Linear layer: weight [out, in] (PyTorch layout), bias [out].
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(p: Params, out: usize, inp: usize) -> Result<Self> {
+        Ok(Linear {
+            w: p.get("weight", &[out, inp])?,
+            b: p.get("bias", &[out])?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(x, &self.w, Some(&self.b))?)
+    }
+}
+
+struct LayerNorm {
+    g: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(p: Params, c: usize, eps: f32) -> Result<Self> {
+        Ok(LayerNorm {
+            g: p.get("weight", &[c])?,
+            b: p.get("bias", &[c])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::layer_norm(x, &self.g, &self.b, self.eps)?)
+    }
+}
+
+struct ClipLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// transformers `CLIPTextModel` (text transformer only; no projection head).
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    /// [vocab_size, hidden]
+    token_embedding: Tensor,
+    /// [max_position_embeddings, hidden]
+    position_embedding: Tensor,
+    layers: Vec<ClipLayer>,
+    final_ln: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Load (or, on a `MetaRecorder`, just enumerate) every parameter. `p` is the model root:
+    /// keys `embeddings.*`, `encoder.layers.{i}.*`, `final_layer_norm.*`.
+    pub fn load(cfg: &ClipTextConfig, p: Params) -> Result<Self> {
+        let (c, ff, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let emb = p.pp("embeddings");
+        let token_embedding = emb.get("token_embedding.weight", &[cfg.vocab_size, c])?;
+        let position_embedding = emb.get(
+            "position_embedding.weight",
+            &[cfg.max_position_embeddings, c],
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = p.pp("encoder.layers").pp(i);
+            let a = l.pp("self_attn");
+            layers.push(ClipLayer {
+                ln1: LayerNorm::load(l.pp("layer_norm1").p(), c, eps)?,
+                q: Linear::load(a.pp("q_proj").p(), c, c)?,
+                k: Linear::load(a.pp("k_proj").p(), c, c)?,
+                v: Linear::load(a.pp("v_proj").p(), c, c)?,
+                out: Linear::load(a.pp("out_proj").p(), c, c)?,
+                ln2: LayerNorm::load(l.pp("layer_norm2").p(), c, eps)?,
+                fc1: Linear::load(l.pp("mlp.fc1").p(), ff, c)?,
+                fc2: Linear::load(l.pp("mlp.fc2").p(), c, ff)?,
+            });
+        }
+        let final_ln = LayerNorm::load(p.pp("final_layer_norm").p(), c, eps)?;
+        Ok(ClipTextModel {
+            config: cfg.clone(),
+            token_embedding,
+            position_embedding,
+            layers,
+            final_ln,
+        })
+    }
+
+    fn activation(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.hidden_act {
+            ClipActivation::Gelu => ops::gelu(x)?,
+            // x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
+            ClipActivation::QuickGelu => {
+                ops::scale(&ops::silu(&ops::scale(x, 1.702)?)?, 1.0 / 1.702)?
+            }
+        })
+    }
+
+    /// `last_hidden_state` [n_prompts, S, hidden] of `ids` (n_prompts rows of S token ids each,
+    /// row-major; S = ids.len() / n_prompts, at most max_position_embeddings — 77 for the
+    /// pipeline's padded prompts). On the device/dtype of the weights.
+    pub fn forward(&self, ids: &[u32], n_prompts: usize) -> Result<Tensor> {
+        let cfg = &self.config;
+        if n_prompts == 0 || ids.is_empty() || !ids.len().is_multiple_of(n_prompts) {
+            return Err(ModelError::Msg(format!(
+                "CLIP text encoder: {} token ids do not split into {n_prompts} prompts",
+                ids.len()
+            )));
+        }
+        let s = ids.len() / n_prompts;
+        if s > cfg.max_position_embeddings {
+            return Err(ModelError::Msg(format!(
+                "CLIP text encoder: {s} tokens per prompt exceed max_position_embeddings {}",
+                cfg.max_position_embeddings
+            )));
+        }
+        let (c, h, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+        let positions: Vec<u32> = (0..s as u32).collect();
+        let tok = ops::embedding(ids, &self.token_embedding)?.reshape(&[n_prompts, s, c])?;
+        let pos = ops::embedding(&positions, &self.position_embedding)?; // [S, C], broadcast
+        let mut x = ops::add(&tok, &pos)?;
+        let scale = (d as f32).powf(-0.5);
+        for l in &self.layers {
+            let hs = l.ln1.forward(&x)?;
+            let split = |t: Tensor| t.reshape(&[n_prompts, s, h, d]);
+            let q = split(l.q.forward(&hs)?)?;
+            let k = split(l.k.forward(&hs)?)?;
+            let v = split(l.v.forward(&hs)?)?;
+            let a = ops::attention(&q, &k, &v, scale, None, true)?.reshape(&[n_prompts, s, c])?;
+            x = ops::add(&x, &l.out.forward(&a)?)?;
+            let hs = l.ln2.forward(&x)?;
+            let m = l.fc2.forward(&self.activation(&l.fc1.forward(&hs)?)?)?;
+            x = ops::add(&x, &m)?;
+        }
+        self.final_ln.forward(&x)
+    }
+}

@@ -1,0 +1,423 @@
+//! The VAE decoder (diffusers `AutoencoderKL`: `post_quant_conv` + `decoder`), channels-last.
+//!
+//! decode(latents) = decoder(post_quant_conv((1/scaling_factor) * latents)) with the diffusers
+//! `Decoder`: conv_in -> mid block (resnet, single-head spatial self-attention, resnet) ->
+//! up blocks (channels reversed, layers_per_block+1 resnets each, nearest x2 + conv on all but the
+//! last) -> GroupNorm -> SiLU -> conv_out. Every GroupNorm of AutoencoderKL uses eps 1e-6.
+//! Images are [N, 8h, 8w, out_channels] in ~[-1, 1]; frames are independent.
+
+use serde_json::Value;
+use vi_runtime::{ops, Tensor};
+
+use crate::params::{ModelError, Params, Result};
+
+/// GroupNorm eps of every norm in diffusers' AutoencoderKL encoder/decoder.
+pub const VAE_NORM_EPS: f32 = 1e-6;
+
+/// diffusers `AutoencoderKL` config: the fields the decoder needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by 1/scaling_factor (computed in f64, applied as f32) before decoding.
+    pub scaling_factor: f64,
+    /// `use_post_quant_conv` (default true).
+    pub use_post_quant_conv: bool,
+    /// `mid_block_add_attention` (default true).
+    pub mid_block_add_attention: bool,
+}
+
+fn cfg_err(msg: String) -> ModelError {
+    ModelError::Config(format!("VAE config: {msg}"))
+}
+
+fn get_usize(v: &Value, name: &str, default: Option<usize>) -> Result<usize> {
+    match v.get(name) {
+        None | Some(Value::Null) => default.ok_or_else(|| cfg_err(format!("missing `{name}`"))),
+        Some(x) => x
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| cfg_err(format!("`{name}` must be a positive integer, got {x}"))),
+    }
+}
+
+fn get_bool(v: &Value, name: &str, default: bool) -> Result<bool> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(x) => Err(cfg_err(format!("`{name}` must be a boolean, got {x}"))),
+    }
+}
+
+impl VaeConfig {
+    /// Parse a diffusers `vae/config.json`. `block_out_channels` and `scaling_factor` are required;
+    /// the others take the diffusers defaults when absent (layers_per_block 1, latent_channels 4,
+    /// out_channels 3, norm_num_groups 32). Only UpDecoderBlock2D up blocks, SiLU and a null
+    /// `shift_factor` are supported (what SD / zeroscope / VideoCrafter2 use).
+    pub fn from_json(v: &Value) -> Result<Self> {
+        if !v.is_object() {
+            return Err(cfg_err("must be a JSON object".into()));
+        }
+        let block_out_channels: Vec<usize> = v
+            .get("block_out_channels")
+            .and_then(Value::as_array)
+            .ok_or_else(|| cfg_err("missing array `block_out_channels`".into()))?
+            .iter()
+            .map(|x| x.as_u64().filter(|&n| n > 0).map(|n| n as usize))
+            .collect::<Option<_>>()
+            .filter(|b: &Vec<usize>| !b.is_empty())
+            .ok_or_else(|| cfg_err("`block_out_channels` must be positive integers".into()))?;
+        let scaling_factor = v
+            .get("scaling_factor")
+            .and_then(Value::as_f64)
+            .filter(|s| *s > 0.0)
+            .ok_or_else(|| cfg_err("missing or non-positive `scaling_factor`".into()))?;
+        if let Some(s) = v.get("shift_factor").filter(|s| !s.is_null()) {
+            return Err(cfg_err(format!("shift_factor {s} is not supported")));
+        }
+        if let Some(a) = v.get("act_fn").and_then(Value::as_str) {
+            if a != "silu" {
+                return Err(cfg_err(format!("act_fn `{a}` is not supported (silu)")));
+            }
+        }
+        if let Some(types) = v.get("up_block_types").and_then(Value::as_array) {
+            if types.len() != block_out_channels.len() {
+                return Err(cfg_err(format!(
+                    "{} up_block_types for {} block_out_channels",
+                    types.len(),
+                    block_out_channels.len()
+                )));
+            }
+            if let Some(t) = types
+                .iter()
+                .find(|t| t.as_str() != Some("UpDecoderBlock2D"))
+            {
+                return Err(cfg_err(format!(
+                    "up block type {t} is not supported (UpDecoderBlock2D)"
+                )));
+            }
+        }
+        let cfg = VaeConfig {
+            layers_per_block: get_usize(v, "layers_per_block", Some(1))?,
+            latent_channels: get_usize(v, "latent_channels", Some(4))?,
+            out_channels: get_usize(v, "out_channels", Some(3))?,
+            norm_num_groups: get_usize(v, "norm_num_groups", Some(32))?,
+            use_post_quant_conv: get_bool(v, "use_post_quant_conv", true)?,
+            mid_block_add_attention: get_bool(v, "mid_block_add_attention", true)?,
+            block_out_channels,
+            scaling_factor,
+        };
+        if let Some(c) = cfg
+            .block_out_channels
+            .iter()
+            .find(|&&c| !c.is_multiple_of(cfg.norm_num_groups))
+        {
+            return Err(cfg_err(format!(
+                "{c} channels are not divisible into {} groups",
+                cfg.norm_num_groups
+            )));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Conv2d: weight [Cout, Cin, k, k], bias [Cout]; stride 1, padding k/2.
+struct Conv {
+    w: Tensor,
+    b: Tensor,
+    pad: usize,
+}
+
+impl Conv {
+    fn load(p: Params, cout: usize, cin: usize, k: usize) -> Result<Self> {
+        Ok(Conv {
+            w: p.get("weight", &[cout, cin, k, k])?,
+            b: p.get("bias", &[cout])?,
+            pad: k / 2,
+        })
+    }
+    /// x [N, H, W, Cin] -> [N, H, W, Cout]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::conv2d(x, &self.w, Some(&self.b), 1, self.pad)?)
+    }
+}
+
+struct GroupNorm {
+    g: Tensor,
+    b: Tensor,
+    groups: usize,
+}
+
+impl GroupNorm {
+    fn load(p: Params, c: usize, groups: usize) -> Result<Self> {
+        Ok(GroupNorm {
+            g: p.get("weight", &[c])?,
+            b: p.get("bias", &[c])?,
+            groups,
+        })
+    }
+    /// x [N, H, W, C], statistics per image and group; optional fused SiLU.
+    fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let y = ops::group_norm(
+            &x.reshape(&[n, h * w, c])?,
+            self.groups,
+            &self.g,
+            &self.b,
+            VAE_NORM_EPS,
+            silu,
+        )?;
+        Ok(y.reshape(&[n, h, w, c])?)
+    }
+}
+
+/// diffusers `ResnetBlock2D` without time embedding: norm1 -> SiLU -> conv1 -> norm2 -> SiLU ->
+/// conv2, + (conv_shortcut (1x1) of the input when Cin != Cout, else the input).
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+}
+
+impl Resnet {
+    fn load(p: Params, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        Ok(Resnet {
+            norm1: GroupNorm::load(p.pp("norm1").p(), cin, groups)?,
+            conv1: Conv::load(p.pp("conv1").p(), cout, cin, 3)?,
+            norm2: GroupNorm::load(p.pp("norm2").p(), cout, groups)?,
+            conv2: Conv::load(p.pp("conv2").p(), cout, cout, 3)?,
+            shortcut: if cin != cout {
+                Some(Conv::load(p.pp("conv_shortcut").p(), cout, cin, 1)?)
+            } else {
+                None
+            },
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        Ok(ops::add(&skip, &h)?)
+    }
+}
+
+/// diffusers `Attention` of the VAE mid block: GroupNorm -> single-head self-attention of width C
+/// over the H*W positions (q/k/v/out Linear with bias, scale 1/sqrt(C)) -> + input.
+struct MidAttention {
+    norm: GroupNorm,
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+    v: (Tensor, Tensor),
+    out: (Tensor, Tensor),
+}
+
+impl MidAttention {
+    /// Current key names `to_q/to_k/to_v/to_out.0`, or the old `query/key/value/proj_attn` when
+    /// the source has those (and not the new ones).
+    fn load(p: Params, c: usize, groups: usize) -> Result<Self> {
+        let old = p.contains("query.weight") && !p.contains("to_q.weight");
+        let names = if old {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        let lin = |name: &str| -> Result<(Tensor, Tensor)> {
+            let l = p.pp(name);
+            Ok((l.get("weight", &[c, c])?, l.get("bias", &[c])?))
+        };
+        Ok(MidAttention {
+            norm: GroupNorm::load(p.pp("group_norm").p(), c, groups)?,
+            q: lin(names[0])?,
+            k: lin(names[1])?,
+            v: lin(names[2])?,
+            out: lin(names[3])?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let hs = self.norm.forward(x, false)?.reshape(&[n, h * w, c])?;
+        let proj = |(wt, b): &(Tensor, Tensor)| -> Result<Tensor> {
+            Ok(ops::linear(&hs, wt, Some(b))?.reshape(&[n, h * w, 1, c])?)
+        };
+        let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
+        let scale = 1.0 / (c as f32).sqrt();
+        let a = ops::attention(&q, &k, &v, scale, None, false)?.reshape(&[n, h * w, c])?;
+        let o = ops::linear(&a, &self.out.0, Some(&self.out.1))?.reshape(&[n, h, w, c])?;
+        Ok(ops::add(&o, x)?)
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    /// Upsample2D: nearest x2 then this 3x3 conv.
+    upsample: Option<Conv>,
+}
+
+/// diffusers `AutoencoderKL` decoder side: `post_quant_conv` + `decoder`.
+pub struct VaeDecoder {
+    pub config: VaeConfig,
+    post_quant_conv: Option<Conv>,
+    conv_in: Conv,
+    mid_resnets: [Resnet; 2],
+    mid_attn: Option<MidAttention>,
+    up_blocks: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+}
+
+impl VaeDecoder {
+    /// Load (or enumerate, on a `MetaRecorder`) `post_quant_conv.*` and `decoder.*` from the
+    /// AutoencoderKL root `p`. Encoder and `quant_conv` keys are never requested.
+    pub fn load(cfg: &VaeConfig, p: Params) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        let lat = cfg.latent_channels;
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let top = rev[0];
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(Conv::load(p.pp("post_quant_conv").p(), lat, lat, 1)?)
+        } else {
+            None
+        };
+        let d = p.pp("decoder");
+        let conv_in = Conv::load(d.pp("conv_in").p(), top, lat, 3)?;
+        let mid = d.pp("mid_block");
+        let mid_resnets = [
+            Resnet::load(mid.pp("resnets.0").p(), top, top, g)?,
+            Resnet::load(mid.pp("resnets.1").p(), top, top, g)?,
+        ];
+        let mid_attn = if cfg.mid_block_add_attention {
+            Some(MidAttention::load(mid.pp("attentions.0").p(), top, g)?)
+        } else {
+            None
+        };
+        let mut up_blocks = Vec::with_capacity(rev.len());
+        let mut prev = top;
+        for (i, &out) in rev.iter().enumerate() {
+            let b = d.pp("up_blocks").pp(i);
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    let cin = if j == 0 { prev } else { out };
+                    Resnet::load(b.pp("resnets").pp(j).p(), cin, out, g)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(Conv::load(b.pp("upsamplers.0.conv").p(), out, out, 3)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            prev = out;
+        }
+        let bottom = cfg.block_out_channels[0];
+        let norm_out = GroupNorm::load(d.pp("conv_norm_out").p(), bottom, g)?;
+        let conv_out = Conv::load(d.pp("conv_out").p(), cfg.out_channels, bottom, 3)?;
+        Ok(VaeDecoder {
+            config: cfg.clone(),
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attn,
+            up_blocks,
+            norm_out,
+            conv_out,
+        })
+    }
+
+    fn check_latents(&self, latents: &Tensor) -> Result<()> {
+        if latents.rank() != 4 || latents.dim(3) != self.config.latent_channels {
+            return Err(ModelError::Msg(format!(
+                "VAE decoder: latents must be channels-last [N, h, w, {}], got {:?}",
+                self.config.latent_channels,
+                latents.shape()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(1/scaling_factor) * latents` exactly as the float32 expression of the pipeline
+    /// (1/scaling_factor computed in double precision, rounded to f32, one f32 multiply).
+    pub fn unscale_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let inv = (1.0 / self.config.scaling_factor) as f32;
+        Ok(ops::scale(latents, inv)?)
+    }
+
+    /// `vae.decode(z).sample` for already unscaled latents z [N, h, w, C_lat] -> [N, 8h, 8w, out].
+    pub fn decode_unscaled(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_latents(z)?;
+        let mut x = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        x = self.conv_in.forward(&x)?;
+        x = self.mid_resnets[0].forward(&x)?;
+        if let Some(a) = &self.mid_attn {
+            x = a.forward(&x)?;
+        }
+        x = self.mid_resnets[1].forward(&x)?;
+        for b in &self.up_blocks {
+            for r in &b.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(u) = &b.upsample {
+                x = u.forward(&ops::upsample_nearest2x(&x)?)?;
+            }
+        }
+        let x = self.norm_out.forward(&x, true)?;
+        self.conv_out.forward(&x)
+    }
+
+    /// Decode sampler latents [N, h, w, C_lat] (channels-last, frames along N) into images
+    /// [N, 8h, 8w, out_channels] (~[-1, 1]): `decode_unscaled(unscale_latents(latents))`.
+    /// All N frames at once: see [`VaeDecoder::decode_frames`] to bound memory.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        self.decode_unscaled(&self.unscale_latents(latents)?)
+    }
+
+    /// Decode `chunk` frames at a time (frames are independent, so the result equals
+    /// [`VaeDecoder::decode`]), handing each chunk's images [n, 8h, 8w, out] to `sink` with the
+    /// index of its first frame. Memory is bounded by one chunk's activations.
+    pub fn decode_frames_with(
+        &self,
+        latents: &Tensor,
+        chunk: usize,
+        mut sink: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.check_latents(latents)?;
+        let n = latents.dim(0);
+        let chunk = chunk.max(1);
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let part = ops::narrow(latents, 0, start, len)?;
+            sink(start, self.decode(&part)?)?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// [`VaeDecoder::decode_frames_with`] collected into one [N, 8h, 8w, out] tensor.
+    pub fn decode_frames(&self, latents: &Tensor, chunk: usize) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        self.decode_frames_with(latents, chunk, |_, t| {
+            parts.push(t);
+            Ok(())
+        })?;
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Ok(ops::concat(&refs, 0)?)
+    }
+}
+
+/// Images in ~[-1, 1] -> [0, 1]: `(x / 2 + 0.5).clamp(0, 1)` (the pipeline's postprocessing).
+pub fn to_unit_range(x: &Tensor) -> Result<Tensor> {
+    Ok(ops::clamp(&ops::affine(x, 0.5, 0.5)?, 0.0, 1.0)?)
+}
