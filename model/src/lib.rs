@@ -3,6 +3,8 @@
 //! vocabulary of `vi-runtime`; the model never branches on the device.
 
 pub mod clip;
+pub mod clip_parallel;
+pub mod distributed;
 pub mod params;
 pub mod sampler;
 pub mod temporal;

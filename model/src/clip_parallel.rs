@@ -1,0 +1,507 @@
+//! Video-Infinity's clip parallelism: the [`TemporalContext`] of one rank holding one clip of the
+//! video (DESIGN section 3; golden README "What the plugins compute (exact)").
+//!
+//! Every exchange between ranks of the UNet lives here:
+//! * temporal conv layers: a halo of `conv_pad` frames of the layer INPUT from each neighbour
+//!   (zeros at the video's ends); the whole 4-block body runs on the padded window (GroupNorm
+//!   statistics over the window) and the centre is kept (reference ConvLayerPlugin);
+//! * temporal attention: dual-scope keys/values = `attn_pad` neighbour frames on each side (zero
+//!   vectors at the ends, not masked) + up to `top_k` global frames all-gathered from every rank,
+//!   with a logit bias by phase (reference AttentionPlugin);
+//! * temporal transformers' GroupNorm: local statistics (reference), or, in exact-seam mode,
+//!   statistics over the whole video.
+//!
+//! Exact-seam mode (the paper's option, off in the reference code): every Conv3d of a temporal
+//! conv layer gets a 1-frame halo of its own input from the neighbours and every GroupNorm of the
+//! temporal layers takes its statistics across all ranks. The UNet over W ranks then equals the
+//! whole-video model ([`crate::temporal::LocalContext`] on the concatenated video) up to float32
+//! rounding, for equal and unequal clips -- except the temporal attention, which stays dual-scope
+//! by design.
+//!
+//! Rules where the reference is undefined (it crashes or is wrong; our own choice, stated):
+//! * conv halo when a neighbour holds fewer than `conv_pad` frames (reference: wrong for n < 4):
+//!   the halo is clamped to what the neighbour has (its whole clip); frames are never fetched from
+//!   ranks further away. The window is then [min(P, n_left) | n | min(P, n_right)] frames (P zero
+//!   frames at the video's ends, as the reference), and the centre n frames are kept. For clips of
+//!   at least `conv_pad` frames this is exactly the reference.
+//! * attention window when a neighbour holds fewer than `attn_pad` frames (reference: crash): the
+//!   neighbour's whole clip, completed with zero keys/values on the outer side (as at the video's
+//!   ends), so the band keeps its 2p+1 width. Identical to the reference when n >= `attn_pad`.
+//! * clips may differ in length between ranks (the reference requires equal lengths): each rank
+//!   computes its global-token stride from its own n.
+
+use serde_json::Value;
+use vi_runtime::comm::Communicator;
+use vi_runtime::ops::{self, DualScopeParams};
+use vi_runtime::Tensor;
+
+use crate::params::{ModelError, Result};
+use crate::temporal::{TemporalContext, TemporalConvLayer};
+
+/// Logit biases of one phase of the dual-scope attention (reference `local_phase` /
+/// `global_phase`: `{t, local_biase, global_biase}`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PhaseBias {
+    /// Threshold timestep: the local phase applies when t < `t`, the global phase when t >= `t`.
+    pub t: i64,
+    /// Added to the logits of the local window columns.
+    pub local_bias: f32,
+    /// Added to the logits of the global columns.
+    pub global_bias: f32,
+}
+
+/// The Video-Infinity plugin configuration (reference `plugin_configs`), plus our exact-seam option.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViConfig {
+    /// Frames of halo on each side of a temporal conv layer (reference `conv_layer.padding`, 4).
+    pub conv_pad: usize,
+    /// Neighbour frames on each side of the local attention window (reference `attn.padding`).
+    pub attn_pad: usize,
+    /// Number of global key/value frames kept (reference `attn.top_k`).
+    pub top_k: usize,
+    /// Applied when t < local_phase.t (if `dynamic_scale`).
+    pub local_phase: Option<PhaseBias>,
+    /// Applied when t >= global_phase.t (if `dynamic_scale`).
+    pub global_phase: Option<PhaseBias>,
+    /// Whether the phase biases are applied at all.
+    pub dynamic_scale: bool,
+    /// Multiplies the logit scale 1/sqrt(head_dim).
+    pub attn_scale: f32,
+    /// Scale the logits per row by ln(#visible keys)/ln(16).
+    pub token_num_scale: bool,
+    /// Exact-seam mode (see the module doc). Off in the reference.
+    pub exact_seam: bool,
+}
+
+impl Default for ViConfig {
+    /// The reference configuration (examples/config.json of Video-Infinity with the phase
+    /// thresholds of the golden cases): conv halo 4, attention halo 8, 16 global tokens, local
+    /// phase (t < 800) local +10, global phase (t >= 800) global +10.
+    fn default() -> Self {
+        ViConfig {
+            conv_pad: 4,
+            attn_pad: 8,
+            top_k: 16,
+            local_phase: Some(PhaseBias {
+                t: 800,
+                local_bias: 10.0,
+                global_bias: 0.0,
+            }),
+            global_phase: Some(PhaseBias {
+                t: 800,
+                local_bias: 0.0,
+                global_bias: 10.0,
+            }),
+            dynamic_scale: true,
+            attn_scale: 1.0,
+            token_num_scale: false,
+            exact_seam: false,
+        }
+    }
+}
+
+fn cfg_err(msg: impl Into<String>) -> ModelError {
+    ModelError::Config(format!("plugin_configs: {}", msg.into()))
+}
+
+fn as_usize(v: &Value, key: &str) -> Result<usize> {
+    v.as_u64()
+        .map(|x| x as usize)
+        .ok_or_else(|| cfg_err(format!("`{key}` must be a non-negative integer, got {v}")))
+}
+fn as_f32(v: &Value, key: &str) -> Result<f32> {
+    v.as_f64()
+        .map(|x| x as f32)
+        .ok_or_else(|| cfg_err(format!("`{key}` must be a number, got {v}")))
+}
+fn as_bool(v: &Value, key: &str) -> Result<bool> {
+    v.as_bool()
+        .ok_or_else(|| cfg_err(format!("`{key}` must be true or false, got {v}")))
+}
+fn as_object<'v>(v: &'v Value, key: &str) -> Result<&'v serde_json::Map<String, Value>> {
+    v.as_object()
+        .ok_or_else(|| cfg_err(format!("`{key}` must be an object, got {v}")))
+}
+
+fn parse_phase(v: &Value, key: &str) -> Result<Option<PhaseBias>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let o = as_object(v, key)?;
+    let mut p = PhaseBias {
+        t: 0,
+        local_bias: 0.0,
+        global_bias: 0.0,
+    };
+    let mut has_t = false;
+    for (k, x) in o {
+        match k.as_str() {
+            "t" => {
+                p.t = x
+                    .as_i64()
+                    .ok_or_else(|| cfg_err(format!("`{key}.t` must be an integer, got {x}")))?;
+                has_t = true;
+            }
+            "local_biase" => p.local_bias = as_f32(x, &format!("{key}.local_biase"))?,
+            "global_biase" => p.global_bias = as_f32(x, &format!("{key}.global_biase"))?,
+            other => return Err(cfg_err(format!("unknown key `{key}.{other}`"))),
+        }
+    }
+    if !has_t {
+        return Err(cfg_err(format!("`{key}` needs a threshold `t`")));
+    }
+    Ok(Some(p))
+}
+
+impl ViConfig {
+    /// Parse the reference `plugin_configs` object, e.g.
+    /// `{"attn": {"padding": 4, "top_k": 6, "attn_scale": 1.0, "token_num_scale": false,
+    ///   "dynamic_scale": true, "local_phase": {"t": 800, "local_biase": 10, "global_biase": 0},
+    ///   "global_phase": {...}}, "conv_layer": {}}`.
+    /// Missing keys keep the [`Default`] (reference) values. Keys the reference accepts but never
+    /// uses (`attn.top_k_chunk_size`, the unmounted `conv_3d` / `group_norm` plugins) are
+    /// ignored; unknown keys are an error. Our extension: top-level `"exact_seam": bool`.
+    pub fn from_plugin_configs(v: &Value) -> Result<ViConfig> {
+        let mut cfg = ViConfig::default();
+        let top = as_object(v, "plugin_configs")?;
+        for (kind, body) in top {
+            match kind.as_str() {
+                "attn" => {
+                    for (k, x) in as_object(body, "attn")? {
+                        match k.as_str() {
+                            "padding" => cfg.attn_pad = as_usize(x, "attn.padding")?,
+                            "top_k" => cfg.top_k = as_usize(x, "attn.top_k")?,
+                            "attn_scale" => cfg.attn_scale = as_f32(x, "attn.attn_scale")?,
+                            "token_num_scale" => {
+                                cfg.token_num_scale = as_bool(x, "attn.token_num_scale")?
+                            }
+                            "dynamic_scale" => {
+                                cfg.dynamic_scale = as_bool(x, "attn.dynamic_scale")?
+                            }
+                            "local_phase" => cfg.local_phase = parse_phase(x, "attn.local_phase")?,
+                            "global_phase" => {
+                                cfg.global_phase = parse_phase(x, "attn.global_phase")?
+                            }
+                            "top_k_chunk_size" => {}
+                            "dynamic_attn_tokens" => {
+                                if as_bool(x, "attn.dynamic_attn_tokens")? {
+                                    return Err(cfg_err(
+                                        "`attn.dynamic_attn_tokens: true` is not supported",
+                                    ));
+                                }
+                            }
+                            other => return Err(cfg_err(format!("unknown key `attn.{other}`"))),
+                        }
+                    }
+                }
+                "conv_layer" => {
+                    for (k, x) in as_object(body, "conv_layer")? {
+                        match k.as_str() {
+                            "padding" => cfg.conv_pad = as_usize(x, "conv_layer.padding")?,
+                            other => {
+                                return Err(cfg_err(format!("unknown key `conv_layer.{other}`")))
+                            }
+                        }
+                    }
+                }
+                "conv_3d" | "group_norm" => {}
+                "exact_seam" => cfg.exact_seam = as_bool(body, "exact_seam")?,
+                other => return Err(cfg_err(format!("unknown plugin kind `{other}`"))),
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parse `plugin_configs` from JSON text.
+    pub fn from_json_str(s: &str) -> Result<ViConfig> {
+        let v: Value =
+            serde_json::from_str(s).map_err(|e| cfg_err(format!("invalid JSON: {e}")))?;
+        Self::from_plugin_configs(&v)
+    }
+
+    /// (local bias, global bias) of the attention logits at timestep `t`: with `dynamic_scale`,
+    /// the local phase's biases are added when t < local_phase.t and the global phase's when
+    /// t >= global_phase.t (both, or neither, if the thresholds differ); none otherwise.
+    /// (The reference's +1 base on every unmasked logit is softmax-invariant and omitted.)
+    pub fn phase_biases(&self, t: i64) -> (f32, f32) {
+        let (mut local, mut global) = (0.0f32, 0.0f32);
+        if !self.dynamic_scale {
+            return (local, global);
+        }
+        // The reference applies the phases only when both are configured.
+        if let (Some(lp), Some(gp)) = (&self.local_phase, &self.global_phase) {
+            if t < lp.t {
+                local += lp.local_bias;
+                global += lp.global_bias;
+            }
+            if t >= gp.t {
+                local += gp.local_bias;
+                global += gp.global_bias;
+            }
+        }
+        (local, global)
+    }
+}
+
+/// Indices of the frames a rank of `n` frames contributes as global tokens: 0, stride, 2*stride..
+/// with share = top_k / W, stride = max(n / share, 1) (share > 0) or only frame 0 (share = 0).
+pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> {
+    let share = top_k / world;
+    let stride = if share > 0 {
+        (n / share).max(1)
+    } else {
+        n.max(1)
+    };
+    (0..n).step_by(stride).collect()
+}
+
+/// The [`TemporalContext`] of one rank: its clip plus the exchanges with the other ranks.
+/// One context per UNet call (it carries the call's timestep, which selects the attention phase).
+pub struct ClipParallelContext<'a> {
+    comm: &'a dyn Communicator,
+    cfg: ViConfig,
+    timestep: i64,
+}
+
+impl<'a> ClipParallelContext<'a> {
+    pub fn new(comm: &'a dyn Communicator, cfg: &ViConfig, timestep: i64) -> Self {
+        ClipParallelContext {
+            comm,
+            cfg: cfg.clone(),
+            timestep,
+        }
+    }
+
+    pub fn config(&self) -> &ViConfig {
+        &self.cfg
+    }
+
+    /// Halo exchange along axis 1 of x [A, n, ...]: sends the first min(p, n) frames left and the
+    /// last min(p, n) right; returns what the neighbours sent (None at the video's ends or p = 0).
+    fn halo(&self, x: &Tensor, p: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.dim(1);
+        let m = p.min(n);
+        if m == 0 {
+            return Ok((None, None));
+        }
+        let (r, w) = (self.comm.rank(), self.comm.world_size());
+        let to_left = if r > 0 {
+            Some(ops::narrow(x, 1, 0, m)?)
+        } else {
+            None
+        };
+        let to_right = if r + 1 < w {
+            Some(ops::narrow(x, 1, n - m, m)?)
+        } else {
+            None
+        };
+        Ok(self
+            .comm
+            .exchange_neighbors(to_left.as_ref(), to_right.as_ref())?)
+    }
+
+    /// Zeros shaped like `like` with `frames` along axis 1.
+    fn zero_frames(like: &Tensor, frames: usize) -> Result<Tensor> {
+        let mut shape = like.shape().to_vec();
+        shape[1] = frames;
+        Ok(Tensor::zeros(&shape, like.device(), like.dtype())?)
+    }
+
+    /// GroupNorm of x [N, S, C] (+ SiLU) with statistics over every rank's x (Chan's parallel
+    /// combination of (count, mean, M2) in rank order, weighted by counts: exact for unequal clips).
+    pub fn global_group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
+        let all = self.comm.all_gather(&local)?;
+        let (n, g) = (local.dim(0), local.dim(1));
+        let mut acc: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); n * g];
+        for (src, t) in all.iter().enumerate() {
+            if t.shape() != local.shape() {
+                return Err(ModelError::Msg(format!(
+                    "exact-seam GroupNorm: rank {src} has statistics {:?}, this rank {:?} \
+                     (batch, channels and groups must agree)",
+                    t.shape(),
+                    local.shape()
+                )));
+            }
+            let v = t.to_vec_f32()?;
+            for (i, a) in acc.iter_mut().enumerate() {
+                let (cb, mb, m2b) = (v[3 * i] as f64, v[3 * i + 1] as f64, v[3 * i + 2] as f64);
+                let (ca, ma, m2a) = *a;
+                let c = ca + cb;
+                if c == 0.0 {
+                    continue;
+                }
+                let d = mb - ma;
+                *a = (c, ma + d * cb / c, m2a + m2b + d * d * ca * cb / c);
+            }
+        }
+        let mut stats = Vec::with_capacity(n * g * 2);
+        for &(c, m, m2) in &acc {
+            stats.push(m as f32);
+            stats.push(if c > 0.0 { (m2 / c) as f32 } else { 0.0 });
+        }
+        let stats = Tensor::from_slice_on(&stats, &[n, g, 2], x.device(), x.dtype())?;
+        Ok(ops::group_norm_apply(x, &stats, gamma, beta, eps, silu)?)
+    }
+
+    /// Reference ConvLayerPlugin: halo of P frames of the input, body on the padded window.
+    fn conv_layer_reference(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(1);
+        let p = self.cfg.conv_pad;
+        if p == 0 {
+            return Ok(ops::add(x, &layer.body(x)?)?);
+        }
+        let (l, r) = self.halo(x, p)?;
+        let left = match l {
+            Some(t) => t,
+            None => Self::zero_frames(x, p)?,
+        };
+        let right = match r {
+            Some(t) => t,
+            None => Self::zero_frames(x, p)?,
+        };
+        let window = ops::concat(&[&left, x, &right], 1)?;
+        let h = layer.body(&window)?;
+        let centre = ops::narrow(&h, 1, left.dim(1), n)?;
+        Ok(ops::add(x, &centre)?)
+    }
+
+    /// Exact-seam temporal conv layer: per block, GroupNorm with whole-video statistics + SiLU,
+    /// then the Conv3d on [1 halo frame | clip | 1 halo frame] (zero frames at the video's ends =
+    /// the Conv3d's own zero padding); = the whole-video layer restricted to this clip.
+    fn conv_layer_exact(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
+        let (b, f, s, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        let mut h = x.clone();
+        for i in 0..layer.norms.len() {
+            let (gamma, beta) = &layer.norms[i];
+            let hn = self
+                .global_group_norm(
+                    &h.reshape(&[b, f * s, c])?,
+                    layer.groups,
+                    gamma,
+                    beta,
+                    layer.eps,
+                    true,
+                )?
+                .reshape(&[b, f, s, c])?;
+            let (l, r) = self.halo(&hn, 1)?;
+            let left = match l {
+                Some(t) => t,
+                None => Self::zero_frames(&hn, 1)?,
+            };
+            let right = match r {
+                Some(t) => t,
+                None => Self::zero_frames(&hn, 1)?,
+            };
+            let window = ops::concat(&[&left, &hn, &right], 1)?;
+            let (w, bias) = &layer.convs[i];
+            let y = ops::temporal_conv(&window, w, Some(bias))?;
+            h = ops::narrow(&y, 1, 1, f)?;
+        }
+        Ok(ops::add(x, &h)?)
+    }
+
+    /// Local attention window of kv [A, n, H, D]: [p frames of rank-1 | kv | p frames of rank+1],
+    /// zero frames at the video's ends and where a neighbour has fewer than p frames (outer side).
+    fn local_window(&self, kv: &Tensor, p: usize) -> Result<Tensor> {
+        if p == 0 {
+            return Ok(kv.clone());
+        }
+        let (l, r) = self.halo(kv, p)?;
+        let left = match l {
+            Some(t) if t.dim(1) == p => t,
+            Some(t) => ops::concat(&[&Self::zero_frames(kv, p - t.dim(1))?, &t], 1)?,
+            None => Self::zero_frames(kv, p)?,
+        };
+        let right = match r {
+            Some(t) if t.dim(1) == p => t,
+            Some(t) => ops::concat(&[&t, &Self::zero_frames(kv, p - t.dim(1))?], 1)?,
+            None => Self::zero_frames(kv, p)?,
+        };
+        Ok(ops::concat(&[&left, kv, &right], 1)?)
+    }
+}
+
+impl TemporalContext for ClipParallelContext<'_> {
+    fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 4 {
+            return Err(ModelError::Msg(format!(
+                "clip-parallel conv layer: x must be [B, F, S, C], got {:?}",
+                x.shape()
+            )));
+        }
+        if self.cfg.exact_seam {
+            self.conv_layer_exact(layer, x)
+        } else {
+            self.conv_layer_reference(layer, x)
+        }
+    }
+
+    fn temporal_group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        if self.cfg.exact_seam {
+            self.global_group_norm(x, groups, gamma, beta, eps, false)
+        } else {
+            Ok(ops::group_norm(x, groups, gamma, beta, eps, false)?)
+        }
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        if q.rank() != 4 || k.shape() != q.shape() || v.shape() != q.shape() {
+            return Err(ModelError::Msg(format!(
+                "clip-parallel attention: q, k, v must be equal [b, n, H, D], got {:?} {:?} {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            )));
+        }
+        let (b, n) = (q.dim(0), q.dim(1));
+        let w = self.comm.world_size();
+        let top_k = self.cfg.top_k;
+
+        // Global tokens: this rank's k/v at frames 0, stride, ... ; all ranks' in rank order,
+        // first top_k kept. k and v travel together as [2b, g, H, D].
+        let kv = ops::concat(&[k, v], 0)?;
+        let idx = global_token_indices(n, top_k, w);
+        let mine = ops::index_select(&kv, 1, &idx)?;
+        let gathered = self.comm.all_gather(&mine)?;
+        let refs: Vec<&Tensor> = gathered.iter().collect();
+        let all = ops::concat(&refs, 1)?;
+        let g = top_k.min(all.dim(1));
+        let glob = ops::narrow(&all, 1, 0, g)?;
+        let k_glob = ops::narrow(&glob, 0, 0, b)?;
+        let v_glob = ops::narrow(&glob, 0, b, b)?;
+
+        // Local window.
+        let p = self.cfg.attn_pad;
+        let win = self.local_window(&kv, p)?;
+        let k_local = ops::narrow(&win, 0, 0, b)?;
+        let v_local = ops::narrow(&win, 0, b, b)?;
+
+        let (local_bias, global_bias) = self.cfg.phase_biases(self.timestep);
+        let params = DualScopeParams {
+            pad: p,
+            scale: scale * self.cfg.attn_scale,
+            local_bias,
+            global_bias,
+            token_num_scale: self.cfg.token_num_scale,
+        };
+        Ok(ops::dual_scope_attention(
+            q, &k_local, &v_local, &k_glob, &v_glob, &params,
+        )?)
+    }
+}
