@@ -61,7 +61,9 @@ fn run_case(file: &str, kind: SamplerKind) {
             .unwrap();
         check_close(&format!("{file} step {k} (restarted)"), &one, &want);
         // Along the whole trajectory.
-        x = sampler.step(&mut state, k, &eps, &x, noise.as_ref()).unwrap();
+        x = sampler
+            .step(&mut state, k, &eps, &x, noise.as_ref())
+            .unwrap();
         worst = worst.max(check_close(&format!("{file} step {k}"), &x, &want));
     }
     eprintln!("{file}: worst rel L2 over the trajectory {worst:.3e}");
@@ -69,7 +71,10 @@ fn run_case(file: &str, kind: SamplerKind) {
 
 #[test]
 fn dpm_solver_sde_matches_diffusers() {
-    run_case("scheduler_sde_dpmpp_30.safetensors", SamplerKind::DpmSolverSde);
+    run_case(
+        "scheduler_sde_dpmpp_30.safetensors",
+        SamplerKind::DpmSolverSde,
+    );
 }
 
 #[test]

@@ -102,10 +102,15 @@ impl Sampler {
                 (ts, Vec::new())
             }
             SamplerKind::DpmSolverSde | SamplerKind::DpmSolver2M => {
-                // linspace(0, n_train - 1, steps + 1).round()[::-1][:-1]
+                // np.linspace(0, n_train - 1, steps + 1).round()[::-1][:-1]; numpy's linspace is
+                // i * ((stop - start) / steps), which rounds e.g. 15 * 33.3 to 499.49999999999994.
                 let last = (n_train - 1) as f64;
+                let delta = last / steps as f64;
                 let ts: Vec<i64> = (0..=steps)
-                    .map(|i| (last * i as f64 / steps as f64).round_ties_even() as i64)
+                    .map(|i| {
+                        let v = if i == steps { last } else { i as f64 * delta };
+                        v.round_ties_even() as i64
+                    })
                     .rev()
                     .take(steps)
                     .collect();
