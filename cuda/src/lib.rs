@@ -1,9 +1,10 @@
 //! Embedded CUDA kernels of video-infinity.
 //!
-//! With the `cuda` feature the build script compiles every `kernels/*.cu` with nvcc into one cubin per
-//! supported architecture (sm_80, sm_86, sm_89, sm_90, plus sm_90a for files using Hopper-only
-//! instructions) and a PTX fallback (compute_80, JIT-compiled by the driver on newer GPUs), and embeds
-//! them here. Without the feature [`MODULES`] is empty and nothing needs CUDA.
+//! With the `cuda` feature the build script compiles every `kernels/*.cu` with nvcc into one fatbin
+//! per file holding native code for sm_80, sm_86, sm_89 and sm_90 plus `compute_80` PTX (JIT-compiled
+//! by the driver on GPUs newer than the listed architectures); files that use Hopper-only instructions
+//! (`wgmma`, `setmaxnreg`; marked by the line `// vi-kernels: sm_90a` in the source) also get an
+//! `sm_90a` cubin. Without the feature [`MODULES`] is empty and nothing needs CUDA.
 //!
 //! A module is one `.cu` file; its name is the file stem (`elementwise`, `layout`, `norm`, ...).
 
@@ -12,19 +13,17 @@
 pub struct Module {
     /// File stem of the `.cu` source.
     pub name: &'static str,
-    /// Native code per architecture.
-    pub cubins: &'static [Cubin],
-    /// NUL-terminated PTX text for `compute_80` (forward compatible through the driver JIT).
-    pub ptx: &'static [u8],
+    /// Fatbin: cubins for the generic architectures + PTX; the driver picks the best image.
+    pub fatbin: &'static [u8],
+    /// Arch-specific cubins (`sm_90a`), each runnable only on exactly its compute capability.
+    pub arch_specific: &'static [Cubin],
 }
 
 /// A cubin for one SM architecture.
 #[derive(Debug)]
 pub struct Cubin {
-    /// Compute capability as major * 10 + minor (80, 86, 89, 90).
+    /// Compute capability as major * 10 + minor (90 for sm_90a).
     pub sm: u32,
-    /// `sm_90a`-style arch-specific code: runs only on exactly this compute capability.
-    pub arch_specific: bool,
     pub data: &'static [u8],
 }
 
@@ -36,17 +35,14 @@ pub fn module(name: &str) -> Option<&'static Module> {
 }
 
 impl Module {
-    /// The best native code for a device of compute capability `major.minor`: the exact arch-specific
-    /// cubin, else the newest cubin of the same major with minor <= the device's (cubins are binary
-    /// compatible within a major version). `None`: use [`Module::ptx`].
-    pub fn cubin_for(&self, major: u32, minor: u32) -> Option<&'static Cubin> {
+    /// The image to load on a device of compute capability `major.minor`: its arch-specific cubin if
+    /// there is one, else the fatbin (from which the driver picks the native cubin or JITs the PTX).
+    pub fn image_for(&self, major: u32, minor: u32) -> &'static [u8] {
         let cc = major * 10 + minor;
-        if let Some(c) = self.cubins.iter().find(|c| c.arch_specific && c.sm == cc) {
-            return Some(c);
-        }
-        self.cubins
+        self.arch_specific
             .iter()
-            .filter(|c| !c.arch_specific && c.sm / 10 == major && c.sm <= cc)
-            .max_by_key(|c| c.sm)
+            .find(|c| c.sm == cc)
+            .map(|c| c.data)
+            .unwrap_or(self.fatbin)
     }
 }

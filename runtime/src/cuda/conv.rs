@@ -1,16 +1,204 @@
-//! Convolutions as GEMMs (being written).
-use super::cuda_err;
+//! Convolutions as cuBLASLt GEMMs on channels-last activations.
+//!
+//! Why channels-last ([N, H, W, C]): a 1x1 convolution, a Linear and every temporal-conv tap are then
+//! plain row-major GEMMs over pixel rows with no copy at all; a 3x3 convolution's im2col row for one
+//! output pixel is kh*kw contiguous runs of C channels (16-byte vector loads/stores); GroupNorm and
+//! attention read channels contiguously; and tensor-core GEMMs want K (= channels) innermost.
+//!
+//! * 1x1, stride 1, no padding: out[N*H*W, Cout] = x[N*H*W, Cin] · w[Cout, Cin]^T + bias.
+//! * kh x kw: im2col (`cuda/kernels/conv.cu`) to cols[N*Ho*Wo, kh*kw*Cin] with column order
+//!   (ky, kx, cin), then out = cols · w'^T + bias where w' is the weight re-laid ONCE to
+//!   [Cout, kh, kw, Cin] and cached per weight buffer. Chunked over images so the cols buffer stays
+//!   below `COLS_BUDGET` bytes.
+//! * temporal (kernel k over frames): out[b, f] = sum_t W_t · x[b, f + t - p] + bias: one GEMM per tap
+//!   on shifted row ranges of x and out (beta = 1 after the first), no copies; W is re-laid once to
+//!   [k, Cout, Cin] so each W_t is a contiguous [Cout, Cin] matrix.
+
+use cudarc::driver::PushKernelArg;
+
+use super::gemm::gemm_rows;
+use super::{cfg_1d, cuda_err, storage, CudaDevice};
 use crate::{Result, Tensor};
 
-pub(crate) fn conv2d(
-    _x: &Tensor,
-    _w: &Tensor,
-    _b: Option<&Tensor>,
-    _s: usize,
-    _p: usize,
-) -> Result<Tensor> {
-    Err(cuda_err("conv2d", "not implemented yet"))
+/// Largest im2col buffer per chunk (bytes).
+const COLS_BUDGET: usize = 1 << 30;
+
+/// `w` permuted by `perm`, computed once per weight buffer and cached on the device.
+fn relaid(dev: &CudaDevice, w: &Tensor, perm: &[usize], tag: &'static str) -> Result<Tensor> {
+    let key = (storage(w, "conv weight")?.ptr(), w.elem_count(), tag);
+    if let Some((_, r)) = dev.weight_cache.lock().unwrap().get(&key) {
+        return Ok(r.clone());
+    }
+    let r = super::layout::permute(w, perm)?;
+    dev.weight_cache
+        .lock()
+        .unwrap()
+        .insert(key, (w.clone(), r.clone()));
+    Ok(r)
 }
-pub(crate) fn temporal_conv(_x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> {
-    Err(cuda_err("temporal_conv", "not implemented yet"))
+
+/// Drop every cached weight re-layout of device `ordinal` (the source weights are kept alive by the
+/// cache; call this after dropping a model to release them).
+pub fn clear_weight_cache(ordinal: usize) -> Result<()> {
+    super::device(ordinal)?.weight_cache.lock().unwrap().clear();
+    Ok(())
+}
+
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let dt = x.dtype();
+    let (n, h, wd, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let ho = (h + 2 * pad - kh) / stride + 1;
+    let wo = (wd + 2 * pad - kw) / stride + 1;
+    let bias_ptr = bias.map(|b| storage(b, OP).map(|s| s.ptr())).transpose()?;
+    let out = dev.alloc(dt, n * ho * wo * cout)?;
+    let shape = [n, ho, wo, cout];
+    if out.is_empty() {
+        return Ok(out.into_tensor(&shape));
+    }
+    if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+        let sw = storage(w, OP)?;
+        gemm_rows(
+            &dev,
+            dt,
+            n * h * wd,
+            cout,
+            cin,
+            sx.ptr(),
+            cin,
+            sw.ptr(),
+            out.ptr(),
+            cout,
+            bias_ptr,
+            0.0,
+        )?;
+        return Ok(out.into_tensor(&shape));
+    }
+    let wr = relaid(&dev, w, &[0, 2, 3, 1], "conv2d")?;
+    let swr = storage(&wr, OP)?;
+    let kdim = kh * kw * cin;
+    let esz = dt.size_in_bytes();
+    let per_image = ho * wo * kdim * esz;
+    let chunk = (COLS_BUDGET / per_image.max(1)).clamp(1, n);
+    let cols = dev.alloc(dt, chunk * ho * wo * kdim)?;
+    // Widest vector unit dividing one pixel's channel run (buffers are 256-byte aligned).
+    let row_bytes = cin * esz;
+    let (unit, kname) = [
+        (16, "im2col_v16"),
+        (8, "im2col_v8"),
+        (4, "im2col_v4"),
+        (2, "im2col_v2"),
+    ]
+    .into_iter()
+    .find(|(u, _)| row_bytes % u == 0)
+    .unwrap_or((2, "im2col_v2"));
+    if row_bytes % unit != 0 {
+        return Err(cuda_err(OP, format!("channel row of {row_bytes} bytes")));
+    }
+    let f = dev.func("conv", kname)?;
+    let cu = (row_bytes / unit) as i64;
+    let mut n0 = 0;
+    while n0 < n {
+        let nc = chunk.min(n - n0);
+        let xp = sx.ptr_at(n0 * h * wd * cin);
+        let cp = cols.ptr();
+        let (nc64, h64, w64, ho64, wo64) = (nc as i64, h as i64, wd as i64, ho as i64, wo as i64);
+        let (kh32, kw32, s32, p32) = (kh as i32, kw as i32, stride as i32, pad as i32);
+        let units = nc * ho * wo * kh * kw * cu as usize;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&xp)
+            .arg(&cp)
+            .arg(&nc64)
+            .arg(&h64)
+            .arg(&w64)
+            .arg(&cu)
+            .arg(&ho64)
+            .arg(&wo64)
+            .arg(&kh32)
+            .arg(&kw32)
+            .arg(&s32)
+            .arg(&p32);
+        // SAFETY: reads images n0..n0+nc of x, writes nc*ho*wo*kdim elements of cols (allocated for
+        // `chunk` >= nc images).
+        unsafe { b.launch(cfg_1d(units, 256)) }.map_err(|e| cuda_err("launching im2col", e))?;
+        gemm_rows(
+            &dev,
+            dt,
+            nc * ho * wo,
+            cout,
+            kdim,
+            cp,
+            kdim,
+            swr.ptr(),
+            out.ptr_at(n0 * ho * wo * cout),
+            cout,
+            bias_ptr,
+            0.0,
+        )?;
+        n0 += nc;
+    }
+    drop(cols);
+    Ok(out.into_tensor(&shape))
+}
+
+pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "temporal_conv";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let dt = x.dtype();
+    let (b, f, s, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, k) = (w.dim(0), w.dim(2));
+    let p = (k - 1) / 2;
+    let bias_ptr = bias
+        .map(|t| storage(t, OP).map(|st| st.ptr()))
+        .transpose()?;
+    let out = dev.alloc(dt, b * f * s * cout)?;
+    let shape = [b, f, s, cout];
+    if out.is_empty() {
+        return Ok(out.into_tensor(&shape));
+    }
+    let wt = if k == 1 {
+        w.clone()
+    } else {
+        relaid(&dev, w, &[2, 0, 1], "temporal_conv")?
+    };
+    let swt = storage(&wt, OP)?;
+    // Centre tap first: it covers every output frame and writes (with the bias) what the other taps
+    // accumulate into.
+    let taps = std::iter::once(p).chain((0..k).filter(|&t| t != p));
+    for t in taps {
+        let shift = t as isize - p as isize;
+        let f0 = (-shift).max(0) as usize;
+        let f1 = (f as isize - shift).min(f as isize).max(0) as usize;
+        if f1 <= f0 {
+            continue;
+        }
+        for bi in 0..b {
+            let src_frame = (bi * f + f0) as isize + shift;
+            gemm_rows(
+                &dev,
+                dt,
+                (f1 - f0) * s,
+                cout,
+                cin,
+                sx.ptr_at(src_frame as usize * s * cin),
+                cin,
+                swt.ptr_at(t * cout * cin),
+                out.ptr_at((bi * f + f0) * s * cout),
+                cout,
+                if t == p { bias_ptr } else { None },
+                if t == p { 0.0 } else { 1.0 },
+            )?;
+        }
+    }
+    Ok(out.into_tensor(&shape))
 }

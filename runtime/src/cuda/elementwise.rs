@@ -1,23 +1,243 @@
-//! Elementwise launchers (being written).
-use super::{cuda_err, CudaStorage};
-use crate::ops::{BinaryOp, UnaryOp};
-use crate::{DType, Result, Tensor};
+//! Launchers of `cuda/kernels/elementwise.cu`: dtype conversion, unary, affine, clamp, GEGLU,
+//! broadcasting binary ops, fill and deterministic random fill. Storage f32 / bf16 / f16, math in f32.
 
-pub(crate) fn convert(_x: &CudaStorage, _d: DType) -> Result<CudaStorage> {
-    Err(cuda_err("convert", "not implemented yet"))
+use cudarc::driver::PushKernelArg;
+
+use super::{cfg_1d, cuda_err, dtype_suffix, storage, CudaStorage, Dims};
+use crate::ops::{BinaryOp, UnaryOp};
+use crate::{DType, Error, Result, Tensor};
+
+const MODULE: &str = "elementwise";
+const BLOCK: u32 = 256;
+
+fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| cuda_err(&format!("launching {k}"), e)
 }
-pub(crate) fn unary(_x: &Tensor, _op: UnaryOp) -> Result<Tensor> {
-    Err(cuda_err("unary", "not implemented yet"))
+
+/// Convert `x` to `dtype` (a fresh buffer; a plain copy when the dtype is unchanged).
+pub(crate) fn convert(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
+    let dev = x.dev().clone();
+    let n = x.len();
+    let out = dev.alloc(dtype, n)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let k = format!(
+        "convert_{}_{}",
+        dtype_suffix(x.dtype()),
+        dtype_suffix(dtype)
+    );
+    let f = dev.func(MODULE, &k)?;
+    let (xp, yp, n64) = (x.ptr(), out.ptr(), n as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&n64);
+    // SAFETY: x and out hold n elements of the kernel's source / destination types.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(out)
 }
-pub(crate) fn geglu(_x: &Tensor) -> Result<Tensor> {
-    Err(cuda_err("geglu", "not implemented yet"))
+
+/// Run an elementwise kernel `name_<dtype>(x, y, n, ints..., floats...)` producing a tensor shaped
+/// like x.
+fn map1(x: &Tensor, op: &'static str, name: &str, ints: &[i32], floats: &[f32]) -> Result<Tensor> {
+    let sx = storage(x, op)?;
+    let dev = sx.dev().clone();
+    let n = x.elem_count();
+    let out = dev.alloc(x.dtype(), n)?;
+    if n > 0 {
+        let k = format!("{name}_{}", dtype_suffix(x.dtype()));
+        let f = dev.func(MODULE, &k)?;
+        let (xp, yp, n64) = (sx.ptr(), out.ptr(), n as i64);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&n64);
+        for v in ints {
+            b.arg(v);
+        }
+        for v in floats {
+            b.arg(v);
+        }
+        // SAFETY: x and out hold n elements of x's dtype; extra args match the kernel signature.
+        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(x.shape()))
 }
-pub(crate) fn binary(_a: &Tensor, _b: &Tensor, _op: BinaryOp, _s: &[usize]) -> Result<Tensor> {
-    Err(cuda_err("binary", "not implemented yet"))
+
+pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    let code: i32 = match op {
+        UnaryOp::Silu => 0,
+        UnaryOp::Gelu => 1,
+        UnaryOp::Exp => 2,
+        UnaryOp::Sqrt => 3,
+        UnaryOp::Neg => 4,
+    };
+    map1(x, "unary", "unary", &[code], &[])
 }
-pub(crate) fn affine(_x: &Tensor, _m: f32, _a: f32) -> Result<Tensor> {
-    Err(cuda_err("affine", "not implemented yet"))
+
+pub(crate) fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+    map1(x, "affine", "affine", &[], &[mul, add])
 }
-pub(crate) fn clamp(_x: &Tensor, _l: f32, _h: f32) -> Result<Tensor> {
-    Err(cuda_err("clamp", "not implemented yet"))
+
+pub(crate) fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    map1(x, "clamp", "clamp", &[], &[lo, hi])
+}
+
+/// x [.., 2h] -> [.., h] = x[.., :h] * gelu(x[.., h:]).
+pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "geglu";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let h = x.dim(x.rank() - 1) / 2;
+    let rows = if h == 0 { 0 } else { x.elem_count() / (2 * h) };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = h;
+    let out = dev.alloc(x.dtype(), rows * h)?;
+    if rows * h > 0 {
+        let k = format!("geglu_{}", dtype_suffix(x.dtype()));
+        let f = dev.func(MODULE, &k)?;
+        let (xp, yp, r64, h64) = (sx.ptr(), out.ptr(), rows as i64, h as i64);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&r64).arg(&h64);
+        // SAFETY: x holds rows * 2h elements, out rows * h.
+        unsafe { b.launch(cfg_1d(rows * h, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(&shape))
+}
+
+/// Element strides of `shape` broadcast to `out` (right-aligned; 0 on broadcast dims).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
+    let r = out.len();
+    let mut strides = vec![0i64; r];
+    let mut s = 1i64;
+    for i in (0..shape.len()).rev() {
+        let o = i + r - shape.len();
+        strides[o] = if shape[i] == 1 { 0 } else { s };
+        s *= shape[i] as i64;
+    }
+    strides
+}
+
+/// Merge adjacent output dims whose strides are contiguous in every operand (or broadcast in both
+/// places), dropping size-1 dims, so most broadcasts reduce to rank 1 or 2.
+pub(crate) fn coalesce(shape: &[usize], strides: &[Vec<i64>]) -> (Vec<i64>, Vec<Vec<i64>>) {
+    let mut dims: Vec<i64> = Vec::new();
+    let mut st: Vec<Vec<i64>> = vec![Vec::new(); strides.len()];
+    for (d, &size) in shape.iter().enumerate() {
+        if size == 1 {
+            continue;
+        }
+        let mergeable = !dims.is_empty()
+            && strides.iter().enumerate().all(|(j, s)| {
+                let prev = *st[j].last().unwrap();
+                prev == s[d] * size as i64
+            });
+        if mergeable {
+            *dims.last_mut().unwrap() *= size as i64;
+            for (j, s) in strides.iter().enumerate() {
+                *st[j].last_mut().unwrap() = s[d];
+            }
+        } else {
+            dims.push(size as i64);
+            for (j, s) in strides.iter().enumerate() {
+                st[j].push(s[d]);
+            }
+        }
+    }
+    if dims.is_empty() {
+        dims.push(1);
+        for s in st.iter_mut() {
+            s.push(0);
+        }
+    }
+    (dims, st)
+}
+
+pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+    const OP: &str = "binary";
+    let (sa, sb) = (storage(a, OP)?, storage(b, OP)?);
+    let dev = sa.dev().clone();
+    let n: usize = out_shape.iter().product();
+    let out = dev.alloc(a.dtype(), n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(out_shape));
+    }
+    let code: i32 = match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        BinaryOp::Div => 3,
+    };
+    let sfx = dtype_suffix(a.dtype());
+    let (ap, bp, yp, n64) = (sa.ptr(), sb.ptr(), out.ptr(), n as i64);
+    if a.shape() == out_shape && b.shape() == out_shape {
+        let k = format!("binary_same_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap).arg(&bp).arg(&yp).arg(&n64).arg(&code);
+        // SAFETY: a, b and out hold n elements.
+        unsafe { l.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    } else {
+        let strides = [
+            broadcast_strides(a.shape(), out_shape),
+            broadcast_strides(b.shape(), out_shape),
+        ];
+        let (dims, st) = coalesce(out_shape, &strides);
+        let rank = dims.len() as i32;
+        let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
+        let k = format!("binary_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap)
+            .arg(&bp)
+            .arg(&yp)
+            .arg(&n64)
+            .arg(&code)
+            .arg(&rank)
+            .arg(&shape_d)
+            .arg(&sa_d)
+            .arg(&sb_d);
+        // SAFETY: the strides address only elements inside a and b (broadcast shapes validated by
+        // ops::binary); out holds n elements.
+        unsafe { l.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(out_shape))
+}
+
+/// A fresh tensor of `shape` filled with `value`.
+pub fn full(ordinal: usize, shape: &[usize], dtype: DType, value: f32) -> Result<Tensor> {
+    let dev = super::device(ordinal)?;
+    let n: usize = shape.iter().product();
+    let out = dev.alloc(dtype, n)?;
+    if n > 0 {
+        let k = format!("fill_{}", dtype_suffix(dtype));
+        let f = dev.func(MODULE, &k)?;
+        let (yp, n64) = (out.ptr(), n as i64);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&yp).arg(&n64).arg(&value);
+        // SAFETY: out holds n elements.
+        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(shape))
+}
+
+/// A fresh tensor of `shape` with N(0, std^2) values generated on the device from (seed, index):
+/// deterministic, no host transfer (benchmark weights).
+pub fn random_normal(
+    ordinal: usize,
+    shape: &[usize],
+    dtype: DType,
+    seed: u64,
+    std: f32,
+) -> Result<Tensor> {
+    let dev = super::device(ordinal)?;
+    let n: usize = shape.iter().product();
+    let out = dev.alloc(dtype, n)?;
+    if n > 0 {
+        let k = format!("random_normal_{}", dtype_suffix(dtype));
+        let f = dev.func(MODULE, &k)?;
+        let (yp, n64) = (out.ptr(), n as i64);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&yp).arg(&n64).arg(&seed).arg(&std);
+        // SAFETY: out holds n elements.
+        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(shape))
 }

@@ -1,19 +1,223 @@
-//! Layout launchers (being written).
-use super::cuda_err;
-use crate::{Result, Tensor};
+//! Launchers of `cuda/kernels/layout.cu`: permute, concat, index_select / narrow, nearest 2x
+//! upsampling, embedding. The kernels only move bytes, so they are selected by element size
+//! (`_b2` for bf16/f16, `_b4` for f32).
 
-pub(crate) fn concat(_xs: &[&Tensor], _axis: usize) -> Result<Tensor> {
-    Err(cuda_err("concat", "not implemented yet"))
+use cudarc::driver::PushKernelArg;
+
+use super::elementwise::coalesce;
+use super::{cfg_1d, cuda_err, storage, CudaDevice, Dims};
+use crate::{DType, Error, Result, Tensor};
+
+const MODULE: &str = "layout";
+const BLOCK: u32 = 256;
+
+fn sfx(d: DType) -> &'static str {
+    match d.size_in_bytes() {
+        2 => "b2",
+        _ => "b4",
+    }
 }
-pub(crate) fn index_select(_x: &Tensor, _axis: usize, _i: &[usize]) -> Result<Tensor> {
-    Err(cuda_err("index_select", "not implemented yet"))
+
+fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| cuda_err(&format!("launching {k}"), e)
 }
-pub(crate) fn permute(_x: &Tensor, _p: &[usize]) -> Result<Tensor> {
-    Err(cuda_err("permute", "not implemented yet"))
+
+/// y[r * ldy + c] = x[r * ldx + c] for r < rows, c < cols (addresses in bytes, sizes in elements).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy2d(
+    dev: &CudaDevice,
+    dtype: DType,
+    x: u64,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    ldx: usize,
+    ldy: usize,
+) -> Result<()> {
+    let n = rows * cols;
+    if n == 0 {
+        return Ok(());
+    }
+    let k = format!("copy2d_{}", sfx(dtype));
+    let f = dev.func(MODULE, &k)?;
+    let (r, c, lx, ly) = (rows as i64, cols as i64, ldx as i64, ldy as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x).arg(&y).arg(&r).arg(&c).arg(&lx).arg(&ly);
+    // SAFETY: the callers guarantee both 2-D regions lie inside their buffers.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(())
 }
-pub(crate) fn upsample_nearest2x(_x: &Tensor) -> Result<Tensor> {
-    Err(cuda_err("upsample", "not implemented yet"))
+
+pub(crate) fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+    const OP: &str = "concat";
+    let first = xs[0];
+    let dev = storage(first, OP)?.dev().clone();
+    let outer: usize = first.shape()[..axis].iter().product();
+    let inner: usize = first.shape()[axis + 1..].iter().product();
+    let total: usize = xs.iter().map(|t| t.dim(axis)).sum();
+    let mut shape = first.shape().to_vec();
+    shape[axis] = total;
+    let out = dev.alloc(first.dtype(), outer * total * inner)?;
+    let mut offset = 0;
+    for t in xs {
+        let s = storage(t, OP)?;
+        let cols = t.dim(axis) * inner;
+        copy2d(
+            &dev,
+            t.dtype(),
+            s.ptr(),
+            out.ptr_at(offset),
+            outer,
+            cols,
+            cols,
+            total * inner,
+        )?;
+        offset += cols;
+    }
+    Ok(out.into_tensor(&shape))
 }
-pub(crate) fn embedding(_ids: &[u32], _t: &Tensor) -> Result<Tensor> {
-    Err(cuda_err("embedding", "not implemented yet"))
+
+pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+    const OP: &str = "index_select";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let outer: usize = x.shape()[..axis].iter().product();
+    let inner: usize = x.shape()[axis + 1..].iter().product();
+    let len = indices.len();
+    let mut shape = x.shape().to_vec();
+    shape[axis] = len;
+    let out = dev.alloc(x.dtype(), outer * len * inner)?;
+    if outer * len * inner == 0 {
+        return Ok(out.into_tensor(&shape));
+    }
+    let contiguous = indices.windows(2).all(|w| w[1] == w[0] + 1);
+    if contiguous {
+        // narrow: one strided 2-D copy.
+        copy2d(
+            &dev,
+            x.dtype(),
+            sx.ptr_at(indices[0] * inner),
+            out.ptr(),
+            outer,
+            len * inner,
+            x.dim(axis) * inner,
+            len * inner,
+        )?;
+    } else {
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        gather(
+            &dev,
+            x.dtype(),
+            sx.ptr(),
+            out.ptr(),
+            &idx,
+            outer,
+            x.dim(axis),
+            inner,
+        )?;
+    }
+    Ok(out.into_tensor(&shape))
+}
+
+/// y[o, j, :] = x[o, idx[j], :] with x viewed as [outer, axis, inner].
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    dev: &CudaDevice,
+    dtype: DType,
+    x: u64,
+    y: u64,
+    idx: &[u32],
+    outer: usize,
+    axis: usize,
+    inner: usize,
+) -> Result<()> {
+    let n = outer * idx.len() * inner;
+    let ids = dev
+        .stream()
+        .clone_htod(idx)
+        .map_err(|e| cuda_err("uploading indices", e))?;
+    let ip = {
+        use cudarc::driver::DevicePtr;
+        ids.device_ptr(dev.stream()).0
+    };
+    let k = format!("index_select_{}", sfx(dtype));
+    let f = dev.func(MODULE, &k)?;
+    let (o, a, ni, inn) = (outer as i64, axis as i64, idx.len() as i64, inner as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x)
+        .arg(&y)
+        .arg(&ip)
+        .arg(&o)
+        .arg(&a)
+        .arg(&ni)
+        .arg(&inn);
+    // SAFETY: every index is < axis (validated by ops); y holds outer * n_idx * inner elements.
+    // `ids` is freed stream-ordered after the kernel.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    drop(ids);
+    Ok(())
+}
+
+pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    const OP: &str = "permute";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let rank = x.rank();
+    let mut in_strides = vec![1i64; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        in_strides[d] = in_strides[d + 1] * x.dim(d + 1) as i64;
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| x.dim(p)).collect();
+    let strides: Vec<i64> = perm.iter().map(|&p| in_strides[p]).collect();
+    let n = x.elem_count();
+    let out = dev.alloc(x.dtype(), n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(&shape));
+    }
+    let (dims, st) = coalesce(&shape, &[strides]);
+    if dims.len() == 1 && st[0][0] == 1 {
+        copy2d(&dev, x.dtype(), sx.ptr(), out.ptr(), 1, n, n, n)?;
+        return Ok(out.into_tensor(&shape));
+    }
+    let k = format!("permute_{}", sfx(x.dtype()));
+    let f = dev.func(MODULE, &k)?;
+    let (xp, yp, n64, r) = (sx.ptr(), out.ptr(), n as i64, dims.len() as i32);
+    let (dd, sd) = (Dims::new(&dims)?, Dims::new(&st[0])?);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&n64).arg(&r).arg(&dd).arg(&sd);
+    // SAFETY: the strides describe a permutation of x's own elements; out holds n elements.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(out.into_tensor(&shape))
+}
+
+pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest2x";
+    let sx = storage(x, OP)?;
+    let dev = sx.dev().clone();
+    let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let total = n * 4 * h * w * c;
+    let out = dev.alloc(x.dtype(), total)?;
+    if total > 0 {
+        let k = format!("upsample2x_{}", sfx(x.dtype()));
+        let f = dev.func(MODULE, &k)?;
+        let (xp, yp) = (sx.ptr(), out.ptr());
+        let (n64, h64, w64, c64) = (n as i64, h as i64, w as i64, c as i64);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&n64).arg(&h64).arg(&w64).arg(&c64);
+        // SAFETY: x holds n*h*w*c elements, out 4x that.
+        unsafe { b.launch(cfg_1d(total, BLOCK)) }.map_err(launch_err(&k))?;
+    }
+    Ok(out.into_tensor(&[n, 2 * h, 2 * w, c]))
+}
+
+pub(crate) fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    let st = storage(table, OP)?;
+    let dev = st.dev().clone();
+    let (v, c) = (table.dim(0), table.dim(1));
+    let out = dev.alloc(table.dtype(), ids.len() * c)?;
+    if !ids.is_empty() && c > 0 {
+        gather(&dev, table.dtype(), st.ptr(), out.ptr(), ids, 1, v, c)?;
+    }
+    Ok(out.into_tensor(&[ids.len(), c]))
 }

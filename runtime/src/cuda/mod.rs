@@ -31,6 +31,9 @@ pub(crate) mod layout;
 pub(crate) mod norm;
 pub mod profile;
 
+pub use conv::clear_weight_cache;
+pub use elementwise::{full, random_normal};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -102,8 +105,7 @@ pub struct CudaDevice {
     /// Weight re-layouts cached per source buffer address and length (conv weights to
     /// [Cout, kh, kw, Cin], temporal conv weights to [k, Cout, Cin]). The entry keeps the source tensor
     /// alive, so its address cannot be reused by another buffer while the entry exists.
-    #[allow(dead_code)]
-    pub(crate) weight_cache: Mutex<HashMap<(u64, usize), (Tensor, Arc<CudaStorage>)>>,
+    pub(crate) weight_cache: Mutex<HashMap<(u64, usize, &'static str), (Tensor, Tensor)>>,
     pub(crate) profiler: profile::Profiler,
 }
 
@@ -203,6 +205,9 @@ impl CudaDevice {
     }
     /// Wait for all queued work of this device.
     pub fn synchronize(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
         self.stream
             .synchronize()
             .map_err(|e| cuda_err("stream synchronize", e))
@@ -237,10 +242,7 @@ impl CudaDevice {
         if let Some(m) = mods.get(src.name) {
             return Ok(m.clone());
         }
-        let image = match src.cubin_for(self.cc.0, self.cc.1) {
-            Some(c) => c.data.to_vec(),
-            None => src.ptx.to_vec(),
-        };
+        let image = src.image_for(self.cc.0, self.cc.1).to_vec();
         let m = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
@@ -399,6 +401,7 @@ impl CudaStorage {
     pub(crate) fn dev(&self) -> &Arc<CudaDevice> {
         &self.dev
     }
+    #[allow(dead_code)]
     pub(crate) fn buf(&self) -> &CudaBuf {
         &self.buf
     }
@@ -470,6 +473,29 @@ pub(crate) fn dtype_suffix(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
+    }
+}
+
+/// Up to 8 dims or strides passed by value to a kernel (`struct Dims` in cuda/kernels/common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    d: [i64; 8],
+}
+
+// SAFETY: plain-old-data with exactly the layout of the C struct `Dims { int64_t d[8]; }`.
+unsafe impl cudarc::driver::DeviceRepr for Dims {}
+
+impl Dims {
+    pub(crate) fn new(v: &[i64]) -> Result<Dims> {
+        if v.len() > 8 {
+            return Err(Error::Cuda(format!(
+                "more than 8 dims after coalescing: {v:?}"
+            )));
+        }
+        let mut d = [0i64; 8];
+        d[..v.len()].copy_from_slice(v);
+        Ok(Dims { d })
     }
 }
 

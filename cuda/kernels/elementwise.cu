@@ -1,0 +1,121 @@
+// Elementwise kernels: dtype conversion, unary ops, affine, clamp, GEGLU, broadcasting binary ops,
+// fill and deterministic random fill. Storage f32 / bf16 / f16, compute f32. Memory bound: exact
+// math functions (erff, expf, sqrtf), no fast-math. Grid-stride loops; n may exceed 2^31.
+#include "common.cuh"
+
+// ---- conversion ---------------------------------------------------------------------------------
+#define CONVERT(SN, S, DN, D)                                                                    \
+    extern "C" __global__ void convert_##SN##_##DN(const S* __restrict__ x, D* __restrict__ y,  \
+                                                   int64_t n) {                                  \
+        GRID_STRIDE(i, n) { y[i] = from_f<D>(to_f(x[i])); }                                      \
+    }
+#define CONVERT_FROM(SN, S)                                                                      \
+    CONVERT(SN, S, f32, float) CONVERT(SN, S, bf16, bf16) CONVERT(SN, S, f16, f16)
+CONVERT_FROM(f32, float)
+CONVERT_FROM(bf16, bf16)
+CONVERT_FROM(f16, f16)
+
+// ---- unary ----------------------------------------------------------------------------------------
+// op codes mirror `UnaryOp` (runtime/src/cuda/elementwise.rs): 0 silu, 1 gelu (erf), 2 exp, 3 sqrt,
+// 4 neg.
+__device__ __forceinline__ float gelu_erf(float v) {
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+__device__ __forceinline__ float apply_unary(float v, int op) {
+    switch (op) {
+    case 0: return v / (1.0f + expf(-v));
+    case 1: return gelu_erf(v);
+    case 2: return expf(v);
+    case 3: return sqrtf(v);
+    default: return -v;
+    }
+}
+
+#define ELEMWISE(TN, T)                                                                          \
+    extern "C" __global__ void unary_##TN(const T* __restrict__ x, T* __restrict__ y, int64_t n, \
+                                          int op) {                                              \
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(apply_unary(to_f(x[i]), op)); }                     \
+    }                                                                                            \
+    extern "C" __global__ void affine_##TN(const T* __restrict__ x, T* __restrict__ y, int64_t n, \
+                                           float mul, float add) {                               \
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(fmaf(to_f(x[i]), mul, add)); }                      \
+    }                                                                                            \
+    extern "C" __global__ void clamp_##TN(const T* __restrict__ x, T* __restrict__ y, int64_t n, \
+                                          float lo, float hi) {                                  \
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(fminf(fmaxf(to_f(x[i]), lo), hi)); }                \
+    }                                                                                            \
+    /* x [rows, 2h] -> y [rows, h] = x[:, :h] * gelu(x[:, h:]) */                                \
+    extern "C" __global__ void geglu_##TN(const T* __restrict__ x, T* __restrict__ y,            \
+                                          int64_t rows, int64_t h) {                             \
+        GRID_STRIDE(i, rows * h) {                                                               \
+            int64_t r = i / h, j = i - r * h;                                                    \
+            float a = to_f(x[r * 2 * h + j]);                                                    \
+            float g = to_f(x[r * 2 * h + h + j]);                                                \
+            y[i] = from_f<T>(a * gelu_erf(g));                                                   \
+        }                                                                                        \
+    }                                                                                            \
+    /* Broadcasting binary op; op codes mirror `BinaryOp`: 0 add, 1 sub, 2 mul, 3 div.          \
+       out dims `shape` (rank <= 8, already coalesced), element strides of a and b per out dim   \
+       (0 on broadcast dims). */                                                                 \
+    extern "C" __global__ void binary_##TN(const T* __restrict__ a, const T* __restrict__ b,     \
+                                           T* __restrict__ y, int64_t n, int op, int rank,       \
+                                           Dims shape, Dims sa, Dims sb) {                       \
+        GRID_STRIDE(i, n) {                                                                      \
+            int64_t rem = i, ia = 0, ib = 0;                                                     \
+            for (int d = rank - 1; d >= 0; --d) {                                                \
+                int64_t c = rem % shape.d[d];                                                    \
+                rem /= shape.d[d];                                                               \
+                ia += c * sa.d[d];                                                               \
+                ib += c * sb.d[d];                                                               \
+            }                                                                                    \
+            float u = to_f(a[ia]), v = to_f(b[ib]), r;                                           \
+            switch (op) {                                                                        \
+            case 0: r = u + v; break;                                                            \
+            case 1: r = u - v; break;                                                            \
+            case 2: r = u * v; break;                                                            \
+            default: r = u / v; break;                                                           \
+            }                                                                                    \
+            y[i] = from_f<T>(r);                                                                 \
+        }                                                                                        \
+    }                                                                                            \
+    /* Same-shape fast path. */                                                                  \
+    extern "C" __global__ void binary_same_##TN(const T* __restrict__ a, const T* __restrict__ b, \
+                                                T* __restrict__ y, int64_t n, int op) {          \
+        GRID_STRIDE(i, n) {                                                                      \
+            float u = to_f(a[i]), v = to_f(b[i]), r;                                             \
+            switch (op) {                                                                        \
+            case 0: r = u + v; break;                                                            \
+            case 1: r = u - v; break;                                                            \
+            case 2: r = u * v; break;                                                            \
+            default: r = u / v; break;                                                           \
+            }                                                                                    \
+            y[i] = from_f<T>(r);                                                                 \
+        }                                                                                        \
+    }                                                                                            \
+    extern "C" __global__ void fill_##TN(T* __restrict__ y, int64_t n, float v) {               \
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(v); }                                               \
+    }                                                                                            \
+    /* Deterministic N(0, std^2) values from (seed, index) (splitmix64 + Box-Muller), for      \
+       benchmark weights generated on the device. */                                             \
+    extern "C" __global__ void random_normal_##TN(T* __restrict__ y, int64_t n, uint64_t seed,   \
+                                                  float std) {                                   \
+        GRID_STRIDE(i, n) { y[i] = from_f<T>(std * normal_hash(seed, (uint64_t)i)); }            \
+    }
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ float normal_hash(uint64_t seed, uint64_t i) {
+    uint64_t h = splitmix64(seed ^ splitmix64(i));
+    // Two 24-bit uniforms in (0, 1].
+    float u1 = ((float)(h >> 40) + 1.0f) * (1.0f / 16777216.0f);
+    float u2 = (float)((h >> 16) & 0xFFFFFF) * (1.0f / 16777216.0f);
+    return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+ELEMWISE(f32, float)
+ELEMWISE(bf16, bf16)
+ELEMWISE(f16, f16)
