@@ -528,6 +528,9 @@ fn dual_scope_attention_matches_reference() {
         (2, 6, 3, 11, 2, 3, false),
         (2, 8, 2, 16, 4, 6, true),
         (1, 4, 1, 5, 4, 1, false),
+        // n > 16: several query blocks, the last one partial.
+        (2, 37, 2, 8, 2, 3, true),
+        (1, 20, 1, 4, 4, 0, false),
     ];
     for (b, n, h, d, pad, g, tns) in cases {
         let nl = n + 2 * pad;

@@ -91,28 +91,15 @@ pub(crate) fn attention(
     out(o, &[b, sq, h, dv])
 }
 
-/// Dot product with 8 independent accumulators (vectorisable).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+/// Queries per dual-scope block: the block's local keys are the QBLOCK_DS + 2p rows it can see.
+const QBLOCK_DS: usize = 16;
 
 /// q [b, n, H, D]; k_local/v_local [b, n + 2p, H, D]; k_glob/v_glob [b, G, H, D] -> [b, n, H, D].
 /// Query i sees local rows i ..= i+2p (+local_bias) and all G global rows (+global_bias); logits use
-/// scale * ln(2p+1+G)/ln(16) with `token_num_scale`. Only the 2p+1+G visible logits are formed.
+/// scale * ln(2p+1+G)/ln(16) with `token_num_scale`; the softmax runs over those 2p+1+G logits only.
+/// Per (b, head, block of queries) the scores against the block's local window and the global rows
+/// come from GEMMs; columns outside each query's band are zeroed before the P·V GEMM (no dense mask
+/// over the whole sequence is ever formed).
 pub(crate) fn dual_scope_attention(
     q: &Tensor,
     k_local: &Tensor,
@@ -125,9 +112,8 @@ pub(crate) fn dual_scope_attention(
     let g = k_glob.dim(1);
     let win = 2 * p.pad + 1;
     let nl = n + 2 * p.pad;
-    let visible = win + g;
     let scale = if p.token_num_scale {
-        p.scale * ((visible as f32).ln() / 16f32.ln())
+        p.scale * (((win + g) as f32).ln() / 16f32.ln())
     } else {
         p.scale
     };
@@ -143,28 +129,64 @@ pub(crate) fn dual_scope_attention(
         return out(o, &[b, n, h, d]);
     }
     o.par_chunks_mut(n * row).enumerate().for_each(|(bi, ob)| {
-        let mut logits = vec![0f32; visible];
-        for i in 0..n {
+        let wl = QBLOCK_DS.min(n) + 2 * p.pad; // local rows seen by a full block
+        let mut sl = vec![0f32; QBLOCK_DS.min(n) * wl];
+        let mut sg = vec![0f32; QBLOCK_DS.min(n) * g];
+        let mut logits = vec![0f32; win + g];
+        for i0 in (0..n).step_by(QBLOCK_DS) {
+            let nb = QBLOCK_DS.min(n - i0);
+            let w = nb + 2 * p.pad; // local rows i0 .. i0 + w
+            let qs = &qd[(bi * n + i0) * row..];
+            let ob = &mut ob[i0 * row..];
             for hi in 0..h {
-                let qv = &qd[(bi * n + i) * row + hi * d..][..d];
-                let local = |t: usize| (bi * nl + i + t) * row + hi * d;
-                let glob = |j: usize| (bi * g + j) * row + hi * d;
-                for t in 0..win {
-                    logits[t] = dot(qv, &kl[local(t)..][..d]) * scale + p.local_bias;
+                let lq = Mat::rows(&qs[hi * d..], row);
+                let kls = &kl[(bi * nl + i0) * row + hi * d..];
+                let vls = &vl[(bi * nl + i0) * row + hi * d..];
+                sgemm(nb, w, d, &mut sl, w, lq, Mat::trans(kls, row), false, false);
+                if g > 0 {
+                    let kgs = &kg[bi * g * row + hi * d..];
+                    sgemm(nb, g, d, &mut sg, g, lq, Mat::trans(kgs, row), false, false);
                 }
-                for j in 0..g {
-                    logits[win + j] = dot(qv, &kg[glob(j)..][..d]) * scale + p.global_bias;
+                for r in 0..nb {
+                    // Query i0 + r sees local columns r ..= r + 2p of this block's window.
+                    let srow = &mut sl[r * w..(r + 1) * w];
+                    let grow = &mut sg[r * g..(r + 1) * g];
+                    for t in 0..win {
+                        logits[t] = srow[r + t] * scale + p.local_bias;
+                    }
+                    for j in 0..g {
+                        logits[win + j] = grow[j] * scale + p.global_bias;
+                    }
+                    softmax_row(&mut logits);
+                    srow.fill(0.0);
+                    srow[r..r + win].copy_from_slice(&logits[..win]);
+                    grow.copy_from_slice(&logits[win..]);
                 }
-                softmax_row(&mut logits);
-                let dst = &mut ob[i * row + hi * d..][..d];
-                dst.fill(0.0);
-                for t in 0..win {
-                    let (w, vr) = (logits[t], &vl[local(t)..][..d]);
-                    dst.iter_mut().zip(vr).for_each(|(o, &x)| *o += w * x);
-                }
-                for j in 0..g {
-                    let (w, vr) = (logits[win + j], &vg[glob(j)..][..d]);
-                    dst.iter_mut().zip(vr).for_each(|(o, &x)| *o += w * x);
+                let dst = &mut ob[hi * d..];
+                sgemm(
+                    nb,
+                    d,
+                    w,
+                    dst,
+                    row,
+                    Mat::rows(&sl, w),
+                    Mat::rows(vls, row),
+                    false,
+                    false,
+                );
+                if g > 0 {
+                    let vgs = &vg[bi * g * row + hi * d..];
+                    sgemm(
+                        nb,
+                        d,
+                        g,
+                        dst,
+                        row,
+                        Mat::rows(&sg, g),
+                        Mat::rows(vgs, row),
+                        true,
+                        false,
+                    );
                 }
             }
         }

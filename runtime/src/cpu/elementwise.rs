@@ -68,16 +68,6 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     out(o, &shape)
 }
 
-#[inline]
-fn apply_op(op: BinaryOp) -> fn(f32, f32) -> f32 {
-    match op {
-        BinaryOp::Add => |a, b| a + b,
-        BinaryOp::Sub => |a, b| a - b,
-        BinaryOp::Mul => |a, b| a * b,
-        BinaryOp::Div => |a, b| a / b,
-    }
-}
-
 /// Row-major strides of `shape` aligned to the rank of `out_shape`, 0 on broadcast dims.
 fn bcast_strides(shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
     let r = out_shape.len();
@@ -93,8 +83,22 @@ fn bcast_strides(shape: &[usize], out_shape: &[usize]) -> Vec<usize> {
 
 /// Elementwise a ∘ b with numpy broadcasting to `out_shape`.
 pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+    // One monomorphised kernel per op (no per-element indirect call).
+    match op {
+        BinaryOp::Add => binary_with(a, b, out_shape, |x, y| x + y),
+        BinaryOp::Sub => binary_with(a, b, out_shape, |x, y| x - y),
+        BinaryOp::Mul => binary_with(a, b, out_shape, |x, y| x * y),
+        BinaryOp::Div => binary_with(a, b, out_shape, |x, y| x / y),
+    }
+}
+
+fn binary_with(
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> Result<Tensor> {
     let (ad, bd) = (a.as_cpu_f32()?, b.as_cpu_f32()?);
-    let f = apply_op(op);
     let total: usize = out_shape.iter().product();
     let mut o = vec![0f32; total];
     if total == 0 {
