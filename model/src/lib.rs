@@ -8,5 +8,6 @@ pub mod distributed;
 pub mod params;
 pub mod sampler;
 pub mod temporal;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
