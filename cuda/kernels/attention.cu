@@ -2,17 +2,19 @@
 //   q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> o [B, Sq, H, Dv]
 //   logits = (q . k) * scale (+ bias[Sq, Sk]) (causal: key j > query i masked); softmax over keys.
 // Two kernels (launchers in runtime/src/cuda/attention.rs):
-//   attn_generic_<dt>_l<L>: any D, Dv <= 32*L, any dtype, fp32 math. One warp per (b, i, h).
-//   attn_flash_<dt>_d<D>:   bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
-//                           fp32 accumulation), online softmax, 64 queries x 64 keys per block step.
+//   attn_generic_<dt>_l4:   any D and Dv, any dtype, fp32 math. One warp per (b, i, h).
+//   attn_flash_<dt>_d<D>_w<W>: bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
+//                           fp32 accumulation), online softmax; W warps = 16*W queries per block,
+//                           64 keys per step (W = 8 for D <= 64, also W = 4 for comparison / D = 128).
 
 #include "vi_mma.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // Generic kernel. Warp w (global) -> h = w % H, i = (w / H) % Sq, b = w / (H * Sq).
 // Per tile of 32 keys: lane j computes logit s_j = sum_d (scale*q[d]) * k[j][d] (+ bias[i][j]);
-// online softmax over tiles; output phase: lane owns channels d = lane + 32*t (t < L) and
-// accumulates sum_j p_j v[j][d] (p_j broadcast by shuffle; v rows read coalesced).
+// online softmax over tiles; output phase: lane owns channels d = c0 + lane + 32*t (t < L) and
+// accumulates sum_j p_j v[j][d] (p_j broadcast by shuffle; v rows read coalesced); channel chunks
+// c0 = 0, 32L, ... each make one pass over the keys.
 // Grid ceil(B*Sq*H / 4); block 128 (4 warps); dynamic smem 4*D floats (the scaled q rows).
 // A row with every key masked (possible only through -inf bias) outputs 0, like the CPU softmax.
 // ---------------------------------------------------------------------------------------------------
@@ -37,67 +39,72 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
     const T* kb = k + (size_t)b * Sk * kstride + (size_t)h * D;
     const T* vb = v + (size_t)b * Sk * vstride + (size_t)h * Dv;
     const int kend = causal ? min(Sk, i + 1) : Sk;
-    float m = -VI_INF, l = 0.f;
-    float acc[L];
-#pragma unroll
-    for (int t = 0; t < L; ++t) acc[t] = 0.f;
-
-    for (int j0 = 0; j0 < kend; j0 += 32) {
-        const int j = j0 + lane;
-        float s = -VI_INF;
-        if (j < kend) {
-            const T* kr = kb + (size_t)j * kstride;
-            float dot = 0.f;
-            for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
-            s = dot;
-            if (bias) s += vi_to_f(bias[(size_t)i * Sk + j]);
-        }
-        const float mn = fmaxf(m, vi_warp_max(s));
-        if (mn == -VI_INF) continue;  // warp-uniform: every key so far masked
-        const float alpha = __expf(m - mn);  // m = -inf -> 0
-        const float p = __expf(s - mn);      // s = -inf -> 0
-        l = l * alpha + vi_warp_sum(p);
-#pragma unroll
-        for (int t = 0; t < L; ++t) acc[t] *= alpha;
-        const int nj = min(32, kend - j0);
-#pragma unroll 1
-        for (int jj = 0; jj < nj; ++jj) {
-            const float pj = __shfl_sync(0xffffffffu, p, jj);
-            const T* vr = vb + (size_t)(j0 + jj) * vstride;
-#pragma unroll
-            for (int t = 0; t < L; ++t) {
-                const int d = lane + 32 * t;
-                if (d < Dv) acc[t] = fmaf(pj, vi_to_f(vr[d]), acc[t]);
-            }
-        }
-        m = mn;
-    }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     T* orow = o + (((size_t)b * Sq + i) * H + h) * Dv;
+    // Output channels in chunks of 32*L (one pass over the keys per chunk; the logits are
+    // recomputed per chunk, which only matters for Dv > 32*L).
+    for (int c0 = 0; c0 < Dv; c0 += 32 * L) {
+        float m = -VI_INF, l = 0.f;
+        float acc[L];
 #pragma unroll
-    for (int t = 0; t < L; ++t) {
-        const int d = lane + 32 * t;
-        if (d < Dv) orow[d] = vi_from_f<T>(acc[t] * inv);
+        for (int t = 0; t < L; ++t) acc[t] = 0.f;
+        for (int j0 = 0; j0 < kend; j0 += 32) {
+            const int j = j0 + lane;
+            float s = -VI_INF;
+            if (j < kend) {
+                const T* kr = kb + (size_t)j * kstride;
+                float dot = 0.f;
+#pragma unroll 8
+                for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
+                s = dot;
+                if (bias) s += vi_to_f(bias[(size_t)i * Sk + j]);
+            }
+            const float mn = fmaxf(m, vi_warp_max(s));
+            if (mn == -VI_INF) continue;  // warp-uniform: every key so far masked
+            const float alpha = __expf(m - mn);  // m = -inf -> 0
+            const float p = __expf(s - mn);      // s = -inf -> 0
+            l = l * alpha + vi_warp_sum(p);
+#pragma unroll
+            for (int t = 0; t < L; ++t) acc[t] *= alpha;
+            const int nj = min(32, kend - j0);
+#pragma unroll 1
+            for (int jj = 0; jj < nj; ++jj) {
+                const float pj = __shfl_sync(0xffffffffu, p, jj);
+                const T* vr = vb + (size_t)(j0 + jj) * vstride + c0;
+#pragma unroll
+                for (int t = 0; t < L; ++t) {
+                    const int d = lane + 32 * t;
+                    if (c0 + d < Dv) acc[t] = fmaf(pj, vi_to_f(vr[d]), acc[t]);
+                }
+            }
+            m = mn;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int t = 0; t < L; ++t) {
+            const int d = c0 + lane + 32 * t;
+            if (d < Dv) orow[d] = vi_from_f<T>(acc[t] * inv);
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Flash kernel. Block (blockIdx.x = query tile of 64, blockIdx.y = h, blockIdx.z = b), 4 warps; warp w
-// owns queries q0 + 16w .. q0 + 16w + 15. Per step the block stages 64 keys of K and V in shared
+// Flash kernel. Block (blockIdx.x = query tile of BM = 16*WARPS, blockIdx.y = h, blockIdx.z = b),
+// WARPS warps; warp w owns queries q0 + 16w .. q0 + 16w + 15. Per step the block stages 64 keys of K and V in shared
 // memory (cp.async 16-byte chunks, zero-filled beyond Sk; double-buffered: the next tile is in flight
 // while the current one is consumed), each warp runs the tile engine (vi_mma.cuh).
 // Shared rows are padded to D + 8 elements (row pitch = 16 bytes mod 128) so the 8 row addresses of
 // every ldmatrix hit distinct banks.
 // Masks: key j >= Sk -> -inf (tail tile); causal: j > i -> -inf; bias added in the log2 domain.
 // Query rows >= Sq compute on zero q and are never stored (nor is their bias read).
-// Grid (ceil(Sq/64), H, B); block 128; dynamic smem (64 + 2*2*64) * (D+8) * sizeof(T).
+// Grid (ceil(Sq/BM), H, B); block 32*WARPS; dynamic smem (BM + 2*2*64) * (D+8) * sizeof(T)
+// (> 48 KB for WARPS = 8 or D = 128: the launcher opts in).
 // ---------------------------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 __device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const T* __restrict__ bias,
                            T* __restrict__ o, int Sq, int Sk, int H, float scale_log2,
                            int causal) {
-    constexpr int BM = 64, BN = 64, LD = D + 8, CH = D / 8;  // CH: 16-byte chunks per row
+    constexpr int BM = 16 * WARPS, BN = 64, LD = D + 8, CH = D / 8;  // CH: 16-byte chunks per row
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + BM * LD;  // [2][BN][LD]
@@ -171,23 +178,22 @@ __device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
         int D, int Dv, float scale, int causal) {                                               \
         attn_generic<T, L>(q, k, v, bias, o, B, Sq, Sk, H, D, Dv, scale, causal);               \
     }
-#define VI_ATTN_FLASH(T, NAME, D)                                                                \
-    extern "C" __global__ void __launch_bounds__(128) attn_flash_##NAME##_d##D(                \
+#define VI_ATTN_FLASH(T, NAME, D, W)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_flash_##NAME##_d##D##_w##W(       \
         const T* q, const T* k, const T* v, const T* bias, T* o, int Sq, int Sk, int H,         \
         float scale_log2, int causal) {                                                          \
-        attn_flash<T, D>(q, k, v, bias, o, Sq, Sk, H, scale_log2, causal);                       \
+        attn_flash<T, D, W>(q, k, v, bias, o, Sq, Sk, H, scale_log2, causal);                    \
     }
 
 VI_ATTN_GENERIC(float, f32, 4)
-VI_ATTN_GENERIC(float, f32, 16)
 VI_ATTN_GENERIC(__nv_bfloat16, bf16, 4)
-VI_ATTN_GENERIC(__nv_bfloat16, bf16, 16)
 VI_ATTN_GENERIC(__half, f16, 4)
-VI_ATTN_GENERIC(__half, f16, 16)
 
-VI_ATTN_FLASH(__nv_bfloat16, bf16, 32)
-VI_ATTN_FLASH(__nv_bfloat16, bf16, 64)
-VI_ATTN_FLASH(__nv_bfloat16, bf16, 128)
-VI_ATTN_FLASH(__half, f16, 32)
-VI_ATTN_FLASH(__half, f16, 64)
-VI_ATTN_FLASH(__half, f16, 128)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 32, 8)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 64, 8)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 64, 4)
+VI_ATTN_FLASH(__nv_bfloat16, bf16, 128, 4)
+VI_ATTN_FLASH(__half, f16, 32, 8)
+VI_ATTN_FLASH(__half, f16, 64, 8)
+VI_ATTN_FLASH(__half, f16, 64, 4)
+VI_ATTN_FLASH(__half, f16, 128, 4)

@@ -48,6 +48,7 @@ __device__ void dual_generic(const T* __restrict__ q, const T* __restrict__ kl,
             const T* kr = t < win ? kl + ((size_t)bi * nl + i + t) * rs + (size_t)h * D
                                   : kg + ((size_t)bi * G + (t - win)) * rs + (size_t)h * D;
             float dot = 0.f;
+#pragma unroll 8
             for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
             s = dot + (t < win ? local_bias : global_bias);
         }

@@ -33,6 +33,7 @@ __device__ void gn_partial(const T* __restrict__ x, float* __restrict__ part, in
         if (cv < nvec && r0 < r1) {
             const T* col = xn + (size_t)cv * VEC;
             shift = vi_to_f(col[(size_t)r0 * C]);
+#pragma unroll 4
             for (int r = r0 + ty; r < r1; r += bdy) {
                 VecT<T, VEC> v = vi_load<T, VEC>(col + (size_t)r * C);
 #pragma unroll
@@ -144,6 +145,7 @@ __device__ void gn_apply(const T* __restrict__ x, const TS* __restrict__ stats,
     const size_t nv = (size_t)S * C / VEC;
     const T* xn = x + (size_t)n * S * C;
     T* yn = y + (size_t)n * S * C;
+#pragma unroll 4
     for (size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x; v < nv;
          v += (size_t)gridDim.x * blockDim.x) {
         const size_t e = v * VEC;

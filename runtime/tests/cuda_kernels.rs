@@ -1,7 +1,8 @@
 //! The hand-written CUDA kernels (GroupNorm, LayerNorm, softmax, attention, dual-scope attention)
 //! against the CPU backend on random inputs, including tails (sizes not multiples of the tiles),
 //! odd channel counts, bias/causal attention, several head dims, every storage dtype, and both
-//! attention kernel families (tensor-core fast path and `VI_ATTN_KERNEL=simple`).
+//! attention kernel families (tensor-core fast path, its 4-warp variant `VI_ATTN_KERNEL=flash4`, and
+//! the simple kernels `VI_ATTN_KERNEL=simple`).
 //!
 //! Everything runs in ONE test function: the kernel choice is switched through the environment
 //! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs.
@@ -332,6 +333,8 @@ mod gpu {
         std::env::remove_var("VI_ATTN_KERNEL");
         attentions(&mut r, "auto");
         dual_scopes(&mut r, "auto");
+        std::env::set_var("VI_ATTN_KERNEL", "flash4");
+        attentions(&mut r, "flash4");
         std::env::set_var("VI_ATTN_KERNEL", "simple");
         attentions(&mut r, "simple");
         dual_scopes(&mut r, "simple");

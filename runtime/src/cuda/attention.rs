@@ -5,7 +5,8 @@
 //! * fast path: bf16/f16 storage, head_dim (= value dim) in {32, 64, 128}, 16-byte aligned buffers:
 //!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported) and `dual_mma_*`;
 //! * otherwise, or with the environment variable `VI_ATTN_KERNEL=simple`: the straightforward fp32
-//!   kernels `attn_generic_*` (any D, value dim <= 512) and `dual_generic_*` (D <= 128).
+//!   kernels `attn_generic_*` (any D and value dim) and `dual_generic_*` (D <= 128).
+//!   `VI_ATTN_KERNEL=flash4` selects the 4-warp flash variant (64 queries per block) for comparison.
 
 use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
 
@@ -17,9 +18,12 @@ use crate::{DType, Error, Result, Tensor};
 /// Which attention kernels a call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AttnKernel {
-    /// Tensor-core kernels where they apply, else the simple ones.
+    /// Tensor-core kernels where they apply (flash: 8 warps = 128 queries per block for D <= 64,
+    /// 4 warps for D = 128), else the simple ones.
     Auto,
-    /// Always the simple fp32 kernels (`VI_ATTN_KERNEL=simple`), for comparisons.
+    /// `VI_ATTN_KERNEL=flash4`: the flash kernel with 4 warps (64 queries per block) for every D.
+    Flash4,
+    /// `VI_ATTN_KERNEL=simple`: always the simple fp32 kernels, for comparisons.
     Simple,
 }
 
@@ -27,6 +31,7 @@ pub(crate) enum AttnKernel {
 pub(crate) fn kernel_choice() -> AttnKernel {
     match std::env::var("VI_ATTN_KERNEL") {
         Ok(v) if v.eq_ignore_ascii_case("simple") => AttnKernel::Simple,
+        Ok(v) if v.eq_ignore_ascii_case("flash4") => AttnKernel::Flash4,
         _ => AttnKernel::Auto,
     }
 }
@@ -73,7 +78,8 @@ pub(crate) fn attention(
         i32_arg(OP, "heads", h)?,
     );
     let aligned = [qp, kp, vp, op].iter().all(|p| p % 16 == 0);
-    let fast = kernel_choice() == AttnKernel::Auto
+    let choice = kernel_choice();
+    let fast = choice != AttnKernel::Simple
         && fast_dtype(dt)
         && d == dv
         && matches!(d, 32 | 64 | 128)
@@ -81,9 +87,16 @@ pub(crate) fn attention(
         && b <= 65535
         && h <= 65535;
     if fast {
-        let name = format!("attn_flash_{}_d{d}", dtype_suffix(dt));
+        let warps = if choice == AttnKernel::Flash4 || d == 128 {
+            4
+        } else {
+            8
+        };
+        let bm = 16 * warps;
+        let name = format!("attn_flash_{}_d{d}_w{warps}", dtype_suffix(dt));
         let f = dev.func("attention", &name)?;
-        let smem = (64 + 4 * 64) * (d + 8) * dt.size_in_bytes();
+        // Q tile + double-buffered 64-key K and V tiles, rows padded to d + 8 elements.
+        let smem = (bm + 4 * 64) * (d + 8) * dt.size_in_bytes();
         if smem > SMEM_DEFAULT {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -92,8 +105,8 @@ pub(crate) fn attention(
             .map_err(|e| super::cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
         }
         let cfg = LaunchConfig {
-            grid_dim: (sq.div_ceil(64) as u32, h as u32, b as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (sq.div_ceil(bm) as u32, h as u32, b as u32),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
@@ -110,17 +123,7 @@ pub(crate) fn attention(
                 .arg(&causal_i);
         })?;
     } else {
-        let l = match dv {
-            0..=128 => 4,
-            129..=512 => 16,
-            _ => {
-                return Err(Error::shape(
-                    OP,
-                    format!("value head dim {dv} > 512 is not supported by the CUDA kernels"),
-                ))
-            }
-        };
-        let name = format!("attn_generic_{}_l{l}", dtype_suffix(dt));
+        let name = format!("attn_generic_{}_l4", dtype_suffix(dt));
         let f = dev.func("attention", &name)?;
         let warps = b * sq * h;
         let blocks = warps.div_ceil(4);
@@ -206,7 +209,7 @@ pub(crate) fn dual_scope_attention(
     // Keys staged per warp (padded to 16): a 16-query tile sees min(16, n) + 2p local rows + G.
     let nkp = (n.min(16) + 2 * p.pad + g).div_ceil(16) * 16;
     let per_warp = (16 + 2 * nkp) * (d + 8) * dt.size_in_bytes();
-    let fast = kernel_choice() == AttnKernel::Auto
+    let fast = kernel_choice() != AttnKernel::Simple
         && fast_dtype(dt)
         && matches!(d, 32 | 64 | 128)
         && aligned
