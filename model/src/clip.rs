@@ -159,6 +159,14 @@ struct ClipLayer {
     fc2: Linear,
 }
 
+fn activate(act: ClipActivation, x: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        ClipActivation::Gelu => ops::gelu(x)?,
+        // x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
+        ClipActivation::QuickGelu => ops::scale(&ops::silu(&ops::scale(x, 1.702)?)?, 1.0 / 1.702)?,
+    })
+}
+
 /// transformers `CLIPTextModel` (text transformer only; no projection head).
 pub struct ClipTextModel {
     pub config: ClipTextConfig,
@@ -206,16 +214,6 @@ impl ClipTextModel {
         })
     }
 
-    fn activation(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.config.hidden_act {
-            ClipActivation::Gelu => ops::gelu(x)?,
-            // x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
-            ClipActivation::QuickGelu => {
-                ops::scale(&ops::silu(&ops::scale(x, 1.702)?)?, 1.0 / 1.702)?
-            }
-        })
-    }
-
     /// `last_hidden_state` [n_prompts, S, hidden] of `ids` (n_prompts rows of S token ids each,
     /// row-major; S = ids.len() / n_prompts, at most max_position_embeddings — 77 for the
     /// pipeline's padded prompts). On the device/dtype of the weights.
@@ -249,9 +247,65 @@ impl ClipTextModel {
             let a = ops::attention(&q, &k, &v, scale, None, true)?.reshape(&[n_prompts, s, c])?;
             x = ops::add(&x, &l.out.forward(&a)?)?;
             let hs = l.ln2.forward(&x)?;
-            let m = l.fc2.forward(&self.activation(&l.fc1.forward(&hs)?)?)?;
+            let m = l
+                .fc2
+                .forward(&activate(cfg.hidden_act, &l.fc1.forward(&hs)?)?)?;
             x = ops::add(&x, &m)?;
         }
         self.final_ln.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both activations against their scalar definitions.
+    #[test]
+    fn activations_match_definitions() {
+        let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.2).collect();
+        let t = Tensor::from_vec(xs.clone(), &[xs.len()]).unwrap();
+        let quick = activate(ClipActivation::QuickGelu, &t)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        let gelu = activate(ClipActivation::Gelu, &t)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        for (i, &x) in xs.iter().enumerate() {
+            let x64 = x as f64;
+            let q = x64 / (1.0 + (-1.702 * x64).exp());
+            assert!(
+                (quick[i] as f64 - q).abs() <= 1e-6 + 1e-6 * q.abs(),
+                "quick_gelu({x})"
+            );
+            // exact GELU with erf evaluated in f64
+            let g = 0.5 * x64 * (1.0 + erf(x64 / std::f64::consts::SQRT_2));
+            assert!(
+                (gelu[i] as f64 - g).abs() <= 1e-6 + 1e-6 * g.abs(),
+                "gelu({x})"
+            );
+        }
+    }
+
+    /// erf in f64: Taylor series for |x| <= 3, erfc's continued fraction beyond.
+    fn erf(x: f64) -> f64 {
+        if x.abs() > 3.0 {
+            // continued fraction for erfc(|x|), evaluated from the tail.
+            let a = x.abs();
+            let mut f = 0.0;
+            for k in (1..=60).rev() {
+                f = (k as f64 / 2.0) / (a + f);
+            }
+            let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f);
+            return x.signum() * (1.0 - erfc);
+        }
+        let (mut sum, mut term) = (x, x);
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
     }
 }
