@@ -1,0 +1,483 @@
+//! The CUDA backend's GEMM, convolution, elementwise, layout and conversion ops against the CPU
+//! backend on fresh random inputs, for f32 and bf16 storage (f16 for a few): shapes include tails,
+//! broadcasts, odd channel counts, strides and padding. The CPU reference gets the same dtype-rounded
+//! inputs, so the tolerances cover only the GPU's own rounding: rel L2 <= 1e-5 (f32; cuBLASLt runs
+//! with CUBLAS_COMPUTE_32F, no TF32), <= 1e-2 (bf16), 2e-3 (f16); data movement must be bit-exact.
+//! Every device allocation is poisoned (NaN-filled) first, so an element a kernel fails to write
+//! shows up as NaN and fails the check.
+//! (GroupNorm, LayerNorm, softmax and the attention kernels are tested in `cuda_kernels.rs`.)
+//!
+//! Without a GPU or driver each test prints `SKIPPED: no CUDA device` and passes; without the `cuda`
+//! feature the file checks that moving a tensor to a CUDA device is an error, not a panic.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_ops_skipped_without_feature() {
+    eprintln!("SKIPPED: built without the `cuda` feature");
+    let t = vi_runtime::Tensor::from_vec(vec![1.0], &[1]).unwrap();
+    assert!(t.to_device(vi_runtime::Device::Cuda(0)).is_err());
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use rand_distr::StandardNormal;
+    use vi_runtime::ops::{self, BinaryOp, UnaryOp};
+    use vi_runtime::{DType, Device, Tensor};
+
+    const DEV: Device = Device::Cuda(0);
+
+    /// True when a GPU is usable; otherwise prints the skip line. Turns allocation poisoning on.
+    fn have_gpu() -> bool {
+        if !vi_runtime::cuda::is_available() {
+            eprintln!("SKIPPED: no CUDA device");
+            return false;
+        }
+        vi_runtime::cuda::set_poison_allocations(true);
+        true
+    }
+
+    fn tol(dt: DType) -> f64 {
+        match dt {
+            DType::F32 => 1e-5,
+            DType::BF16 => 1e-2,
+            DType::F16 => 2e-3,
+        }
+    }
+
+    fn round(v: &[f32], dt: DType) -> Vec<f32> {
+        Tensor::from_vec(v.to_vec(), &[v.len()])
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap()
+    }
+
+    /// Random N(0, std^2) data of `shape`, rounded through `dt`: (CPU f32 tensor, GPU tensor).
+    fn pair(r: &mut StdRng, shape: &[usize], std: f32, dt: DType) -> (Tensor, Tensor) {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| std * r.sample::<f32, _>(StandardNormal))
+            .collect();
+        let v = round(&v, dt);
+        (
+            Tensor::from_vec(v.clone(), shape).unwrap(),
+            Tensor::from_slice_on(&v, shape, DEV, dt).unwrap(),
+        )
+    }
+
+    fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (&a, &b) in got.iter().zip(want) {
+            let d = a as f64 - b as f64;
+            num += d * d;
+            den += (b as f64) * (b as f64);
+        }
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    /// GPU result vs CPU reference: same shape, no NaN, rel L2 <= tol(dt).
+    fn check(what: &str, got: &Tensor, want: &Tensor, dt: DType) {
+        assert_eq!(got.shape(), want.shape(), "{what}: shape");
+        assert_eq!(got.device(), DEV, "{what}: device");
+        assert_eq!(got.dtype(), dt, "{what}: dtype");
+        let g = got.to_vec_f32().unwrap();
+        let w = want.to_vec_f32().unwrap();
+        let nan = g.iter().filter(|x| x.is_nan()).count();
+        assert_eq!(nan, 0, "{what} ({dt:?}): {nan} NaN elements (unwritten?)");
+        let e = rel_l2(&g, &w);
+        println!("{what} ({dt:?}): rel L2 {e:.3e}");
+        assert!(
+            e <= tol(dt),
+            "{what} ({dt:?}): rel L2 {e:.3e} > {:.1e}",
+            tol(dt)
+        );
+    }
+
+    /// Bit-exact comparison (data movement ops).
+    fn check_exact(what: &str, got: &Tensor, want: &Tensor) {
+        assert_eq!(got.shape(), want.shape(), "{what}: shape");
+        let g = got.to_vec_f32().unwrap();
+        let w = want.to_vec_f32().unwrap();
+        let bad = g
+            .iter()
+            .zip(&w)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(bad, 0, "{what}: {bad} of {} elements differ", g.len());
+    }
+
+    const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+    #[test]
+    fn matmul_and_linear() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(1);
+        for dt in DTYPES {
+            // (a shape, b shape, trans_b)
+            let cases: &[(&[usize], &[usize], bool)] = &[
+                (&[3, 17, 40], &[3, 40, 24], false),
+                (&[3, 17, 40], &[3, 24, 40], true),
+                (&[2, 5, 9, 33], &[33, 7], false), // b broadcast over the batch
+                (&[2, 5, 9, 33], &[7, 33], true),
+                (&[1, 128, 64], &[1, 64, 128], false),
+                (&[8, 64, 40], &[8, 77, 40], true), // attention-like scores
+            ];
+            for (i, &(sa, sb, tb)) in cases.iter().enumerate() {
+                let (ac, ag) = pair(&mut r, sa, 1.0, dt);
+                let (bc, bg) = pair(&mut r, sb, 1.0, dt);
+                let f = if tb { ops::matmul_t } else { ops::matmul };
+                check(
+                    &format!("matmul case {i} {sa:?}x{sb:?} t{tb}"),
+                    &f(&ag, &bg).unwrap(),
+                    &f(&ac, &bc).unwrap(),
+                    dt,
+                );
+            }
+            for &(rows, k, n, bias) in &[
+                (1usize, 320usize, 1280usize, true),
+                (77, 768, 320, false),
+                (300, 320, 320, true),
+                (33, 45, 17, true), // odd sizes: unaligned rows
+            ] {
+                let (xc, xg) = pair(&mut r, &[rows, k], 1.0, dt);
+                let (wc, wg) = pair(&mut r, &[n, k], 0.05, dt);
+                let (bc, bg) = pair(&mut r, &[n], 1.0, dt);
+                let (bc, bg) = if bias {
+                    (Some(bc), Some(bg))
+                } else {
+                    (None, None)
+                };
+                check(
+                    &format!("linear {rows}x{k} -> {n} bias {bias}"),
+                    &ops::linear(&xg, &wg, bg.as_ref()).unwrap(),
+                    &ops::linear(&xc, &wc, bc.as_ref()).unwrap(),
+                    dt,
+                );
+            }
+        }
+        // f16 storage through the same GEMM path.
+        let (xc, xg) = pair(&mut r, &[40, 64], 1.0, DType::F16);
+        let (wc, wg) = pair(&mut r, &[48, 64], 0.1, DType::F16);
+        check(
+            "linear f16",
+            &ops::linear(&xg, &wg, None).unwrap(),
+            &ops::linear(&xc, &wc, None).unwrap(),
+            DType::F16,
+        );
+    }
+
+    #[test]
+    fn conv2d() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(2);
+        for dt in DTYPES {
+            // (x [N, H, W, Cin], Cout, k, stride, pad, bias)
+            let cases: &[([usize; 4], usize, usize, usize, usize, bool)] = &[
+                ([2, 12, 16, 64], 96, 3, 1, 1, true), // 16-byte im2col units
+                ([3, 9, 7, 4], 32, 3, 1, 1, true),    // conv_in-like, C = 4
+                ([1, 8, 10, 3], 5, 3, 1, 1, false),   // C = 3: 2-byte units
+                ([2, 12, 16, 32], 32, 3, 2, 1, true), // downsample, stride 2
+                ([2, 11, 13, 40], 24, 1, 1, 0, true), // 1x1: plain GEMM
+                ([1, 6, 6, 8], 16, 3, 1, 0, true),    // no padding
+                ([2, 5, 5, 16], 8, 1, 2, 0, false),   // 1x1 stride 2: im2col path
+            ];
+            for &(xs, cout, k, stride, pad, bias) in cases {
+                let (xc, xg) = pair(&mut r, &xs, 1.0, dt);
+                let (wc, wg) = pair(&mut r, &[cout, xs[3], k, k], 0.1, dt);
+                let (bc, bg) = pair(&mut r, &[cout], 1.0, dt);
+                let (bc, bg) = if bias {
+                    (Some(bc), Some(bg))
+                } else {
+                    (None, None)
+                };
+                let what = format!("conv2d x{xs:?} cout {cout} k{k} s{stride} p{pad}");
+                let got = ops::conv2d(&xg, &wg, bg.as_ref(), stride, pad).unwrap();
+                check(
+                    &what,
+                    &got,
+                    &ops::conv2d(&xc, &wc, bc.as_ref(), stride, pad).unwrap(),
+                    dt,
+                );
+                // Second call hits the cached weight re-layout: same result.
+                let again = ops::conv2d(&xg, &wg, bg.as_ref(), stride, pad).unwrap();
+                check_exact(&format!("{what} (cached weight)"), &again, &got);
+            }
+        }
+    }
+
+    #[test]
+    fn temporal_conv() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(3);
+        for dt in DTYPES {
+            // (x [B, F, S, Cin], Cout, k, bias, conv3d weight layout)
+            let cases: &[([usize; 4], usize, usize, bool, bool)] = &[
+                ([2, 5, 12, 32], 48, 3, true, false),
+                ([1, 1, 7, 16], 16, 3, true, false), // one frame: only the centre tap
+                ([2, 2, 9, 24], 24, 3, false, true),
+                ([1, 8, 6, 16], 16, 5, true, false),
+                ([2, 3, 10, 8], 12, 1, true, false),
+            ];
+            for &(xs, cout, k, bias, conv3d) in cases {
+                let (xc, xg) = pair(&mut r, &xs, 1.0, dt);
+                let wshape: Vec<usize> = if conv3d {
+                    vec![cout, xs[3], k, 1, 1]
+                } else {
+                    vec![cout, xs[3], k]
+                };
+                let (wc, wg) = pair(&mut r, &wshape, 0.1, dt);
+                let (bc, bg) = pair(&mut r, &[cout], 1.0, dt);
+                let (bc, bg) = if bias {
+                    (Some(bc), Some(bg))
+                } else {
+                    (None, None)
+                };
+                check(
+                    &format!("temporal_conv x{xs:?} cout {cout} k{k}"),
+                    &ops::temporal_conv(&xg, &wg, bg.as_ref()).unwrap(),
+                    &ops::temporal_conv(&xc, &wc, bc.as_ref()).unwrap(),
+                    dt,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn elementwise() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(4);
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let shape = [3, 7, 33];
+            let (xc, xg) = pair(&mut r, &shape, 2.0, dt);
+            for op in [UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Exp, UnaryOp::Neg] {
+                check(
+                    &format!("unary {op:?}"),
+                    &ops::unary(&xg, op).unwrap(),
+                    &ops::unary(&xc, op).unwrap(),
+                    dt,
+                );
+            }
+            let pos_c = ops::affine(&ops::unary(&xc, UnaryOp::Exp).unwrap(), 1.0, 0.0).unwrap();
+            let pos_v = round(&pos_c.to_vec_f32().unwrap(), dt);
+            let pos_c = Tensor::from_vec(pos_v.clone(), &shape).unwrap();
+            let pos_g = Tensor::from_slice_on(&pos_v, &shape, DEV, dt).unwrap();
+            check(
+                "unary Sqrt",
+                &ops::unary(&pos_g, UnaryOp::Sqrt).unwrap(),
+                &ops::unary(&pos_c, UnaryOp::Sqrt).unwrap(),
+                dt,
+            );
+            check(
+                "affine",
+                &ops::affine(&xg, 0.5, -1.25).unwrap(),
+                &ops::affine(&xc, 0.5, -1.25).unwrap(),
+                dt,
+            );
+            check(
+                "clamp",
+                &ops::clamp(&xg, -1.0, 0.5).unwrap(),
+                &ops::clamp(&xc, -1.0, 0.5).unwrap(),
+                dt,
+            );
+            let (gc, gg) = pair(&mut r, &[2, 5, 2 * 40], 1.5, dt);
+            check(
+                "geglu",
+                &ops::geglu(&gg).unwrap(),
+                &ops::geglu(&gc).unwrap(),
+                dt,
+            );
+            // (a, b) shapes covering same-shape, bias, per-row, outer and two-sided broadcasts.
+            let cases: &[(&[usize], &[usize])] = &[
+                (&[4, 6, 10], &[4, 6, 10]),
+                (&[4, 6, 10], &[10]),
+                (&[4, 6, 10], &[4, 6, 1]),
+                (&[4, 6, 10], &[4, 1, 10]),
+                (&[4, 1, 10], &[1, 6, 1]),
+                (&[1], &[3, 5]),
+                (&[2, 3, 1, 5, 1, 2], &[3, 4, 1, 7, 2]),
+            ];
+            for &(sa, sb) in cases {
+                let (ac, ag) = pair(&mut r, sa, 1.0, dt);
+                let (bc, bg) = pair(&mut r, sb, 1.0, dt);
+                // Keep divisors away from zero.
+                let bc_div =
+                    ops::affine(&ops::unary(&bc, UnaryOp::Exp).unwrap(), 1.0, 0.5).unwrap();
+                let bd_v = round(&bc_div.to_vec_f32().unwrap(), dt);
+                let bc_div = Tensor::from_vec(bd_v.clone(), sb).unwrap();
+                let bg_div = Tensor::from_slice_on(&bd_v, sb, DEV, dt).unwrap();
+                for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+                    let (bc, bg) = if op == BinaryOp::Div {
+                        (&bc_div, &bg_div)
+                    } else {
+                        (&bc, &bg)
+                    };
+                    check(
+                        &format!("binary {op:?} {sa:?} {sb:?}"),
+                        &ops::binary(&ag, bg, op).unwrap(),
+                        &ops::binary(&ac, bc, op).unwrap(),
+                        dt,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layout() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(5);
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let (xc, xg) = pair(&mut r, &[2, 3, 4, 5], 1.0, dt);
+            for perm in [
+                [0usize, 2, 3, 1],
+                [0, 3, 1, 2],
+                [3, 2, 1, 0],
+                [1, 0, 2, 3],
+                [0, 2, 1, 3],
+            ] {
+                check_exact(
+                    &format!("permute {perm:?} {dt:?}"),
+                    &ops::permute(&xg, &perm).unwrap(),
+                    &ops::permute(&xc, &perm).unwrap(),
+                );
+            }
+            let (yc, yg) = pair(&mut r, &[2, 3, 1, 5], 1.0, dt);
+            let (zc, zg) = pair(&mut r, &[2, 3, 2, 5], 1.0, dt);
+            check_exact(
+                &format!("concat axis 2 {dt:?}"),
+                &ops::concat(&[&xg, &yg, &zg], 2).unwrap(),
+                &ops::concat(&[&xc, &yc, &zc], 2).unwrap(),
+            );
+            check_exact(
+                &format!("concat axis 0 {dt:?}"),
+                &ops::concat(&[&xg, &xg], 0).unwrap(),
+                &ops::concat(&[&xc, &xc], 0).unwrap(),
+            );
+            let (wc, wg) = pair(&mut r, &[2, 3, 4, 3], 1.0, dt);
+            check_exact(
+                &format!("concat last axis {dt:?}"),
+                &ops::concat(&[&xg, &wg], 3).unwrap(),
+                &ops::concat(&[&xc, &wc], 3).unwrap(),
+            );
+            for (axis, idx) in [
+                (1usize, vec![2usize, 0, 2]),
+                (3, vec![4, 1]),
+                (0, vec![1]),
+                (2, vec![1, 2, 3]), // contiguous run: narrow path
+            ] {
+                check_exact(
+                    &format!("index_select axis {axis} {idx:?} {dt:?}"),
+                    &ops::index_select(&xg, axis, &idx).unwrap(),
+                    &ops::index_select(&xc, axis, &idx).unwrap(),
+                );
+            }
+            check_exact(
+                &format!("narrow {dt:?}"),
+                &ops::narrow(&xg, 3, 1, 3).unwrap(),
+                &ops::narrow(&xc, 3, 1, 3).unwrap(),
+            );
+            check_exact(
+                &format!("upsample {dt:?}"),
+                &ops::upsample_nearest2x(&xg).unwrap(),
+                &ops::upsample_nearest2x(&xc).unwrap(),
+            );
+            let (tc, tg) = pair(&mut r, &[11, 6], 1.0, dt);
+            let ids = [3u32, 0, 10, 3];
+            check_exact(
+                &format!("embedding {dt:?}"),
+                &ops::embedding(&ids, &tg).unwrap(),
+                &ops::embedding(&ids, &tc).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn conversions_and_transfers() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(6);
+        let v: Vec<f32> = (0..1001)
+            .map(|_| 3.0 * r.sample::<f32, _>(StandardNormal))
+            .collect();
+        let host = Tensor::from_vec(v.clone(), &[7, 11, 13]).unwrap();
+        // Host round trip keeps f32 exactly.
+        let g = host.to_device(DEV).unwrap();
+        check_exact(
+            "f32 upload/download",
+            &g.to_device(Device::Cpu).unwrap(),
+            &host,
+        );
+        // Device conversions round like the host conversions (round to nearest even).
+        for dt in [DType::BF16, DType::F16] {
+            let on_dev = g.to_dtype(dt).unwrap();
+            assert_eq!(on_dev.dtype(), dt);
+            let want = host.to_dtype(dt).unwrap();
+            check_exact(&format!("f32 -> {dt:?} on device"), &on_dev, &want);
+            let back = on_dev.to_dtype(DType::F32).unwrap();
+            check_exact(
+                &format!("{dt:?} -> f32 on device"),
+                &back,
+                &want.to_dtype(DType::F32).unwrap(),
+            );
+        }
+        let bf = g.to_dtype(DType::BF16).unwrap();
+        check_exact(
+            "bf16 -> f16 on device",
+            &bf.to_dtype(DType::F16).unwrap(),
+            &host
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap(),
+        );
+        // Device-generated tensors.
+        let full = vi_runtime::cuda::full(0, &[5, 3], DType::BF16, 1.5).unwrap();
+        assert!(full.to_vec_f32().unwrap().iter().all(|&x| x == 1.5));
+        let rnd = vi_runtime::cuda::random_normal(0, &[100_000], DType::F32, 7, 2.0).unwrap();
+        let rv = rnd.to_vec_f32().unwrap();
+        let mean = rv.iter().map(|&x| x as f64).sum::<f64>() / rv.len() as f64;
+        let var = rv.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / rv.len() as f64;
+        println!("random_normal: mean {mean:.4}, std {:.4}", var.sqrt());
+        assert!(mean.abs() < 0.03 && (var.sqrt() - 2.0).abs() < 0.03);
+        let rnd2 = vi_runtime::cuda::random_normal(0, &[100_000], DType::F32, 7, 2.0).unwrap();
+        check_exact("random_normal is deterministic", &rnd2, &rnd);
+    }
+
+    #[test]
+    fn bad_ordinal_is_an_error() {
+        if !have_gpu() {
+            return;
+        }
+        let t = Tensor::from_vec(vec![1.0], &[1]).unwrap();
+        let err = t.to_device(Device::Cuda(999)).unwrap_err();
+        println!("expected error: {err}");
+    }
+}
+
+/// Without a GPU or driver, using one must be an error, never a panic.
+#[cfg(feature = "cuda")]
+#[test]
+fn missing_gpu_is_an_error_not_a_panic() {
+    if vi_runtime::cuda::is_available() {
+        return;
+    }
+    eprintln!("SKIPPED: no CUDA device (checking the error path only)");
+    let t = vi_runtime::Tensor::from_vec(vec![1.0], &[1]).unwrap();
+    let err = t.to_device(vi_runtime::Device::Cuda(0)).unwrap_err();
+    println!("expected error: {err}");
+    assert!(err.to_string().contains("CUDA"), "{err}");
+}
