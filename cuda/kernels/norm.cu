@@ -142,14 +142,14 @@ __device__ void gn_apply(const T* __restrict__ x, const TS* __restrict__ stats,
         sb[c] = vi_to_f(beta[c]) - mean * a;
     }
     __syncthreads();
-    const size_t nv = (size_t)S * C / VEC;
+    // 32-bit indices within x[n]: the launcher guarantees S*C < 2^31.
+    const unsigned nv = (unsigned)S * (unsigned)C / VEC;
     const T* xn = x + (size_t)n * S * C;
     T* yn = y + (size_t)n * S * C;
 #pragma unroll 4
-    for (size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x; v < nv;
-         v += (size_t)gridDim.x * blockDim.x) {
-        const size_t e = v * VEC;
-        const int c0 = (int)(e % (size_t)C);
+    for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
+        const unsigned e = v * VEC;
+        const int c0 = (int)(e % (unsigned)C);
         VecT<T, VEC> in = vi_load<T, VEC>(xn + e);
         VecT<T, VEC> out;
 #pragma unroll

@@ -4,8 +4,9 @@
 //! attention kernel families (tensor-core fast path, its 4-warp variant `VI_ATTN_KERNEL=flash4`, and
 //! the simple kernels `VI_ATTN_KERNEL=simple`).
 //!
-//! Everything runs in ONE test function: the kernel choice is switched through the environment
-//! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs.
+//! The checks run in ONE test function: the kernel choice is switched through the environment
+//! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs (the ignored
+//! benchmark switches it too: run it alone, `-- --ignored --test-threads=1`).
 //! Without a GPU (or without the `cuda` feature) the test prints that it is skipped and passes.
 
 #[cfg(feature = "cuda")]
@@ -320,6 +321,165 @@ mod gpu {
         }
     }
 
+    /// Wait for all queued work of the device (a one-element device -> host copy on its stream).
+    fn sync(t: &Tensor) {
+        let flat = t.reshape(&[t.elem_count()]).unwrap();
+        ops::narrow(&flat, 0, 0, 1).unwrap().to_vec_f32().unwrap();
+    }
+
+    /// Mean time of `f` over a few runs after a warm-up, in seconds.
+    fn time(f: &dyn Fn() -> Tensor) -> f64 {
+        sync(&f());
+        let iters = 10;
+        let t0 = std::time::Instant::now();
+        let mut last = None;
+        for _ in 0..iters {
+            last = Some(f());
+        }
+        sync(&last.unwrap());
+        t0.elapsed().as_secs_f64() / iters as f64
+    }
+
+    fn report_bw(what: &str, bytes: f64, f: &dyn Fn() -> Tensor) {
+        let t = time(f);
+        println!(
+            "BENCH {what}: {:.1} us, {:.0} GB/s",
+            t * 1e6,
+            bytes / t / 1e9
+        );
+    }
+
+    fn report_flops(what: &str, flops: f64, f: &dyn Fn() -> Tensor) {
+        let t = time(f);
+        println!(
+            "BENCH {what}: {:.1} us, {:.1} TFLOP/s",
+            t * 1e6,
+            flops / t / 1e12
+        );
+    }
+
+    /// Throughput of the kernels at UNet sizes (320x512 video: 40x64 latents, 16 frames), bf16.
+    /// Memory-bound kernels report GB/s (bytes = the minimal traffic), attention TFLOP/s.
+    pub fn bench() {
+        if !vi_runtime::cuda::is_available() {
+            println!("SKIPPED cuda_kernels bench: no CUDA device available");
+            return;
+        }
+        let dt = DType::BF16;
+        let mut r = StdRng::seed_from_u64(7);
+        let es = dt.size_in_bytes() as f64;
+        // GroupNorm (+SiLU): spatial [16, 2560, 320], [16, 640, 640]; temporal [2, 16*2560, 320].
+        for &(n, s, c) in &[
+            (16, 2560, 320),
+            (16, 640, 640),
+            (2, 16 * 2560, 320),
+            (16, 160, 1280),
+        ] {
+            let x = gpu(&rand_vec(&mut r, n * s * c, 0.5, 1.0, dt), &[n, s, c], dt);
+            let gm = gpu(&rand_vec(&mut r, c, 1.0, 0.1, dt), &[c], dt);
+            let bt = gpu(&rand_vec(&mut r, c, 0.0, 0.1, dt), &[c], dt);
+            let bytes = 3.0 * (n * s * c) as f64 * es;
+            report_bw(
+                &format!("group_norm+silu [{n},{s},{c}] (3 passes)"),
+                bytes,
+                &|| ops::group_norm(&x, 32, &gm, &bt, 1e-5, true).unwrap(),
+            );
+            report_bw(
+                &format!("group_norm_stats [{n},{s},{c}] (1 pass)"),
+                bytes / 3.0,
+                &|| ops::group_norm_stats(&x, 32).unwrap(),
+            );
+        }
+        for &(rows, c) in &[(16 * 2560, 320), (16 * 640, 640), (2 * 77, 1024)] {
+            let x = gpu(&rand_vec(&mut r, rows * c, 0.5, 1.0, dt), &[rows, c], dt);
+            let gm = gpu(&rand_vec(&mut r, c, 1.0, 0.1, dt), &[c], dt);
+            let bt = gpu(&rand_vec(&mut r, c, 0.0, 0.1, dt), &[c], dt);
+            let bytes = 2.0 * (rows * c) as f64 * es;
+            report_bw(&format!("layer_norm [{rows},{c}]"), bytes, &|| {
+                ops::layer_norm(&x, &gm, &bt, 1e-5).unwrap()
+            });
+            report_bw(&format!("softmax [{rows},{c}]"), bytes, &|| {
+                ops::softmax_last(&x).unwrap()
+            });
+        }
+        // Attention: spatial self-attention, cross-attention (77 keys), level-1 self-attention.
+        for &(b, sq, sk, h, d) in &[
+            (16, 2560, 2560, 5, 64),
+            (16, 2560, 77, 5, 64),
+            (16, 640, 640, 10, 64),
+        ] {
+            let q = gpu(
+                &rand_vec(&mut r, b * sq * h * d, 0.0, 1.0, dt),
+                &[b, sq, h, d],
+                dt,
+            );
+            let k = gpu(
+                &rand_vec(&mut r, b * sk * h * d, 0.0, 1.0, dt),
+                &[b, sk, h, d],
+                dt,
+            );
+            let v = gpu(
+                &rand_vec(&mut r, b * sk * h * d, 0.0, 1.0, dt),
+                &[b, sk, h, d],
+                dt,
+            );
+            let flops = 4.0 * (b * h * sq * sk * d) as f64;
+            for kind in ["auto", "flash4", "simple"] {
+                std::env::set_var("VI_ATTN_KERNEL", kind);
+                report_flops(
+                    &format!("attention[{kind}] B{b} Sq{sq} Sk{sk} H{h} D{d}"),
+                    flops,
+                    &|| ops::attention(&q, &k, &v, 0.125, None, false).unwrap(),
+                );
+            }
+        }
+        // Dual-scope temporal attention: b = 2*40*64 rows, n = 16 frames, 5 heads, p = 4, G = 6.
+        let (b, n, h, d, pad, g) = (5120, 16, 5, 64, 4, 6);
+        let nl = n + 2 * pad;
+        let q = gpu(
+            &rand_vec(&mut r, b * n * h * d, 0.0, 1.0, dt),
+            &[b, n, h, d],
+            dt,
+        );
+        let kl = gpu(
+            &rand_vec(&mut r, b * nl * h * d, 0.0, 1.0, dt),
+            &[b, nl, h, d],
+            dt,
+        );
+        let vl = gpu(
+            &rand_vec(&mut r, b * nl * h * d, 0.0, 1.0, dt),
+            &[b, nl, h, d],
+            dt,
+        );
+        let kg = gpu(
+            &rand_vec(&mut r, b * g * h * d, 0.0, 1.0, dt),
+            &[b, g, h, d],
+            dt,
+        );
+        let vg = gpu(
+            &rand_vec(&mut r, b * g * h * d, 0.0, 1.0, dt),
+            &[b, g, h, d],
+            dt,
+        );
+        let p = DualScopeParams {
+            pad,
+            scale: 0.125,
+            local_bias: 11.0,
+            global_bias: 1.0,
+            token_num_scale: false,
+        };
+        let bytes = ((2 * n + 2 * nl + 2 * g) * b * h * d) as f64 * es;
+        for kind in ["auto", "simple"] {
+            std::env::set_var("VI_ATTN_KERNEL", kind);
+            report_bw(
+                &format!("dual_scope[{kind}] b{b} n{n} H{h} D{d} p{pad} G{g}"),
+                bytes,
+                &|| ops::dual_scope_attention(&q, &kl, &vl, &kg, &vg, &p).unwrap(),
+            );
+        }
+        std::env::remove_var("VI_ATTN_KERNEL");
+    }
+
     pub fn run() {
         if !vi_runtime::cuda::is_available() {
             println!("SKIPPED cuda_kernels: no CUDA device available");
@@ -340,6 +500,15 @@ mod gpu {
         dual_scopes(&mut r, "simple");
         std::env::remove_var("VI_ATTN_KERNEL");
     }
+}
+
+/// Kernel throughput at model sizes (GPU only):
+/// `cargo test -p vi-runtime --features cuda --test cuda_kernels -- --ignored --nocapture --test-threads=1`
+#[test]
+#[ignore]
+fn cuda_kernels_bench() {
+    #[cfg(feature = "cuda")]
+    gpu::bench();
 }
 
 #[test]

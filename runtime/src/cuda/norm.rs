@@ -154,6 +154,12 @@ fn apply(
             format!("N = {n} exceeds the grid limit 65535"),
         ));
     }
+    if s * c > i32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("S*C = {} exceeds 2^31 - 1", s * c),
+        ));
+    }
     if c * 8 > 48 * 1024 {
         return Err(Error::shape(
             op,
