@@ -146,6 +146,28 @@ fn vae_decoder_accepts_old_attention_key_names() {
     }
 }
 
+/// `use_post_quant_conv: false` / `mid_block_add_attention: false` drop exactly those keys.
+#[test]
+fn vae_optional_parts_follow_config() {
+    let m = manifest("sd_vae_autoencoderkl.json");
+    let mut j = m["config"].clone();
+    j["use_post_quant_conv"] = Value::Bool(false);
+    j["mid_block_add_attention"] = Value::Bool(false);
+    let cfg = VaeConfig::from_json(&j).unwrap();
+    let rec = MetaRecorder::new();
+    VaeDecoder::load(&cfg, Params::new(&rec)).unwrap();
+    let table = rec.table();
+    let full: BTreeSet<String> = manifest_keys(&m)
+        .into_keys()
+        .filter(|k| {
+            !is_encoder_side(k)
+                && !k.starts_with("post_quant_conv.")
+                && !k.starts_with("decoder.mid_block.attentions.")
+        })
+        .collect();
+    assert_eq!(table.keys().cloned().collect::<BTreeSet<_>>(), full);
+}
+
 #[test]
 fn config_errors_are_clear() {
     let e = ClipTextConfig::from_json(&serde_json::json!({"hidden_size": 32})).unwrap_err();

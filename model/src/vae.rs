@@ -394,6 +394,9 @@ impl VaeDecoder {
     ) -> Result<()> {
         self.check_latents(latents)?;
         let n = latents.dim(0);
+        if n == 0 {
+            return Err(ModelError::Msg("VAE decoder: no frames to decode".into()));
+        }
         let chunk = chunk.max(1);
         let mut start = 0;
         while start < n {
