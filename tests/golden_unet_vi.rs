@@ -47,7 +47,7 @@ fn compare(what: &str, got: &Tensor, want: &Tensor) -> Option<String> {
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
         let d = (a as f64 - b as f64).abs();
         max_abs = max_abs.max(d);
-        if !(d <= ATOL + RTOL * (b as f64).abs()) {
+        if d.is_nan() || d > ATOL + RTOL * (b as f64).abs() {
             bad.push((i, a, b));
         }
     }

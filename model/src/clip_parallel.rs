@@ -247,11 +247,8 @@ impl ViConfig {
 /// with share = top_k / W, stride = max(n / share, 1) (share > 0) or only frame 0 (share = 0).
 pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> {
     let share = top_k / world;
-    let stride = if share > 0 {
-        (n / share).max(1)
-    } else {
-        n.max(1)
-    };
+    // share = 0: a stride past the clip, i.e. only frame 0.
+    let stride = n.checked_div(share).map_or(n.max(1), |s| s.max(1));
     (0..n).step_by(stride).collect()
 }
 
@@ -409,24 +406,57 @@ impl<'a> ClipParallelContext<'a> {
         Ok(ops::add(x, &h)?)
     }
 
-    /// Local attention window of kv [A, n, H, D]: [p frames of rank-1 | kv | p frames of rank+1],
-    /// zero frames at the video's ends and where a neighbour has fewer than p frames (outer side).
-    fn local_window(&self, kv: &Tensor, p: usize) -> Result<Tensor> {
+    /// Local attention windows of k, v [b, n, H, D] -> each [b, n + 2p, H, D]: [p frames of
+    /// rank-1 | own n | p frames of rank+1], zero frames at the video's ends and, where a neighbour
+    /// has fewer than p frames, on the outer side. The k and v halos travel together as
+    /// [2b, min(p, n), H, D] (only the halo frames are copied for the exchange).
+    fn local_windows(&self, k: &Tensor, v: &Tensor, p: usize) -> Result<(Tensor, Tensor)> {
         if p == 0 {
-            return Ok(kv.clone());
+            return Ok((k.clone(), v.clone()));
         }
-        let (l, r) = self.halo(kv, p)?;
+        let (b, n) = (k.dim(0), k.dim(1));
+        let m = p.min(n);
+        let (r, w) = (self.comm.rank(), self.comm.world_size());
+        let edge = |start: usize| -> Result<Tensor> {
+            Ok(ops::concat(
+                &[&ops::narrow(k, 1, start, m)?, &ops::narrow(v, 1, start, m)?],
+                0,
+            )?)
+        };
+        let to_left = if r > 0 { Some(edge(0)?) } else { None };
+        let to_right = if r + 1 < w { Some(edge(n - m)?) } else { None };
+        let (l, rt) = self
+            .comm
+            .exchange_neighbors(to_left.as_ref(), to_right.as_ref())?;
+        let zeros = |frames: usize| -> Result<Tensor> {
+            Ok(Tensor::zeros(
+                &[2 * b, frames, k.dim(2), k.dim(3)],
+                k.device(),
+                k.dtype(),
+            )?)
+        };
         let left = match l {
-            Some(t) if t.dim(1) == p => t,
-            Some(t) => ops::concat(&[&Self::zero_frames(kv, p - t.dim(1))?, &t], 1)?,
-            None => Self::zero_frames(kv, p)?,
+            Some(t) if t.dim(1) >= p => t,
+            Some(t) => ops::concat(&[&zeros(p - t.dim(1))?, &t], 1)?,
+            None => zeros(p)?,
         };
-        let right = match r {
-            Some(t) if t.dim(1) == p => t,
-            Some(t) => ops::concat(&[&t, &Self::zero_frames(kv, p - t.dim(1))?], 1)?,
-            None => Self::zero_frames(kv, p)?,
+        let right = match rt {
+            Some(t) if t.dim(1) >= p => t,
+            Some(t) => ops::concat(&[&t, &zeros(p - t.dim(1))?], 1)?,
+            None => zeros(p)?,
         };
-        Ok(ops::concat(&[&left, kv, &right], 1)?)
+        if left.dim(1) != p || right.dim(1) != p || left.dim(0) != 2 * b || right.dim(0) != 2 * b {
+            return Err(ModelError::Msg(format!(
+                "clip-parallel attention: neighbour halos {:?} / {:?} do not fit k {:?} (pad {p})",
+                left.shape(),
+                right.shape(),
+                k.shape()
+            )));
+        }
+        let half = |t: &Tensor, i: usize| ops::narrow(t, 0, i * b, b);
+        let k_local = ops::concat(&[&half(&left, 0)?, k, &half(&right, 0)?], 1)?;
+        let v_local = ops::concat(&[&half(&left, 1)?, v, &half(&right, 1)?], 1)?;
+        Ok((k_local, v_local))
     }
 }
 
@@ -475,9 +505,14 @@ impl TemporalContext for ClipParallelContext<'_> {
 
         // Global tokens: this rank's k/v at frames 0, stride, ... ; all ranks' in rank order,
         // first top_k kept. k and v travel together as [2b, g, H, D].
-        let kv = ops::concat(&[k, v], 0)?;
         let idx = global_token_indices(n, top_k, w);
-        let mine = ops::index_select(&kv, 1, &idx)?;
+        let mine = ops::concat(
+            &[
+                &ops::index_select(k, 1, &idx)?,
+                &ops::index_select(v, 1, &idx)?,
+            ],
+            0,
+        )?;
         let gathered = self.comm.all_gather(&mine)?;
         let refs: Vec<&Tensor> = gathered.iter().collect();
         let all = ops::concat(&refs, 1)?;
@@ -488,9 +523,7 @@ impl TemporalContext for ClipParallelContext<'_> {
 
         // Local window.
         let p = self.cfg.attn_pad;
-        let win = self.local_window(&kv, p)?;
-        let k_local = ops::narrow(&win, 0, 0, b)?;
-        let v_local = ops::narrow(&win, 0, b, b)?;
+        let (k_local, v_local) = self.local_windows(k, v, p)?;
 
         let (local_bias, global_bias) = self.cfg.phase_biases(self.timestep);
         let params = DualScopeParams {
