@@ -24,13 +24,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate a video from text prompts.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Show what a safetensors file or a model folder holds (tensors, dtypes, shapes, missing keys).
     Inspect(InspectArgs),
     /// Run a golden reference dump and report the error against its reference outputs.
     Verify(VerifyArgs),
     /// Convert an original VideoCrafter2 checkpoint into the diffusers/transformers folder layout.
     Convert(ConvertArgs),
+    /// Write the embedded tiny model (random weights) as a model folder, to try `--model DIR`
+    /// and `inspect` without real weights.
+    WriteTiny(WriteTinyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WriteTinyArgs {
+    /// Folder to create (must not exist, or be empty).
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,7 +91,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
     pub devices: String,
 
-    /// Denoising steps [default: 30; tiny model: 4].
+    /// Denoising steps [default: 30; tiny model: 10].
     #[arg(long)]
     pub steps: Option<usize>,
 
@@ -172,13 +181,10 @@ pub struct ViArgs {
     #[arg(long)]
     pub token_num_scale: bool,
 
-    /// Synchronise the temporal layers' GroupNorm statistics across ranks (paper, off in the
-    /// reference code).
-    #[arg(long)]
-    pub groupnorm_sync: bool,
-
-    /// Mask the zero keys at the video's two ends instead of letting them dilute attention (the
-    /// reference does not mask them).
+    /// Exact seams (the paper's option, off in the reference code): every Conv3d of a temporal
+    /// conv layer gets a halo of its own input, and the temporal layers' GroupNorm statistics are
+    /// taken across all ranks, so the W-rank UNet equals the whole-video model except for the
+    /// dual-scope attention.
     #[arg(long)]
     pub exact_seam: bool,
 }

@@ -4,8 +4,26 @@
 //! Output: stage lines, progress and summaries go to stderr; `inspect` and `verify` reports go to
 //! stdout. A failed `verify` returns [`VerifyFailed`], whose message is the report's last line.
 
+/// `println!` for reports on stdout that ends the process quietly when stdout is closed (e.g.
+/// piped into `head`) instead of panicking.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write to stdout: {e}");
+        }
+    }};
+}
+
 pub mod cli;
 pub mod devices;
+pub mod generate;
+pub mod inspect;
 pub mod video;
 
 use std::ffi::OsString;
@@ -34,9 +52,30 @@ where
 /// Runs a parsed command line.
 pub fn execute(cli: Cli) -> Result<()> {
     match cli.command {
-        cli::Command::Generate(_a) => anyhow::bail!("generate: not yet available"),
-        cli::Command::Inspect(_a) => anyhow::bail!("inspect: not yet available"),
+        cli::Command::Generate(a) => generate::run(*a),
+        cli::Command::Inspect(a) => inspect::run(a),
         cli::Command::Verify(_a) => anyhow::bail!("verify: not yet available"),
         cli::Command::Convert(_a) => anyhow::bail!("convert: not yet available"),
+        cli::Command::WriteTiny(a) => write_tiny(&a.dir),
     }
+}
+
+fn write_tiny(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        anyhow::ensure!(
+            empty,
+            "{} already exists and is not empty; choose a new folder",
+            dir.display()
+        );
+    }
+    vi_model::tiny::write_model_dir(dir)?;
+    eprintln!(
+        "wrote the tiny model (RANDOM weights) to {}: use `generate --model {}`",
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }

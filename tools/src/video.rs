@@ -98,6 +98,19 @@ impl AtomicFile {
 
     /// Flush to disk and rename onto the destination.
     pub fn commit(self) -> Result<()> {
+        // Temporary files are created private (0600); give the output the permissions of the
+        // file it replaces, or the usual 0644.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = fs::metadata(&self.dest)
+                .map(|m| m.permissions())
+                .unwrap_or_else(|_| fs::Permissions::from_mode(0o644));
+            self.tmp
+                .as_file()
+                .set_permissions(perms)
+                .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        }
         self.tmp
             .as_file()
             .sync_all()
@@ -150,7 +163,7 @@ impl Mp4Writer {
         overwrite: bool,
     ) -> Result<Mp4Writer> {
         ensure!(
-            width >= 16 && height >= 16 && width % 2 == 0 && height % 2 == 0,
+            width >= 16 && height >= 16 && width.is_multiple_of(2) && height.is_multiple_of(2),
             "MP4 output needs an even width and height of at least 16, got {width}x{height}"
         );
         ensure!(

@@ -1,0 +1,402 @@
+//! `generate`: text -> video. Every check that can fail is done before any expensive work, and
+//! outputs are opened (as temporary files beside their destination) before the models load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use vi_model::clip_parallel::{PhaseBias, ViConfig};
+use vi_model::distributed::{reference_prompt_segments, split_frames};
+use vi_model::pipeline::{self, Event, GenerateRequest, Models};
+use vi_model::sampler::SamplerKind;
+use vi_runtime::{DType, Device};
+
+use crate::cli::{DTypeArg, GenerateArgs, SamplerArg, ViArgs};
+use crate::devices::{check_available, parse_devices};
+use crate::video::{Frame, Mp4Writer, PngSequence};
+
+/// Reference clip length per rank (Video-Infinity's per-GPU clip).
+const FRAMES_PER_RANK: usize = 24;
+/// Tiny-model defaults: small and fast enough for a 2-core CPU.
+const TINY_FRAMES_PER_RANK: usize = 16;
+const TINY_STEPS: usize = 10;
+const TINY_SIZE: usize = 64;
+
+/// Parses a `--prompts` file: `FIRST_FRAME: prompt` per line.
+pub fn read_prompt_file(path: &Path) -> Result<Vec<(usize, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    let mut out: Vec<(usize, String)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let (first, prompt) = line
+            .split_once(':')
+            .with_context(|| format!("{}: expected `FIRST_FRAME: prompt`", at()))?;
+        let first: usize = first
+            .trim()
+            .parse()
+            .with_context(|| format!("{}: `{}` is not a frame number", at(), first.trim()))?;
+        if let Some((prev, _)) = out.last() {
+            ensure!(
+                first > *prev,
+                "{}: segments must start at increasing frames ({prev} then {first})",
+                at()
+            );
+        } else {
+            ensure!(
+                first == 0,
+                "{}: the first segment must start at frame 0",
+                at()
+            );
+        }
+        out.push((first, prompt.trim().to_string()));
+    }
+    ensure!(
+        !out.is_empty(),
+        "prompt file {} holds no prompt",
+        path.display()
+    );
+    Ok(out)
+}
+
+fn vi_config(a: &ViArgs) -> ViConfig {
+    ViConfig {
+        conv_pad: a.conv_pad,
+        attn_pad: a.attn_pad,
+        top_k: a.top_k,
+        local_phase: Some(PhaseBias {
+            t: a.phase_t as i64,
+            local_bias: a.phase_bias,
+            global_bias: 0.0,
+        }),
+        global_phase: Some(PhaseBias {
+            t: a.phase_t as i64,
+            local_bias: 0.0,
+            global_bias: a.phase_bias,
+        }),
+        dynamic_scale: !a.no_dynamic_scale,
+        token_num_scale: a.token_num_scale,
+        exact_seam: a.exact_seam,
+        ..ViConfig::default()
+    }
+}
+
+fn sampler_kind(s: SamplerArg) -> SamplerKind {
+    match s {
+        SamplerArg::DpmSde => SamplerKind::DpmSolverSde,
+        SamplerArg::Dpm2m => SamplerKind::DpmSolver2M,
+        SamplerArg::Ddim => SamplerKind::Ddim,
+    }
+}
+
+/// One line per stage: `    load: ...`.
+fn stage(name: &str, what: String) {
+    eprintln!("{name:>8}: {what}");
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Runs `generate`.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let t_all = Instant::now();
+    let tiny = a.model == "tiny";
+
+    // --- Requests that need no model ---------------------------------------------------------
+    let ranks = parse_devices(&a.devices)?;
+    check_available(&ranks)?;
+    let world = ranks.len();
+    let frames = a.frames.unwrap_or(
+        world
+            * if tiny {
+                TINY_FRAMES_PER_RANK
+            } else {
+                FRAMES_PER_RANK
+            },
+    );
+    ensure!(frames >= 1, "--frames must be at least 1");
+    ensure!(
+        frames >= world,
+        "--frames {frames} is fewer than the {world} ranks of --devices {}: every rank needs at \
+         least one frame",
+        a.devices
+    );
+    let steps = a.steps.unwrap_or(if tiny { TINY_STEPS } else { 30 });
+    ensure!(steps >= 1, "--steps must be at least 1");
+    let height = a.height.unwrap_or(if tiny { TINY_SIZE } else { 320 });
+    let width = a.width.unwrap_or(if tiny { TINY_SIZE } else { 512 });
+    for (flag, v) in [("--height", height), ("--width", width)] {
+        ensure!(
+            v > 0 && v % 8 == 0,
+            "{flag} {v} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)"
+        );
+        ensure!(
+            v % 64 == 0,
+            "{flag} {v} must be a multiple of 64: the latent ({v}/8 = {}) must stay whole \
+             through the UNet's 3 downsamplings",
+            v / 8
+        );
+    }
+    ensure!(a.guidance.is_finite(), "--guidance must be a finite number");
+    ensure!(a.fps_cond.is_finite(), "--fps-cond must be a finite number");
+    ensure!(a.out_fps >= 1, "--out-fps must be at least 1");
+    if a.out.is_none() && a.frames_dir.is_none() {
+        bail!("nothing to write: pass --out FILE.mp4 and/or --frames-dir DIR");
+    }
+    let clips = split_frames(frames, world)?;
+    let segments: Vec<(usize, String)> = match &a.prompts {
+        Some(file) => {
+            let s = read_prompt_file(file)?;
+            if let Some((f, _)) = s.iter().find(|(f, _)| *f >= frames) {
+                bail!(
+                    "{}: a segment starts at frame {f}, past the video's {frames} frames",
+                    file.display()
+                );
+            }
+            s
+        }
+        None => {
+            ensure!(
+                !a.prompt.is_empty(),
+                "no prompt: pass --prompt TEXT (repeatable) or --prompts FILE"
+            );
+            reference_prompt_segments(&a.prompt, &clips)
+        }
+    };
+
+    // --- Outputs: opened now, so a bad destination fails before any work --------------------
+    let mut mp4 = match &a.out {
+        Some(p) => Some(Mp4Writer::create(p, width, height, a.out_fps, a.overwrite)?),
+        None => None,
+    };
+    let mut pngs = match &a.frames_dir {
+        Some(d) => Some(PngSequence::create(d, a.overwrite)?),
+        None => None,
+    };
+
+    // --- Models: one copy per distinct device -------------------------------------------------
+    let t = Instant::now();
+    let mut devices: Vec<Device> = Vec::new();
+    for d in &ranks {
+        if !devices.contains(d) {
+            devices.push(*d);
+        }
+    }
+    let dtype_of = |d: Device| match (d, a.dtype) {
+        (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
+        (_, DTypeArg::Bf16) => DType::BF16,
+        (_, DTypeArg::F16) => DType::F16,
+    };
+    let mut models: Vec<Models> = Vec::new();
+    for &d in &devices {
+        let m = if tiny {
+            vi_model::tiny::load(d, dtype_of(d))?
+        } else {
+            Models::load_dir(Path::new(&a.model), d, dtype_of(d))
+                .with_context(|| format!("cannot load model folder {}", a.model))?
+        };
+        models.push(m);
+    }
+    let rank_model: Vec<usize> = ranks
+        .iter()
+        .map(|d| devices.iter().position(|x| x == d).expect("listed"))
+        .collect();
+    stage(
+        "load",
+        format!(
+            "{} on {} ({}) in {}",
+            if tiny {
+                "tiny model".to_string()
+            } else {
+                format!("model {}", a.model)
+            },
+            describe_ranks(&ranks),
+            format!("{:?}", models[0].dtype).to_lowercase(),
+            secs(t.elapsed())
+        ),
+    );
+    if models[0].random_weights {
+        eprintln!(
+            "    note: the tiny model's weights are RANDOM (nothing was trained): this run \
+             demonstrates the machinery, its video is noise-like"
+        );
+    }
+
+    let req = GenerateRequest {
+        prompts: segments.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        frames,
+        height,
+        width,
+        steps,
+        sampler: sampler_kind(a.sampler),
+        guidance: a.guidance,
+        fps_cond: a.fps_cond,
+        seed: a.seed,
+        vi: vi_config(&a.vi),
+        world,
+        rank_timeout: Duration::from_secs(600),
+        vae_chunk: 4,
+    };
+    pipeline::check_request(&models[0], &req)?;
+    let per_rank: Vec<String> = clips
+        .iter()
+        .map(|c| format!("{}..{}", c.start, c.end))
+        .collect();
+    eprintln!(
+        "    {frames} frames {width}x{height} over {world} rank(s) [{}], {steps} steps {:?}, \
+         guidance {}, fps {}, seed {}",
+        per_rank.join(", "),
+        a.sampler,
+        a.guidance,
+        a.fps_cond,
+        a.seed
+    );
+    for (f, p) in &segments {
+        eprintln!("    prompt from frame {f}: {p:?}");
+    }
+
+    // --- Encode, denoise, decode -------------------------------------------------------------
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "  denoise [{bar:30}] {pos}/{len} steps  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let t_enc = Instant::now();
+    let t_den = std::sync::Mutex::new(None::<Instant>);
+    let decoded = std::sync::atomic::AtomicUsize::new(0);
+    let t_dec = std::sync::Mutex::new(None::<Instant>);
+    let progress = |e: Event| match e {
+        Event::TextEncoded { prompts } => {
+            bar.suspend(|| {
+                stage(
+                    "encode",
+                    format!(
+                        "{} prompt(s) + negative prompt in {}",
+                        prompts,
+                        secs(t_enc.elapsed())
+                    ),
+                )
+            });
+            *t_den.lock().unwrap() = Some(Instant::now());
+            bar.reset_elapsed();
+        }
+        Event::Step { step, t, .. } => {
+            bar.set_message(format!("t={t}"));
+            bar.set_position(step as u64 + 1);
+            if step + 1 == steps {
+                bar.finish_and_clear();
+                let el = t_den
+                    .lock()
+                    .unwrap()
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default();
+                stage(
+                    "denoise",
+                    format!(
+                        "{steps} steps in {} ({:.2} s/step)",
+                        secs(el),
+                        el.as_secs_f64() / steps as f64
+                    ),
+                );
+                *t_dec.lock().unwrap() = Some(Instant::now());
+            }
+        }
+        Event::Decoded { frames: n, .. } => {
+            decoded.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    let models_ref = &models;
+    let rank_model_ref = &rank_model;
+    let models_of = move |r: usize| &models_ref[rank_model_ref[r]];
+    let out = pipeline::generate(&models_of, &req, &progress);
+    bar.finish_and_clear();
+    let out = out.context("generation failed")?;
+    let dec_el = t_dec
+        .lock()
+        .unwrap()
+        .map(|t| t.elapsed())
+        .unwrap_or_default();
+    stage(
+        "decode",
+        format!("{} frames with the VAE in {}", out.len(), secs(dec_el)),
+    );
+
+    // --- Write ----------------------------------------------------------------------------------
+    let t = Instant::now();
+    let mut written = Vec::new();
+    for rgb in out.iter() {
+        let f = Frame::new(width, height, rgb.clone())?;
+        if let Some(w) = mp4.as_mut() {
+            w.push(&f)?;
+        }
+        if let Some(p) = pngs.as_mut() {
+            p.push(&f)?;
+        }
+    }
+    if let Some(w) = mp4.take() {
+        w.finish()?;
+        written.push(
+            a.out
+                .as_ref()
+                .expect("mp4 implies --out")
+                .display()
+                .to_string(),
+        );
+    }
+    if pngs.is_some() {
+        written.push(format!(
+            "{}/frame_*.png",
+            a.frames_dir
+                .as_ref()
+                .expect("pngs imply --frames-dir")
+                .display()
+        ));
+    }
+    stage(
+        "write",
+        format!("{} in {}", written.join(" and "), secs(t.elapsed())),
+    );
+    let wall = t_all.elapsed();
+    eprintln!(
+        "    done: {} frames {width}x{height} in {} ({:.2} frames/s)",
+        out.len(),
+        secs(wall),
+        out.len() as f64 / wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `4 ranks on cpu`, `8 ranks on cuda:0..7`, ...
+fn describe_ranks(ranks: &[Device]) -> String {
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for d in ranks {
+        let name = match d {
+            Device::Cpu => "cpu".to_string(),
+            Device::Cuda(i) => format!("cuda:{i}"),
+            Device::Meta => "meta".to_string(),
+        };
+        *per.entry(name).or_default() += 1;
+    }
+    let parts: Vec<String> = per.iter().map(|(d, n)| format!("{n}x {d}")).collect();
+    format!(
+        "{} rank{} ({})",
+        ranks.len(),
+        if ranks.len() == 1 { "" } else { "s" },
+        parts.join(", ")
+    )
+}
