@@ -79,6 +79,23 @@ pub fn is_available() -> bool {
     matches!(device_count(), Ok(n) if n > 0)
 }
 
+/// Wait for all work queued on device `ordinal` (benchmarks; reading a tensor back syncs anyway).
+pub fn synchronize(ordinal: usize) -> Result<()> {
+    device(ordinal)?.synchronize()
+}
+
+/// (name, compute capability, free bytes, total bytes) of device `ordinal`. Freed tensors stay
+/// cached in the memory pool, so `total - free` is the high-water mark of the process.
+pub fn device_info(ordinal: usize) -> Result<(String, (u32, u32), usize, usize)> {
+    let d = device(ordinal)?;
+    let name = d.ctx.name().map_err(|e| cuda_err("device name", e))?;
+    let (free, total) = d
+        .ctx
+        .mem_get_info()
+        .map_err(|e| cuda_err("memory info", e))?;
+    Ok((name, d.cc, free, total))
+}
+
 fn check_driver() -> Result<()> {
     // SAFETY: only tries to dlopen the driver library (no CUDA call is made).
     let present = no_panic("loading libcuda", || unsafe {
@@ -514,11 +531,11 @@ pub(crate) struct CudaBackend;
 
 impl Backend for CudaBackend {
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
-        let _p = profile::scope(a, "gemm")?;
+        let _p = profile::scope(a, "matmul")?;
         gemm::matmul(a, b, trans_b)
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let _p = profile::scope(x, "gemm")?;
+        let _p = profile::scope(x, "linear")?;
         gemm::linear(x, w, bias)
     }
     fn conv2d(
@@ -529,7 +546,12 @@ impl Backend for CudaBackend {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
-        let _p = profile::scope(x, "conv2d")?;
+        let kind = if w.dim(2) * w.dim(3) == 1 {
+            "conv2d_1x1"
+        } else {
+            "conv2d_kxk"
+        };
+        let _p = profile::scope(x, kind)?;
         conv::conv2d(x, w, bias, stride, pad)
     }
     fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -537,7 +559,7 @@ impl Backend for CudaBackend {
         conv::temporal_conv(x, w, bias)
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
-        let _p = profile::scope(x, "group_norm")?;
+        let _p = profile::scope(x, "group_norm_stats")?;
         norm::group_norm_stats(x, groups)
     }
     fn group_norm_apply(
@@ -549,7 +571,7 @@ impl Backend for CudaBackend {
         eps: f32,
         silu: bool,
     ) -> Result<Tensor> {
-        let _p = profile::scope(x, "group_norm")?;
+        let _p = profile::scope(x, "group_norm_apply")?;
         norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
     }
     fn group_norm(
@@ -597,43 +619,43 @@ impl Backend for CudaBackend {
         attention::dual_scope_attention(q, k_local, v_local, k_glob, v_glob, p)
     }
     fn unary(&self, x: &Tensor, op: UnaryOp) -> Result<Tensor> {
-        let _p = profile::scope(x, "elementwise")?;
+        let _p = profile::scope(x, "unary")?;
         elementwise::unary(x, op)
     }
     fn geglu(&self, x: &Tensor) -> Result<Tensor> {
-        let _p = profile::scope(x, "elementwise")?;
+        let _p = profile::scope(x, "geglu")?;
         elementwise::geglu(x)
     }
     fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
-        let _p = profile::scope(a, "elementwise")?;
+        let _p = profile::scope(a, "binary")?;
         elementwise::binary(a, b, op, out_shape)
     }
     fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
-        let _p = profile::scope(x, "elementwise")?;
+        let _p = profile::scope(x, "affine")?;
         elementwise::affine(x, mul, add)
     }
     fn clamp(&self, x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
-        let _p = profile::scope(x, "elementwise")?;
+        let _p = profile::scope(x, "clamp")?;
         elementwise::clamp(x, lo, hi)
     }
     fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
-        let _p = profile::scope(xs[0], "layout")?;
+        let _p = profile::scope(xs[0], "concat")?;
         layout::concat(xs, axis)
     }
     fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
-        let _p = profile::scope(x, "layout")?;
+        let _p = profile::scope(x, "index_select")?;
         layout::index_select(x, axis, indices)
     }
     fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
-        let _p = profile::scope(x, "layout")?;
+        let _p = profile::scope(x, "permute")?;
         layout::permute(x, perm)
     }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
-        let _p = profile::scope(x, "layout")?;
+        let _p = profile::scope(x, "upsample")?;
         layout::upsample_nearest2x(x)
     }
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
-        let _p = profile::scope(table, "layout")?;
+        let _p = profile::scope(table, "embedding")?;
         layout::embedding(ids, table)
     }
 }
