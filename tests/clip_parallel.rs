@@ -644,7 +644,7 @@ fn a_hung_rank_makes_the_others_fail_after_the_timeout() {
     let res = run_ranks(3, Duration::from_millis(400), |r, comm| {
         comm.barrier()?;
         if r == 2 {
-            std::thread::sleep(Duration::from_millis(2000)); // hangs past the timeout
+            std::thread::sleep(Duration::from_millis(3000)); // hangs past the timeout
         }
         comm.barrier()?;
         Ok(r)

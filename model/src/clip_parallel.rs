@@ -254,6 +254,9 @@ pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> 
 
 /// The [`TemporalContext`] of one rank: its clip plus the exchanges with the other ranks.
 /// One context per UNet call (it carries the call's timestep, which selects the attention phase).
+///
+/// Every method is a collective call: all ranks must run the same UNet (same layer sequence) so
+/// that their calls pair up, and one rank calls its context from one thread at a time.
 pub struct ClipParallelContext<'a> {
     comm: &'a dyn Communicator,
     cfg: ViConfig,

@@ -168,7 +168,7 @@ fn a_rank_that_never_arrives_times_out() {
     let results = run(InProcessGroup::new(3, timeout), |r, c| {
         if r == 1 {
             // Hangs (longer than the timeout) without touching the communicator, then tries.
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(Duration::from_millis(3000));
             return c.barrier();
         }
         c.barrier()
