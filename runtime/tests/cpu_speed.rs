@@ -34,6 +34,14 @@ fn elementwise() {
     let y = t(&[16, 2560, 320]);
     let c = t(&[320]);
     let g = t(&[320]);
+    let xs = t(&[16, 128, 320]);
+    let ys = t(&[16, 128, 320]);
+    time("small add same 655K", || drop(ops::add(&xs, &ys).unwrap()));
+    time("small silu 655K", || drop(ops::silu(&xs).unwrap()));
+    time("small gelu 655K", || drop(ops::gelu(&xs).unwrap()));
+    time("small group_norm silu 655K", || {
+        drop(ops::group_norm(&xs, 32, &g, &c, 1e-6, true).unwrap())
+    });
     time("add same", || drop(ops::add(&x, &y).unwrap()));
     time("add bias", || drop(ops::add(&x, &c).unwrap()));
     time("gelu", || drop(ops::gelu(&x).unwrap()));
@@ -60,6 +68,11 @@ fn attention() {
     let q = t(&[1, 1024, 5, 64]);
     time("attention 1024", || {
         drop(ops::attention(&q, &q, &q, 0.125, None, false).unwrap())
+    });
+    let q = t(&[2, 2560, 5, 64]);
+    let kv = t(&[2, 77, 5, 64]);
+    time("attention cross 2x2560x77", || {
+        drop(ops::attention(&q, &kv, &kv, 0.125, None, false).unwrap())
     });
     let q = t(&[640, 16, 5, 64]);
     time("attention temporal 640x16", || {

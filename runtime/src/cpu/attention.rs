@@ -9,8 +9,19 @@ use super::out;
 use crate::ops::DualScopeParams;
 use crate::{Result, Tensor};
 
-/// Queries per attention task: the score block is at most QBLOCK x Sk floats.
-const QBLOCK: usize = 64;
+/// Floats of one attention score block ([bq, Sk], one per task at a time).
+const SCORE_BLOCK: usize = 1 << 16;
+
+/// Queries per attention task: about SCORE_BLOCK / Sk (16..=256), smaller while there would be
+/// fewer than 4 tasks per thread.
+fn query_block(b: usize, sq: usize, sk: usize) -> usize {
+    let mut bq = (SCORE_BLOCK / sk.max(1)).clamp(16, 256);
+    let want = 4 * rayon::current_num_threads();
+    while bq > 16 && b * sq.div_ceil(bq) < want {
+        bq /= 2;
+    }
+    bq.min(sq.max(1))
+}
 
 /// q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv];
 /// softmax(q·k * scale + bias[Sq, Sk], causal: keys j > i masked) · v.
@@ -32,13 +43,14 @@ pub(crate) fn attention(
     }
     let qrow = h * d;
     let orow = h * dv;
+    let qblock = query_block(b, sq, sk);
     o.par_chunks_mut(sq * orow)
         .enumerate()
         .for_each(|(bi, ob)| {
-            ob.par_chunks_mut(QBLOCK * orow)
+            ob.par_chunks_mut(qblock * orow)
                 .enumerate()
                 .for_each(|(blk, oblk)| {
-                    let i0 = blk * QBLOCK;
+                    let i0 = blk * qblock;
                     let bq = oblk.len() / orow;
                     // Causal: no query of this block sees keys >= i0 + bq.
                     let nk = if causal { sk.min(i0 + bq) } else { sk };
