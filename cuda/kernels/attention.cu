@@ -3,6 +3,8 @@
 //   logits = (q . k) * scale (+ bias[Sq, Sk]) (causal: key j > query i masked); softmax over keys.
 // Two kernels (launchers in runtime/src/cuda/attention.rs):
 //   attn_generic_<dt>_l4:   any D and Dv, any dtype, fp32 math. One warp per (b, i, h).
+//   attn_small_<dt>_d<D>:   bf16/f16, D = Dv in {32, 64, 128}, Sk <= 64 (temporal attention over
+//                           frames): one warp per (b, h, 16 queries), keys staged per warp.
 //   attn_flash_<dt>_d<D>_w<W>: bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
 //                           fp32 accumulation), online softmax; W warps = 16*W queries per block,
 //                           64 keys per step (W = 8 for D <= 64, also W = 4 for comparison / D = 128).
@@ -154,8 +156,9 @@ __device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
         const int k0 = t * BN;
         const T* cK = sK + (t & 1) * BN * LD;
         const T* cV = sV + (t & 1) * BN * LD;
-        // Warp-uniform skip: under causal, a tile entirely after this warp's last query adds nothing.
-        if (!(causal && k0 > qw + 15)) {
+        // Warp-uniform skips: a warp entirely past Sq has nothing to compute; under causal, a tile
+        // entirely after this warp's last query adds nothing.
+        if (qw < Sq && !(causal && k0 > qw + 15)) {
             wa.template step<BN>(cK, cV, LD, scale_log2, lane, [&](int r, int j) -> float {
                 const int qi = qw + r, kj = k0 + j;
                 if (kj >= Sk || (causal && kj > qi)) return -VI_INF;
@@ -172,11 +175,84 @@ __device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
     wa.store(min(16, Sq - qw), lane, [&](int r) { return ob + (size_t)(qw + r) * rs; });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Small-sequence kernel (Sk <= 64 keys, e.g. temporal attention over 16 frames with b = B*H*W rows):
+// one warp per (b, h, 16-query tile), independent warps (no block barrier), like dual_mma.
+// Warp task w -> h = w % H, mt = (w / H) % ntq, b = w / (H * ntq), ntq = ceil(Sq / 16) (h fastest:
+// neighbouring warps read neighbouring 2*D-byte pieces of the same rows). The warp stages its 16 query
+// rows and ALL Sk keys/values of (b, h) (zero rows up to nk16 = roundup(Sk, 16)) in its own smem slice
+// with cp.async, then runs the tile engine over key steps of 16. Masks: j >= Sk, causal j > i; bias.
+// Query rows >= Sq load zeros, are fully masked and not stored.
+// Grid ceil(B * H * ntq / WPB); block 32 * WPB; dynamic smem WPB * (16 + 2 * nk16) * (D+8) * sizeof(T).
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ void attn_small(const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const T* __restrict__ bias,
+                           T* __restrict__ o, int B, int Sq, int Sk, int H, float scale_log2,
+                           int causal) {
+    constexpr int LD = D + 8, CH = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+    const int ntq = (Sq + 15) / 16;
+    const int nk16 = (Sk + 15) & ~15;
+    const long long w = (long long)blockIdx.x * (blockDim.x >> 5) + wib;
+    if (w >= (long long)B * H * ntq) return;  // whole warp; warp-level sync only
+    const int h = (int)(w % H);
+    const int mt = (int)((w / H) % ntq);
+    const int b = (int)(w / ((long long)H * ntq));
+    T* sQ = reinterpret_cast<T*>(smem_raw) + (size_t)wib * (16 + 2 * nk16) * LD;
+    T* sK = sQ + 16 * LD;
+    T* sV = sK + nk16 * LD;
+    const size_t rs = (size_t)H * D;
+    const int i0 = mt * 16;
+    const T* qb = q + (size_t)b * Sq * rs + (size_t)h * D;
+    const T* kb = k + (size_t)b * Sk * rs + (size_t)h * D;
+    const T* vb = v + (size_t)b * Sk * rs + (size_t)h * D;
+    for (int c = lane; c < 16 * CH; c += 32) {
+        const int r = c / CH, cc = c % CH;
+        const bool ok = i0 + r < Sq;
+        vi_cp_async16(sQ + r * LD + cc * 8, ok ? qb + (size_t)(i0 + r) * rs + cc * 8 : qb, ok);
+    }
+    for (int c = lane; c < nk16 * CH; c += 32) {
+        const int j = c / CH, cc = c % CH;
+        const bool ok = j < Sk;
+        const size_t off = (size_t)j * rs + cc * 8;
+        vi_cp_async16(sK + j * LD + cc * 8, ok ? kb + off : kb, ok);
+        vi_cp_async16(sV + j * LD + cc * 8, ok ? vb + off : vb, ok);
+    }
+    vi_cp_async_commit();
+    vi_cp_async_wait<0>();
+    __syncwarp();
+
+    ViWarpAttn<T, D> wa;
+    wa.init();
+    wa.load_q(sQ, LD, lane);
+    const int rows = min(16, Sq - i0);
+    for (int k0 = 0; k0 < nk16; k0 += 16) {
+        wa.template step<16>(sK + k0 * LD, sV + k0 * LD, LD, scale_log2, lane,
+                             [&](int r, int j) -> float {
+                                 const int qi = i0 + r, kj = k0 + j;
+                                 if (r >= rows || kj >= Sk || (causal && kj > qi)) return -VI_INF;
+                                 if (bias != nullptr)
+                                     return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                                 return 0.f;
+                             });
+    }
+    T* ob = o + (size_t)b * Sq * rs + (size_t)h * D;
+    wa.store(rows, lane, [&](int r) { return ob + (size_t)(i0 + r) * rs; });
+}
+
 #define VI_ATTN_GENERIC(T, NAME, L)                                                              \
     extern "C" __global__ void __launch_bounds__(128) attn_generic_##NAME##_l##L(              \
         const T* q, const T* k, const T* v, const T* bias, T* o, int B, int Sq, int Sk, int H,  \
         int D, int Dv, float scale, int causal) {                                               \
         attn_generic<T, L>(q, k, v, bias, o, B, Sq, Sk, H, D, Dv, scale, causal);               \
+    }
+#define VI_ATTN_SMALL(T, NAME, D)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) attn_small_##NAME##_d##D(                \
+        const T* q, const T* k, const T* v, const T* bias, T* o, int B, int Sq, int Sk, int H,  \
+        float scale_log2, int causal) {                                                          \
+        attn_small<T, D>(q, k, v, bias, o, B, Sq, Sk, H, scale_log2, causal);                    \
     }
 #define VI_ATTN_FLASH(T, NAME, D, W)                                                             \
     extern "C" __global__ void __launch_bounds__(32 * W) attn_flash_##NAME##_d##D##_w##W(       \
@@ -197,3 +273,10 @@ VI_ATTN_FLASH(__half, f16, 32, 8)
 VI_ATTN_FLASH(__half, f16, 64, 8)
 VI_ATTN_FLASH(__half, f16, 64, 4)
 VI_ATTN_FLASH(__half, f16, 128, 4)
+
+VI_ATTN_SMALL(__nv_bfloat16, bf16, 32)
+VI_ATTN_SMALL(__nv_bfloat16, bf16, 64)
+VI_ATTN_SMALL(__nv_bfloat16, bf16, 128)
+VI_ATTN_SMALL(__half, f16, 32)
+VI_ATTN_SMALL(__half, f16, 64)
+VI_ATTN_SMALL(__half, f16, 128)

@@ -1,8 +1,8 @@
 //! The hand-written CUDA kernels (GroupNorm, LayerNorm, softmax, attention, dual-scope attention)
 //! against the CPU backend on random inputs, including tails (sizes not multiples of the tiles),
 //! odd channel counts, bias/causal attention, several head dims, every storage dtype, and both
-//! attention kernel families (tensor-core fast path, its 4-warp variant `VI_ATTN_KERNEL=flash4`, and
-//! the simple kernels `VI_ATTN_KERNEL=simple`).
+//! attention kernel families (tensor-core fast paths: `auto` = flash or the small-sequence kernel,
+//! `VI_ATTN_KERNEL=flash`, the 4-warp flash variant `flash4`; and the simple kernels `simple`).
 //!
 //! The checks run in ONE test function: the kernel choice is switched through the environment
 //! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs (the ignored
@@ -218,7 +218,7 @@ mod gpu {
     type AttnCase = (usize, usize, usize, usize, usize, usize, bool, bool);
 
     fn attentions(r: &mut StdRng, label: &str) {
-        let cases: [AttnCase; 10] = [
+        let cases: [AttnCase; 13] = [
             (2, 130, 77, 5, 64, 64, false, false), // cross-attention, tails on both sides
             (1, 77, 77, 4, 64, 64, true, true),    // CLIP text encoder
             (2, 200, 200, 2, 64, 64, false, true),
@@ -229,6 +229,9 @@ mod gpu {
             (1, 20, 33, 2, 8, 16, true, false),   // D != Dv
             (1, 70, 70, 1, 512, 512, false, false), // VAE mid-block attention (generic, L = 16)
             (1, 1024, 1024, 1, 64, 64, false, false),
+            (300, 16, 16, 5, 64, 64, false, false), // temporal attention over frames (small kernel)
+            (7, 24, 24, 2, 64, 64, true, true),     // small kernel: two query tiles, bias, causal
+            (3, 100, 50, 2, 128, 128, false, true),
         ];
         for &(b, sq, sk, h, d, dv, with_bias, causal) in &cases {
             for dt in DTYPES {
@@ -407,6 +410,7 @@ mod gpu {
             (16, 2560, 2560, 5, 64),
             (16, 2560, 77, 5, 64),
             (16, 640, 640, 10, 64),
+            (5120, 16, 16, 5, 64), // temporal attention over 16 frames (LocalContext)
         ] {
             let q = gpu(
                 &rand_vec(&mut r, b * sq * h * d, 0.0, 1.0, dt),
@@ -424,7 +428,7 @@ mod gpu {
                 dt,
             );
             let flops = 4.0 * (b * h * sq * sk * d) as f64;
-            for kind in ["auto", "flash4", "simple"] {
+            for kind in ["auto", "flash", "flash4", "simple"] {
                 std::env::set_var("VI_ATTN_KERNEL", kind);
                 report_flops(
                     &format!("attention[{kind}] B{b} Sq{sq} Sk{sk} H{h} D{d}"),
@@ -493,6 +497,8 @@ mod gpu {
         std::env::remove_var("VI_ATTN_KERNEL");
         attentions(&mut r, "auto");
         dual_scopes(&mut r, "auto");
+        std::env::set_var("VI_ATTN_KERNEL", "flash");
+        attentions(&mut r, "flash");
         std::env::set_var("VI_ATTN_KERNEL", "flash4");
         attentions(&mut r, "flash4");
         std::env::set_var("VI_ATTN_KERNEL", "simple");

@@ -3,10 +3,12 @@
 //!
 //! Kernel choice (per call):
 //! * fast path: bf16/f16 storage, head_dim (= value dim) in {32, 64, 128}, 16-byte aligned buffers:
-//!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported) and `dual_mma_*`;
+//!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported), `attn_small_*` (the
+//!   same engine, one warp per 16 queries, for Sk <= 64 and Sq <= 128) and `dual_mma_*`;
 //! * otherwise, or with the environment variable `VI_ATTN_KERNEL=simple`: the straightforward fp32
 //!   kernels `attn_generic_*` (any D and value dim) and `dual_generic_*` (D <= 128).
-//!   `VI_ATTN_KERNEL=flash4` selects the 4-warp flash variant (64 queries per block) for comparison.
+//!   `VI_ATTN_KERNEL=flash` uses the flash kernel also for short sequences, `VI_ATTN_KERNEL=flash4`
+//!   the 4-warp flash variant (64 queries per block), for comparisons.
 
 use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
 
@@ -21,6 +23,8 @@ pub(crate) enum AttnKernel {
     /// Tensor-core kernels where they apply (flash: 8 warps = 128 queries per block for D <= 64,
     /// 4 warps for D = 128), else the simple ones.
     Auto,
+    /// `VI_ATTN_KERNEL=flash`: the flash kernel also where the small-sequence kernel would be used.
+    Flash,
     /// `VI_ATTN_KERNEL=flash4`: the flash kernel with 4 warps (64 queries per block) for every D.
     Flash4,
     /// `VI_ATTN_KERNEL=simple`: always the simple fp32 kernels, for comparisons.
@@ -32,6 +36,7 @@ pub(crate) fn kernel_choice() -> AttnKernel {
     match std::env::var("VI_ATTN_KERNEL") {
         Ok(v) if v.eq_ignore_ascii_case("simple") => AttnKernel::Simple,
         Ok(v) if v.eq_ignore_ascii_case("flash4") => AttnKernel::Flash4,
+        Ok(v) if v.eq_ignore_ascii_case("flash") => AttnKernel::Flash,
         _ => AttnKernel::Auto,
     }
 }
@@ -86,7 +91,44 @@ pub(crate) fn attention(
         && aligned
         && b <= 65535
         && h <= 65535;
-    if fast {
+    // Short key sequences (temporal attention over frames: Sq = Sk = 16 with b = B*H*W rows): one
+    // independent warp per (b, h, 16 queries) instead of 128-query blocks that would mostly idle.
+    let small = fast && choice == AttnKernel::Auto && sk <= 64 && sq <= 128;
+    if small {
+        let nk16 = sk.div_ceil(16) * 16;
+        let per_warp = (16 + 2 * nk16) * (d + 8) * dt.size_in_bytes();
+        let wpb = [4usize, 2, 1]
+            .into_iter()
+            .find(|&w| w * per_warp <= SMEM_DEFAULT)
+            .unwrap_or(1);
+        let tasks = b * h * sq.div_ceil(16);
+        let blocks = tasks.div_ceil(wpb);
+        if blocks > i32::MAX as usize {
+            return Err(Error::shape(OP, format!("q {:?} too large", q.shape())));
+        }
+        let name = format!("attn_small_{}_d{d}", dtype_suffix(dt));
+        let f = dev.func("attention", &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (32 * wpb as u32, 1, 1),
+            shared_mem_bytes: (wpb * per_warp) as u32,
+        };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let b_i = i32_arg(OP, "B", b)?;
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&bp)
+                .arg(&op)
+                .arg(&b_i)
+                .arg(&sq_i)
+                .arg(&sk_i)
+                .arg(&h_i)
+                .arg(&scale_log2)
+                .arg(&causal_i);
+        })?;
+    } else if fast {
         let warps = if choice == AttnKernel::Flash4 || d == 128 {
             4
         } else {
