@@ -655,3 +655,58 @@ fn a_hung_rank_makes_the_others_fail_after_the_timeout() {
     // Ranks 0 and 1 fail after ~0.4 s; the run returns once the hung rank wakes up.
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
 }
+
+/// With exact-seam statistics and halos, no global token (top_k 0) and clips of at least
+/// `attn_pad` frames, every frame sees exactly the same keys whether the video is split or not:
+/// the whole UNet over W ranks equals the 1-rank run on the whole video to float32 rounding.
+#[test]
+fn exact_seam_unet_over_w_ranks_equals_one_rank() {
+    let tiny = tiny();
+    let src = StoreSource::new(&tiny.store, "weight/", Device::Cpu, DType::F32);
+    let unet = UNet3D::load(&tiny.cfg, Params::new(&src)).unwrap();
+    let cfg = ViConfig {
+        exact_seam: true,
+        top_k: 0,
+        attn_pad: 2,
+        ..ViConfig::default()
+    };
+    let t_total = 11;
+    let x = randn(&[2, t_total, 8, 8, 4], 21);
+    let ehs = randn(&[2, 77, tiny.cfg.cross_attention_dim], 22);
+    let run = |world: usize| -> Tensor {
+        let clips = split_frames(t_total, world).unwrap();
+        let outs = run_ranks(world, TIMEOUT, |r, comm| {
+            let xr = ops::narrow(&x, 1, clips[r].start, clips[r].len())?;
+            let ctx = ClipParallelContext::new(comm, &cfg, 900);
+            unet.forward(&xr, 900.0, 24.0, &ehs, &ctx)
+        })
+        .unwrap();
+        concat_frames(&outs, 1).unwrap()
+    };
+    let whole = run(1);
+    for world in [2, 3, 4] {
+        // 11 frames: clips 6/5, 4/4/3, 3/3/3/2 -- all >= attn_pad.
+        let split = run(world);
+        let (max, ok) = close(&split, &whole, 2e-5, 1e-4);
+        println!("exact-seam UNet W={world} vs W=1: max diff {max:.2e}");
+        assert!(ok, "W={world}: max diff {max}");
+    }
+    // The reference mode differs (GroupNorm over padded windows, local statistics).
+    let ref_cfg = ViConfig {
+        top_k: 0,
+        attn_pad: 2,
+        ..ViConfig::default()
+    };
+    let clips = split_frames(t_total, 2).unwrap();
+    let outs = run_ranks(2, TIMEOUT, |r, comm| {
+        let xr = ops::narrow(&x, 1, clips[r].start, clips[r].len())?;
+        let ctx = ClipParallelContext::new(comm, &ref_cfg, 900);
+        unet.forward(&xr, 900.0, 24.0, &ehs, &ctx)
+    })
+    .unwrap();
+    let (m, _) = close(&concat_frames(&outs, 1).unwrap(), &whole, 0.0, 0.0);
+    assert!(
+        m > 1e-4,
+        "reference mode unexpectedly equals the exact-seam whole video ({m})"
+    );
+}
