@@ -179,7 +179,8 @@ mod gpu {
         let mut r = StdRng::seed_from_u64(2);
         for dt in DTYPES {
             // (x [N, H, W, Cin], Cout, k, stride, pad, bias)
-            let cases: &[([usize; 4], usize, usize, usize, usize, bool)] = &[
+            type Case = ([usize; 4], usize, usize, usize, usize, bool);
+            let cases: &[Case] = &[
                 ([2, 12, 16, 64], 96, 3, 1, 1, true), // 16-byte im2col units
                 ([3, 9, 7, 4], 32, 3, 1, 1, true),    // conv_in-like, C = 4
                 ([1, 8, 10, 3], 5, 3, 1, 1, false),   // C = 3: 2-byte units

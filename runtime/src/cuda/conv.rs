@@ -99,9 +99,9 @@ pub(crate) fn conv2d(
         (2, "im2col_v2"),
     ]
     .into_iter()
-    .find(|(u, _)| row_bytes % u == 0)
+    .find(|(u, _)| row_bytes & (u - 1) == 0) // units are powers of two
     .unwrap_or((2, "im2col_v2"));
-    if row_bytes % unit != 0 {
+    if row_bytes & (unit - 1) != 0 {
         return Err(cuda_err(OP, format!("channel row of {row_bytes} bytes")));
     }
     let f = dev.func("conv", kname)?;

@@ -327,11 +327,10 @@ impl Blas {
             ),
         };
         let mut plans = self.plans.lock().unwrap();
-        if !plans.contains_key(&key) {
-            let p = self.plan(&key)?;
-            plans.insert(key, p);
-        }
-        let plan = &plans[&key];
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key)?),
+        };
         if let Some(bias) = g.bias {
             set_desc(
                 plan.desc,

@@ -109,6 +109,9 @@ fn check_driver() -> Result<()> {
     Ok(())
 }
 
+/// (source buffer address, element count, re-layout tag) of a cached weight re-layout.
+pub(crate) type WeightKey = (u64, usize, &'static str);
+
 /// A CUDA device as used by the runtime. Cached per ordinal for the life of the process.
 pub struct CudaDevice {
     ordinal: usize,
@@ -122,7 +125,7 @@ pub struct CudaDevice {
     /// Weight re-layouts cached per source buffer address and length (conv weights to
     /// [Cout, kh, kw, Cin], temporal conv weights to [k, Cout, Cin]). The entry keeps the source tensor
     /// alive, so its address cannot be reused by another buffer while the entry exists.
-    pub(crate) weight_cache: Mutex<HashMap<(u64, usize, &'static str), (Tensor, Tensor)>>,
+    pub(crate) weight_cache: Mutex<HashMap<WeightKey, (Tensor, Tensor)>>,
     pub(crate) profiler: profile::Profiler,
 }
 
