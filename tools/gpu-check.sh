@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The whole GPU check, as ONE command on the GPU machine, from the repository root (< 8 minutes):
+#   bash tools/gpu-check.sh
+# Needs the executables built here by tools/gpu-build.sh (.gpu/bin/*.xz) and, for the PyTorch peer,
+# the wheels in .whl/ (diffusers + importlib_metadata): carry [".gpu", ".whl"].
+#
+# Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend); the
+# gpu_golden test (tiny golden UNet, plain and Video-Infinity ranks, bf16 on the GPU); the full-size
+# UNet bench (16 and 24 frames); the diffusers UNet3DConditionModel peer (same shapes, fp16, SDPA;
+# VI_PEER_COMPILE=1 adds torch.compile). Logs go to $OUT (default .gpu/out); a short table is
+# printed last. Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3).
+set -uo pipefail
+root=$(pwd)
+OUT=${OUT:-$root/.gpu/out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+log() { echo "[gpu-check +$(($(date +%s) - t0))s] $*"; }
+summary="$OUT/summary.txt"
+: >"$summary"
+
+nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -20
+
+# CUDA libraries: the pip wheels of the python that holds PyTorch, then system CUDA.
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)
+libdirs=""
+for d in "$site"/nvidia/*/lib "$site"/nvidia/cu13/lib /usr/local/cuda*/lib64 /usr/local/nvidia/lib64; do
+  [ -d "$d" ] && libdirs="$libdirs:$d"
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+# The executables have /work/main/tests/golden compiled in (the build machine's checkout).
+if [ ! -e /work/main/tests/golden ]; then
+  mkdir -p /work && ln -sfn "$root" /work/main
+fi
+
+bin=/tmp/vi-bin
+mkdir -p "$bin"
+if ! ls .gpu/bin/*.xz >/dev/null 2>&1; then
+  echo "gpu-check: no .gpu/bin/*.xz: run tools/gpu-build.sh on the build machine and carry .gpu" >&2
+  exit 2
+fi
+for f in .gpu/bin/*.xz; do
+  n=$(basename "$f" .xz)
+  xz -dc "$f" >"$bin/$n" && chmod +x "$bin/$n"
+done
+
+# run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit code, show the tail.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  log "$name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc" >>"$summary"
+  tail -n 15 "$OUT/$name.log"
+  return 0
+}
+
+run cuda_ops 60 "$bin/cuda_ops" --nocapture
+run cuda_kernels 90 "$bin/cuda_kernels" --nocapture
+run gpu_golden 60 "$bin/gpu_golden" --nocapture --test-threads=1
+"$bin/video-infinity" --help >/dev/null 2>&1
+echo "video-infinity --help rc=$?" >>"$summary"
+run unet_bench 150 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >/tmp/pip.txt 2>&1 || { log "pip install of .whl failed:"; tail -5 /tmp/pip.txt; }
+  peer_args=(--frames 16 24 --iters 3 --warmup 1)
+  [ "${VI_PEER_COMPILE:-0}" = 1 ] && peer_args+=(--compile)
+  run peer 150 env PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/peer/diffusers_unet.py "${peer_args[@]}"
+else
+  log "no .whl/: PyTorch peer skipped"
+fi
+
+log "done"
+python3 - "$OUT" <<'EOF'
+import os, re, sys
+out = sys.argv[1]
+def read(name):
+    p = os.path.join(out, name)
+    return open(p, errors="replace").read() if os.path.exists(p) else ""
+print("\n================ gpu-check summary ================")
+for line in read("summary.txt").split("\n"):
+    if not line:
+        continue
+    name = line.split(" rc=")[0]
+    rc = line.split("rc=")[-1]
+    res = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", read(name + ".log"))
+    extra = "; ".join(f"{r[0]}: {r[1]} passed, {r[2]} failed" for r in res)
+    status = "OK" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else "FAIL")
+    print(f"{name:<24} {status:<8} rc={rc:<4} {extra}")
+def kv(line):
+    return dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
+ours = {kv(l)["frames"]: kv(l) for l in read("unet_bench.log").split("\n") if l.startswith("BENCH ")}
+peer = {}
+for l in read("peer.log").split("\n"):
+    if l.startswith("PEER "):
+        d = kv(l)
+        peer[(d["mode"], d["frames"])] = d
+print()
+print(f"{'frames':>6} {'ours ms':>9} {'peer eager':>11} {'peer comp.':>11} {'peer/ours':>10} {'TFLOP/s':>8} {'% peak':>7}  top-3 op kinds (ours)")
+for f in sorted(set(ours) | {k[1] for k in peer}, key=int):
+    o = ours.get(f, {})
+    pe = peer.get(("eager", f), {})
+    pc = peer.get(("compile", f), {})
+    oms = float(o["median_ms"]) if o else None
+    best_peer = min([float(d["median_ms"]) for d in (pe, pc) if d] or [0]) or None
+    ratio = f"{best_peer / oms:.2f}x" if (oms and best_peer) else "-"
+    print(f"{f:>6} {o.get('median_ms', '-'):>9} {pe.get('median_ms', '-'):>11} {pc.get('median_ms', '-'):>11} "
+          f"{ratio:>10} {o.get('tflops', '-'):>8} {o.get('peak_pct', '-'):>7}  {o.get('top3', '-')}")
+print("(ms per CFG batch-2 pass at 40x64 latent; 786 GFLOP per frame-pass; peak 989 TFLOP/s; "
+      "peer/ours > 1 means ours is faster)")
+EOF
