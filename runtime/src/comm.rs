@@ -7,14 +7,20 @@
 //!
 //! [`InProcessGroup`] builds one [`InProcessComm`] per rank for ranks that are threads of one
 //! process (CPU ranks, or several clips sharing one GPU). Tensors are handed over as they are (an
-//! `Arc` clone: no copy, no device transfer), so a CUDA tensor stays on its device.
+//! `Arc` clone: no copy, no device transfer), so a CUDA tensor stays on its device; ranks that
+//! share a CUDA device also share its single stream, so a received tensor is ordered after the
+//! kernels that produced it. [`InProcessGroup::new_on_devices`] gives each rank a device, and a
+//! tensor received from a rank on another device is copied over (through the host).
+//!
+//! Matching: the n-th collective call of a rank pairs with the n-th call of every other rank; the
+//! call kind travels with each message, and a mismatch is an error (and aborts the group).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 /// What a rank can ask of the group. Tensors are exchanged whole; shapes may differ between ranks
 /// where noted.
@@ -115,6 +121,21 @@ impl InProcessGroup {
     // A group is nothing but its members: `new` hands out the per-rank communicators.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(world_size: usize, timeout: Duration) -> Vec<InProcessComm> {
+        Self::build(world_size, None, timeout)
+    }
+
+    /// Like [`InProcessGroup::new`], one rank per entry of `devices`: a tensor a rank receives that
+    /// lives on another device is copied to the rank's device (through the host). Ranks sharing a
+    /// device get the sender's tensor as is.
+    pub fn new_on_devices(devices: &[Device], timeout: Duration) -> Vec<InProcessComm> {
+        Self::build(devices.len(), Some(devices), timeout)
+    }
+
+    fn build(
+        world_size: usize,
+        devices: Option<&[Device]>,
+        timeout: Duration,
+    ) -> Vec<InProcessComm> {
         assert!(world_size >= 1, "a group needs at least one rank");
         let shared = Arc::new(Shared {
             world: world_size,
@@ -131,6 +152,7 @@ impl InProcessGroup {
                 rank,
                 shared: shared.clone(),
                 seq: AtomicU64::new(0),
+                device: devices.map(|d| d[rank]),
             })
             .collect()
     }
@@ -149,6 +171,8 @@ pub struct InProcessComm {
     shared: Arc<Shared>,
     /// Index of the next collective call of this rank.
     seq: AtomicU64,
+    /// Where received tensors must live (None: as sent).
+    device: Option<Device>,
 }
 
 impl InProcessComm {
@@ -195,6 +219,14 @@ impl InProcessComm {
     /// Wait for the message of call `seq` from `src`. Fails when the group is aborted, when `src`
     /// departed without sending it, or after the timeout (which aborts the group).
     fn recv(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
+        let t = self.recv_raw(seq, kind, src)?;
+        match (t, self.device) {
+            (Some(t), Some(d)) if t.device() != d => Ok(Some(t.to_device(d)?)),
+            (t, _) => Ok(t),
+        }
+    }
+
+    fn recv_raw(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
         let deadline = Instant::now() + self.shared.timeout;
         let key = (seq, src, self.rank);
         let mut st = self.shared.lock();

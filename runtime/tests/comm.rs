@@ -238,3 +238,25 @@ fn mismatched_calls_are_reported() {
         assert!(err.contains("mismatch") || err.contains("aborted"), "{err}");
     }
 }
+
+#[test]
+fn received_tensors_are_moved_to_the_rank_device() {
+    // Rank 1 "lives" on the meta device: what it receives is converted there (shape kept);
+    // rank 0 (CPU) gets rank 1's CPU tensor as is.
+    use vi_runtime::Device;
+    let comms =
+        InProcessGroup::new_on_devices(&[Device::Cpu, Device::Meta], Duration::from_secs(10));
+    let results = run(comms, |r, c| {
+        let g = c.all_gather(&vals(r, 3)).unwrap();
+        g.iter()
+            .map(|t| (t.device(), t.shape().to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let res: Vec<_> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(res[0], vec![(Device::Cpu, vec![3]), (Device::Cpu, vec![3])]);
+    // Its own tensor stays where it was made; the peer's was moved.
+    assert_eq!(
+        res[1],
+        vec![(Device::Meta, vec![3]), (Device::Cpu, vec![3])]
+    );
+}
