@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod clip_parallel;
+pub mod convert;
 pub mod distributed;
 pub mod params;
 pub mod pipeline;
