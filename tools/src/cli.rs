@@ -207,9 +207,15 @@ pub struct VerifyArgs {
     /// Tokenizer folder (vocab.json, merges.txt) for a tokenizer case file.
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
-    /// Device to run on.
+    /// Device to run on: `cpu`, or `cuda:N` (bf16; pass criterion rel L2 <= 2e-2 per output).
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
     pub device: String,
+    /// Absolute tolerance [default: 2e-5 UNet/CLIP, 5e-5 VAE, 2e-4 scheduler].
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Relative tolerance [default: 1e-4; scheduler 1e-5].
+    #[arg(long)]
+    pub rtol: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,7 @@ use std::ffi::OsString;
 use anyhow::Result;
 use clap::Parser;
 
+pub use anyhow::Error;
 pub use cli::Cli;
 
 /// `verify` found outputs outside tolerance; the message is `verify: FAIL ...`.
