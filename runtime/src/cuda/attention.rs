@@ -63,6 +63,38 @@ pub(crate) fn attention(
     causal: bool,
 ) -> Result<Tensor> {
     const OP: &str = "attention";
+    // Re-checked here (also done by `crate::ops`): the kernels index with these dims unchecked.
+    let dims_ok = [q, k, v].iter().all(|t| t.rank() == 4)
+        && k.dim(0) == q.dim(0)
+        && v.dim(0) == q.dim(0)
+        && k.dim(2) == q.dim(2)
+        && v.dim(2) == q.dim(2)
+        && k.dim(3) == q.dim(3)
+        && v.dim(1) == k.dim(1)
+        && match bias {
+            Some(b) => b.shape() == [q.dim(1), k.dim(1)],
+            None => true,
+        }
+        && (!causal || q.dim(1) == k.dim(1));
+    let dtype_ok = [k, v]
+        .iter()
+        .chain(bias.iter())
+        .all(|t| t.dtype() == q.dtype());
+    if !dims_ok || !dtype_ok {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q {:?} k {:?} v {:?} bias {:?} causal {causal} (dtypes {:?} {:?} {:?})",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                bias.map(|b| b.shape().to_vec()),
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            ),
+        ));
+    }
     let (qs, ks, vs) = (storage(q, OP)?, storage(k, OP)?, storage(v, OP)?);
     let bsv = bias.map(|b| storage(b, OP)).transpose()?;
     let dev = qs.dev();
@@ -214,6 +246,32 @@ pub(crate) fn dual_scope_attention(
     p: &DualScopeParams,
 ) -> Result<Tensor> {
     const OP: &str = "dual_scope_attention";
+    // Re-checked here (also done by `crate::ops`): the kernels index with these dims unchecked.
+    let ok = q.rank() == 4 && k_glob.rank() == 4 && {
+        let loc = [q.dim(0), q.dim(1) + 2 * p.pad, q.dim(2), q.dim(3)];
+        let glob = [q.dim(0), k_glob.dim(1), q.dim(2), q.dim(3)];
+        k_local.shape() == loc
+            && v_local.shape() == loc
+            && k_glob.shape() == glob
+            && v_glob.shape() == glob
+            && [k_local, v_local, k_glob, v_glob]
+                .iter()
+                .all(|t| t.dtype() == q.dtype())
+    };
+    if !ok {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q {:?} k_local {:?} v_local {:?} k_glob {:?} v_glob {:?} pad {}",
+                q.shape(),
+                k_local.shape(),
+                v_local.shape(),
+                k_glob.shape(),
+                v_glob.shape(),
+                p.pad
+            ),
+        ));
+    }
     let qs = storage(q, OP)?;
     let (kls, vls) = (storage(k_local, OP)?, storage(v_local, OP)?);
     let (kgs, vgs) = (storage(k_glob, OP)?, storage(v_glob, OP)?);

@@ -52,9 +52,24 @@ pub(crate) fn launch<'a>(
     Ok(())
 }
 
+/// x must be [N, S, C] with C divisible by `groups` (re-checked here: the kernels rely on it).
+fn check_x(x: &Tensor, groups: usize, op: &'static str) -> Result<()> {
+    if x.rank() != 3 || x.dim(2).checked_rem(groups) != Some(0) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x {:?} is not [N, S, C] with C divisible by {groups} groups",
+                x.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Per-(n, chunk, column vector) partial moments + per-group merge into `out` (f32):
 /// mode 0 -> [N, G, 3] (count, mean, M2); mode 1 -> [N, G, 2] (mean, biased var).
 fn moments(x: &Tensor, groups: usize, mode: i32, op: &'static str) -> Result<CudaStorage> {
+    check_x(x, groups, op)?;
     let xs = storage(x, op)?;
     let dev = xs.dev();
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
@@ -130,10 +145,22 @@ fn apply(
     silu: bool,
     op: &'static str,
 ) -> Result<Tensor> {
+    check_x(x, groups, op)?;
+    let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
+    if gamma.shape() != [c] || beta.shape() != [c] || stats.len() != n * groups * 2 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x {:?}: gamma {:?}, beta {:?} must be [{c}], stats [{n}, {groups}, 2]",
+                x.shape(),
+                gamma.shape(),
+                beta.shape()
+            ),
+        ));
+    }
     let xs = storage(x, op)?;
     let (gs, bs) = (storage(gamma, op)?, storage(beta, op)?);
     let dev = xs.dev();
-    let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
     let out = dev.alloc(x.dtype(), x.elem_count())?;
     if x.elem_count() == 0 {
         return Ok(out.into_tensor(x.shape()));
@@ -212,6 +239,12 @@ pub(crate) fn group_norm_apply(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
+    if stats.rank() != 3 || stats.dim(2) != 2 {
+        return Err(Error::shape(
+            OP,
+            format!("stats {:?} is not [N, G, 2]", stats.shape()),
+        ));
+    }
     let ss = storage(stats, OP)?;
     apply(x, ss, stats.dim(1), gamma, beta, eps, silu, OP)
 }
@@ -248,10 +281,25 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
 /// LayerNorm over the last dim (fp32 two-pass statistics per row).
 pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     const OP: &str = "layer_norm";
+    let c = *x
+        .shape()
+        .last()
+        .ok_or_else(|| Error::shape(OP, "scalar input"))?;
+    let same = gamma.dtype() == x.dtype() && beta.dtype() == x.dtype();
+    if gamma.shape() != [c] || beta.shape() != [c] || !same {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "gamma {:?} / beta {:?} for x {:?}",
+                gamma.shape(),
+                beta.shape(),
+                x.shape()
+            ),
+        ));
+    }
     let xs = storage(x, OP)?;
     let (gs, bs) = (storage(gamma, OP)?, storage(beta, OP)?);
     let dev = xs.dev();
-    let c = x.dim(x.rank() - 1);
     let out = dev.alloc(x.dtype(), x.elem_count())?;
     if x.elem_count() == 0 {
         return Ok(out.into_tensor(x.shape()));
