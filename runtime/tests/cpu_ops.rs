@@ -495,6 +495,8 @@ fn attention_matches_reference() {
         (1, 130, 70, 2, 16, 16, true, false),
         (1, 130, 130, 1, 8, 8, false, true),
         (3, 1, 77, 2, 5, 3, false, false),
+        // Full-size spatial sequence (40x64 latent): query blocks of 25 rows against 2560 keys.
+        (1, 2560, 2560, 1, 4, 4, false, false),
     ];
     for (b, sq, sk, h, d, dv, with_bias, causal) in cases {
         let (qv, q) = randn(&mut r, &[b, sq, h, d]);
