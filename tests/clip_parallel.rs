@@ -710,3 +710,24 @@ fn exact_seam_unet_over_w_ranks_equals_one_rank() {
         "reference mode unexpectedly equals the exact-seam whole video ({m})"
     );
 }
+
+#[test]
+fn ranks_on_explicit_devices() {
+    use vi_model::distributed::run_ranks_on_devices;
+    let out = run_ranks_on_devices(&[Device::Cpu; 3], TIMEOUT, |r, comm| {
+        let s = comm.all_reduce_sum(&Tensor::from_vec(vec![r as f32 + 1.0], &[1])?)?;
+        Ok((r, s.to_vec_f32()?[0]))
+    })
+    .unwrap();
+    assert_eq!(out, vec![(0, 6.0), (1, 6.0), (2, 6.0)]);
+    let err = run_ranks_on_devices(&[Device::Cpu; 2], TIMEOUT, |r, comm| {
+        if r == 0 {
+            return Err(ModelError::Msg("no".into()));
+        }
+        comm.barrier()?;
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank 0 aborted: no"), "{err}");
+}

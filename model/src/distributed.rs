@@ -18,8 +18,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vi_runtime::comm::{Communicator, InProcessGroup};
-use vi_runtime::{ops, Tensor};
+use vi_runtime::comm::{Communicator, InProcessComm, InProcessGroup};
+use vi_runtime::{ops, Device, Tensor};
 
 use crate::clip_parallel::{ClipParallelContext, ViConfig};
 use crate::params::{ModelError, Result};
@@ -134,7 +134,26 @@ pub fn run_ranks_detailed<T: Send>(
     timeout: Duration,
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> RankResults<T> {
-    let comms = InProcessGroup::new(world, timeout);
+    run_group(InProcessGroup::new(world, timeout), f)
+}
+
+/// [`run_ranks`] with one rank per entry of `devices` (several entries may name the same device):
+/// tensors a rank receives from a rank on another device are copied to its own device.
+pub fn run_ranks_on_devices<T: Send>(
+    devices: &[Device],
+    timeout: Duration,
+    f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    collect_results(run_group(
+        InProcessGroup::new_on_devices(devices, timeout),
+        f,
+    ))
+}
+
+fn run_group<T: Send>(
+    comms: Vec<InProcessComm>,
+    f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
+) -> RankResults<T> {
     let first_failure: Mutex<Option<String>> = Mutex::new(None);
     let per_rank = std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -196,7 +215,10 @@ pub fn run_ranks<T: Send>(
     timeout: Duration,
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let res = run_ranks_detailed(world, timeout, f);
+    collect_results(run_ranks_detailed(world, timeout, f))
+}
+
+fn collect_results<T>(res: RankResults<T>) -> Result<Vec<T>> {
     if res.per_rank.iter().all(|r| r.is_ok()) {
         return Ok(res.per_rank.into_iter().map(|r| r.ok().unwrap()).collect());
     }
