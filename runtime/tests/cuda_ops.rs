@@ -176,6 +176,17 @@ mod gpu {
         if !have_gpu() {
             return;
         }
+        use vi_runtime::cuda::{conv_algo, set_conv_algo, ConvAlgo};
+        // Both implementations of kxk convolutions; 1x1 is always a plain GEMM.
+        for algo in [ConvAlgo::Im2col, ConvAlgo::Cudnn] {
+            set_conv_algo(algo);
+            conv2d_cases(algo);
+            // A cuDNN failure falls back to im2col (with a warning) and switches the selection.
+            println!("conv2d: requested {algo:?}, ran {:?}", conv_algo());
+        }
+    }
+
+    fn conv2d_cases(algo: vi_runtime::cuda::ConvAlgo) {
         let mut r = StdRng::seed_from_u64(2);
         for dt in DTYPES {
             // (x [N, H, W, Cin], Cout, k, stride, pad, bias)
@@ -198,7 +209,7 @@ mod gpu {
                 } else {
                     (None, None)
                 };
-                let what = format!("conv2d x{xs:?} cout {cout} k{k} s{stride} p{pad}");
+                let what = format!("conv2d {algo:?} x{xs:?} cout {cout} k{k} s{stride} p{pad}");
                 let got = ops::conv2d(&xg, &wg, bg.as_ref(), stride, pad).unwrap();
                 check(
                     &what,

@@ -6,7 +6,8 @@
 //! attention read channels contiguously; and tensor-core GEMMs want K (= channels) innermost.
 //!
 //! * 1x1, stride 1, no padding: out[N*H*W, Cout] = x[N*H*W, Cin] · w[Cout, Cin]^T + bias.
-//! * kh x kw: im2col (`cuda/kernels/conv.cu`) to cols[N*Ho*Wo, kh*kw*Cin] with column order
+//! * kh x kw: cuDNN implicit GEMM on the re-laid weight (cudnn.rs) by default, else
+//!   im2col (`cuda/kernels/conv.cu`) to cols[N*Ho*Wo, kh*kw*Cin] with column order
 //!   (ky, kx, cin), then out = cols · w'^T + bias where w' is the weight re-laid ONCE to
 //!   [Cout, kh, kw, Cin] and cached per weight buffer. Chunked over images so the cols buffer stays
 //!   below `COLS_BUDGET` bytes.
@@ -85,6 +86,37 @@ pub(crate) fn conv2d(
     }
     let wr = relaid(&dev, w, &[0, 2, 3, 1], "conv2d")?;
     let swr = storage(&wr, OP)?;
+    if super::cudnn::conv_algo() == super::cudnn::ConvAlgo::Cudnn {
+        let shape_key = super::cudnn::ConvShape {
+            dtype: dt,
+            n,
+            h,
+            w: wd,
+            cin,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad,
+        };
+        let r = dev
+            .dnn()
+            .and_then(|d| d.conv(&dev, &shape_key, sx.ptr(), swr.ptr(), bias_ptr, out.ptr()));
+        match r {
+            Ok(()) => return Ok(out.into_tensor(&shape)),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "warning: cuDNN convolution unavailable, using im2col + cuBLASLt: {e}"
+                    )
+                });
+                if dev.dnn().is_err() {
+                    super::cudnn::set_conv_algo(super::cudnn::ConvAlgo::Im2col);
+                }
+            }
+        }
+    }
     let kdim = kh * kw * cin;
     let esz = dt.size_in_bytes();
     let per_image = ho * wo * kdim * esz;

@@ -25,6 +25,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod conv;
+pub mod cudnn;
 pub(crate) mod elementwise;
 pub(crate) mod gemm;
 pub(crate) mod layout;
@@ -32,6 +33,7 @@ pub(crate) mod norm;
 pub mod profile;
 
 pub use conv::clear_weight_cache;
+pub use cudnn::{conv_algo, set_conv_algo, ConvAlgo};
 pub use elementwise::{full, random_normal};
 
 use std::collections::HashMap;
@@ -122,6 +124,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<std::result::Result<gemm::Blas, String>>,
+    dnn: OnceLock<std::result::Result<cudnn::Dnn, String>>,
     /// Weight re-layouts cached per source buffer address and length (conv weights to
     /// [Cout, kh, kw, Cin], temporal conv weights to [k, Cout, Cin]). The entry keeps the source tensor
     /// alive, so its address cannot be reused by another buffer while the entry exists.
@@ -204,6 +207,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            dnn: OnceLock::new(),
             weight_cache: Mutex::new(HashMap::new()),
             profiler: profile::Profiler::from_env(),
         })
@@ -275,6 +279,14 @@ impl CudaDevice {
     pub(crate) fn blas(&self) -> Result<&gemm::Blas> {
         self.blas
             .get_or_init(|| gemm::Blas::new(self).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| Error::Cuda(e.clone()))
+    }
+
+    /// The cuDNN state of this device (created on first use).
+    pub(crate) fn dnn(&self) -> Result<&cudnn::Dnn> {
+        self.dnn
+            .get_or_init(|| cudnn::Dnn::new(self).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| Error::Cuda(e.clone()))
     }
