@@ -6,9 +6,10 @@
 #
 # Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend); the
 # gpu_golden test (tiny golden UNet, plain and Video-Infinity ranks, bf16 on the GPU); the full-size
-# UNet bench (16 and 24 frames); the diffusers UNet3DConditionModel peer (same shapes, fp16, SDPA;
-# VI_PEER_COMPILE=1 adds torch.compile). Logs go to $OUT (default .gpu/out); a short table is
-# printed last. Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3).
+# UNet bench (16 and 24 frames), again at 16 frames with VI_CONV=im2col; the diffusers
+# UNet3DConditionModel peer (same shapes, fp16, SDPA; VI_PEER_COMPILE=1 adds torch.compile).
+# Logs go to $OUT (default .gpu/out, at most 8 files); a short table is printed last.
+# Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3).
 set -uo pipefail
 root=$(pwd)
 OUT=${OUT:-$root/.gpu/out}
@@ -58,18 +59,20 @@ run() {
 }
 
 run cuda_ops 60 "$bin/cuda_ops" --nocapture
-run cuda_kernels 90 "$bin/cuda_kernels" --nocapture
+run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
 run gpu_golden 60 "$bin/gpu_golden" --nocapture --test-threads=1
 "$bin/video-infinity" --help >/dev/null 2>&1
 echo "video-infinity --help rc=$?" >>"$summary"
-run unet_bench 150 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
+run unet_bench 120 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
+# The same at 16 frames with the im2col + cuBLASLt convolutions instead of cuDNN.
+run unet_bench_im2col 45 env VI_CONV=im2col VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >/tmp/pip.txt 2>&1 || { log "pip install of .whl failed:"; tail -5 /tmp/pip.txt; }
   peer_args=(--frames 16 24 --iters 3 --warmup 1)
   [ "${VI_PEER_COMPILE:-0}" = 1 ] && peer_args+=(--compile)
-  run peer 150 env PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/peer/diffusers_unet.py "${peer_args[@]}"
+  run peer 120 env PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/peer/diffusers_unet.py "${peer_args[@]}"
 else
   log "no .whl/: PyTorch peer skipped"
 fi
@@ -94,13 +97,14 @@ for line in read("summary.txt").split("\n"):
 def kv(line):
     return dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
 ours = {kv(l)["frames"]: kv(l) for l in read("unet_bench.log").split("\n") if l.startswith("BENCH ")}
+im2col = {kv(l)["frames"]: kv(l) for l in read("unet_bench_im2col.log").split("\n") if l.startswith("BENCH ")}
 peer = {}
 for l in read("peer.log").split("\n"):
     if l.startswith("PEER "):
         d = kv(l)
         peer[(d["mode"], d["frames"])] = d
 print()
-print(f"{'frames':>6} {'ours ms':>9} {'peer eager':>11} {'peer comp.':>11} {'peer/ours':>10} {'TFLOP/s':>8} {'% peak':>7}  top-3 op kinds (ours)")
+print(f"{'frames':>6} {'ours ms':>9} {'im2col ms':>9} {'peer eager':>11} {'peer comp.':>11} {'peer/ours':>10} {'TFLOP/s':>8} {'% peak':>7}  top-3 op kinds (ours)")
 for f in sorted(set(ours) | {k[1] for k in peer}, key=int):
     o = ours.get(f, {})
     pe = peer.get(("eager", f), {})
@@ -108,7 +112,7 @@ for f in sorted(set(ours) | {k[1] for k in peer}, key=int):
     oms = float(o["median_ms"]) if o else None
     best_peer = min([float(d["median_ms"]) for d in (pe, pc) if d] or [0]) or None
     ratio = f"{best_peer / oms:.2f}x" if (oms and best_peer) else "-"
-    print(f"{f:>6} {o.get('median_ms', '-'):>9} {pe.get('median_ms', '-'):>11} {pc.get('median_ms', '-'):>11} "
+    print(f"{f:>6} {o.get('median_ms', '-'):>9} {im2col.get(f, {}).get('median_ms', '-'):>9} {pe.get('median_ms', '-'):>11} {pc.get('median_ms', '-'):>11} "
           f"{ratio:>10} {o.get('tflops', '-'):>8} {o.get('peak_pct', '-'):>7}  {o.get('top3', '-')}")
 print("(ms per CFG batch-2 pass at 40x64 latent; 786 GFLOP per frame-pass; peak 989 TFLOP/s; "
       "peer/ours > 1 means ours is faster)")
