@@ -317,7 +317,7 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
 
 fn check_gn(op: &'static str, x: &Tensor, groups: usize) -> Result<()> {
     expect_rank(op, "x", x, 3)?;
-    if groups == 0 || x.dim(2) % groups != 0 {
+    if groups == 0 || !x.dim(2).is_multiple_of(groups) {
         return Err(Error::shape(
             op,
             format!("{} channels not divisible into {groups} groups", x.dim(2)),
@@ -495,7 +495,7 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
 /// GEGLU: x [..., 2N] -> x[..., :N] * gelu(x[..., N:]).
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "geglu";
-    if x.rank() == 0 || x.dim(x.rank() - 1) % 2 != 0 {
+    if x.rank() == 0 || !x.dim(x.rank() - 1).is_multiple_of(2) {
         return Err(Error::shape(
             OP,
             format!("last dim of {:?} must be even", x.shape()),
