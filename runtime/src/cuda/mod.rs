@@ -5,8 +5,9 @@
 //!   work of this device is queued on (several in-process ranks sharing a GPU serialise on it), the
 //!   loaded kernel modules and the cuBLASLt handle + per-shape GEMM plans.
 //! * [`CudaStorage`]: a device buffer of one dtype, the `Storage::Cuda` payload of a [`Tensor`].
-//! * [`CudaBackend`]: the [`crate::ops::Backend`] implementation. GEMMs (linear, matmul, 1x1 / 3x3 /
-//!   temporal conv) go through cuBLASLt (`gemm.rs`, `conv.rs`); elementwise and layout kernels are ours
+//! * [`CudaBackend`]: the [`crate::ops::Backend`] implementation. GEMMs (linear, matmul, 1x1 and
+//!   temporal conv) go through cuBLASLt (`gemm.rs`, `conv.rs`); kxk convolutions through cuDNN's
+//!   implicit GEMM (`cudnn.rs`; fallback im2col + cuBLASLt); elementwise and layout kernels are ours
 //!   (`elementwise.rs`, `layout.rs`, `cuda/kernels/{elementwise,layout}.cu`); GroupNorm / LayerNorm /
 //!   softmax and the attention kernels are in `norm.rs` / `attention.rs`.
 //!
@@ -19,9 +20,13 @@
 //! allocation); it is not needed because every kernel, copy and GEMM of a device runs on its one stream
 //! in issue order, and tensors are immutable (outputs are always fresh buffers).
 //!
-//! Robustness: cudarc loads libcuda / libcublasLt lazily and panics when they are missing; every entry
-//! here checks for the library first and catches panics of the first initialisation, so a machine
-//! without a GPU gets an `Error::Cuda` ("no CUDA driver found ..."), never a panic.
+//! Profiling: `VI_PROFILE=1` (or [`profile::set_enabled`]) times every op kind with CUDA events;
+//! [`profile::take_report`] returns the totals.
+//!
+//! Robustness: cudarc loads libcuda / libcublasLt / libcudnn lazily and panics when they are
+//! missing; every entry here checks for the library first and catches panics of the first
+//! initialisation, so a machine without a GPU gets an `Error::Cuda` ("no CUDA driver found ..."),
+//! never a panic.
 
 pub(crate) mod attention;
 pub(crate) mod conv;
