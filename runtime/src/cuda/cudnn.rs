@@ -257,12 +257,10 @@ impl Dnn {
                 ),
             )?;
             let ok = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
-            // For f32 the algorithm must honour FMA math (no TF32 / tensor ops).
+            // For f32 the algorithm must use FMA math: CUDNN_DEFAULT_MATH permits TF32 on Ampere+.
             let best = perf[..count.max(0) as usize].iter().find(|r| {
                 r.status == ok
-                    && (s.dtype != DType::F32
-                        || r.mathType == sys::cudnnMathType_t::CUDNN_FMA_MATH
-                        || r.mathType == sys::cudnnMathType_t::CUDNN_DEFAULT_MATH)
+                    && (s.dtype != DType::F32 || r.mathType == sys::cudnnMathType_t::CUDNN_FMA_MATH)
             });
             let best = best.ok_or_else(|| Error::Cuda(format!("cuDNN: no algorithm for {s:?}")))?;
             p.algo = best.algo;
