@@ -352,7 +352,8 @@ pub fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
     backend(x, OP)?.group_norm_stats(x, groups)
 }
 
-/// Normalise x [N, S, C] with given stats [N, G, 2] = (mean, biased variance).
+/// Normalise x [N, S, C] with given stats [N, G, 2] = (mean, biased variance); stats may be F32 when
+/// x is stored in bf16/f16.
 pub fn group_norm_apply(
     x: &Tensor,
     stats: &Tensor,
@@ -362,7 +363,21 @@ pub fn group_norm_apply(
     silu: bool,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
-    same_device(OP, &[x, stats, gamma, beta])?;
+    same_device(OP, &[x, gamma, beta])?;
+    // Statistics may be f32 whatever x's storage type (bf16 activations keep f32 statistics).
+    if stats.device() != x.device() || !(stats.dtype() == x.dtype() || stats.dtype() == DType::F32)
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "stats must be on {:?} as {:?} or F32, got {:?} on {:?}",
+                x.device(),
+                x.dtype(),
+                stats.dtype(),
+                stats.device()
+            ),
+        ));
+    }
     expect_rank(OP, "x", x, 3)?;
     expect_rank(OP, "stats", stats, 3)?;
     let g = stats.dim(1);
