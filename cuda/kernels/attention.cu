@@ -2,7 +2,8 @@
 //   q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> o [B, Sq, H, Dv]
 //   logits = (q . k) * scale (+ bias[Sq, Sk]) (causal: key j > query i masked); softmax over keys.
 // Two kernels (launchers in runtime/src/cuda/attention.rs):
-//   attn_generic_<dt>_l4:   any D and Dv, any dtype, fp32 math. One warp per (b, i, h).
+//   attn_generic_<dt>_l4_k<KV>: any D and Dv, any dtype, fp32 math. One warp per (b, i, h); key rows
+//                           read with KV-element vector loads (KV = 16 bytes when D allows, else 1).
 //   attn_small_<dt>_d<D>:   bf16/f16, D = Dv in {32, 64, 128}, Sk <= 64 (temporal attention over
 //                           frames): one warp per (b, h, 16 queries), keys staged per warp.
 //   attn_flash_<dt>_d<D>_w<W>: bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
@@ -20,7 +21,7 @@
 // Grid ceil(B*Sq*H / 4); block 128 (4 warps); dynamic smem 4*D floats (the scaled q rows).
 // A row with every key masked (possible only through -inf bias) outputs 0, like the CPU softmax.
 // ---------------------------------------------------------------------------------------------------
-template <typename T, int L>
+template <typename T, int L, int KV>
 __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, const T* __restrict__ bias,
                              T* __restrict__ o, int B, int Sq, int Sk, int H, int D, int Dv,
@@ -55,8 +56,13 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
             if (j < kend) {
                 const T* kr = kb + (size_t)j * kstride;
                 float dot = 0.f;
-#pragma unroll 8
-                for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
+                // KV-element vector loads of the key row (KV divides D, rows KV-aligned).
+#pragma unroll 2
+                for (int d = 0; d < D; d += KV) {
+                    const VecT<T, KV> kv = vi_load<T, KV>(kr + d);
+#pragma unroll
+                    for (int e = 0; e < KV; ++e) dot = fmaf(sq[d + e], vi_to_f(kv.v[e]), dot);
+                }
                 s = dot;
                 if (bias) s += vi_to_f(bias[(size_t)i * Sk + j]);
             }
@@ -242,11 +248,11 @@ __device__ void attn_small(const T* __restrict__ q, const T* __restrict__ k,
     wa.store(rows, lane, [&](int r) { return ob + (size_t)(i0 + r) * rs; });
 }
 
-#define VI_ATTN_GENERIC(T, NAME, L)                                                              \
-    extern "C" __global__ void __launch_bounds__(128) attn_generic_##NAME##_l##L(              \
+#define VI_ATTN_GENERIC(T, NAME, L, KV)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attn_generic_##NAME##_l##L##_k##KV(      \
         const T* q, const T* k, const T* v, const T* bias, T* o, int B, int Sq, int Sk, int H,  \
         int D, int Dv, float scale, int causal) {                                               \
-        attn_generic<T, L>(q, k, v, bias, o, B, Sq, Sk, H, D, Dv, scale, causal);               \
+        attn_generic<T, L, KV>(q, k, v, bias, o, B, Sq, Sk, H, D, Dv, scale, causal);           \
     }
 #define VI_ATTN_SMALL(T, NAME, D)                                                                \
     extern "C" __global__ void __launch_bounds__(128) attn_small_##NAME##_d##D(                \
@@ -261,9 +267,12 @@ __device__ void attn_small(const T* __restrict__ q, const T* __restrict__ k,
         attn_flash<T, D, W>(q, k, v, bias, o, Sq, Sk, H, scale_log2, causal);                    \
     }
 
-VI_ATTN_GENERIC(float, f32, 4)
-VI_ATTN_GENERIC(__nv_bfloat16, bf16, 4)
-VI_ATTN_GENERIC(__half, f16, 4)
+VI_ATTN_GENERIC(float, f32, 4, 1)
+VI_ATTN_GENERIC(float, f32, 4, 4)
+VI_ATTN_GENERIC(__nv_bfloat16, bf16, 4, 1)
+VI_ATTN_GENERIC(__nv_bfloat16, bf16, 4, 8)
+VI_ATTN_GENERIC(__half, f16, 4, 1)
+VI_ATTN_GENERIC(__half, f16, 4, 8)
 
 VI_ATTN_FLASH(__nv_bfloat16, bf16, 32, 8)
 VI_ATTN_FLASH(__nv_bfloat16, bf16, 64, 8)

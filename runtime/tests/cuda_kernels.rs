@@ -218,7 +218,7 @@ mod gpu {
     type AttnCase = (usize, usize, usize, usize, usize, usize, bool, bool);
 
     fn attentions(r: &mut StdRng, label: &str) {
-        let cases: [AttnCase; 13] = [
+        let cases: [AttnCase; 15] = [
             (2, 130, 77, 5, 64, 64, false, false), // cross-attention, tails on both sides
             (1, 77, 77, 4, 64, 64, true, true),    // CLIP text encoder
             (2, 200, 200, 2, 64, 64, false, true),
@@ -232,6 +232,8 @@ mod gpu {
             (300, 16, 16, 5, 64, 64, false, false), // temporal attention over frames (small kernel)
             (7, 24, 24, 2, 64, 64, true, true),     // small kernel: two query tiles, bias, causal
             (3, 100, 50, 2, 128, 128, false, true),
+            (1, 13, 13, 2, 12, 12, true, true), // generic, scalar key loads for bf16/f16
+            (2, 5, 9, 3, 6, 10, false, false),  // generic, scalar key loads for every dtype
         ];
         for &(b, sq, sk, h, d, dv, with_bias, causal) in &cases {
             for dt in DTYPES {

@@ -197,7 +197,12 @@ pub(crate) fn attention(
                 .arg(&causal_i);
         })?;
     } else {
-        let name = format!("attn_generic_{}_l4", dtype_suffix(dt));
+        // 16-byte loads of the key rows when the head dim and the buffer allow it.
+        let kv = match super::norm::vec_width(dt, d, &[kp]) {
+            w if w * dt.size_in_bytes() == 16 => w,
+            _ => 1,
+        };
+        let name = format!("attn_generic_{}_l4_k{kv}", dtype_suffix(dt));
         let f = dev.func("attention", &name)?;
         let warps = b * sq * h;
         let blocks = warps.div_ceil(4);
