@@ -484,3 +484,55 @@ fn generate_rejects_broken_model_folders() {
     assert_eq!(std::fs::read(&out).unwrap(), b"old video");
     assert!(listing(t.path()).iter().all(|n| !n.ends_with(".partial")));
 }
+
+/// `convert` on the tiny original-format checkpoint, then `inspect` and `generate` on the result:
+/// the whole path from a VideoCrafter2 `model.ckpt` to a video.
+#[test]
+fn convert_then_inspect_then_generate() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("vc2");
+    let ckpt = golden_dir().join("convert/model.ckpt");
+    // The tiny checkpoint's GroupNorm groups / head sizes are not stored in it (golden convert
+    // README): 4 groups, head width 8, 2 text heads.
+    let args = [
+        "convert",
+        "--checkpoint",
+        s(&ckpt),
+        "--out",
+        s(&model),
+        "--norm-groups",
+        "4",
+        "--attention-head-dim",
+        "8",
+        "--text-heads",
+        "2",
+    ];
+    run(&args).unwrap();
+    run(&["inspect", s(&model)]).unwrap();
+    // A second conversion into the same, now non-empty folder needs --overwrite.
+    let e = err(&args);
+    assert!(e.contains("--overwrite"), "{e}");
+    let frames = t.path().join("frames");
+    run(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a lighthouse",
+        "--frames",
+        "4",
+        "--devices",
+        "cpu:2",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--frames-dir",
+        s(&frames),
+        "--quiet",
+    ])
+    .unwrap();
+    assert_eq!(listing(&frames).len(), 4);
+}

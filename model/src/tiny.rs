@@ -215,9 +215,15 @@ pub fn write_model_dir(dir: &Path) -> Result<()> {
             .collect();
         vi_weights::write_safetensors(d.join(file), &tensors, None)?;
     }
-    let t = dir.join("tokenizer");
-    std::fs::create_dir_all(&t).map_err(|e| io(&t, e))?;
-    std::fs::write(t.join("vocab.json"), VOCAB_JSON).map_err(|e| io(&t, e))?;
-    std::fs::write(t.join("merges.txt"), MERGES_TXT).map_err(|e| io(&t, e))?;
+    write_tokenizer(&dir.join("tokenizer"))
+}
+
+/// Writes CLIP's BPE tables (`vocab.json`, `merges.txt`: the tokenizer of VideoCrafter2's
+/// OpenCLIP text tower and of zeroscope) into `dir` (created).
+pub fn write_tokenizer(dir: &Path) -> Result<()> {
+    let io = |e: std::io::Error| ModelError::Msg(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(dir.join("vocab.json"), VOCAB_JSON).map_err(io)?;
+    std::fs::write(dir.join("merges.txt"), MERGES_TXT).map_err(io)?;
     Ok(())
 }

@@ -220,13 +220,36 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// The original checkpoint (`model.ckpt`, a PyTorch pickle holding UNet + OpenCLIP + VAE).
+    /// The original checkpoint (`model.ckpt`: a PyTorch zip archive holding UNet + OpenCLIP text
+    /// tower + VAE in lvdm naming). Read without executing any pickle code.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
-    /// Output model folder (created; unet/, text_encoder/, tokenizer/?, vae/).
+    /// Output model folder (created): unet/, text_encoder/, vae/ (safetensors + config.json) and
+    /// tokenizer/.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Replace an existing output folder's files.
+    /// Replace files in an existing, non-empty output folder.
     #[arg(long)]
     pub overwrite: bool,
+    /// Element type of the written weights.
+    #[arg(long, value_enum, default_value_t = ConvertDType::F32)]
+    pub dtype: ConvertDType,
+    /// Tokenizer folder to copy (vocab.json, merges.txt) [default: CLIP's BPE tables, built in].
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// GroupNorm groups of the UNet and VAE (not stored in the checkpoint).
+    #[arg(long, default_value_t = 32)]
+    pub norm_groups: usize,
+    /// UNet attention head width (not stored in the checkpoint).
+    #[arg(long, default_value_t = 64)]
+    pub attention_head_dim: usize,
+    /// Text encoder attention heads (not stored in the checkpoint).
+    #[arg(long, default_value_t = 16)]
+    pub text_heads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvertDType {
+    F32,
+    F16,
 }

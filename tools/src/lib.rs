@@ -21,6 +21,7 @@ macro_rules! say {
 }
 
 pub mod cli;
+pub mod convert;
 pub mod devices;
 pub mod generate;
 pub mod inspect;
@@ -56,7 +57,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         cli::Command::Generate(a) => generate::run(*a),
         cli::Command::Inspect(a) => inspect::run(a),
         cli::Command::Verify(_a) => anyhow::bail!("verify: not yet available"),
-        cli::Command::Convert(_a) => anyhow::bail!("convert: not yet available"),
+        cli::Command::Convert(a) => convert::run(a),
         cli::Command::WriteTiny(a) => write_tiny(&a.dir),
     }
 }
