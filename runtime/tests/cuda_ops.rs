@@ -269,8 +269,11 @@ mod gpu {
             return;
         }
         let mut r = StdRng::seed_from_u64(4);
-        for dt in [DType::F32, DType::BF16, DType::F16] {
-            let shape = [3, 7, 33];
+        // [3, 7, 33]: scalar kernels; [4, 5, 64]: 16-byte vector kernels.
+        for (dt, shape) in [DType::F32, DType::BF16, DType::F16]
+            .into_iter()
+            .flat_map(|dt| [(dt, [3usize, 7, 33]), (dt, [4, 5, 64])])
+        {
             let (xc, xg) = pair(&mut r, &shape, 2.0, dt);
             for op in [UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Exp, UnaryOp::Neg] {
                 check(
@@ -302,15 +305,21 @@ mod gpu {
                 &ops::clamp(&xc, -1.0, 0.5).unwrap(),
                 dt,
             );
-            let (gc, gg) = pair(&mut r, &[2, 5, 2 * 40], 1.5, dt);
-            check(
-                "geglu",
-                &ops::geglu(&gg).unwrap(),
-                &ops::geglu(&gc).unwrap(),
-                dt,
-            );
+            for h in [40, 13] {
+                let (gc, gg) = pair(&mut r, &[2, 5, 2 * h], 1.5, dt);
+                check(
+                    &format!("geglu h {h}"),
+                    &ops::geglu(&gg).unwrap(),
+                    &ops::geglu(&gc).unwrap(),
+                    dt,
+                );
+            }
             // (a, b) shapes covering same-shape, bias, per-row, outer and two-sided broadcasts.
             let cases: &[(&[usize], &[usize])] = &[
+                (&[4, 6, 16], &[4, 6, 16]), // vector kernels from here ...
+                (&[4, 6, 16], &[16]),
+                (&[4, 6, 16], &[4, 1, 16]),
+                (&[1, 6, 16], &[4, 6, 16]), // ... to here
                 (&[4, 6, 10], &[4, 6, 10]),
                 (&[4, 6, 10], &[10]),
                 (&[4, 6, 10], &[4, 6, 1]),

@@ -10,6 +10,16 @@ use crate::{DType, Error, Result, Tensor};
 const MODULE: &str = "elementwise";
 const BLOCK: u32 = 256;
 
+/// Elements per 16-byte vector (4 or 8: a power of two).
+fn vec_width(d: DType) -> usize {
+    16 / d.size_in_bytes()
+}
+
+/// `n` is a multiple of the power of two `v`.
+fn divisible(n: usize, v: usize) -> bool {
+    n & (v - 1) == 0
+}
+
 fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| cuda_err(&format!("launching {k}"), e)
 }
@@ -38,15 +48,29 @@ pub(crate) fn convert(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
 
 /// Run an elementwise kernel `name_<dtype>(x, y, n, ints..., floats...)` producing a tensor shaped
 /// like x.
-fn map1(x: &Tensor, op: &'static str, name: &str, ints: &[i32], floats: &[f32]) -> Result<Tensor> {
+fn map1(
+    x: &Tensor,
+    op: &'static str,
+    name: &'static str,
+    ints: &[i32],
+    floats: &[f32],
+) -> Result<Tensor> {
+    let vectorised = ["unary", "affine"];
     let sx = storage(x, op)?;
     let dev = sx.dev().clone();
     let n = x.elem_count();
     let out = dev.alloc(x.dtype(), n)?;
     if n > 0 {
-        let k = format!("{name}_{}", dtype_suffix(x.dtype()));
+        // 16-byte vectors when the count allows (buffers are 256-byte aligned).
+        let v = vec_width(x.dtype());
+        let vec = vectorised.contains(&name) && divisible(n, v);
+        let (k, units) = if vec {
+            (format!("{name}_vec_{}", dtype_suffix(x.dtype())), n / v)
+        } else {
+            (format!("{name}_{}", dtype_suffix(x.dtype())), n)
+        };
         let f = dev.func(MODULE, &k)?;
-        let (xp, yp, n64) = (sx.ptr(), out.ptr(), n as i64);
+        let (xp, yp, n64) = (sx.ptr(), out.ptr(), units as i64);
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&xp).arg(&yp).arg(&n64);
         for v in ints {
@@ -55,8 +79,9 @@ fn map1(x: &Tensor, op: &'static str, name: &str, ints: &[i32], floats: &[f32]) 
         for v in floats {
             b.arg(v);
         }
-        // SAFETY: x and out hold n elements of x's dtype; extra args match the kernel signature.
-        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+        // SAFETY: x and out hold n elements of x's dtype (units vectors of them); extra args match
+        // the kernel signature.
+        unsafe { b.launch(cfg_1d(units, BLOCK)) }.map_err(launch_err(&k))?;
     }
     Ok(out.into_tensor(x.shape()))
 }
@@ -91,13 +116,18 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     *shape.last_mut().unwrap() = h;
     let out = dev.alloc(x.dtype(), rows * h)?;
     if rows * h > 0 {
-        let k = format!("geglu_{}", dtype_suffix(x.dtype()));
+        let v = vec_width(x.dtype());
+        let (k, hu) = if divisible(h, v) {
+            (format!("geglu_vec_{}", dtype_suffix(x.dtype())), h / v)
+        } else {
+            (format!("geglu_{}", dtype_suffix(x.dtype())), h)
+        };
         let f = dev.func(MODULE, &k)?;
-        let (xp, yp, r64, h64) = (sx.ptr(), out.ptr(), rows as i64, h as i64);
+        let (xp, yp, r64, h64) = (sx.ptr(), out.ptr(), rows as i64, hu as i64);
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&xp).arg(&yp).arg(&r64).arg(&h64);
-        // SAFETY: x holds rows * 2h elements, out rows * h.
-        unsafe { b.launch(cfg_1d(rows * h, BLOCK)) }.map_err(launch_err(&k))?;
+        // SAFETY: x holds rows * 2h elements, out rows * h (hu units of h / hu elements per row).
+        unsafe { b.launch(cfg_1d(rows * hu, BLOCK)) }.map_err(launch_err(&k))?;
     }
     Ok(out.into_tensor(&shape))
 }
@@ -167,7 +197,35 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) 
     };
     let sfx = dtype_suffix(a.dtype());
     let (ap, bp, yp, n64) = (sa.ptr(), sb.ptr(), out.ptr(), n as i64);
-    if a.shape() == out_shape && b.shape() == out_shape {
+    let v = vec_width(a.dtype());
+    let strides = [
+        broadcast_strides(a.shape(), out_shape),
+        broadcast_strides(b.shape(), out_shape),
+    ];
+    let (dims, st) = coalesce(out_shape, &strides);
+    let vec_ok = divisible(*dims.last().unwrap() as usize, v)
+        && *st[0].last().unwrap() == 1
+        && *st[1].last().unwrap() == 1;
+    if vec_ok {
+        let rank = dims.len() as i32;
+        let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
+        let k = format!("binary_vec_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let nv = (n / v) as i64;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap)
+            .arg(&bp)
+            .arg(&yp)
+            .arg(&nv)
+            .arg(&code)
+            .arg(&rank)
+            .arg(&shape_d)
+            .arg(&sa_d)
+            .arg(&sb_d);
+        // SAFETY: as below; additionally the innermost dim is contiguous in a and b and a multiple
+        // of the vector width, so every vector lies inside its operand and is 16-byte aligned.
+        unsafe { l.launch(cfg_1d(n / v, BLOCK)) }.map_err(launch_err(&k))?;
+    } else if a.shape() == out_shape && b.shape() == out_shape {
         let k = format!("binary_same_{sfx}");
         let f = dev.func(MODULE, &k)?;
         let mut l = dev.stream().launch_builder(&f);
@@ -175,11 +233,6 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) 
         // SAFETY: a, b and out hold n elements.
         unsafe { l.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
     } else {
-        let strides = [
-            broadcast_strides(a.shape(), out_shape),
-            broadcast_strides(b.shape(), out_shape),
-        ];
-        let (dims, st) = coalesce(out_shape, &strides);
         let rank = dims.len() as i32;
         let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
         let k = format!("binary_{sfx}");
