@@ -6,6 +6,7 @@
 //                           read with KV-element vector loads (KV = 16 bytes when D allows, else 1).
 //   attn_small_<dt>_d<D>:   bf16/f16, D = Dv in {32, 64, 128}, Sk <= 64 (temporal attention over
 //                           frames): one warp per (b, h, 16 queries), keys staged per warp.
+//   attn_wide_<dt>_d<D>_w2: bf16/f16, D = Dv in {256, 512} (VAE mid-block): value dim in chunks of 128.
 //   attn_flash_<dt>_d<D>_w<W>: bf16/f16, D = Dv in {32, 64, 128}; tensor cores (mma.sync m16n8k16,
 //                           fp32 accumulation), online softmax; W warps = 16*W queries per block,
 //                           64 keys per step (W = 8 for D <= 64, also W = 4 for comparison / D = 128).
@@ -248,6 +249,98 @@ __device__ void attn_small(const T* __restrict__ q, const T* __restrict__ k,
     wa.store(rows, lane, [&](int r) { return ob + (size_t)(i0 + r) * rs; });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Wide-head kernel (D = Dv = DK in {256, 512}: the VAE mid-block attention, 1 head of 512 channels).
+// The 16 x D output of a warp does not fit in registers, so the value dim is split in chunks of 128:
+// block (blockIdx.x = query tile of BM = 16*WARPS, blockIdx.y = h * (DK/128) + chunk, blockIdx.z = b)
+// computes O[:, chunk*128 .. +128] and recomputes the full-width scores (QK^T costs DK/128 times,
+// still on tensor cores). Q stays in shared memory (A fragments are loaded per 16-wide k-step);
+// per step the block stages 32 keys (full width) and the 32 x 128 value chunk (single-buffered
+// cp.async, zero-filled beyond Sk), each warp computes S (16 x 32) with mma and hands it to the tile
+// engine (ViWarpAttn<T, 128>::softmax_pv) for the online softmax and O += P V.
+// Grid (ceil(Sq/BM), H * DK/128, B); block 32*WARPS; dynamic smem
+// ((BM + 32) * (DK+8) + 32 * 136) * sizeof(T) (75 KB for DK = 512, WARPS = 2: the launcher opts in).
+// ---------------------------------------------------------------------------------------------------
+template <typename T, int DK, int WARPS>
+__device__ void attn_wide(const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, const T* __restrict__ bias,
+                          T* __restrict__ o, int Sq, int Sk, int H, float scale_log2, int causal) {
+    constexpr int BM = 16 * WARPS, BN = 32, DV = 128, LDQ = DK + 8, LDV = DV + 8;
+    constexpr int CHQ = DK / 8, CHV = DV / 8, NCH = DK / DV;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][LDQ]
+    T* sK = sQ + BM * LDQ;                     // [BN][LDQ]
+    T* sV = sK + BN * LDQ;                     // [BN][LDV]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int q0 = blockIdx.x * BM, h = blockIdx.y / NCH, ch = blockIdx.y % NCH, b = blockIdx.z;
+    const size_t rs = (size_t)H * DK;  // row stride of q, k, v, o (D = Dv = DK)
+    const T* qb = q + (size_t)b * Sq * rs + (size_t)h * DK;
+    const T* kb = k + (size_t)b * Sk * rs + (size_t)h * DK;
+    const T* vb = v + (size_t)b * Sk * rs + (size_t)h * DK + ch * DV;
+    for (int c = tid; c < BM * CHQ; c += blockDim.x) {
+        const int r = c / CHQ, cc = c % CHQ;
+        const bool ok = q0 + r < Sq;
+        vi_cp_async16(sQ + r * LDQ + cc * 8, ok ? qb + (size_t)(q0 + r) * rs + cc * 8 : qb, ok);
+    }
+    vi_cp_async_commit();
+    const int kend = causal ? min(Sk, q0 + BM) : Sk;
+    const int qw = q0 + warp * 16;
+    ViWarpAttn<T, DV> wa;
+    wa.init();
+    for (int k0 = 0; k0 < kend; k0 += BN) {
+        __syncthreads();  // the previous K/V tile is consumed
+        for (int c = tid; c < BN * CHQ; c += blockDim.x) {
+            const int r = c / CHQ, cc = c % CHQ;
+            const bool ok = k0 + r < Sk;
+            vi_cp_async16(sK + r * LDQ + cc * 8, ok ? kb + (size_t)(k0 + r) * rs + cc * 8 : kb, ok);
+        }
+        for (int c = tid; c < BN * CHV; c += blockDim.x) {
+            const int r = c / CHV, cc = c % CHV;
+            const bool ok = k0 + r < Sk;
+            vi_cp_async16(sV + r * LDV + cc * 8, ok ? vb + (size_t)(k0 + r) * rs + cc * 8 : vb, ok);
+        }
+        vi_cp_async_commit();
+        vi_cp_async_wait<0>();
+        __syncthreads();
+        if (qw < Sq && !(causal && k0 > qw + 15)) {
+            float s[BN / 8][4];
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            const T* sQw = sQ + warp * 16 * LDQ;
+#pragma unroll 4
+            for (int ks = 0; ks < DK / 16; ++ks) {
+                uint32_t a[4];
+                vi_ldsm_x4(a, vi_smem_addr(sQw + (lane & 15) * LDQ + ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    uint32_t bf[4];
+                    const int mi = lane >> 3;
+                    vi_ldsm_x4(bf, vi_smem_addr(sK + (np * 16 + (mi >> 1) * 8 + (lane & 7)) * LDQ +
+                                                ks * 16 + (mi & 1) * 8));
+                    ViMma<T>::mma(s[2 * np], a, bf[0], bf[1]);
+                    ViMma<T>::mma(s[2 * np + 1], a, bf[2], bf[3]);
+                }
+            }
+            wa.template softmax_pv<BN>(s, sV, LDV, scale_log2, lane, [&](int r, int j) -> float {
+                const int qi = qw + r, kj = k0 + j;
+                if (kj >= Sk || (causal && kj > qi)) return -VI_INF;
+                if (bias != nullptr && qi < Sq) return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                return 0.f;
+            });
+        }
+    }
+    vi_cp_async_wait<0>();  // Sk == 0: the Q copies are still to be drained
+    T* ob = o + (size_t)b * Sq * rs + (size_t)h * DK + ch * DV;
+    wa.store(min(16, Sq - qw), lane, [&](int r) { return ob + (size_t)(qw + r) * rs; });
+}
+
+#define VI_ATTN_WIDE(T, NAME, DK, W)                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * W) attn_wide_##NAME##_d##DK##_w##W(       \
+        const T* q, const T* k, const T* v, const T* bias, T* o, int Sq, int Sk, int H,         \
+        float scale_log2, int causal) {                                                          \
+        attn_wide<T, DK, W>(q, k, v, bias, o, Sq, Sk, H, scale_log2, causal);                    \
+    }
+
 #define VI_ATTN_GENERIC(T, NAME, L, KV)                                                          \
     extern "C" __global__ void __launch_bounds__(128) attn_generic_##NAME##_l##L##_k##KV(      \
         const T* q, const T* k, const T* v, const T* bias, T* o, int B, int Sq, int Sk, int H,  \
@@ -289,3 +382,8 @@ VI_ATTN_SMALL(__nv_bfloat16, bf16, 128)
 VI_ATTN_SMALL(__half, f16, 32)
 VI_ATTN_SMALL(__half, f16, 64)
 VI_ATTN_SMALL(__half, f16, 128)
+
+VI_ATTN_WIDE(__nv_bfloat16, bf16, 256, 2)
+VI_ATTN_WIDE(__nv_bfloat16, bf16, 512, 2)
+VI_ATTN_WIDE(__half, f16, 256, 2)
+VI_ATTN_WIDE(__half, f16, 512, 2)

@@ -118,6 +118,14 @@ template <typename T, int D> struct ViWarpAttn {
                 ViMma<T>::mma(s[2 * np + 1], qf[ks], b[2], b[3]);
             }
         }
+        softmax_pv<NKEYS>(s, sV, ld, scale_log2, lane, add);
+    }
+
+    // The rest of a step given the raw scores S (C fragments of 16 x NKEYS): scale + bias/mask,
+    // online softmax update, O += P V with V row-major [NKEYS][ldv] (its first D columns).
+    template <int NKEYS, class Add>
+    __device__ __forceinline__ void softmax_pv(float (&s)[NKEYS / 8][4], const T* sV, int ldv,
+                                               float scale_log2, int lane, Add add) {
         // Scale, bias/mask, running max per row half.
         float mx[2] = {-VI_INF, -VI_INF};
 #pragma unroll
@@ -176,7 +184,7 @@ template <typename T, int D> struct ViWarpAttn {
             for (int dp = 0; dp < D / 16; ++dp) {
                 uint32_t b[4];
                 const int mi = lane >> 3;
-                vi_ldsm_x4_t(b, vi_smem_addr(sV + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * ld +
+                vi_ldsm_x4_t(b, vi_smem_addr(sV + (kk * 16 + (mi & 1) * 8 + (lane & 7)) * ldv +
                                              dp * 16 + (mi >> 1) * 8));
                 ViMma<T>::mma(o[2 * dp], pa[kk], b[0], b[1]);
                 ViMma<T>::mma(o[2 * dp + 1], pa[kk], b[2], b[3]);

@@ -218,7 +218,7 @@ mod gpu {
     type AttnCase = (usize, usize, usize, usize, usize, usize, bool, bool);
 
     fn attentions(r: &mut StdRng, label: &str) {
-        let cases: [AttnCase; 15] = [
+        let cases: [AttnCase; 16] = [
             (2, 130, 77, 5, 64, 64, false, false), // cross-attention, tails on both sides
             (1, 77, 77, 4, 64, 64, true, true),    // CLIP text encoder
             (2, 200, 200, 2, 64, 64, false, true),
@@ -227,7 +227,8 @@ mod gpu {
             (1, 50, 70, 2, 128, 128, false, true),
             (1, 40, 30, 3, 40, 40, false, false), // generic only (D = 40)
             (1, 20, 33, 2, 8, 16, true, false),   // D != Dv
-            (1, 70, 70, 1, 512, 512, false, false), // VAE mid-block attention (generic, L = 16)
+            (1, 70, 70, 1, 512, 512, false, false), // VAE mid-block attention (wide kernel)
+            (2, 45, 45, 2, 256, 256, true, true), // wide kernel with bias + causal
             (1, 1024, 1024, 1, 64, 64, false, false),
             (300, 16, 16, 5, 64, 64, false, false), // temporal attention over frames (small kernel)
             (7, 24, 24, 2, 64, 64, true, true),     // small kernel: two query tiles, bias, causal
@@ -414,6 +415,7 @@ mod gpu {
             (16, 2560, 77, 5, 64),
             (16, 640, 640, 10, 64),
             (5120, 16, 16, 5, 64), // temporal attention over 16 frames (LocalContext)
+            (4, 2560, 2560, 1, 512), // VAE mid-block attention (4 frames)
         ] {
             let q = gpu(
                 &rand_vec(&mut r, b * sq * h * d, 0.0, 1.0, dt),

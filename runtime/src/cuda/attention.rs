@@ -4,7 +4,8 @@
 //! Kernel choice (per call):
 //! * fast path: bf16/f16 storage, head_dim (= value dim) in {32, 64, 128}, 16-byte aligned buffers:
 //!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported), `attn_small_*` (the
-//!   same engine, one warp per 16 queries, for Sk <= 64 and Sq <= 128) and `dual_mma_*`;
+//!   same engine, one warp per 16 queries, for Sk <= 64 and Sq <= 128), `attn_wide_*` (head dim 256
+//!   or 512, e.g. the VAE mid-block: value dim in chunks of 128) and `dual_mma_*`;
 //! * otherwise, or with the environment variable `VI_ATTN_KERNEL=simple`: the straightforward fp32
 //!   kernels `attn_generic_*` (any D and value dim) and `dual_generic_*` (D <= 128).
 //!   `VI_ATTN_KERNEL=flash` uses the flash kernel also for short sequences, `VI_ATTN_KERNEL=flash4`
@@ -116,6 +117,14 @@ pub(crate) fn attention(
     );
     let aligned = [qp, kp, vp, op].iter().all(|p| p % 16 == 0);
     let choice = kernel_choice();
+    // Wide heads (VAE mid-block: 1 head of 512): value dim in chunks of 128, scores on tensor cores.
+    let wide = choice != AttnKernel::Simple
+        && fast_dtype(dt)
+        && d == dv
+        && matches!(d, 256 | 512)
+        && aligned
+        && b <= 65535
+        && h * (d / 128) <= 65535;
     let fast = choice != AttnKernel::Simple
         && fast_dtype(dt)
         && d == dv
@@ -126,7 +135,42 @@ pub(crate) fn attention(
     // Short key sequences (temporal attention over frames: Sq = Sk = 16 with b = B*H*W rows): one
     // independent warp per (b, h, 16 queries) instead of 128-query blocks that would mostly idle.
     let small = fast && choice == AttnKernel::Auto && sk <= 64 && sq <= 128;
-    if small {
+    if wide {
+        const WARPS: usize = 2;
+        let name = format!("attn_wide_{}_d{d}_w{WARPS}", dtype_suffix(dt));
+        let f = dev.func("attention", &name)?;
+        // Q tile and 32 full-width keys (pitch d + 8) + a 32 x 128 value chunk (pitch 136).
+        let smem = ((16 * WARPS + 32) * (d + 8) + 32 * 136) * dt.size_in_bytes();
+        if smem > SMEM_DEFAULT {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| super::cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                sq.div_ceil(16 * WARPS) as u32,
+                (h * (d / 128)) as u32,
+                b as u32,
+            ),
+            block_dim: (32 * WARPS as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        launch(dev, &f, cfg, &name, |a| {
+            a.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&bp)
+                .arg(&op)
+                .arg(&sq_i)
+                .arg(&sk_i)
+                .arg(&h_i)
+                .arg(&scale_log2)
+                .arg(&causal_i);
+        })?;
+    } else if small {
         let nk16 = sk.div_ceil(16) * 16;
         let per_warp = (16 + 2 * nk16) * (d + 8) * dt.size_in_bytes();
         let wpb = [4usize, 2, 1]
