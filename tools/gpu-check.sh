@@ -93,6 +93,8 @@ for line in read("summary.txt").split("\n"):
     res = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", read(name + ".log"))
     extra = "; ".join(f"{r[0]}: {r[1]} passed, {r[2]} failed" for r in res)
     status = "OK" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else "FAIL")
+    if status == "OK" and "SKIPPED" in read(name + ".log"):
+        status = "SKIPPED"  # a test or the bench found no usable GPU: see its log
     print(f"{name:<24} {status:<8} rc={rc:<4} {extra}")
 def kv(line):
     return dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
