@@ -241,8 +241,11 @@ fn state_dict(top: &Value) -> Result<Vec<CkptTensor>, String> {
             .get(strip..)
             .ok_or_else(|| format!("key `{k}` shorter than the DeepSpeed prefix"))?
             .to_string();
-        match v {
-            Value::Tensor(tensor) => out.push(CkptTensor { name, tensor }),
+        match &v {
+            Value::Tensor(tensor) => out.push(CkptTensor {
+                name,
+                tensor: tensor.clone(),
+            }),
             other => {
                 return Err(format!(
                     "state_dict entry `{k}` is a {}, not a tensor",

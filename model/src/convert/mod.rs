@@ -336,7 +336,7 @@ pub fn convert_checkpoint(
             }
             TextTarget::SplitQkv(targets) => {
                 let s = &t.tensor.shape;
-                if s.is_empty() || s[0] % 3 != 0 {
+                if s.is_empty() || s[0] == 0 || !s[0].is_multiple_of(3) {
                     return Err(cerr(format!(
                         "`{}`: shape {s:?} cannot be split into q, k, v",
                         t.name

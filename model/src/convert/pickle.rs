@@ -87,9 +87,9 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Vec<Value>>),
     List(Rc<RefCell<Vec<Value>>>),
     /// Insertion-ordered (dict and OrderedDict alike).
     Dict(Rc<RefCell<Vec<(Value, Value)>>>),
@@ -98,7 +98,44 @@ pub enum Value {
     Storage(StorageRef),
     Tensor(TensorRef),
     /// A global we do not interpret, or anything built from one. Never executed.
-    Opaque(String),
+    Opaque(Rc<str>),
+}
+
+/// Move the children of a uniquely owned container out (shared ones are left to their last owner).
+fn take_children(v: &mut Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(rc) => {
+            if let Some(items) = Rc::get_mut(rc) {
+                out.append(items);
+            }
+        }
+        Value::List(rc) => {
+            if let Some(cell) = Rc::get_mut(rc) {
+                out.append(cell.get_mut());
+            }
+        }
+        Value::Dict(rc) => {
+            if let Some(cell) = Rc::get_mut(rc) {
+                for (k, x) in cell.get_mut().drain(..) {
+                    out.push(k);
+                    out.push(x);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Iterative drop: a hostile pickle may nest containers millions deep; the default recursive
+/// drop would overflow the stack. Every value empties itself before it is freed.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut pending = Vec::new();
+        take_children(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            take_children(&mut v, &mut pending);
+        }
+    }
 }
 
 impl Value {
@@ -127,7 +164,7 @@ impl Value {
         d.borrow()
             .iter()
             .map(|(k, v)| match k {
-                Value::Str(s) => Some((s.clone(), v.clone())),
+                Value::Str(s) => Some((s.to_string(), v.clone())),
                 _ => None,
             })
             .collect()
@@ -214,11 +251,9 @@ impl<'a> Machine<'a> {
     }
     fn string(&mut self, n: usize) -> PResult<Value> {
         let b = self.take(n)?;
-        Ok(Value::Str(
-            std::str::from_utf8(b)
-                .map_err(|_| "string is not UTF-8")?
-                .to_string(),
-        ))
+        Ok(Value::Str(Rc::from(
+            std::str::from_utf8(b).map_err(|_| "string is not UTF-8")?,
+        )))
     }
 
     fn global(module: &str, name: &str) -> Value {
@@ -228,13 +263,13 @@ impl<'a> Machine<'a> {
             ("torch._utils", "_rebuild_parameter") => Value::Callable(Callable::RebuildParameter),
             ("torch", n) => match storage_type(n) {
                 Some(t) => Value::StorageClass(t),
-                None => Value::Opaque(format!("{module}.{name}")),
+                None => Value::Opaque(Rc::from(format!("{module}.{name}"))),
             },
-            _ => Value::Opaque(format!("{module}.{name}")),
+            _ => Value::Opaque(Rc::from(format!("{module}.{name}"))),
         }
     }
 
-    fn reduce(f: Value, args: Value) -> PResult<Value> {
+    fn reduce(f: &Value, args: &Value) -> PResult<Value> {
         let Value::Tuple(args) = args else {
             return Err(format!("REDUCE arguments are a {}", args.describe()));
         };
@@ -245,11 +280,11 @@ impl<'a> Machine<'a> {
                     // OrderedDict([(k, v), ...])
                     let pairs: Vec<Value> = match a {
                         Value::List(l) => l.borrow().clone(),
-                        Value::Tuple(t) => t.clone(),
+                        Value::Tuple(t) => t.to_vec(),
                         other => return Err(format!("OrderedDict({})", other.describe())),
                     };
                     for p in pairs {
-                        match p {
+                        match &p {
                             Value::Tuple(kv) if kv.len() == 2 => {
                                 items.push((kv[0].clone(), kv[1].clone()))
                             }
@@ -284,28 +319,28 @@ impl<'a> Machine<'a> {
                     stride,
                 }))
             }
-            Value::Callable(Callable::RebuildParameter) => match args.into_iter().next() {
-                Some(t @ Value::Tensor(_)) => Ok(t),
+            Value::Callable(Callable::RebuildParameter) => match args.first() {
+                Some(t @ Value::Tensor(_)) => Ok(t.clone()),
                 _ => Err("_rebuild_parameter without a tensor".into()),
             },
-            Value::Opaque(g) => Ok(Value::Opaque(g)),
+            Value::Opaque(g) => Ok(Value::Opaque(g.clone())),
             other => Err(format!("REDUCE on a {}", other.describe())),
         }
     }
 
-    fn persistent_load(pid: Value) -> PResult<Value> {
+    fn persistent_load(pid: &Value) -> PResult<Value> {
         let Value::Tuple(t) = pid else {
             return Err(format!("persistent id is a {}", pid.describe()));
         };
         match t.as_slice() {
             [Value::Str(tag), ty, Value::Str(key), Value::Str(_location), numel]
-                if tag == "storage" =>
+                if &**tag == "storage" =>
             {
                 let numel = numel.as_usize().ok_or("bad storage numel")?;
                 match ty {
                     Value::StorageClass(ty) => Ok(Value::Storage(StorageRef {
                         ty: *ty,
-                        key: key.clone(),
+                        key: key.to_string(),
                         numel,
                     })),
                     Value::Opaque(g) => Ok(Value::Opaque(g.clone())),
@@ -334,10 +369,10 @@ impl<'a> Machine<'a> {
                 b'(' => self.marks.push(self.stack.len()),
                 b'}' => self.stack.push(Value::Dict(Default::default())),
                 b']' => self.stack.push(Value::List(Default::default())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.stack.push(Value::Tuple(Rc::new(items)));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -349,7 +384,7 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.stack.push(Value::Tuple(items));
+                    self.stack.push(Value::Tuple(Rc::new(items)));
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
@@ -478,8 +513,8 @@ impl<'a> Machine<'a> {
                         b'B' | b'T' => self.u32()? as usize,
                         _ => self.u8()? as usize,
                     };
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -489,15 +524,15 @@ impl<'a> Machine<'a> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Self::global(&m, &n)),
+                    match (&module, &name) {
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(Self::global(m, n)),
                         _ => return Err("STACK_GLOBAL without two strings".into()),
                     }
                 }
                 b'R' | 0x81 => {
                     let args = self.pop()?;
                     let f = self.pop()?;
-                    let v = Self::reduce(f, args).map_err(|e| format!("{e} (byte {at})"))?;
+                    let v = Self::reduce(&f, &args).map_err(|e| format!("{e} (byte {at})"))?;
                     self.stack.push(v);
                 }
                 b'b' => {
@@ -510,7 +545,7 @@ impl<'a> Machine<'a> {
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    let v = Self::persistent_load(pid).map_err(|e| format!("{e} (byte {at})"))?;
+                    let v = Self::persistent_load(&pid).map_err(|e| format!("{e} (byte {at})"))?;
                     self.stack.push(v);
                 }
                 b'0' => {
@@ -558,9 +593,62 @@ mod tests {
             .contains("unsupported"));
         // GLOBAL os.system + REDUCE: just an opaque value, nothing runs.
         let p = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
-        match load(p).unwrap() {
-            Value::Opaque(g) => assert_eq!(g, "os.system"),
+        match &load(p).unwrap() {
+            Value::Opaque(g) => assert_eq!(&**g, "os.system"),
             v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_dup_bombs_are_cheap() {
+        // Two million nested 1-tuples: built and dropped without recursion.
+        let mut p = b"\x80\x02N".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 2_000_000));
+        p.push(b'.');
+        assert!(matches!(load(&p).unwrap(), Value::Tuple(_)));
+        // Same for lists nested through APPEND.
+        let mut p = b"\x80\x02]".to_vec();
+        for _ in 0..500_000 {
+            p.extend(b"]");
+        }
+        p.extend(std::iter::repeat_n(b'a', 500_000));
+        p.push(b'.');
+        assert!(matches!(load(&p).unwrap(), Value::List(_)));
+        // A 1 MB string duplicated a million times shares one buffer.
+        let mut p = b"\x80\x02X\x00\x00\x10\x00".to_vec();
+        p.extend(std::iter::repeat_n(b'x', 1 << 20));
+        p.extend(std::iter::repeat_n(b'2', 1_000_000));
+        p.push(b'.');
+        assert!(matches!(load(&p).unwrap(), Value::Str(_)));
+    }
+
+    #[test]
+    fn corrupted_torch_pickle_never_panics() {
+        let ckpt = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/golden/convert/model.ckpt");
+        let bytes = std::fs::read(&ckpt).unwrap();
+        let mut z = zip::ZipArchive::new(std::fs::File::open(&ckpt).unwrap()).unwrap();
+        let f = z.by_name("model/data.pkl").unwrap();
+        let (start, len) = (f.data_start() as usize, f.size() as usize);
+        let pkl = &bytes[start..start + len];
+        assert!(load(pkl).is_ok());
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..100 {
+            let mut b = pkl.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() as usize) % b.len();
+                b[i] = next() as u8;
+            }
+            let _ = load(&b);
+            // A truncated (unmodified) pickle never reaches STOP.
+            let cut = (next() as usize) % pkl.len();
+            assert!(load(&pkl[..cut]).is_err());
         }
     }
 
