@@ -289,3 +289,24 @@ fn not_a_checkpoint_is_an_error_naming_the_file() {
         .to_string();
     assert!(err.contains("bogus.ckpt"), "{err}");
 }
+
+/// The converted folder (plus a tokenizer) loads into this runtime's own models: configs parse,
+/// every tensor the models need is present with the right shape, parts fit together.
+#[test]
+fn converted_folder_loads_into_the_runtime() {
+    use vi_model::pipeline::Models;
+    use vi_runtime::{DType, Device};
+    for dtype in [OutDType::F32, OutDType::F16] {
+        let out = Scratch::new(&format!("load-{dtype:?}"));
+        let ckpt = golden().join("convert").join("model.ckpt");
+        convert_checkpoint(&ckpt, &out.0, &tiny_options(dtype)).unwrap();
+        let tok = out.0.join("tokenizer");
+        std::fs::create_dir_all(&tok).unwrap();
+        for f in ["vocab.json", "merges.txt"] {
+            std::fs::copy(golden().join("tokenizer").join(f), tok.join(f)).unwrap();
+        }
+        let m = Models::load_dir(&out.0, Device::Cpu, DType::F32).unwrap();
+        assert_eq!(m.clip.config.hidden_size, 16);
+        assert_eq!(m.vae_scale(), 8);
+    }
+}
