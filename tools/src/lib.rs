@@ -25,6 +25,7 @@ pub mod convert;
 pub mod devices;
 pub mod generate;
 pub mod inspect;
+pub mod verify;
 pub mod video;
 
 use std::ffi::OsString;
@@ -56,7 +57,7 @@ pub fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         cli::Command::Generate(a) => generate::run(*a),
         cli::Command::Inspect(a) => inspect::run(a),
-        cli::Command::Verify(_a) => anyhow::bail!("verify: not yet available"),
+        cli::Command::Verify(a) => verify::run(a),
         cli::Command::Convert(a) => convert::run(a),
         cli::Command::WriteTiny(a) => write_tiny(&a.dir),
     }

@@ -16,7 +16,8 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::FAILURE
+            // 1, or 2 where `verify` could not verify anything.
+            ExitCode::from(video_infinity::verify::exit_code(&e))
         }
     }
 }
