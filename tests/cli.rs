@@ -353,7 +353,7 @@ fn generate_rejects_bad_requests_before_writing() {
     assert!(e.contains("--devices `gpu`"), "{e}");
     let e = err(&["generate", "--model", "tiny", "--prompt", "p"]);
     assert!(e.contains("nothing to write"), "{e}");
-    let e = err(&["generate", "--model", "tiny", "--out", o]);
+    let e = err(&["generate", "--model", "/no/such/model", "--out", o]);
     assert!(e.contains("no prompt"), "{e}");
     assert!(!out.exists());
 

@@ -67,7 +67,7 @@ pub struct GenerateArgs {
     pub model: String,
 
     /// Text prompt. Repeat for several segments: with n prompts and W ranks, rank r uses
-    /// prompt floor(r * n / W) (the reference's mapping).
+    /// prompt floor(r * n / W) (the reference's mapping). Optional with `--model tiny`.
     #[arg(long, value_name = "TEXT", conflicts_with = "prompts")]
     pub prompt: Vec<String>,
 

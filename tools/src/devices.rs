@@ -85,6 +85,19 @@ pub fn check_available(devices: &[Device]) -> Result<()> {
             dedup(&cuda)
         );
     }
+    #[cfg(feature = "cuda")]
+    {
+        let n = vi_runtime::cuda::device_count().map_err(|e| {
+            anyhow::anyhow!("--devices asks for CUDA GPUs, but CUDA is unusable: {e}")
+        })?;
+        if let Some(&bad) = cuda.iter().find(|&&i| i >= n) {
+            bail!(
+                "--devices asks for GPU {bad}, but this machine has {n} CUDA device{} (0..{})",
+                if n == 1 { "" } else { "s" },
+                n.saturating_sub(1)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -23,6 +23,8 @@ const FRAMES_PER_RANK: usize = 24;
 const TINY_FRAMES_PER_RANK: usize = 16;
 const TINY_STEPS: usize = 10;
 const TINY_SIZE: usize = 64;
+/// Prompt of a tiny-model run that gives none.
+const TINY_PROMPT: &str = "a lighthouse on a cliff at sunset, waves crashing";
 
 /// Parses a `--prompts` file: `FIRST_FRAME: prompt` per line.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<(usize, String)>> {
@@ -161,6 +163,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 );
             }
             s
+        }
+        None if a.prompt.is_empty() && tiny => {
+            // The tiny model's video does not depend on the words in any visible way.
+            vec![(0, TINY_PROMPT.to_string())]
         }
         None => {
             ensure!(
