@@ -87,7 +87,7 @@ mod gpu {
         if nan > 0 {
             return Some(format!("{what}: {nan} non-finite elements"));
         }
-        if !(rel <= MAX_REL_L2) {
+        if rel.is_nan() || rel > MAX_REL_L2 {
             return Some(format!("{what}: rel L2 {rel:.3e} > {MAX_REL_L2:.0e}"));
         }
         None
