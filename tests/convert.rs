@@ -290,6 +290,21 @@ fn not_a_checkpoint_is_an_error_naming_the_file() {
     assert!(err.contains("bogus.ckpt"), "{err}");
 }
 
+#[test]
+fn bad_tokenizer_folder_fails_before_writing() {
+    let out = Scratch::new("badtok");
+    let ckpt = golden().join("convert").join("model.ckpt");
+    let opts = ConvertOptions {
+        tokenizer_dir: Some(out.0.join("missing-tokenizer")),
+        ..tiny_options(OutDType::F32)
+    };
+    let err = convert_checkpoint(&ckpt, &out.0.join("o"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocab.json"), "{err}");
+    assert!(!out.0.join("o").exists());
+}
+
 /// The converted folder (plus a tokenizer) loads into this runtime's own models: configs parse,
 /// every tensor the models need is present with the right shape, parts fit together.
 #[test]
@@ -299,12 +314,12 @@ fn converted_folder_loads_into_the_runtime() {
     for dtype in [OutDType::F32, OutDType::F16] {
         let out = Scratch::new(&format!("load-{dtype:?}"));
         let ckpt = golden().join("convert").join("model.ckpt");
-        convert_checkpoint(&ckpt, &out.0, &tiny_options(dtype)).unwrap();
-        let tok = out.0.join("tokenizer");
-        std::fs::create_dir_all(&tok).unwrap();
-        for f in ["vocab.json", "merges.txt"] {
-            std::fs::copy(golden().join("tokenizer").join(f), tok.join(f)).unwrap();
-        }
+        let opts = ConvertOptions {
+            tokenizer_dir: Some(golden().join("tokenizer")),
+            ..tiny_options(dtype)
+        };
+        let rep = convert_checkpoint(&ckpt, &out.0, &opts).unwrap();
+        assert!(rep.to_string().contains("tokenizer/vocab.json"), "{rep}");
         let m = Models::load_dir(&out.0, Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.clip.config.hidden_size, 16);
         assert_eq!(m.vae_scale(), 8);

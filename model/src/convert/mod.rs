@@ -69,6 +69,9 @@ pub struct ConvertOptions {
     /// Write text encoder keys as `text_model.<key>` (transformers 4 spelling, what Hub folders
     /// use); `false` writes the bare transformers 5 names.
     pub text_model_prefix: bool,
+    /// A CLIP tokenizer folder (`vocab.json`, `merges.txt`) to validate and copy to
+    /// `out_dir/tokenizer/` (the checkpoint holds no tokenizer; the runtime needs one).
+    pub tokenizer_dir: Option<PathBuf>,
 }
 
 impl Default for ConvertOptions {
@@ -82,6 +85,7 @@ impl Default for ConvertOptions {
             vae_sample_size: 512,
             vae_scaling_factor: 0.18215,
             text_model_prefix: true,
+            tokenizer_dir: None,
         }
     }
 }
@@ -106,6 +110,25 @@ pub struct ConvertReport {
 const UNET_PREFIX: &str = "model.diffusion_model.";
 const TEXT_PREFIX: &str = "cond_stage_model.model.";
 const VAE_PREFIX: &str = "first_stage_model.";
+impl std::fmt::Display for ConvertReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "unet: {} tensors, text_encoder: {} tensors ({} dropped: last block, text_projection, \
+             logit_scale), vae: {} tensors; {} schedule buffers ignored",
+            self.unet_tensors,
+            self.text_tensors,
+            self.discarded.len(),
+            self.vae_tensors,
+            self.ignored.len()
+        )?;
+        for p in &self.written {
+            writeln!(f, "wrote {}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
 /// Schedule buffers of lvdm's LatentDiffusion (ignored).
 pub const IGNORED_KEYS: [&str; 13] = [
     "betas",
@@ -377,6 +400,12 @@ pub fn convert_checkpoint(
     }
     let vae_config = vae_config(&shapes, &vae_keys, up_levels, opts).map_err(|e| cerr(e.0))?;
 
+    // ---- tokenizer (validated before anything is written)
+    if let Some(tdir) = &opts.tokenizer_dir {
+        crate::tokenizer::ClipTokenizer::from_dir(tdir)
+            .map_err(|e| ConvertError(format!("tokenizer: {e}")))?;
+    }
+
     // ---- write
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -405,6 +434,25 @@ pub fn convert_checkpoint(
         write_json_atomic(&cfg, config)?;
         written.push(st);
         written.push(cfg);
+    }
+    if let Some(tdir) = &opts.tokenizer_dir {
+        let d = out_dir.join("tokenizer");
+        std::fs::create_dir_all(&d)
+            .map_err(|e| ConvertError(format!("{}: cannot create: {e}", d.display())))?;
+        for f in [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            let src = tdir.join(f);
+            if !src.exists() && !matches!(f, "vocab.json" | "merges.txt") {
+                continue;
+            }
+            std::fs::copy(&src, d.join(f))
+                .map_err(|e| ConvertError(format!("cannot copy {}: {e}", src.display())))?;
+            written.push(d.join(f));
+        }
     }
     Ok(ConvertReport {
         unet_tensors: unet_out.len(),
