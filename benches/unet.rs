@@ -135,10 +135,12 @@ mod gpu {
         cuda::synchronize(ORD)?;
         let nparams = src.count.load(std::sync::atomic::Ordering::Relaxed);
         println!(
-            "model: {:.3} B parameters (bf16, random) built in {:.1} s",
+            "model: {:.3} B parameters (bf16, random; manifest: {:.3} B) built in {:.1} s",
             nparams as f64 / 1e9,
+            v["num_parameters"].as_f64().unwrap_or(f64::NAN) / 1e9,
             t0.elapsed().as_secs_f64()
         );
+        println!("kxk convolutions: {:?}", cuda::conv_algo());
         let warmup = env_list("VI_BENCH_WARMUP", &[1])[0];
         let iters = env_list("VI_BENCH_ITERS", &[3])[0].max(1);
         let frames_list = env_list("VI_BENCH_FRAMES", &[16, 24]);
