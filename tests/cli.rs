@@ -536,3 +536,23 @@ fn convert_then_inspect_then_generate() {
     .unwrap();
     assert_eq!(listing(&frames).len(), 4);
 }
+
+#[test]
+fn bench_runs_denoising_only() {
+    run(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--devices",
+        "cpu:2",
+        "--frames",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    ])
+    .unwrap();
+    let e = err(&["bench", "--devices", "cpu:3", "--frames", "2"]);
+    assert!(e.contains("fewer than the 3 ranks"), "{e}");
+}

@@ -396,6 +396,8 @@ pub struct GenerateRequest {
     pub rank_timeout: Duration,
     /// Frames decoded by the VAE at a time (memory bound).
     pub vae_chunk: usize,
+    /// Run the VAE (false: denoising only, no frames returned; for benchmarks).
+    pub decode: bool,
 }
 
 /// Progress of a generation, reported from the rank threads.
@@ -576,6 +578,10 @@ pub fn generate<'m>(
         // Each rank decodes its own frames.
         let latents = x.reshape(&[n, lh, lw, lat_c])?;
         let mut frames = Vec::with_capacity(n);
+        if !req.decode {
+            comm.barrier()?;
+            return Ok(frames);
+        }
         m.vae
             .decode_frames_with(&latents, req.vae_chunk.max(1), |_, images| {
                 let rgb = images_to_rgb8(&images)?;

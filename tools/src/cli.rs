@@ -31,6 +31,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Convert an original VideoCrafter2 checkpoint into the diffusers/transformers folder layout.
     Convert(ConvertArgs),
+    /// Time the clip-parallel denoising loop (no VAE, no output).
+    Bench(Box<BenchArgs>),
     /// Write the embedded tiny model (random weights) as a model folder, to try `--model DIR`
     /// and `inspect` without real weights.
     WriteTiny(WriteTinyArgs),
@@ -252,4 +254,37 @@ pub struct ConvertArgs {
 pub enum ConvertDType {
     F32,
     F16,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model folder, or `tiny`.
+    #[arg(long, value_name = "DIR|tiny", default_value = "tiny")]
+    pub model: String,
+    /// Ranks and devices (as for `generate`).
+    #[arg(long, default_value = "cpu", value_name = "SPEC")]
+    pub devices: String,
+    /// Total frames [default: 24 per rank; tiny model: 16 per rank].
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Height in pixels [default: 320; tiny model: 64].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Width in pixels [default: 512; tiny model: 64].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Timed denoising steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed warm-up steps before them.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Sampler.
+    #[arg(long, value_enum, default_value_t = SamplerArg::DpmSde)]
+    pub sampler: SamplerArg,
+    /// Storage precision on CUDA.
+    #[arg(long, value_enum, default_value_t = DTypeArg::Bf16)]
+    pub dtype: DTypeArg,
+    #[command(flatten)]
+    pub vi: ViArgs,
 }

@@ -67,7 +67,7 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<(usize, String)>> {
     Ok(out)
 }
 
-fn vi_config(a: &ViArgs) -> ViConfig {
+pub fn vi_config(a: &ViArgs) -> ViConfig {
     ViConfig {
         conv_pad: a.conv_pad,
         attn_pad: a.attn_pad,
@@ -89,7 +89,7 @@ fn vi_config(a: &ViArgs) -> ViConfig {
     }
 }
 
-fn sampler_kind(s: SamplerArg) -> SamplerKind {
+pub fn sampler_kind(s: SamplerArg) -> SamplerKind {
     match s {
         SamplerArg::DpmSde => SamplerKind::DpmSolverSde,
         SamplerArg::Dpm2m => SamplerKind::DpmSolver2M,
@@ -189,31 +189,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     // --- Models: one copy per distinct device -------------------------------------------------
     let t = Instant::now();
-    let mut devices: Vec<Device> = Vec::new();
-    for d in &ranks {
-        if !devices.contains(d) {
-            devices.push(*d);
-        }
-    }
-    let dtype_of = |d: Device| match (d, a.dtype) {
-        (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
-        (_, DTypeArg::Bf16) => DType::BF16,
-        (_, DTypeArg::F16) => DType::F16,
-    };
-    let mut models: Vec<Models> = Vec::new();
-    for &d in &devices {
-        let m = if tiny {
-            vi_model::tiny::load(d, dtype_of(d))?
-        } else {
-            Models::load_dir(Path::new(&a.model), d, dtype_of(d))
-                .with_context(|| format!("cannot load model folder {}", a.model))?
-        };
-        models.push(m);
-    }
-    let rank_model: Vec<usize> = ranks
-        .iter()
-        .map(|d| devices.iter().position(|x| x == d).expect("listed"))
-        .collect();
+    let (models, rank_model) = load_models(&a.model, &ranks, a.dtype)?;
     stage(
         "load",
         format!(
@@ -250,6 +226,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         world,
         rank_timeout: Duration::from_secs(600),
         vae_chunk: 4,
+        decode: true,
     };
     pipeline::check_request(&models[0], &req)?;
     let per_rank: Vec<String> = clips
@@ -387,8 +364,43 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Loads the models once per distinct device of `ranks` (`model`: a folder or `tiny`); returns
+/// them and, per rank, the index of its models.
+pub fn load_models(
+    model: &str,
+    ranks: &[Device],
+    dtype: DTypeArg,
+) -> Result<(Vec<Models>, Vec<usize>)> {
+    let mut devices: Vec<Device> = Vec::new();
+    for d in ranks {
+        if !devices.contains(d) {
+            devices.push(*d);
+        }
+    }
+    let dtype_of = |d: Device| match (d, dtype) {
+        (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
+        (_, DTypeArg::Bf16) => DType::BF16,
+        (_, DTypeArg::F16) => DType::F16,
+    };
+    let mut models: Vec<Models> = Vec::new();
+    for &d in &devices {
+        let m = if model == "tiny" {
+            vi_model::tiny::load(d, dtype_of(d))?
+        } else {
+            Models::load_dir(Path::new(model), d, dtype_of(d))
+                .with_context(|| format!("cannot load model folder {model}"))?
+        };
+        models.push(m);
+    }
+    let rank_model = ranks
+        .iter()
+        .map(|d| devices.iter().position(|x| x == d).expect("listed"))
+        .collect();
+    Ok((models, rank_model))
+}
+
 /// `4 ranks on cpu`, `8 ranks on cuda:0..7`, ...
-fn describe_ranks(ranks: &[Device]) -> String {
+pub fn describe_ranks(ranks: &[Device]) -> String {
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
     for d in ranks {
         let name = match d {

@@ -20,6 +20,7 @@ macro_rules! say {
     }};
 }
 
+pub mod bench;
 pub mod cli;
 pub mod convert;
 pub mod devices;
@@ -59,6 +60,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         cli::Command::Inspect(a) => inspect::run(a),
         cli::Command::Verify(a) => verify::run(a),
         cli::Command::Convert(a) => convert::run(a),
+        cli::Command::Bench(a) => bench::run(*a),
         cli::Command::WriteTiny(a) => write_tiny(&a.dir),
     }
 }
