@@ -13,6 +13,8 @@ use std::ffi::c_void;
 use std::mem::size_of;
 use std::sync::Mutex;
 
+use cudarc::cublas::result as cublas_classic;
+use cudarc::cublas::sys as cublas_sys;
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::CudaSlice;
@@ -94,6 +96,19 @@ pub(crate) struct Blas {
     workspace: CudaSlice<u8>,
     workspace_bytes: usize,
     plans: Mutex<HashMap<Key, Plan>>,
+    /// Classic cuBLAS (cublasGemmStridedBatchedEx): the fallback for shapes cuBLASLt refuses
+    /// (a plan or a matmul answering NOT_SUPPORTED). Created on first use.
+    classic: Mutex<Option<Classic>>,
+}
+
+/// Classic cuBLAS handle and a buffer of ones per dtype (the bias is added as a rank-1 GEMM
+/// C += bias · 1^T when the fallback is taken).
+struct Classic {
+    handle: cublas_sys::cublasHandle_t,
+    /// dtype -> (device buffer of `len` ones encoded in that dtype, len).
+    ones: HashMap<DType, (CudaSlice<u8>, usize)>,
+    /// Keys already reported as falling back (one line each on stderr).
+    reported: std::collections::HashSet<Key>,
 }
 
 // SAFETY: the handle is used only while holding the `plans` mutex (see `run`), so never concurrently.
@@ -136,6 +151,7 @@ impl Blas {
             workspace,
             workspace_bytes,
             plans: Mutex::new(HashMap::new()),
+            classic: Mutex::new(None),
         })
     }
 }
@@ -143,6 +159,12 @@ impl Blas {
 impl Drop for Blas {
     fn drop(&mut self) {
         self.plans.lock().unwrap().clear();
+        if let Some(c) = self.classic.lock().unwrap().take() {
+            // SAFETY: created in `run_classic`, destroyed once.
+            unsafe {
+                let _ = cublas_classic::destroy_handle(c.handle);
+            }
+        }
         // SAFETY: created in `new`, destroyed once.
         unsafe {
             let _ = lt::destroy_handle(self.handle);
@@ -326,6 +348,15 @@ impl Blas {
                 g.bias.map(align_of).unwrap_or(256),
             ),
         };
+        match self.run_lt(dev, g, &key) {
+            Ok(()) => Ok(()),
+            Err(lt_err) => self.run_classic(dev, g, &key, &lt_err),
+        }
+    }
+
+    /// The cuBLASLt path (cached plan per key).
+    fn run_lt(&self, dev: &CudaDevice, g: &Gemm, key: &Key) -> Result<()> {
+        let key = *key;
         let mut plans = self.plans.lock().unwrap();
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -371,6 +402,143 @@ impl Blas {
             )
         }
         .map_err(|e| blas_err(&format!("matmul {key:?}"), e))
+    }
+
+    /// Fallback: cublasGemmStridedBatchedEx with the same column-major bridge (fp32 compute), and
+    /// the bias as a second, rank-1 GEMM C += bias[N] x ones[M].
+    fn run_classic(&self, dev: &CudaDevice, g: &Gemm, key: &Key, why: &Error) -> Result<()> {
+        use cublas_sys::cublasOperation_t as Op;
+        let cerr = |what: &str, e: cublas_classic::CublasError| {
+            cuda_err(&format!("cuBLAS {what} (after cuBLASLt failed: {why})"), e)
+        };
+        dev.ctx()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        let mut guard = self.classic.lock().unwrap();
+        if guard.is_none() {
+            let handle = std::panic::catch_unwind(cublas_classic::create_handle)
+                .map_err(|_| Error::Cuda("libcublas not found: set LD_LIBRARY_PATH".into()))?
+                .map_err(|e| cerr("create handle", e))?;
+            *guard = Some(Classic {
+                handle,
+                ones: HashMap::new(),
+                reported: Default::default(),
+            });
+        }
+        let c = guard.as_mut().expect("set above");
+        if c.reported.insert(*key) {
+            eprintln!(
+                "vi-runtime: cuBLASLt refused {key:?} ({why}); using cublasGemmStridedBatchedEx"
+            );
+        }
+        // SAFETY: the handle is alive; the stream belongs to this device's context.
+        unsafe { cublas_classic::set_stream(c.handle, dev.stream().cu_stream() as _) }
+            .map_err(|e| cerr("set stream", e))?;
+        let dt = match g.dtype {
+            DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
+            DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
+        };
+        let compute = cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let alpha: f32 = 1.0;
+        let beta: f32 = g.beta;
+        let (sa, sb, sc) = if g.batch > 1 {
+            (g.stride_a, g.stride_b, g.stride_c)
+        } else {
+            (0, 0, 0)
+        };
+        let opa = if g.trans_b {
+            Op::CUBLAS_OP_T
+        } else {
+            Op::CUBLAS_OP_N
+        };
+        // SAFETY: pointers are live device buffers of the sizes the callers checked; column-major
+        // view: C^T[N, M] = op(B^T)[N, K] · A^T[K, M] (see the module doc).
+        unsafe {
+            cublas_classic::gemm_strided_batched_ex(
+                c.handle,
+                opa,
+                Op::CUBLAS_OP_N,
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const c_void,
+                g.b as *const c_void,
+                dt,
+                g.ldb as i32,
+                sb as i64,
+                g.a as *const c_void,
+                dt,
+                g.lda as i32,
+                sa as i64,
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                dt,
+                g.ldc as i32,
+                sc as i64,
+                g.batch as i32,
+                compute,
+                algo,
+            )
+        }
+        .map_err(|e| cerr("gemm", e))?;
+        let Some(bias) = g.bias else {
+            return Ok(());
+        };
+        let need = g.m;
+        let have = c.ones.get(&g.dtype).map(|o| o.1).unwrap_or(0);
+        if have < need {
+            let len = need.next_power_of_two();
+            let bytes: Vec<u8> = match g.dtype {
+                DType::F32 => (0..len).flat_map(|_| 1f32.to_le_bytes()).collect(),
+                DType::BF16 => (0..len)
+                    .flat_map(|_| half::bf16::ONE.to_le_bytes())
+                    .collect(),
+                DType::F16 => (0..len)
+                    .flat_map(|_| half::f16::ONE.to_le_bytes())
+                    .collect(),
+            };
+            let buf = dev
+                .stream()
+                .clone_htod(&bytes)
+                .map_err(|e| cuda_err("ones buffer", e))?;
+            c.ones.insert(g.dtype, (buf, len));
+        }
+        let ones_ptr = {
+            use cudarc::driver::DevicePtr;
+            c.ones[&g.dtype].0.device_ptr(dev.stream()).0
+        };
+        let one: f32 = 1.0;
+        // SAFETY: bias [N] and ones [>= M] are live device buffers; C as above.
+        unsafe {
+            cublas_classic::gemm_strided_batched_ex(
+                c.handle,
+                Op::CUBLAS_OP_N,
+                Op::CUBLAS_OP_N,
+                g.n as i32,
+                g.m as i32,
+                1,
+                &alpha as *const f32 as *const c_void,
+                bias as *const c_void,
+                dt,
+                g.n as i32,
+                0,
+                ones_ptr as *const c_void,
+                dt,
+                1,
+                0,
+                &one as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                dt,
+                g.ldc as i32,
+                sc as i64,
+                g.batch as i32,
+                compute,
+                algo,
+            )
+        }
+        .map_err(|e| cerr("bias gemm", e))
     }
 }
 
