@@ -1,5 +1,7 @@
-// Data-movement kernels. They never look at values, so they are instantiated per element size:
-// `_b2` (bf16/f16) and `_b4` (f32). Grid-stride loops over the OUTPUT so writes are coalesced.
+// Data-movement kernels. They never look at values, so they are instantiated per unit size:
+// `_b2` (bf16/f16), `_b4` (f32) and `_b16` (16-byte vectors of either, chosen by the launcher when
+// the innermost contiguous run, every stride and every address allow it). Grid-stride loops over
+// the OUTPUT so writes are coalesced.
 #include "common.cuh"
 
 #define LAYOUT(SN, T)                                                                            \
@@ -51,3 +53,4 @@
 
 LAYOUT(b2, uint16_t)
 LAYOUT(b4, uint32_t)
+LAYOUT(b16, uint4)

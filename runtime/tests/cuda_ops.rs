@@ -360,23 +360,28 @@ mod gpu {
             return;
         }
         let mut r = StdRng::seed_from_u64(5);
-        for dt in [DType::F32, DType::BF16, DType::F16] {
-            let (xc, xg) = pair(&mut r, &[2, 3, 4, 5], 1.0, dt);
+        // C = 5: element kernels; C = 16: 16-byte vector kernels where the layout allows.
+        for (dt, c) in [DType::F32, DType::BF16, DType::F16]
+            .into_iter()
+            .flat_map(|dt| [(dt, 5usize), (dt, 16)])
+        {
+            let (xc, xg) = pair(&mut r, &[2, 3, 4, c], 1.0, dt);
             for perm in [
-                [0usize, 2, 3, 1],
+                [0usize, 2, 1, 3],
+                [2, 0, 1, 3],
+                [0, 2, 3, 1],
                 [0, 3, 1, 2],
                 [3, 2, 1, 0],
                 [1, 0, 2, 3],
-                [0, 2, 1, 3],
             ] {
                 check_exact(
-                    &format!("permute {perm:?} {dt:?}"),
+                    &format!("permute {perm:?} C {c} {dt:?}"),
                     &ops::permute(&xg, &perm).unwrap(),
                     &ops::permute(&xc, &perm).unwrap(),
                 );
             }
-            let (yc, yg) = pair(&mut r, &[2, 3, 1, 5], 1.0, dt);
-            let (zc, zg) = pair(&mut r, &[2, 3, 2, 5], 1.0, dt);
+            let (yc, yg) = pair(&mut r, &[2, 3, 1, c], 1.0, dt);
+            let (zc, zg) = pair(&mut r, &[2, 3, 2, c], 1.0, dt);
             check_exact(
                 &format!("concat axis 2 {dt:?}"),
                 &ops::concat(&[&xg, &yg, &zg], 2).unwrap(),
@@ -395,7 +400,7 @@ mod gpu {
             );
             for (axis, idx) in [
                 (1usize, vec![2usize, 0, 2]),
-                (3, vec![4, 1]),
+                (3, vec![4, 1, 3]),
                 (0, vec![1]),
                 (2, vec![1, 2, 3]), // contiguous run: narrow path
             ] {
@@ -411,11 +416,22 @@ mod gpu {
                 &ops::narrow(&xc, 3, 1, 3).unwrap(),
             );
             check_exact(
+                &format!("narrow axis 1 {dt:?}"),
+                &ops::narrow(&xg, 1, 1, 2).unwrap(),
+                &ops::narrow(&xc, 1, 1, 2).unwrap(),
+            );
+            check_exact(
                 &format!("upsample {dt:?}"),
                 &ops::upsample_nearest2x(&xg).unwrap(),
                 &ops::upsample_nearest2x(&xc).unwrap(),
             );
-            let (tc, tg) = pair(&mut r, &[11, 6], 1.0, dt);
+            let (tc, tg) = pair(&mut r, &[11, c + 1], 1.0, dt);
+            let (tc2, tg2) = pair(&mut r, &[11, 8 * c], 1.0, dt);
+            check_exact(
+                &format!("embedding wide {dt:?}"),
+                &ops::embedding(&[5, 5, 0], &tg2).unwrap(),
+                &ops::embedding(&[5, 5, 0], &tc2).unwrap(),
+            );
             let ids = [3u32, 0, 10, 3];
             check_exact(
                 &format!("embedding {dt:?}"),

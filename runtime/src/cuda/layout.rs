@@ -1,6 +1,7 @@
 //! Launchers of `cuda/kernels/layout.cu`: permute, concat, index_select / narrow, nearest 2x
-//! upsampling, embedding. The kernels only move bytes, so they are selected by element size
-//! (`_b2` for bf16/f16, `_b4` for f32).
+//! upsampling, embedding. The kernels only move bytes, so they are selected by unit size: `_b2` for
+//! bf16/f16, `_b4` for f32, `_b16` (16-byte vectors) whenever the innermost contiguous run, every
+//! stride and every address are multiples of 16 bytes (channels-last tensors with C % 8 == 0).
 
 use cudarc::driver::PushKernelArg;
 
@@ -16,6 +17,21 @@ fn sfx(d: DType) -> &'static str {
         2 => "b2",
         _ => "b4",
     }
+}
+
+/// (kernel suffix, elements per unit): 16-byte units when `vec_ok(elements per 16 bytes)` holds.
+fn unit(dtype: DType, vec_ok: impl Fn(usize) -> bool) -> (&'static str, usize) {
+    let v = 16 / dtype.size_in_bytes();
+    if vec_ok(v) {
+        ("b16", v)
+    } else {
+        (sfx(dtype), 1)
+    }
+}
+
+/// `n` is a multiple of the power of two `v`.
+fn divisible(n: usize, v: usize) -> bool {
+    n & (v - 1) == 0
 }
 
 fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -34,11 +50,19 @@ pub(crate) fn copy2d(
     ldx: usize,
     ldy: usize,
 ) -> Result<()> {
-    let n = rows * cols;
-    if n == 0 {
+    if rows * cols == 0 {
         return Ok(());
     }
-    let k = format!("copy2d_{}", sfx(dtype));
+    let (s, v) = unit(dtype, |v| {
+        divisible(cols, v)
+            && divisible(ldx, v)
+            && divisible(ldy, v)
+            && divisible(x as usize, 16)
+            && divisible(y as usize, 16)
+    });
+    let (cols, ldx, ldy) = (cols / v, ldx / v, ldy / v);
+    let n = rows * cols;
+    let k = format!("copy2d_{s}");
     let f = dev.func(MODULE, &k)?;
     let (r, c, lx, ly) = (rows as i64, cols as i64, ldx as i64, ldy as i64);
     let mut b = dev.stream().launch_builder(&f);
@@ -131,6 +155,10 @@ fn gather(
     axis: usize,
     inner: usize,
 ) -> Result<()> {
+    let (s, v) = unit(dtype, |v| {
+        divisible(inner, v) && divisible(x as usize, 16) && divisible(y as usize, 16)
+    });
+    let inner = inner / v;
     let n = outer * idx.len() * inner;
     let ids = dev
         .stream()
@@ -140,7 +168,7 @@ fn gather(
         use cudarc::driver::DevicePtr;
         ids.device_ptr(dev.stream()).0
     };
-    let k = format!("index_select_{}", sfx(dtype));
+    let k = format!("index_select_{s}");
     let f = dev.func(MODULE, &k)?;
     let (o, a, ni, inn) = (outer as i64, axis as i64, idx.len() as i64, inner as i64);
     let mut b = dev.stream().launch_builder(&f);
@@ -179,14 +207,29 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         copy2d(&dev, x.dtype(), sx.ptr(), out.ptr(), 1, n, n, n)?;
         return Ok(out.into_tensor(&shape));
     }
-    let k = format!("permute_{}", sfx(x.dtype()));
+    let (mut dims, mut strides) = (dims, st.into_iter().next().unwrap());
+    let last = dims.len() - 1;
+    let (s, v) = unit(x.dtype(), |v| {
+        strides[last] == 1
+            && divisible(dims[last] as usize, v)
+            && strides[..last].iter().all(|&st| divisible(st as usize, v))
+    });
+    if v > 1 {
+        dims[last] /= v as i64;
+        for st in strides[..last].iter_mut() {
+            *st /= v as i64;
+        }
+    }
+    let units = n / v;
+    let k = format!("permute_{s}");
     let f = dev.func(MODULE, &k)?;
-    let (xp, yp, n64, r) = (sx.ptr(), out.ptr(), n as i64, dims.len() as i32);
-    let (dd, sd) = (Dims::new(&dims)?, Dims::new(&st[0])?);
+    let (xp, yp, n64, r) = (sx.ptr(), out.ptr(), units as i64, dims.len() as i32);
+    let (dd, sd) = (Dims::new(&dims)?, Dims::new(&strides)?);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&xp).arg(&yp).arg(&n64).arg(&r).arg(&dd).arg(&sd);
-    // SAFETY: the strides describe a permutation of x's own elements; out holds n elements.
-    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    // SAFETY: the strides describe a permutation of x's own elements (in units of v elements);
+    // out holds n elements.
+    unsafe { b.launch(cfg_1d(units, BLOCK)) }.map_err(launch_err(&k))?;
     Ok(out.into_tensor(&shape))
 }
 
@@ -198,14 +241,15 @@ pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let total = n * 4 * h * w * c;
     let out = dev.alloc(x.dtype(), total)?;
     if total > 0 {
-        let k = format!("upsample2x_{}", sfx(x.dtype()));
+        let (s, v) = unit(x.dtype(), |v| divisible(c, v));
+        let k = format!("upsample2x_{s}");
         let f = dev.func(MODULE, &k)?;
         let (xp, yp) = (sx.ptr(), out.ptr());
-        let (n64, h64, w64, c64) = (n as i64, h as i64, w as i64, c as i64);
+        let (n64, h64, w64, c64) = (n as i64, h as i64, w as i64, (c / v) as i64);
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&xp).arg(&yp).arg(&n64).arg(&h64).arg(&w64).arg(&c64);
-        // SAFETY: x holds n*h*w*c elements, out 4x that.
-        unsafe { b.launch(cfg_1d(total, BLOCK)) }.map_err(launch_err(&k))?;
+        // SAFETY: x holds n*h*w*c elements, out 4x that (moved in units of v elements).
+        unsafe { b.launch(cfg_1d(total / v, BLOCK)) }.map_err(launch_err(&k))?;
     }
     Ok(out.into_tensor(&[n, 2 * h, 2 * w, c]))
 }
