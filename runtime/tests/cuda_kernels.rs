@@ -223,7 +223,7 @@ mod gpu {
     type AttnCase = (usize, usize, usize, usize, usize, usize, bool, bool);
 
     fn attentions(r: &mut StdRng, label: &str) {
-        let cases: [AttnCase; 16] = [
+        let cases: [AttnCase; 17] = [
             (2, 130, 77, 5, 64, 64, false, false), // cross-attention, tails on both sides
             (1, 77, 77, 4, 64, 64, true, true),    // CLIP text encoder
             (2, 200, 200, 2, 64, 64, false, true),
