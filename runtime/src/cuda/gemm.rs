@@ -247,7 +247,9 @@ impl Blas {
             .map_err(|e| blas_err("layout B", e))?;
         let lc = lt::create_matrix_layout(dt, key.n as u64, key.m as u64, key.ldc as i64)
             .map_err(|e| blas_err("layout C", e))?;
-        let plan_partial = Plan {
+        // Owns the descriptors from here on: destroyed by its Drop on every error path below, and
+        // returned (never copied out of, which would destroy them) on success.
+        let mut plan = Plan {
             desc,
             layouts: [la, lb, lc],
             // SAFETY: plain C struct, filled by the heuristic below before use.
@@ -313,10 +315,8 @@ impl Blas {
         let heur =
             unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, lc, pref) }
                 .map_err(|e| blas_err(&format!("no algorithm for {key:?}"), e))?;
-        Ok(Plan {
-            algo: heur.algo,
-            ..plan_partial
-        })
+        plan.algo = heur.algo;
+        Ok(plan)
     }
 
     /// Queue the GEMM on the device stream.
