@@ -480,6 +480,20 @@ fn generate_rejects_broken_model_folders() {
         "{e}"
     );
 
+    // A frames folder that a failed run created is removed again.
+    let fd = t.path().join("never");
+    let e = err(&[
+        "generate",
+        "--model",
+        s(&t.path().join("absent")),
+        "--prompt",
+        "p",
+        "--frames-dir",
+        s(&fd),
+    ]);
+    assert!(e.contains("does not exist"), "{e}");
+    assert!(!fd.exists(), "empty frames folder left behind");
+
     // None of these touched the existing output.
     assert_eq!(std::fs::read(&out).unwrap(), b"old video");
     assert!(listing(t.path()).iter().all(|n| !n.ends_with(".partial")));

@@ -365,6 +365,17 @@ pub struct PngSequence {
     dir: PathBuf,
     overwrite: bool,
     next: usize,
+    /// We created `dir`: remove it again if dropped before any frame was written.
+    created: bool,
+}
+
+impl Drop for PngSequence {
+    fn drop(&mut self) {
+        if self.created && self.next == 0 {
+            // Only removes an empty folder: never anything someone else put there.
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
 }
 
 /// The file name of frame `i` in a PNG sequence.
@@ -376,7 +387,8 @@ impl PngSequence {
     /// Creates `dir` if needed. Refuses a folder that already holds `frame_*.png` files unless
     /// `overwrite`; checks the folder is writable now.
     pub fn create(dir: &Path, overwrite: bool) -> Result<PngSequence> {
-        if dir.exists() {
+        let created = !dir.exists();
+        if !created {
             ensure!(dir.is_dir(), "{} exists and is not a folder", dir.display());
             if !overwrite {
                 let existing = fs::read_dir(dir)
@@ -405,6 +417,7 @@ impl PngSequence {
             dir: dir.to_path_buf(),
             overwrite,
             next: 0,
+            created,
         })
     }
 
