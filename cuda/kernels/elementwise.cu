@@ -192,3 +192,13 @@ __device__ __forceinline__ float apply_binary(float u, float v, int op) {
 ELEMWISE_VEC(f32, float)
 ELEMWISE_VEC(bf16, bf16)
 ELEMWISE_VEC(f16, f16)
+
+// ---- in-place per-channel bias: y[r, c] += bias[c] (after a cuDNN convolution) ---------------
+#define BIAS_ADD(TN, T)                                                                          \
+    extern "C" __global__ void bias_add_##TN(T* __restrict__ y, const T* __restrict__ bias,      \
+                                             int64_t rows, int64_t c) {                          \
+        GRID_STRIDE(i, rows * c) { y[i] = from_f<T>(to_f(y[i]) + to_f(bias[i % c])); }           \
+    }
+BIAS_ADD(f32, float)
+BIAS_ADD(bf16, bf16)
+BIAS_ADD(f16, f16)

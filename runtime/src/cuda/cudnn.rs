@@ -1,7 +1,8 @@
 //! kh x kw convolutions through cuDNN (implicit-GEMM tensor-core kernels, no im2col buffer), NHWC
 //! activations and the [Cout, kh, kw, Cin] (KRSC, cuDNN's NHWC filter format) weight re-layout that
 //! conv.rs caches. Descriptors and the chosen algorithm are cached per shape; the bias is added by
-//! cudnnAddTensor. f32 runs with CUDNN_FMA_MATH (no TF32), bf16/f16 with tensor-core math and fp32
+//! our in-place `bias_add` kernel (cudnnAddTensor's bf16 support is not guaranteed). f32 runs with
+//! CUDNN_FMA_MATH (no TF32), bf16/f16 with tensor-core math and fp32
 //! accumulation (compute type CUDNN_DATA_FLOAT).
 //!
 //! Optional: conv.rs uses this path when [`conv_algo`] says so (default: cuDNN when libcudnn loads;
@@ -82,7 +83,6 @@ pub(crate) struct ConvShape {
 struct Plan {
     x: sys::cudnnTensorDescriptor_t,
     y: sys::cudnnTensorDescriptor_t,
-    bias: sys::cudnnTensorDescriptor_t,
     filt: sys::cudnnFilterDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
     algo: sys::cudnnConvolutionFwdAlgo_t,
@@ -95,7 +95,6 @@ impl Drop for Plan {
         unsafe {
             sys::cudnnDestroyTensorDescriptor(self.x);
             sys::cudnnDestroyTensorDescriptor(self.y);
-            sys::cudnnDestroyTensorDescriptor(self.bias);
             sys::cudnnDestroyFilterDescriptor(self.filt);
             sys::cudnnDestroyConvolutionDescriptor(self.conv);
         }
@@ -168,7 +167,6 @@ impl Dnn {
             let mut p = Plan {
                 x: std::ptr::null_mut(),
                 y: std::ptr::null_mut(),
-                bias: std::ptr::null_mut(),
                 filt: std::ptr::null_mut(),
                 conv: std::ptr::null_mut(),
                 algo:
@@ -177,7 +175,6 @@ impl Dnn {
             };
             check("create", sys::cudnnCreateTensorDescriptor(&mut p.x))?;
             check("create", sys::cudnnCreateTensorDescriptor(&mut p.y))?;
-            check("create", sys::cudnnCreateTensorDescriptor(&mut p.bias))?;
             check("create", sys::cudnnCreateFilterDescriptor(&mut p.filt))?;
             check("create", sys::cudnnCreateConvolutionDescriptor(&mut p.conv))?;
             check(
@@ -203,10 +200,6 @@ impl Dnn {
                     int(ho)?,
                     int(wo)?,
                 ),
-            )?;
-            check(
-                "bias descriptor",
-                sys::cudnnSetTensor4dDescriptor(p.bias, nhwc, dt, 1, int(s.cout)?, 1, 1),
             )?;
             check(
                 "filter descriptor",
@@ -330,22 +323,13 @@ impl Dnn {
                     y as *mut c_void,
                 ),
             )?;
-            if let Some(b) = bias {
-                check(
-                    "bias add",
-                    sys::cudnnAddTensor(
-                        self.handle,
-                        &one as *const f32 as *const c_void,
-                        plan.bias,
-                        b as *const c_void,
-                        &one as *const f32 as *const c_void,
-                        plan.y,
-                        y as *mut c_void,
-                    ),
-                )?;
-            }
         }
         drop(ws);
+        if let Some(b) = bias {
+            let ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
+            let wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
+            super::elementwise::bias_add_rows(dev, s.dtype, y, b, s.n * ho * wo, s.cout)?;
+        }
         Ok(())
     }
 }

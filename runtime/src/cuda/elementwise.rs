@@ -3,7 +3,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{cfg_1d, cuda_err, dtype_suffix, storage, CudaStorage, Dims};
+use super::{cfg_1d, cuda_err, dtype_suffix, storage, CudaDevice, CudaStorage, Dims};
 use crate::ops::{BinaryOp, UnaryOp};
 use crate::{DType, Error, Result, Tensor};
 
@@ -293,4 +293,27 @@ pub fn random_normal(
         unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
     }
     Ok(out.into_tensor(shape))
+}
+
+/// In place: y[r, c] += bias[c] for y [rows, c] (raw buffers of `dtype`).
+pub(crate) fn bias_add_rows(
+    dev: &CudaDevice,
+    dtype: DType,
+    y: u64,
+    bias: u64,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let n = rows * c;
+    if n == 0 {
+        return Ok(());
+    }
+    let k = format!("bias_add_{}", dtype_suffix(dtype));
+    let f = dev.func(MODULE, &k)?;
+    let (r64, c64) = (rows as i64, c as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&y).arg(&bias).arg(&r64).arg(&c64);
+    // SAFETY: y holds rows * c elements and bias c elements of `dtype`.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(())
 }
