@@ -46,3 +46,40 @@ impl Module {
             .unwrap_or(self.fatbin)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_are_embedded_exactly_with_the_feature() {
+        if cfg!(feature = "cuda") {
+            for name in ["elementwise", "layout", "conv"] {
+                let m = module(name).unwrap_or_else(|| panic!("{name} not embedded"));
+                // A fatbin starts with its magic 0xBA55ED50 (little endian).
+                assert_eq!(&m.fatbin[..4], &[0x50, 0xED, 0x55, 0xBA], "{name}");
+                assert_eq!(m.image_for(9, 0).as_ptr(), m.fatbin.as_ptr());
+            }
+        } else {
+            assert!(MODULES.is_empty());
+        }
+    }
+
+    #[test]
+    fn arch_specific_cubin_only_for_its_exact_capability() {
+        static CUBIN: [u8; 1] = [1];
+        static FAT: [u8; 1] = [2];
+        static ARCH: [Cubin; 1] = [Cubin {
+            sm: 90,
+            data: &CUBIN,
+        }];
+        let m = Module {
+            name: "x",
+            fatbin: &FAT,
+            arch_specific: &ARCH,
+        };
+        assert_eq!(m.image_for(9, 0), &CUBIN);
+        assert_eq!(m.image_for(8, 9), &FAT);
+        assert_eq!(m.image_for(10, 0), &FAT);
+    }
+}

@@ -317,3 +317,44 @@ pub(crate) fn bias_add_rows(
     unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{broadcast_strides, coalesce};
+
+    #[test]
+    fn broadcast_strides_are_right_aligned_with_zero_on_broadcast_dims() {
+        assert_eq!(broadcast_strides(&[4, 6, 10], &[4, 6, 10]), [60, 10, 1]);
+        assert_eq!(broadcast_strides(&[10], &[4, 6, 10]), [0, 0, 1]);
+        assert_eq!(broadcast_strides(&[4, 1, 10], &[4, 6, 10]), [10, 0, 1]);
+        assert_eq!(broadcast_strides(&[1], &[3, 5]), [0, 0]);
+    }
+
+    #[test]
+    fn coalesce_merges_contiguous_and_jointly_broadcast_dims() {
+        // Same shape: one dim.
+        let s = [4, 6, 10];
+        let st = vec![broadcast_strides(&s, &s), broadcast_strides(&s, &s)];
+        assert_eq!(coalesce(&s, &st), (vec![240], vec![vec![1], vec![1]]));
+        // Per-channel bias over [N, H, W, C]: [N*H*W, C] with b strides [0, 1].
+        let out = [2, 3, 4, 8];
+        let st = vec![broadcast_strides(&out, &out), broadcast_strides(&[8], &out)];
+        assert_eq!(
+            coalesce(&out, &st),
+            (vec![24, 8], vec![vec![8, 1], vec![0, 1]])
+        );
+        // Per-row scalar: [4, 6, 10] * [4, 6, 1] -> [24, 10] with b strides [1, 0].
+        let out = [4, 6, 10];
+        let st = vec![
+            broadcast_strides(&out, &out),
+            broadcast_strides(&[4, 6, 1], &out),
+        ];
+        assert_eq!(
+            coalesce(&out, &st),
+            (vec![24, 10], vec![vec![10, 1], vec![1, 0]])
+        );
+        // Size-1 dims are dropped; all-ones shapes keep one dim.
+        let st = vec![vec![0, 0], vec![0, 0]];
+        assert_eq!(coalesce(&[1, 1], &st), (vec![1], vec![vec![0], vec![0]]));
+    }
+}
