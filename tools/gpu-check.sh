@@ -58,9 +58,13 @@ run() {
   return 0
 }
 
-run cuda_ops 60 "$bin/cuda_ops" --nocapture
+run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
 run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
-run gpu_golden 60 "$bin/gpu_golden" --nocapture --test-threads=1
+# One process per golden case (a crash in one does not hide the others).
+for t in unet_plain_bf16 unet_plain_f16 unet_vi_w2_nodyn_bf16 unet_vi_w2_nodyn_f16 \
+  unet_vi_w3_t900_bf16 unet_vi_w3_t900_f16; do
+  run "gpu_golden_$t" 45 "$bin/gpu_golden" --nocapture --exact "gpu::${t}_on_gpu"
+done
 "$bin/video-infinity" --help >/dev/null 2>&1
 echo "video-infinity --help rc=$?" >>"$summary"
 run unet_bench 120 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
