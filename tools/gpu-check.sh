@@ -47,23 +47,32 @@ for f in .gpu/bin/*.xz; do
 done
 
 # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit code, show the tail.
+# LOG=GROUP run ...: append to $OUT/GROUP.log instead, under a "=== NAME ===" header ($OUT brings
+# back at most 8 files).
 run() {
   local name=$1 limit=$2
   shift 2
+  local file="$OUT/${LOG:-$name}.log"
   log "$name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  if [ -n "${LOG:-}" ]; then
+    echo "=== $name ===" >>"$file"
+    timeout "$limit" "$@" >>"$file" 2>&1
+  else
+    timeout "$limit" "$@" >"$file" 2>&1
+  fi
   local rc=$?
-  echo "$name rc=$rc" >>"$summary"
-  tail -n 15 "$OUT/$name.log"
+  echo "$name rc=$rc log=${LOG:-$name}" >>"$summary"
+  tail -n 15 "$file"
   return 0
 }
 
 run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
 run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
-# One process per golden case (a crash in one does not hide the others).
+# One process per golden case (a crash in one does not hide the others), one log file.
+: >"$OUT/gpu_golden.log"
 for t in unet_plain_bf16 unet_plain_f16 unet_vi_w2_nodyn_bf16 unet_vi_w2_nodyn_f16 \
   unet_vi_w3_t900_bf16 unet_vi_w3_t900_f16; do
-  run "gpu_golden_$t" 45 "$bin/gpu_golden" --nocapture --exact "gpu::${t}_on_gpu"
+  LOG=gpu_golden run "gpu_golden_$t" 30 "$bin/gpu_golden" --nocapture --exact "gpu::${t}_on_gpu"
 done
 "$bin/video-infinity" --help >/dev/null 2>&1
 echo "video-infinity --help rc=$?" >>"$summary"
@@ -89,17 +98,24 @@ def read(name):
     p = os.path.join(out, name)
     return open(p, errors="replace").read() if os.path.exists(p) else ""
 print("\n================ gpu-check summary ================")
+def section(text, name):
+    # The part of a grouped log under "=== name ===" (the whole text when there are no headers).
+    if f"=== {name} ===" not in text:
+        return text
+    return text.split(f"=== {name} ===", 1)[1].split("\n=== ", 1)[0]
 for line in read("summary.txt").split("\n"):
     if not line:
         continue
     name = line.split(" rc=")[0]
-    rc = line.split("rc=")[-1]
-    res = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", read(name + ".log"))
+    fields = dict(x.split("=", 1) for x in line[len(name):].split() if "=" in x)
+    rc = fields.get("rc", "?")
+    text = section(read(fields.get("log", name) + ".log"), name)
+    res = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", text)
     extra = "; ".join(f"{r[0]}: {r[1]} passed, {r[2]} failed" for r in res)
     status = "OK" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else "FAIL")
-    if status == "OK" and "SKIPPED" in read(name + ".log"):
+    if status == "OK" and "SKIPPED" in text:
         status = "SKIPPED"  # a test or the bench found no usable GPU: see its log
-    print(f"{name:<24} {status:<8} rc={rc:<4} {extra}")
+    print(f"{name:<34} {status:<8} rc={rc:<4} {extra}")
 def kv(line):
     return dict(x.split("=", 1) for x in line.split()[1:] if "=" in x)
 ours = {kv(l)["frames"]: kv(l) for l in read("unet_bench.log").split("\n") if l.startswith("BENCH ")}
