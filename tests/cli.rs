@@ -570,3 +570,47 @@ fn bench_runs_denoising_only() {
     let e = err(&["bench", "--devices", "cpu:3", "--frames", "2"]);
     assert!(e.contains("fewer than the 3 ranks"), "{e}");
 }
+
+/// `--vae`/`--tokenizer` take parts from other folders than `--model DIR`.
+#[test]
+fn model_parts_from_other_folders() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = tiny_dir(t.path());
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::rename(dir.join("vae"), elsewhere.join("my_vae")).unwrap();
+    std::fs::rename(dir.join("tokenizer"), elsewhere.join("tok")).unwrap();
+    let out = t.path().join("f");
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&dir),
+        "--frames",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--frames-dir",
+        s(&out),
+    ];
+    args.extend_from_slice(&FAST);
+    let e = err(&args);
+    assert!(e.contains("has no vae/ folder"), "{e}");
+    let vae = elsewhere.join("my_vae");
+    let tok = elsewhere.join("tok");
+    args.extend_from_slice(&["--vae", s(&vae), "--tokenizer", s(&tok)]);
+    run(&args).unwrap();
+    assert_eq!(listing(&out).len(), 2);
+    let e = err(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--vae",
+        s(&vae),
+        "--frames-dir",
+        s(&out),
+        "--overwrite",
+    ]);
+    assert!(e.contains("not of the tiny model"), "{e}");
+}

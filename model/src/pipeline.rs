@@ -127,6 +127,19 @@ pub fn locate_part(model_dir: &Path, kind: PartKind) -> Result<PartFiles> {
             kind.folder()
         )));
     }
+    part_files_in(&dir, kind)
+}
+
+/// The files of a part folder itself (`config.json` + `*.safetensors`), wherever it is.
+pub fn part_files_in(dir: &Path, kind: PartKind) -> Result<PartFiles> {
+    let dir = dir.to_path_buf();
+    if !dir.is_dir() {
+        return Err(msg(format!(
+            "{} folder {} does not exist",
+            kind.folder(),
+            dir.display()
+        )));
+    }
     let config = dir.join("config.json");
     if !config.is_file() {
         return Err(msg(format!("{} is missing", config.display())));
@@ -237,6 +250,82 @@ pub fn check_part(files: &PartFiles) -> Result<PartCheck> {
     Ok(check)
 }
 
+/// The folder of each part of a model.
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    pub unet: PathBuf,
+    pub text_encoder: PathBuf,
+    pub vae: PathBuf,
+    /// Holds `vocab.json` and `merges.txt`.
+    pub tokenizer: PathBuf,
+}
+
+impl ModelPaths {
+    /// The parts of a diffusers-layout model folder (`unet/`, `text_encoder/`, `vae/`,
+    /// `tokenizer/`); every part folder must exist.
+    pub fn in_dir(dir: &Path) -> Result<ModelPaths> {
+        if !dir.is_dir() {
+            return Err(msg(format!(
+                "model folder {} does not exist",
+                dir.display()
+            )));
+        }
+        for k in PartKind::ALL {
+            locate_part(dir, k)?;
+        }
+        let tokenizer = dir.join("tokenizer");
+        if !tokenizer.is_dir() {
+            return Err(msg(format!(
+                "model folder {} has no tokenizer/ folder (expected tokenizer/vocab.json and \
+                 tokenizer/merges.txt)",
+                dir.display()
+            )));
+        }
+        Ok(ModelPaths {
+            unet: dir.join("unet"),
+            text_encoder: dir.join("text_encoder"),
+            vae: dir.join("vae"),
+            tokenizer,
+        })
+    }
+
+    /// Like [`ModelPaths::in_dir`], with any part taken from elsewhere instead; `dir` may be
+    /// absent when all four are given.
+    pub fn with_overrides(
+        dir: Option<&Path>,
+        unet: Option<&Path>,
+        text_encoder: Option<&Path>,
+        vae: Option<&Path>,
+        tokenizer: Option<&Path>,
+    ) -> Result<ModelPaths> {
+        let pick = |o: Option<&Path>, name: &str| -> Result<PathBuf> {
+            match (o, dir) {
+                (Some(p), _) => Ok(p.to_path_buf()),
+                (None, Some(d)) => {
+                    if !d.is_dir() {
+                        return Err(msg(format!("model folder {} does not exist", d.display())));
+                    }
+                    let p = d.join(name);
+                    if !p.is_dir() {
+                        return Err(msg(format!(
+                            "model folder {} has no {name}/ folder",
+                            d.display()
+                        )));
+                    }
+                    Ok(p)
+                }
+                (None, None) => Err(msg(format!("no {name} folder given"))),
+            }
+        };
+        Ok(ModelPaths {
+            unet: pick(unet, "unet")?,
+            text_encoder: pick(text_encoder, "text_encoder")?,
+            vae: pick(vae, "vae")?,
+            tokenizer: pick(tokenizer, "tokenizer")?,
+        })
+    }
+}
+
 /// Everything a generation needs, on one device.
 pub struct Models {
     pub unet: UNet3D,
@@ -270,26 +359,19 @@ impl Models {
     /// Loads a diffusers-layout model folder (unet/, text_encoder/, vae/, tokenizer/). Every
     /// tensor is checked: present, shape, finite.
     pub fn load_dir(dir: &Path, device: Device, dtype: DType) -> Result<Models> {
-        if !dir.is_dir() {
-            return Err(msg(format!(
-                "model folder {} does not exist",
-                dir.display()
-            )));
-        }
-        let tok_dir = dir.join("tokenizer");
-        if !tok_dir.is_dir() {
-            return Err(msg(format!(
-                "model folder {} has no tokenizer/ folder (expected tokenizer/vocab.json and \
-                 tokenizer/merges.txt)",
-                dir.display()
-            )));
-        }
-        let parts: Vec<PartFiles> = PartKind::ALL
-            .iter()
-            .map(|&k| locate_part(dir, k))
-            .collect::<Result<_>>()?;
-        let tokenizer =
-            ClipTokenizer::from_dir(&tok_dir).map_err(|e| msg(format!("tokenizer: {e}")))?;
+        Models::load_paths(&ModelPaths::in_dir(dir)?, device, dtype)
+    }
+
+    /// Loads the parts from their own folders (e.g. a VideoCrafter2 UNet next to zeroscope's
+    /// text encoder, tokenizer and VAE).
+    pub fn load_paths(paths: &ModelPaths, device: Device, dtype: DType) -> Result<Models> {
+        let parts = [
+            part_files_in(&paths.unet, PartKind::Unet)?,
+            part_files_in(&paths.text_encoder, PartKind::TextEncoder)?,
+            part_files_in(&paths.vae, PartKind::Vae)?,
+        ];
+        let tokenizer = ClipTokenizer::from_dir(&paths.tokenizer)
+            .map_err(|e| msg(format!("tokenizer: {e}")))?;
         let unet = load_part(&parts[0], device, dtype, |c, p| {
             UNet3D::load(&UNetConfig::from_json(c)?, p)
         })?;

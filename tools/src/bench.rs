@@ -26,7 +26,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let width = a.width.unwrap_or(if tiny { 64 } else { 512 });
     ensure!(a.steps >= 1, "--steps must be at least 1");
     let t = Instant::now();
-    let (models, rank_model) = load_models(&a.model, &ranks, a.dtype)?;
+    let (models, rank_model) =
+        load_models(&a.model, &crate::cli::PartArgs::default(), &ranks, a.dtype)?;
     eprintln!(
         "loaded {} on {} in {:.1} s",
         a.model,

@@ -68,6 +68,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR|tiny")]
     pub model: String,
 
+    #[command(flatten)]
+    pub parts: PartArgs,
+
     /// Text prompt. Repeat for several segments: with n prompts and W ranks, rank r uses
     /// prompt floor(r * n / W) (the reference's mapping). Optional with `--model tiny`.
     #[arg(long, value_name = "TEXT", conflicts_with = "prompts")]
@@ -287,4 +290,23 @@ pub struct BenchArgs {
     pub dtype: DTypeArg,
     #[command(flatten)]
     pub vi: ViArgs,
+}
+
+/// Parts taken from other folders than `--model DIR` (e.g. a diffusers VideoCrafter2 UNet with
+/// zeroscope's text encoder, tokenizer and VAE).
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Model parts from other folders")]
+pub struct PartArgs {
+    /// UNet folder (config.json + *.safetensors) instead of `<model>/unet`.
+    #[arg(long, value_name = "DIR")]
+    pub unet: Option<PathBuf>,
+    /// Text encoder folder instead of `<model>/text_encoder`.
+    #[arg(long, value_name = "DIR")]
+    pub text_encoder: Option<PathBuf>,
+    /// VAE folder instead of `<model>/vae`.
+    #[arg(long, value_name = "DIR")]
+    pub vae: Option<PathBuf>,
+    /// Tokenizer folder (vocab.json, merges.txt) instead of `<model>/tokenizer`.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
 }

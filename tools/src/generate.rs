@@ -9,11 +9,11 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use vi_model::clip_parallel::{PhaseBias, ViConfig};
 use vi_model::distributed::{reference_prompt_segments, split_frames};
-use vi_model::pipeline::{self, Event, GenerateRequest, Models};
+use vi_model::pipeline::{self, Event, GenerateRequest, ModelPaths, Models};
 use vi_model::sampler::SamplerKind;
 use vi_runtime::{DType, Device};
 
-use crate::cli::{DTypeArg, GenerateArgs, SamplerArg, ViArgs};
+use crate::cli::{DTypeArg, GenerateArgs, PartArgs, SamplerArg, ViArgs};
 use crate::devices::{check_available, parse_devices};
 use crate::video::{Frame, Mp4Writer, PngSequence};
 
@@ -189,7 +189,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     // --- Models: one copy per distinct device -------------------------------------------------
     let t = Instant::now();
-    let (models, rank_model) = load_models(&a.model, &ranks, a.dtype)?;
+    let (models, rank_model) = load_models(&a.model, &a.parts, &ranks, a.dtype)?;
     stage(
         "load",
         format!(
@@ -368,9 +368,32 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 /// them and, per rank, the index of its models.
 pub fn load_models(
     model: &str,
+    parts: &PartArgs,
     ranks: &[Device],
     dtype: DTypeArg,
 ) -> Result<(Vec<Models>, Vec<usize>)> {
+    let paths = if model == "tiny" {
+        ensure!(
+            parts.unet.is_none()
+                && parts.text_encoder.is_none()
+                && parts.vae.is_none()
+                && parts.tokenizer.is_none(),
+            "--unet/--text-encoder/--vae/--tokenizer replace parts of a model folder, not of \
+             the tiny model"
+        );
+        None
+    } else {
+        Some(
+            ModelPaths::with_overrides(
+                Some(Path::new(model)),
+                parts.unet.as_deref(),
+                parts.text_encoder.as_deref(),
+                parts.vae.as_deref(),
+                parts.tokenizer.as_deref(),
+            )
+            .with_context(|| format!("cannot load model {model}"))?,
+        )
+    };
     let mut devices: Vec<Device> = Vec::new();
     for d in ranks {
         if !devices.contains(d) {
@@ -384,11 +407,10 @@ pub fn load_models(
     };
     let mut models: Vec<Models> = Vec::new();
     for &d in &devices {
-        let m = if model == "tiny" {
-            vi_model::tiny::load(d, dtype_of(d))?
-        } else {
-            Models::load_dir(Path::new(model), d, dtype_of(d))
-                .with_context(|| format!("cannot load model folder {model}"))?
+        let m = match &paths {
+            None => vi_model::tiny::load(d, dtype_of(d))?,
+            Some(p) => Models::load_paths(p, d, dtype_of(d))
+                .with_context(|| format!("cannot load model {model}"))?,
         };
         models.push(m);
     }
