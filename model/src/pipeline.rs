@@ -616,8 +616,10 @@ pub fn generate<'m>(
         let (dev, dt) = (m.device, m.dtype);
         let clip = clips[rank].clone();
         let n = clip.len();
+        // The sampler's state (latents, noise, guided eps) stays f32 on the device; only the
+        // UNet and the VAE see the model's storage dtype (bf16/f16 on CUDA; f32 on the CPU).
         let to_dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape)?.to_device(dev)?.to_dtype(dt)?)
+            Ok(Tensor::from_vec(v, shape)?.to_device(dev)?)
         };
         let shape = [1, n, lh, lw, lat_c];
         let ehs = ehs_per_rank[rank].to_device(dev)?.to_dtype(dt)?;
@@ -632,8 +634,11 @@ pub fn generate<'m>(
         let mut state = SamplerState::default();
         for (k, &t) in timesteps.iter().enumerate() {
             let ctx = ClipParallelContext::new(comm, &req.vi, t);
-            let input = ops::concat(&[&x, &x], 0)?;
-            let eps = m.unet.forward(&input, t as f32, req.fps_cond, &ehs, &ctx)?;
+            let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
+            let eps = m
+                .unet
+                .forward(&input, t as f32, req.fps_cond, &ehs, &ctx)?
+                .to_dtype(DType::F32)?;
             let uncond = ops::narrow(&eps, 0, 0, 1)?;
             let cond = ops::narrow(&eps, 0, 1, 1)?;
             let guided = ops::add(
@@ -658,7 +663,7 @@ pub fn generate<'m>(
             }
         }
         // Each rank decodes its own frames.
-        let latents = x.reshape(&[n, lh, lw, lat_c])?;
+        let latents = x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?;
         let mut frames = Vec::with_capacity(n);
         if !req.decode {
             return Ok(frames);
