@@ -31,6 +31,29 @@ __device__ __forceinline__ float apply_unary(float v, int op) {
     }
 }
 
+// Offsets into a and b of output element `i` (out dims `shape`, rank <= VI_MAX_DIMS, element
+// strides sa / sb, 0 on broadcast dims). The loop is fully unrolled so every `d[k]` index is a
+// compile-time constant: the Dims stay in the kernel parameter bank. A runtime index (the old
+// `for (d = rank - 1; ...)` loop) makes nvcc copy all three Dims (192 bytes) into per-thread local
+// memory at kernel start (24 st.local per thread: ptxas "192 bytes stack frame"), which on the UNet's
+// residual adds cost ~5x the kernel's DRAM traffic. `I`: index type (uint32_t when every element
+// index < 2^31, int64_t otherwise).
+template <typename I>
+__device__ __forceinline__ void broadcast_offsets(I i, int rank, const Dims& shape, const Dims& sa,
+                                                  const Dims& sb, I& ia, I& ib) {
+    I rem = i;
+#pragma unroll
+    for (int d = VI_MAX_DIMS - 1; d >= 0; --d) {
+        if (d < rank) {
+            I dim = (I)shape.d[d];
+            I c = rem % dim;
+            rem /= dim;
+            ia += c * (I)sa.d[d];
+            ib += c * (I)sb.d[d];
+        }
+    }
+}
+
 #define ELEMWISE(TN, T)                                                                          \
     extern "C" __global__ void unary_##TN(const T* __restrict__ x, T* __restrict__ y, int64_t n, \
                                           int op) {                                              \
@@ -61,13 +84,8 @@ __device__ __forceinline__ float apply_unary(float v, int op) {
                                            T* __restrict__ y, int64_t n, int op, int rank,       \
                                            Dims shape, Dims sa, Dims sb) {                       \
         GRID_STRIDE(i, n) {                                                                      \
-            int64_t rem = i, ia = 0, ib = 0;                                                     \
-            for (int d = rank - 1; d >= 0; --d) {                                                \
-                int64_t c = rem % shape.d[d];                                                    \
-                rem /= shape.d[d];                                                               \
-                ia += c * sa.d[d];                                                               \
-                ib += c * sb.d[d];                                                               \
-            }                                                                                    \
+            int64_t ia = 0, ib = 0;                                                              \
+            broadcast_offsets<int64_t>(i, rank, shape, sa, sb, ia, ib);                          \
             float u = to_f(a[ia]), v = to_f(b[ib]), r;                                           \
             switch (op) {                                                                        \
             case 0: r = u + v; break;                                                            \
@@ -135,6 +153,22 @@ __device__ __forceinline__ float apply_binary(float u, float v, int op) {
     }
 }
 
+template <typename T, typename I>
+__device__ __forceinline__ void binary_vec_body(const T* __restrict__ a, const T* __restrict__ b,
+                                                T* __restrict__ y, int64_t n_vec, int op, int rank,
+                                                const Dims& shape, const Dims& sa, const Dims& sb) {
+    GRID_STRIDE(iv, n_vec) {
+        I ia = 0, ib = 0;
+        broadcast_offsets<I>((I)(iv * VecOf<T>::V), rank, shape, sa, sb, ia, ib);
+        Vec16<T> u = *reinterpret_cast<const Vec16<T>*>(a + ia);
+        Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(b + ib), r;
+#pragma unroll
+        for (int k = 0; k < VecOf<T>::V; ++k)
+            r.v[k] = from_f<T>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));
+        reinterpret_cast<Vec16<T>*>(y)[iv] = r;
+    }
+}
+
 #define ELEMWISE_VEC(TN, T)                                                                      \
     /* n_vec vectors; same op codes as unary_##TN */                                            \
     extern "C" __global__ void unary_vec_##TN(const Vec16<T>* __restrict__ x,                    \
@@ -173,6 +207,14 @@ __device__ __forceinline__ float apply_binary(float u, float v, int op) {
     extern "C" __global__ void binary_vec_##TN(const T* __restrict__ a, const T* __restrict__ b, \
                                                T* __restrict__ y, int64_t n_vec, int op,         \
                                                int rank, Dims shape, Dims sa, Dims sb) {         \
+        binary_vec_body<T, int64_t>(a, b, y, n_vec, op, rank, shape, sa, sb);                    \
+    }                                                                                            \
+    /* The kernel of commit b98c570, unchanged, for before/after timing (VI_BINARY_KERNEL=old):  \
+       runtime-indexed Dims (copied to local memory) and 64-bit div/mod. */                      \
+    extern "C" __global__ void binary_vec_old_##TN(const T* __restrict__ a,                      \
+                                                   const T* __restrict__ b, T* __restrict__ y,   \
+                                                   int64_t n_vec, int op, int rank, Dims shape,  \
+                                                   Dims sa, Dims sb) {                           \
         GRID_STRIDE(iv, n_vec) {                                                                 \
             int64_t rem = iv * VecOf<T>::V, ia = 0, ib = 0;                                      \
             for (int d = rank - 1; d >= 0; --d) {                                                \
@@ -187,6 +229,25 @@ __device__ __forceinline__ float apply_binary(float u, float v, int op) {
                 r.v[k] = from_f<T>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));                \
             reinterpret_cast<Vec16<T>*>(y)[iv] = r;                                              \
         }                                                                                        \
+    }                                                                                            \
+    /* The same with 32-bit index math (every element index < 2^31): far cheaper div/mod. */     \
+    extern "C" __global__ void binary_vec32_##TN(const T* __restrict__ a,                        \
+                                                 const T* __restrict__ b, T* __restrict__ y,     \
+                                                 int64_t n_vec, int op, int rank, Dims shape,    \
+                                                 Dims sa, Dims sb) {                             \
+        binary_vec_body<T, uint32_t>(a, b, y, n_vec, op, rank, shape, sa, sb);                   \
+    }                                                                                            \
+    /* Same shape, both contiguous: no index math at all. */                                     \
+    extern "C" __global__ void binary_same_vec_##TN(const Vec16<T>* __restrict__ a,              \
+                                                    const Vec16<T>* __restrict__ b,              \
+                                                    Vec16<T>* __restrict__ y, int64_t n_vec,     \
+                                                    int op) {                                    \
+        GRID_STRIDE(i, n_vec) {                                                                  \
+            Vec16<T> u = a[i], v = b[i], r;                                                      \
+            _Pragma("unroll") for (int k = 0; k < VecOf<T>::V; ++k)                              \
+                r.v[k] = from_f<T>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));                \
+            y[i] = r;                                                                            \
+        }                                                                                        \
     }
 
 ELEMWISE_VEC(f32, float)
@@ -199,6 +260,22 @@ ELEMWISE_VEC(f16, f16)
                                              int64_t rows, int64_t c) {                          \
         GRID_STRIDE(i, rows * c) { y[i] = from_f<T>(to_f(y[i]) + to_f(bias[i % c])); }           \
     }
+/* Vectorised: c a multiple of the vector width V; y holds n_vec vectors, bias cv = c / V. 32-bit
+   index math (n_vec < 2^32). */
+#define BIAS_ADD_VEC(TN, T)                                                                      \
+    extern "C" __global__ void bias_add_vec_##TN(Vec16<T>* __restrict__ y,                       \
+                                                 const Vec16<T>* __restrict__ bias,              \
+                                                 int64_t n_vec, uint32_t cv) {                   \
+        GRID_STRIDE(i, n_vec) {                                                                  \
+            Vec16<T> u = y[i], v = bias[(uint32_t)i % cv], r;                                    \
+            _Pragma("unroll") for (int k = 0; k < VecOf<T>::V; ++k)                              \
+                r.v[k] = from_f<T>(to_f(u.v[k]) + to_f(v.v[k]));                                 \
+            y[i] = r;                                                                            \
+        }                                                                                        \
+    }
+BIAS_ADD_VEC(f32, float)
+BIAS_ADD_VEC(bf16, bf16)
+BIAS_ADD_VEC(f16, f16)
 BIAS_ADD(f32, float)
 BIAS_ADD(bf16, bf16)
 BIAS_ADD(f16, f16)

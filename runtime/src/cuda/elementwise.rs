@@ -24,6 +24,23 @@ fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| cuda_err(&format!("launching {k}"), e)
 }
 
+/// `VI_BINARY_KERNEL=old` selects the binary / bias-add kernels of commit b98c570 (runtime-indexed
+/// broadcast strides copied to local memory, 64-bit div/mod; scalar bias add) so one GPU run can
+/// time before and after; unset or `new`: the current kernels. Read once per process.
+fn old_kernels() -> Result<bool> {
+    static OLD: std::sync::OnceLock<std::result::Result<bool, String>> = std::sync::OnceLock::new();
+    OLD.get_or_init(|| match std::env::var("VI_BINARY_KERNEL") {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v == "new" => Ok(false),
+        Ok(v) if v == "old" => Ok(true),
+        Ok(v) => Err(format!(
+            "VI_BINARY_KERNEL={v:?}: expected `old` or `new` (or unset)"
+        )),
+    })
+    .clone()
+    .map_err(Error::Cuda)
+}
+
 /// Convert `x` to `dtype` (a fresh buffer; a plain copy when the dtype is unchanged).
 pub(crate) fn convert(x: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
     let dev = x.dev().clone();
@@ -206,10 +223,44 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) 
     let vec_ok = divisible(*dims.last().unwrap() as usize, v)
         && *st[0].last().unwrap() == 1
         && *st[1].last().unwrap() == 1;
-    if vec_ok {
+    let old = old_kernels()?;
+    if vec_ok && old {
+        // The b98c570 kernel (VI_BINARY_KERNEL=old), for before/after timing only.
         let rank = dims.len() as i32;
         let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
-        let k = format!("binary_vec_{sfx}");
+        let k = format!("binary_vec_old_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let nv = (n / v) as i64;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap)
+            .arg(&bp)
+            .arg(&yp)
+            .arg(&nv)
+            .arg(&code)
+            .arg(&rank)
+            .arg(&shape_d)
+            .arg(&sa_d)
+            .arg(&sb_d);
+        // SAFETY: as for binary_vec below (same arguments, same index math).
+        unsafe { l.launch(cfg_1d(n / v, BLOCK)) }.map_err(launch_err(&k))?;
+    } else if vec_ok && dims.len() == 1 {
+        // Same shape, both contiguous (e.g. residual adds): no index math.
+        let k = format!("binary_same_vec_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let nv = (n / v) as i64;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap).arg(&bp).arg(&yp).arg(&nv).arg(&code);
+        // SAFETY: a, b and out hold n elements, n a multiple of the vector width.
+        unsafe { l.launch(cfg_1d(n / v, BLOCK)) }.map_err(launch_err(&k))?;
+    } else if vec_ok {
+        let rank = dims.len() as i32;
+        let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
+        // 32-bit index math when every element index fits (all UNet tensors).
+        let k = if n < (1usize << 31) {
+            format!("binary_vec32_{sfx}")
+        } else {
+            format!("binary_vec_{sfx}")
+        };
         let f = dev.func(MODULE, &k)?;
         let nv = (n / v) as i64;
         let mut l = dev.stream().launch_builder(&f);
@@ -306,6 +357,26 @@ pub(crate) fn bias_add_rows(
 ) -> Result<()> {
     let n = rows * c;
     if n == 0 {
+        return Ok(());
+    }
+    let v = vec_width(dtype);
+    let n_vec = n / v;
+    // 16-byte vectors when c is a multiple of V and both buffers are 16-byte aligned (32-bit index
+    // math in the kernel: n_vec < 2^32).
+    let vec = !old_kernels()?
+        && divisible(c, v)
+        && y % 16 == 0
+        && bias % 16 == 0
+        && u32::try_from(n_vec).is_ok();
+    if vec {
+        let k = format!("bias_add_vec_{}", dtype_suffix(dtype));
+        let f = dev.func(MODULE, &k)?;
+        let (nv64, cv) = (n_vec as i64, (c / v) as u32);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&y).arg(&bias).arg(&nv64).arg(&cv);
+        // SAFETY: y holds rows * c elements (n_vec 16-byte vectors) and bias c elements (c / V
+        // vectors) of `dtype`; both addresses are 16-byte aligned (checked above).
+        unsafe { b.launch(cfg_1d(n_vec, BLOCK)) }.map_err(launch_err(&k))?;
         return Ok(());
     }
     let k = format!("bias_add_{}", dtype_suffix(dtype));
