@@ -322,8 +322,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // --- Write ----------------------------------------------------------------------------------
     let t = Instant::now();
     let mut written = Vec::new();
-    for rgb in out.iter() {
-        let f = Frame::new(width, height, rgb.clone())?;
+    let n_frames = out.len();
+    for rgb in out {
+        let f = Frame::new(width, height, rgb)?;
         if let Some(w) = mp4.as_mut() {
             w.push(&f)?;
         }
@@ -356,10 +357,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     );
     let wall = t_all.elapsed();
     eprintln!(
-        "    done: {} frames {width}x{height} in {} ({:.2} frames/s)",
-        out.len(),
+        "    done: {n_frames} frames {width}x{height} in {} ({:.2} frames/s)",
         secs(wall),
-        out.len() as f64 / wall.as_secs_f64()
+        n_frames as f64 / wall.as_secs_f64()
     );
     Ok(())
 }
