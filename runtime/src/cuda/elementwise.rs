@@ -365,8 +365,8 @@ pub(crate) fn bias_add_rows(
     // math in the kernel: n_vec < 2^32).
     let vec = !old_kernels()?
         && divisible(c, v)
-        && y % 16 == 0
-        && bias % 16 == 0
+        && y.is_multiple_of(16)
+        && bias.is_multiple_of(16)
         && u32::try_from(n_vec).is_ok();
     if vec {
         let k = format!("bias_add_vec_{}", dtype_suffix(dtype));
