@@ -4,6 +4,11 @@
 // the OUTPUT so writes are coalesced.
 #include "common.cuh"
 
+// Up to 64 indices by value (mirrors `Idx64` in runtime/src/cuda/layout.rs).
+struct Idx64 {
+    uint32_t v[64];
+};
+
 #define LAYOUT(SN, T)                                                                            \
     /* y = permute(x): y has dims `shape` (rank <= 8, coalesced); `in_strides[d]` is the x       \
        element stride of y's dim d. */                                                           \
@@ -36,6 +41,19 @@
             int64_t t = i / inner;                                                               \
             int64_t j = t % n_idx, o = t / n_idx;                                                \
             y[i] = x[(o * axis + idx[j]) * inner + c];                                           \
+        }                                                                                        \
+    }                                                                                            \
+    /* index_select with at most 64 indices passed by value (no host->device copy, which from   \
+       pageable memory may synchronise the stream). */                                           \
+    extern "C" __global__ void index_select_small_##SN(const T* __restrict__ x,                  \
+                                                       T* __restrict__ y, Idx64 idx,             \
+                                                       int64_t outer, int64_t axis,              \
+                                                       int64_t n_idx, int64_t inner) {           \
+        GRID_STRIDE(i, outer * n_idx * inner) {                                                  \
+            int64_t c = i % inner;                                                               \
+            int64_t t = i / inner;                                                               \
+            int64_t j = t % n_idx, o = t / n_idx;                                                \
+            y[i] = x[(o * axis + idx.v[j]) * inner + c];                                         \
         }                                                                                        \
     }                                                                                            \
     /* Nearest 2x upsampling, channels-last: x [N, H, W, C] -> y [N, 2H, 2W, C]. */              \

@@ -143,6 +143,16 @@ pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result
     Ok(out.into_tensor(&shape))
 }
 
+/// Up to 64 gather indices passed by value (`struct Idx64` in cuda/kernels/layout.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Idx64 {
+    v: [u32; 64],
+}
+
+// SAFETY: plain-old-data with exactly the layout of the C struct `Idx64 { uint32_t v[64]; }`.
+unsafe impl cudarc::driver::DeviceRepr for Idx64 {}
+
 /// y[o, j, :] = x[o, idx[j], :] with x viewed as [outer, axis, inner].
 #[allow(clippy::too_many_arguments)]
 fn gather(
@@ -160,6 +170,24 @@ fn gather(
     });
     let inner = inner / v;
     let n = outer * idx.len() * inner;
+    let (o, a, ni, inn) = (outer as i64, axis as i64, idx.len() as i64, inner as i64);
+    if idx.len() <= 64 {
+        let mut small = Idx64 { v: [0; 64] };
+        small.v[..idx.len()].copy_from_slice(idx);
+        let k = format!("index_select_small_{s}");
+        let f = dev.func(MODULE, &k)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&x)
+            .arg(&y)
+            .arg(&small)
+            .arg(&o)
+            .arg(&a)
+            .arg(&ni)
+            .arg(&inn);
+        // SAFETY: every index is < axis (validated by ops); y holds outer * n_idx * inner units.
+        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+        return Ok(());
+    }
     let ids = dev
         .stream()
         .clone_htod(idx)
@@ -170,7 +198,6 @@ fn gather(
     };
     let k = format!("index_select_{s}");
     let f = dev.func(MODULE, &k)?;
-    let (o, a, ni, inn) = (outer as i64, axis as i64, idx.len() as i64, inner as i64);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&x)
         .arg(&y)
