@@ -410,6 +410,13 @@ mod gpu {
                     &ops::index_select(&xc, axis, &idx).unwrap(),
                 );
             }
+            // More than 64 indices: uploaded index list instead of by-value indices.
+            let many: Vec<usize> = (0..70).map(|i| (i * 7) % 3).collect();
+            check_exact(
+                &format!("index_select 70 indices {dt:?}"),
+                &ops::index_select(&xg, 1, &many).unwrap(),
+                &ops::index_select(&xc, 1, &many).unwrap(),
+            );
             check_exact(
                 &format!("narrow {dt:?}"),
                 &ops::narrow(&xg, 3, 1, 3).unwrap(),
