@@ -75,8 +75,22 @@ for t in unet_plain_bf16 unet_plain_f16 unet_vi_w2_nodyn_bf16 unet_vi_w2_nodyn_f
   unet_vi_w3_t900_bf16 unet_vi_w3_t900_f16; do
   LOG=gpu_golden run "gpu_golden_$t" 30 "$bin/gpu_golden" --nocapture --exact "gpu::${t}_on_gpu"
 done
-"$bin/video-infinity" --help >/dev/null 2>&1
-echo "video-infinity --help rc=$?" >>"$summary"
+# The command on the GPU: generate end to end (tiny model, 1 rank and 2 ranks sharing GPU 0; the
+# full-size architecture with random weights when the binary knows `--model random-full`), and
+# verify of golden files on the device. One log.
+: >"$OUT/cli_cuda.log"
+vi="$bin/video-infinity"
+LOG=cli_cuda run generate_tiny_cuda0 60 "$vi" generate --model tiny --frames 16 --devices cuda:0 \
+  --out /tmp/vi-tiny-1.mp4 --overwrite
+LOG=cli_cuda run generate_tiny_cuda0x2 60 "$vi" generate --model tiny --frames 32 --devices cuda:0x2 \
+  --out /tmp/vi-tiny-2.mp4 --overwrite
+if "$vi" generate --help 2>/dev/null | grep -q random-full; then
+  LOG=cli_cuda run generate_random_full_cuda0 150 "$vi" generate --model random-full --frames 16 \
+    --steps 2 --devices cuda:0 --prompt "a test" --out /tmp/vi-full.mp4 --overwrite
+fi
+for g in unet_plain unet_vi_w3_t500 scheduler_sde_dpmpp_30 clip_text vae_decoder; do
+  LOG=cli_cuda run "verify_${g}_cuda0" 60 "$vi" verify --golden "tests/golden/$g.safetensors" --device cuda:0
+done
 run unet_bench 120 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
 # The same at 16 frames with the im2col + cuBLASLt convolutions instead of cuDNN, and with the old
 # (b98c570) binary / bias-add kernels (docs/perf-notes.md). One log for both ($OUT: 8 files at most).
