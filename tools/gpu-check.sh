@@ -67,8 +67,11 @@ run() {
   return 0
 }
 
-run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
-run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
+# Both op test binaries share one log ($OUT brings back at most 8 files: nvidia-smi, summary,
+# unit_tests, gpu_golden, cli_cuda, unet_bench, unet_bench_variants, peer).
+: >"$OUT/unit_tests.log"
+LOG=unit_tests run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
+LOG=unit_tests run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
 # One process per golden case (a crash in one does not hide the others), one log file.
 : >"$OUT/gpu_golden.log"
 for t in unet_plain_bf16 unet_plain_f16 unet_vi_w2_nodyn_bf16 unet_vi_w2_nodyn_f16 \
