@@ -8,6 +8,7 @@ pub mod convert;
 pub mod distributed;
 pub mod params;
 pub mod pipeline;
+pub mod random_full;
 pub mod sampler;
 pub mod temporal;
 pub mod tiny;

@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
                   with the Video-Infinity method: the video is split into one clip per rank, ranks \
                   exchange temporal halos and global tokens at every step.\n\n\
                   Without weights at hand, `--model tiny` runs an embedded tiny model with random \
-                  weights (a demo of the machinery; its video is noise-like)."
+                  weights (a demo of the machinery; its video is noise-like); `--model \
+                  random-full` builds the full-size architecture with random weights."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -63,9 +64,10 @@ pub enum DTypeArg {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model folder (unet/, text_encoder/, tokenizer/, vae/ in diffusers layout), or `tiny` for
-    /// the embedded tiny model with random weights.
-    #[arg(long, value_name = "DIR|tiny")]
+    /// Model folder (unet/, text_encoder/, tokenizer/, vae/ in diffusers layout), `tiny` for
+    /// the embedded tiny model with random weights, or `random-full` for VideoCrafter2's
+    /// full-size architecture with random weights (checks memory/time at full size).
+    #[arg(long, value_name = "DIR|tiny|random-full")]
     pub model: String,
 
     #[command(flatten)]
@@ -261,8 +263,8 @@ pub enum ConvertDType {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model folder, or `tiny`.
-    #[arg(long, value_name = "DIR|tiny", default_value = "tiny")]
+    /// Model folder, `tiny` or `random-full` (full-size architecture, random weights).
+    #[arg(long, value_name = "DIR|tiny|random-full", default_value = "tiny")]
     pub model: String,
     /// Ranks and devices (as for `generate`).
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
@@ -309,4 +311,43 @@ pub struct PartArgs {
     /// Tokenizer folder (vocab.json, merges.txt) instead of `<model>/tokenizer`.
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod random_full_tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `--model random-full` parses for `generate` and `bench` (the value is dispatched by
+    /// `generate::load_models`, tested there by name).
+    #[test]
+    fn random_full_is_accepted() {
+        let g = Cli::try_parse_from([
+            "video-infinity",
+            "generate",
+            "--model",
+            "random-full",
+            "--devices",
+            "cuda:0",
+            "--frames",
+            "16",
+            "--steps",
+            "2",
+            "--prompt",
+            "a test",
+            "--out",
+            "/tmp/full.mp4",
+        ])
+        .unwrap();
+        match g.command {
+            Command::Generate(a) => assert_eq!(a.model, crate::generate::RANDOM_FULL),
+            other => panic!("parsed as {other:?}"),
+        }
+        let b = Cli::try_parse_from(["video-infinity", "bench", "--model", "random-full"]).unwrap();
+        match b.command {
+            Command::Bench(a) => assert_eq!(a.model, crate::generate::RANDOM_FULL),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
 }

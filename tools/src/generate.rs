@@ -164,8 +164,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             }
             s
         }
-        None if a.prompt.is_empty() && tiny => {
-            // The tiny model's video does not depend on the words in any visible way.
+        None if a.prompt.is_empty() && (tiny || a.model == RANDOM_FULL) => {
+            // A random model's video does not depend on the words in any visible way.
             vec![(0, TINY_PROMPT.to_string())]
         }
         None => {
@@ -196,6 +196,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "{} on {} ({}) in {}",
             if tiny {
                 "tiny model".to_string()
+            } else if a.model == RANDOM_FULL {
+                "full-size model with RANDOM weights".to_string()
             } else {
                 format!("model {}", a.model)
             },
@@ -206,8 +208,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     );
     if models[0].random_weights {
         eprintln!(
-            "    note: the tiny model's weights are RANDOM (nothing was trained): this run \
-             demonstrates the machinery, its video is noise-like"
+            "    note: the {} model's weights are RANDOM (nothing was trained): this run \
+             demonstrates the machinery, its video is noise-like",
+            if tiny { "tiny" } else { "random-full" }
         );
     }
 
@@ -364,7 +367,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the models once per distinct device of `ranks` (`model`: a folder or `tiny`); returns
+/// `--model random-full`: VideoCrafter2's full-size architecture with random weights.
+pub const RANDOM_FULL: &str = "random-full";
+
+/// Loads the models once per distinct device of `ranks` (`model`: a folder, `tiny` or
+/// `random-full`); returns
 /// them and, per rank, the index of its models.
 pub fn load_models(
     model: &str,
@@ -372,14 +379,14 @@ pub fn load_models(
     ranks: &[Device],
     dtype: DTypeArg,
 ) -> Result<(Vec<Models>, Vec<usize>)> {
-    let paths = if model == "tiny" {
+    let paths = if model == "tiny" || model == RANDOM_FULL {
         ensure!(
             parts.unet.is_none()
                 && parts.text_encoder.is_none()
                 && parts.vae.is_none()
                 && parts.tokenizer.is_none(),
             "--unet/--text-encoder/--vae/--tokenizer replace parts of a model folder, not of \
-             the tiny model"
+             the tiny or random-full model"
         );
         None
     } else {
@@ -408,6 +415,8 @@ pub fn load_models(
     let mut models: Vec<Models> = Vec::new();
     for &d in &devices {
         let m = match &paths {
+            None if model == RANDOM_FULL => vi_model::random_full::load(d, dtype_of(d))
+                .context("cannot build the random-full model")?,
             None => vi_model::tiny::load(d, dtype_of(d))?,
             Some(p) => Models::load_paths(p, d, dtype_of(d))
                 .with_context(|| format!("cannot load model {model}"))?,
