@@ -230,7 +230,7 @@ mod gpu {
             return;
         }
         let mut r = StdRng::seed_from_u64(3);
-        for dt in DTYPES {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
             // (x [B, F, S, Cin], Cout, k, bias, conv3d weight layout)
             let cases: &[([usize; 4], usize, usize, bool, bool)] = &[
                 ([2, 5, 12, 32], 48, 3, true, false),
@@ -253,12 +253,24 @@ mod gpu {
                 } else {
                     (None, None)
                 };
-                check(
-                    &format!("temporal_conv x{xs:?} cout {cout} k{k}"),
-                    &ops::temporal_conv(&xg, &wg, bg.as_ref()).unwrap(),
-                    &ops::temporal_conv(&xc, &wc, bc.as_ref()).unwrap(),
-                    dt,
-                );
+                let what = format!("temporal_conv {dt:?} x{xs:?} cout {cout} k{k}");
+                let got = ops::temporal_conv(&xg, &wg, bg.as_ref()).unwrap();
+                let want = ops::temporal_conv(&xc, &wc, bc.as_ref()).unwrap();
+                check(&what, &got, &want, dt);
+                if dt != DType::F32 && k > 1 {
+                    // The taps accumulate in fp32 and the result (with the bias) is rounded once,
+                    // so it is the rounded CPU result except where fp32 summation-order noise
+                    // straddles a rounding boundary (rare); rounding every partial sum differs in
+                    // a large fraction of the elements.
+                    let g = got.to_vec_f32().unwrap();
+                    let w = round(&want.to_vec_f32().unwrap(), dt);
+                    let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+                    assert!(
+                        differ <= 2 + g.len() / 100,
+                        "{what}: {differ} of {} elements differ from the once-rounded CPU result",
+                        g.len()
+                    );
+                }
             }
         }
     }

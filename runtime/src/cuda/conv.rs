@@ -13,13 +13,16 @@
 //!   below `COLS_BUDGET` bytes.
 //! * temporal (kernel k over frames): out[b, f] = sum_t W_t · x[b, f + t - p] + bias: one GEMM per tap
 //!   on shifted row ranges of x and out (beta = 1 after the first), no copies; W is re-laid once to
-//!   [k, Cout, Cin] so each W_t is a contiguous [Cout, Cin] matrix.
+//!   [k, Cout, Cin] so each W_t is a contiguous [Cout, Cin] matrix. For bf16/f16 storage with k > 1
+//!   the taps accumulate into an fp32 buffer (cuBLASLt bf16/f16 A/B, f32 C/D) and the bias is added
+//!   while rounding once to the storage dtype (`cuda/kernels/precision.cu`), instead of rounding
+//!   every partial sum; f32 accumulates in place as before.
 
 use cudarc::driver::PushKernelArg;
 
-use super::gemm::gemm_rows;
+use super::gemm::{gemm_rows, gemm_rows_to};
 use super::{cfg_1d, cuda_err, storage, CudaDevice};
-use crate::{Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 /// Largest im2col buffer per chunk (bytes).
 const COLS_BUDGET: usize = 1 << 30;
@@ -204,6 +207,17 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
         relaid(&dev, w, &[2, 0, 1], "temporal_conv")?
     };
     let swt = storage(&wt, OP)?;
+    // bf16/f16 with several taps: fp32 accumulator, one rounding at the end (with the bias).
+    let acc = if dt != DType::F32 && k > 1 {
+        Some(dev.alloc(DType::F32, b * f * s * cout)?)
+    } else {
+        None
+    };
+    let (c_dtype, c_buf) = match &acc {
+        Some(a) => (DType::F32, a),
+        None => (dt, &out),
+    };
+    let gemm_bias = if acc.is_some() { None } else { bias_ptr };
     // Centre tap first: it covers every output frame and writes (with the bias) what the other taps
     // accumulate into.
     let taps = std::iter::once(p).chain((0..k).filter(|&t| t != p));
@@ -216,21 +230,58 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
         }
         for bi in 0..b {
             let src_frame = (bi * f + f0) as isize + shift;
-            gemm_rows(
+            gemm_rows_to(
                 &dev,
                 dt,
+                c_dtype,
                 (f1 - f0) * s,
                 cout,
                 cin,
                 sx.ptr_at(src_frame as usize * s * cin),
                 cin,
                 swt.ptr_at(t * cout * cin),
-                out.ptr_at((bi * f + f0) * s * cout),
+                c_buf.ptr_at((bi * f + f0) * s * cout),
                 cout,
-                if t == p { bias_ptr } else { None },
+                if t == p { gemm_bias } else { None },
                 if t == p { 0.0 } else { 1.0 },
             )?;
         }
     }
+    if let Some(acc) = acc {
+        bias_round(&dev, dt, acc.ptr(), bias_ptr, out.ptr(), b * f * s, cout)?;
+        drop(acc);
+    }
     Ok(out.into_tensor(&shape))
+}
+
+/// out[rows, n] (dtype `dt`) = round(acc[rows, n] (f32) + bias[n] (dtype `dt`, optional)): one
+/// rounding to the storage dtype after an fp32 accumulation.
+fn bias_round(
+    dev: &CudaDevice,
+    dt: DType,
+    acc: u64,
+    bias: Option<u64>,
+    out: u64,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let kname = match dt {
+        DType::F32 => "bias_round_f32",
+        DType::BF16 => "bias_round_bf16",
+        DType::F16 => "bias_round_f16",
+    };
+    let func = dev.func("precision", kname)?;
+    let total = rows * n;
+    let (total64, n64) = (total as i64, n as i64);
+    let bias_ptr = bias.unwrap_or(0);
+    let mut lb = dev.stream().launch_builder(&func);
+    lb.arg(&acc)
+        .arg(&bias_ptr)
+        .arg(&out)
+        .arg(&total64)
+        .arg(&n64);
+    // SAFETY: acc holds rows*n f32, out rows*n elements of `dt`, bias (when non-null) n elements of
+    // `dt`; all are live device buffers and the launch is queued on the device stream.
+    unsafe { lb.launch(cfg_1d(total, 256)) }.map_err(|e| cuda_err("launching bias_round", e))?;
+    Ok(())
 }

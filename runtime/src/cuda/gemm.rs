@@ -26,7 +26,11 @@ use crate::{DType, Error, Result, Tensor};
 /// Pointers are raw device addresses; strides and leading dims are in elements.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gemm {
+    /// Dtype of A and B (and of the bias).
     pub dtype: DType,
+    /// Dtype of C: `dtype`, or F32 to keep fp32 partial sums (e.g. accumulated temporal-conv taps)
+    /// unrounded; a bias requires `c_dtype == dtype`.
+    pub c_dtype: DType,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -53,6 +57,7 @@ pub(crate) struct Gemm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     dtype: DType,
+    c_dtype: DType,
     m: usize,
     n: usize,
     k: usize,
@@ -245,8 +250,13 @@ impl Blas {
             .map_err(|e| blas_err("layout A", e))?;
         let lb = lt::create_matrix_layout(dt, key.k as u64, key.m as u64, key.lda as i64)
             .map_err(|e| blas_err("layout B", e))?;
-        let lc = lt::create_matrix_layout(dt, key.n as u64, key.m as u64, key.ldc as i64)
-            .map_err(|e| blas_err("layout C", e))?;
+        let lc = lt::create_matrix_layout(
+            data_type(key.c_dtype),
+            key.n as u64,
+            key.m as u64,
+            key.ldc as i64,
+        )
+        .map_err(|e| blas_err("layout C", e))?;
         // Owns the descriptors from here on: destroyed by its Drop on every error path below, and
         // returned (never copied out of, which would destroy them) on success.
         let mut plan = Plan {
@@ -324,8 +334,15 @@ impl Blas {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        if g.bias.is_some() && g.c_dtype != g.dtype {
+            return Err(Error::Cuda(format!(
+                "GEMM bias needs C of the input dtype ({:?}), got {:?}",
+                g.dtype, g.c_dtype
+            )));
+        }
         let key = Key {
             dtype: g.dtype,
+            c_dtype: g.c_dtype,
             m: g.m,
             n: g.n,
             k: g.k,
@@ -434,11 +451,13 @@ impl Blas {
         // SAFETY: the handle is alive; the stream belongs to this device's context.
         unsafe { cublas_classic::set_stream(c.handle, dev.stream().cu_stream() as _) }
             .map_err(|e| cerr("set stream", e))?;
-        let dt = match g.dtype {
+        let classic_type = |d: DType| match d {
             DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
             DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
             DType::F16 => cublas_sys::cudaDataType_t::CUDA_R_16F,
         };
+        let dt = classic_type(g.dtype);
+        let cdt = classic_type(g.c_dtype);
         let compute = cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
         let alpha: f32 = 1.0;
@@ -474,7 +493,7 @@ impl Blas {
                 sa as i64,
                 &beta as *const f32 as *const c_void,
                 g.c as *mut c_void,
-                dt,
+                cdt,
                 g.ldc as i32,
                 sc as i64,
                 g.batch as i32,
@@ -530,7 +549,7 @@ impl Blas {
                 0,
                 &one as *const f32 as *const c_void,
                 g.c as *mut c_void,
-                dt,
+                cdt,
                 g.ldc as i32,
                 sc as i64,
                 g.batch as i32,
@@ -560,6 +579,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
         // B shared by every batch: one GEMM with the batches stacked along M.
         Gemm {
             dtype: a.dtype(),
+            c_dtype: a.dtype(),
             m: batch * m,
             n,
             k,
@@ -580,6 +600,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     } else {
         Gemm {
             dtype: a.dtype(),
+            c_dtype: a.dtype(),
             m,
             n,
             k,
@@ -645,10 +666,31 @@ pub(crate) fn gemm_rows(
     bias: Option<u64>,
     beta: f32,
 ) -> Result<()> {
+    gemm_rows_to(dev, dtype, dtype, rows, n, k, a, lda, w, c, ldc, bias, beta)
+}
+
+/// [`gemm_rows`] with C of dtype `c_dtype` (`dtype`, or F32 to keep unrounded fp32 partial sums).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_rows_to(
+    dev: &CudaDevice,
+    dtype: DType,
+    c_dtype: DType,
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    w: u64,
+    c: u64,
+    ldc: usize,
+    bias: Option<u64>,
+    beta: f32,
+) -> Result<()> {
     dev.blas()?.run(
         dev,
         &Gemm {
             dtype,
+            c_dtype,
             m: rows,
             n,
             k,
