@@ -110,7 +110,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 24.0)]
     pub fps_cond: f32,
 
-    /// Seed of the initial latents (rank r draws from seed + r) and of the SDE noise.
+    /// Seed of the initial latents and of the SDE noise. Every frame draws from its own ChaCha8
+    /// stream keyed by (seed, draw, frame index), so a video does not depend on the number of ranks
+    /// (the reference seeds each rank with seed + rank instead).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
