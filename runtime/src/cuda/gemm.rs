@@ -104,6 +104,8 @@ pub(crate) struct Blas {
     /// Classic cuBLAS (cublasGemmStridedBatchedEx): the fallback for shapes cuBLASLt refuses
     /// (a plan or a matmul answering NOT_SUPPORTED). Created on first use.
     classic: Mutex<Option<Classic>>,
+    /// Keys cuBLASLt refused once: they go straight to the fallback (no plan or heuristic per call).
+    lt_refused: Mutex<std::collections::HashSet<Key>>,
 }
 
 /// Classic cuBLAS handle and a buffer of ones per dtype (the bias is added as a rank-1 GEMM
@@ -157,6 +159,7 @@ impl Blas {
             workspace_bytes,
             plans: Mutex::new(HashMap::new()),
             classic: Mutex::new(None),
+            lt_refused: Mutex::new(Default::default()),
         })
     }
 }
@@ -365,9 +368,16 @@ impl Blas {
                 g.bias.map(align_of).unwrap_or(256),
             ),
         };
+        if self.lt_refused.lock().unwrap().contains(&key) {
+            let why = Error::Cuda("refused earlier by cuBLASLt".into());
+            return self.run_classic(dev, g, &key, &why);
+        }
         match self.run_lt(dev, g, &key) {
             Ok(()) => Ok(()),
-            Err(lt_err) => self.run_classic(dev, g, &key, &lt_err),
+            Err(lt_err) => {
+                self.lt_refused.lock().unwrap().insert(key);
+                self.run_classic(dev, g, &key, &lt_err)
+            }
         }
     }
 
