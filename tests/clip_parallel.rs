@@ -392,7 +392,7 @@ fn exact_seam_conv_layer_and_group_norm_equal_the_whole_video() {
         let whole_conv = LocalContext.conv_layer(&layer, &x).unwrap();
         let xs = x.reshape(&[b, t_total * s, c]).unwrap();
         let whole_gn = LocalContext
-            .temporal_group_norm(&xs, 8, &gamma, &beta, 1e-6)
+            .temporal_group_norm(&xs, 8, &gamma, &beta, 1e-6, DType::F32)
             .unwrap()
             .reshape(&[b, t_total, s, c])
             .unwrap();
@@ -410,6 +410,7 @@ fn exact_seam_conv_layer_and_group_norm_equal_the_whole_video() {
                         &gamma,
                         &beta,
                         1e-6,
+                        DType::F32,
                     )?
                     .reshape(&[b, cl.len(), s, c])?;
                 Ok((conv, gn))

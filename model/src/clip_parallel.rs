@@ -33,7 +33,7 @@
 use serde_json::Value;
 use vi_runtime::comm::Communicator;
 use vi_runtime::ops::{self, DualScopeParams};
-use vi_runtime::Tensor;
+use vi_runtime::{DType, Tensor};
 
 use crate::params::{ModelError, Result};
 use crate::temporal::{TemporalContext, TemporalConvLayer};
@@ -309,6 +309,8 @@ impl<'a> ClipParallelContext<'a> {
 
     /// GroupNorm of x [N, S, C] (+ SiLU) with statistics over every rank's x (Chan's parallel
     /// combination of (count, mean, M2) in rank order, weighted by counts: exact for unequal clips).
+    /// Statistics travel and are applied in f32; the output is written as `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn global_group_norm(
         &self,
         x: &Tensor,
@@ -317,6 +319,7 @@ impl<'a> ClipParallelContext<'a> {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        out: DType,
     ) -> Result<Tensor> {
         let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
         let all = self.comm.all_gather(&local)?;
@@ -348,8 +351,10 @@ impl<'a> ClipParallelContext<'a> {
             stats.push(m as f32);
             stats.push(if c > 0.0 { (m2 / c) as f32 } else { 0.0 });
         }
-        let stats = Tensor::from_slice_on(&stats, &[n, g, 2], x.device(), x.dtype())?;
-        Ok(ops::group_norm_apply(x, &stats, gamma, beta, eps, silu)?)
+        let stats = Tensor::from_slice_on(&stats, &[n, g, 2], x.device(), DType::F32)?;
+        Ok(ops::group_norm_apply_to(
+            x, &stats, gamma, beta, eps, silu, out,
+        )?)
     }
 
     /// Reference ConvLayerPlugin: halo of P frames of the input, body on the padded window.
@@ -357,7 +362,7 @@ impl<'a> ClipParallelContext<'a> {
         let n = x.dim(1);
         let p = self.cfg.conv_pad;
         if p == 0 {
-            return Ok(ops::add(x, &layer.body(x)?)?);
+            return Ok(ops::add_to(x, &layer.body(x)?, DType::F32)?);
         }
         let (l, r) = self.halo(x, p)?;
         let left = match l {
@@ -371,7 +376,7 @@ impl<'a> ClipParallelContext<'a> {
         let window = ops::concat(&[&left, x, &right], 1)?;
         let h = layer.body(&window)?;
         let centre = ops::narrow(&h, 1, left.dim(1), n)?;
-        Ok(ops::add(x, &centre)?)
+        Ok(ops::add_to(x, &centre, DType::F32)?)
     }
 
     /// Exact-seam temporal conv layer: per block, GroupNorm with whole-video statistics + SiLU,
@@ -390,6 +395,7 @@ impl<'a> ClipParallelContext<'a> {
                     beta,
                     layer.eps,
                     true,
+                    layer.dtype(),
                 )?
                 .reshape(&[b, f, s, c])?;
             let (l, r) = self.halo(&hn, 1)?;
@@ -406,7 +412,7 @@ impl<'a> ClipParallelContext<'a> {
             let y = ops::temporal_conv(&window, w, Some(bias))?;
             h = ops::narrow(&y, 1, 1, f)?;
         }
-        Ok(ops::add(x, &h)?)
+        Ok(ops::add_to(x, &h, DType::F32)?)
     }
 
     /// Local attention windows of k, v [b, n, H, D] -> each [b, n + 2p, H, D]: [p frames of
@@ -485,11 +491,12 @@ impl TemporalContext for ClipParallelContext<'_> {
         gamma: &Tensor,
         beta: &Tensor,
         eps: f32,
+        out: DType,
     ) -> Result<Tensor> {
         if self.cfg.exact_seam {
-            self.global_group_norm(x, groups, gamma, beta, eps, false)
+            self.global_group_norm(x, groups, gamma, beta, eps, false, out)
         } else {
-            Ok(ops::group_norm(x, groups, gamma, beta, eps, false)?)
+            Ok(ops::group_norm_to(x, groups, gamma, beta, eps, false, out)?)
         }
     }
 

@@ -76,7 +76,7 @@ impl ParamSource for CudaRandom {
         let (ord, dt) = (self.ordinal, self.dtype);
         Ok(if shape.len() == 1 {
             let v = if key.ends_with("bias") { 0.0 } else { 1.0 };
-            cuda::full(ord, shape, dt, v)?
+            cuda::full(ord, shape, crate::params::param_dtype(shape, dt), v)?
         } else {
             let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
             let seed = fnv1a(key) ^ SALT;

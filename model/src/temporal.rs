@@ -6,7 +6,7 @@
 //! clip-parallel context of Video-Infinity (`crate::clip_parallel`) exchanges halos and global
 //! tokens with the other ranks. The exchange lives there and nowhere else.
 
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use crate::params::{Params, Result};
 
@@ -49,20 +49,27 @@ impl TemporalConvLayer {
         })
     }
 
-    /// One block i (0..4) on a window h [B, F, S, C]: GroupNorm over the whole window per batch
-    /// (statistics over F x S x C/G) -> SiLU -> Conv3d with 1-frame zero padding at the window ends.
+    /// The dtype of the layer's conv operands (its weights' dtype).
+    pub fn dtype(&self) -> DType {
+        self.convs[0].0.dtype()
+    }
+
+    /// One block i (0..4) on a window h [B, F, S, C] (f32 or the operand dtype): GroupNorm over
+    /// the whole window per batch (statistics over F x S x C/G) -> SiLU -> Conv3d with 1-frame zero
+    /// padding at the window ends; output in the operand dtype.
     pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
         let (b, f, s, c) = (h.dim(0), h.dim(1), h.dim(2), h.dim(3));
         let (g, be) = &self.norms[i];
-        let n = ops::group_norm(
+        let (w, bias) = &self.convs[i];
+        let n = ops::group_norm_to(
             &h.reshape(&[b, f * s, c])?,
             self.groups,
             g,
             be,
             self.eps,
             true,
+            w.dtype(),
         )?;
-        let (w, bias) = &self.convs[i];
         Ok(ops::temporal_conv(
             &n.reshape(&[b, f, s, c])?,
             w,
@@ -84,9 +91,10 @@ impl TemporalConvLayer {
 /// Layouts: x [B, F, S, C] (S = H*W, channels-last); attention q/k/v [b, n, heads, head_dim]
 /// with b = B*S rows (one per batch element and spatial position), n = this clip's frames.
 pub trait TemporalContext: Sync {
-    /// A whole TemporalConvLayer: x [B, F, S, C] -> x + body(window) restricted to this clip.
+    /// A whole TemporalConvLayer: x [B, F, S, C] (the f32 residual stream) -> f32
+    /// x + body(window) restricted to this clip.
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor>;
-    /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C].
+    /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C] -> written as `out`.
     fn temporal_group_norm(
         &self,
         x: &Tensor,
@@ -94,6 +102,7 @@ pub trait TemporalContext: Sync {
         gamma: &Tensor,
         beta: &Tensor,
         eps: f32,
+        out: DType,
     ) -> Result<Tensor>;
     /// Self-attention over frames (attn1 and attn2 of every temporal transformer and of
     /// `transformer_in`): q, k, v [b, n, H, D] after projection -> [b, n, H, D] before to_out.
@@ -105,7 +114,7 @@ pub struct LocalContext;
 
 impl TemporalContext for LocalContext {
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::add(x, &layer.body(x)?)?)
+        Ok(ops::add_to(x, &layer.body(x)?, DType::F32)?)
     }
     fn temporal_group_norm(
         &self,
@@ -114,8 +123,9 @@ impl TemporalContext for LocalContext {
         gamma: &Tensor,
         beta: &Tensor,
         eps: f32,
+        out: DType,
     ) -> Result<Tensor> {
-        Ok(ops::group_norm(x, groups, gamma, beta, eps, false)?)
+        Ok(ops::group_norm_to(x, groups, gamma, beta, eps, false, out)?)
     }
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
         Ok(ops::attention(q, k, v, scale, None, false)?)

@@ -124,7 +124,7 @@ impl ParamSource for HashedParams {
     fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         Ok(Tensor::from_vec(self.values(key, shape), shape)?
             .to_device(self.device)?
-            .to_dtype(self.dtype)?)
+            .to_dtype(crate::params::param_dtype(shape, self.dtype))?)
     }
     fn contains(&self, _key: &str) -> bool {
         false

@@ -40,10 +40,12 @@ pub(crate) trait Backend: Sync {
     ) -> Result<Tensor>;
     /// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> [B, F, S, Cout]; zero padding (k-1)/2 frames.
     fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
-    /// Per (n, group) statistics of x [N, S, C]: [N, G, 3] = (count, mean, M2 = sum of squared deviations).
+    /// Per (n, group) statistics of x [N, S, C]: F32 [N, G, 3] = (count, mean, M2 = sum of squared
+    /// deviations), whatever x's dtype.
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor>;
     /// y = (x - mean) / sqrt(var + eps) * gamma + beta, optionally SiLU; x [N, S, C], stats [N, G, 2]
     /// = (mean, biased variance) per (n, group).
+    #[allow(clippy::too_many_arguments)]
     fn group_norm_apply(
         &self,
         x: &Tensor,
@@ -52,8 +54,10 @@ pub(crate) trait Backend: Sync {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        out: DType,
     ) -> Result<Tensor>;
     /// GroupNorm over x [N, S, C] (stats per n and group over S and C/G), optionally fused SiLU.
+    #[allow(clippy::too_many_arguments)]
     fn group_norm(
         &self,
         x: &Tensor,
@@ -62,9 +66,17 @@ pub(crate) trait Backend: Sync {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        out: DType,
     ) -> Result<Tensor>;
     /// LayerNorm over the last dim.
-    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor>;
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        out: DType,
+    ) -> Result<Tensor>;
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor>;
     /// q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv].
     /// logits = q·k * scale (+ bias[Sq, Sk]) (causal: key j > query i masked).
@@ -93,7 +105,15 @@ pub(crate) trait Backend: Sync {
     /// x [.., 2N] -> [.., N] = x[.., :N] * gelu(x[.., N:]) (exact erf GELU).
     fn geglu(&self, x: &Tensor) -> Result<Tensor>;
     /// Elementwise with numpy broadcasting; `out_shape` is the broadcast shape.
-    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor>;
+    /// `out` is the output dtype (see [`binary_to`] for the allowed combinations).
+    fn binary(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        op: BinaryOp,
+        out_shape: &[usize],
+        out: DType,
+    ) -> Result<Tensor>;
     /// x * mul + add, elementwise.
     fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor>;
     fn clamp(&self, x: &Tensor, lo: f32, hi: f32) -> Result<Tensor>;
@@ -129,16 +149,12 @@ pub enum BinaryOp {
 
 fn backend(t: &Tensor, op: &'static str) -> Result<&'static dyn Backend> {
     match t.device() {
-        Device::Cpu => {
-            if t.dtype() != DType::F32 {
-                return Err(Error::DType {
-                    op,
-                    dtype: t.dtype(),
-                    device: t.device(),
-                });
-            }
-            Ok(&crate::cpu::CpuBackend)
-        }
+        // f32 runs the reference directly; f16/bf16 storage runs it through one rounding per
+        // output, the CUDA backend's numeric contract (see cpu/rounded.rs).
+        Device::Cpu => match t.dtype() {
+            DType::F32 => Ok(&crate::cpu::CpuBackend),
+            DType::F16 | DType::BF16 => Ok(&crate::cpu::RoundedCpuBackend),
+        },
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => Ok(&crate::cuda::CudaBackend),
         #[cfg(not(feature = "cuda"))]
@@ -147,6 +163,53 @@ fn backend(t: &Tensor, op: &'static str) -> Result<&'static dyn Backend> {
         )),
         Device::Meta => Err(Error::Meta(op)),
     }
+}
+
+/// The backend of an op whose inputs or output mix dtypes (f32 next to bf16/f16): on the CPU the
+/// f32 reference runs only when every input and the output are f32, else the rounded path.
+fn backend_mixed(t: &Tensor, dtypes: &[DType], op: &'static str) -> Result<&'static dyn Backend> {
+    if t.device() == Device::Cpu && dtypes.iter().any(|&d| d != DType::F32) {
+        return Ok(&crate::cpu::RoundedCpuBackend);
+    }
+    backend(t, op)
+}
+
+/// Output dtypes a normalisation may write: x's own, or bf16/f16 from an f32 input (an f32 residual
+/// stream normalised straight into the reduced-precision operand of the next GEMM).
+fn check_norm_out(op: &'static str, x: &Tensor, out: DType) -> Result<()> {
+    if out != x.dtype() && x.dtype() != DType::F32 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "output {out:?} from {:?} input (only x's dtype, or any from F32)",
+                x.dtype()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Norm parameters (gamma, beta) are F32 or the output dtype.
+fn check_norm_params(op: &'static str, x: &Tensor, out: DType, params: &[&Tensor]) -> Result<()> {
+    for t in params {
+        if t.device() != x.device() {
+            return Err(Error::DeviceMismatch {
+                op,
+                a: x.device(),
+                b: t.device(),
+            });
+        }
+        if t.dtype() != out && t.dtype() != DType::F32 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "gamma/beta dtype {:?} with output {out:?} (must match or be F32)",
+                    t.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
@@ -163,6 +226,32 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
             return Err(Error::shape(
                 op,
                 format!("dtype mismatch {:?} vs {:?}", ts[0].dtype(), t.dtype()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Per-channel parameters (bias, norm gamma/beta) live on x's device, in x's dtype or in f32 (the
+/// precision policy keeps 1-D parameters f32 under bf16/f16 activations: they are tiny and their
+/// rounding would bias every element of the output channel alike).
+fn same_device_param(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<()> {
+    for t in params {
+        if t.device() != x.device() {
+            return Err(Error::DeviceMismatch {
+                op,
+                a: x.device(),
+                b: t.device(),
+            });
+        }
+        if t.dtype() != x.dtype() && t.dtype() != DType::F32 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "parameter dtype {:?} with {:?} activations (must match or be F32)",
+                    t.dtype(),
+                    x.dtype()
+                ),
             ));
         }
     }
@@ -244,7 +333,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         ));
     }
     if let Some(b) = bias {
-        same_device(OP, &[x, b])?;
+        same_device_param(OP, x, &[b])?;
         expect_vec(OP, "bias", b, n)?;
     }
     let rows = x.elem_count() / k;
@@ -280,7 +369,7 @@ pub fn conv2d(
         ));
     }
     if let Some(b) = bias {
-        same_device(OP, &[x, b])?;
+        same_device_param(OP, x, &[b])?;
         expect_vec(OP, "bias", b, w.dim(0))?;
     }
     backend(x, OP)?.conv2d(x, w, bias, stride, pad)
@@ -309,7 +398,7 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         ));
     }
     if let Some(b) = bias {
-        same_device(OP, &[x, b])?;
+        same_device_param(OP, x, &[b])?;
         expect_vec(OP, "bias", b, w.dim(0))?;
     }
     backend(x, OP)?.temporal_conv(x, &w, bias)
@@ -328,6 +417,7 @@ fn check_gn(op: &'static str, x: &Tensor, groups: usize) -> Result<()> {
 
 /// GroupNorm (+ optional fused SiLU) of x [N, S, C]: statistics per n and group over S x C/G.
 /// Spatial GroupNorm: N = frames, S = H*W. Temporal GroupNorm: N = batch, S = F*H*W.
+/// Output in x's dtype; see [`group_norm_to`].
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -336,12 +426,27 @@ pub fn group_norm(
     eps: f32,
     silu: bool,
 ) -> Result<Tensor> {
+    group_norm_to(x, groups, gamma, beta, eps, silu, x.dtype())
+}
+
+/// [`group_norm`] writing `out` (x's dtype, or bf16/f16 from an f32 x); gamma/beta F32 or `out`.
+pub fn group_norm_to(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+    out: DType,
+) -> Result<Tensor> {
     const OP: &str = "group_norm";
-    same_device(OP, &[x, gamma, beta])?;
+    check_norm_out(OP, x, out)?;
+    check_norm_params(OP, x, out, &[gamma, beta])?;
     check_gn(OP, x, groups)?;
     expect_vec(OP, "gamma", gamma, x.dim(2))?;
     expect_vec(OP, "beta", beta, x.dim(2))?;
-    backend(x, OP)?.group_norm(x, groups, gamma, beta, eps, silu)
+    backend_mixed(x, &[out, gamma.dtype(), beta.dtype()], OP)?
+        .group_norm(x, groups, gamma, beta, eps, silu, out)
 }
 
 /// Partial GroupNorm statistics of x [N, S, C]: [N, G, 3] = (count, mean, M2) per (n, group), to be
@@ -353,7 +458,7 @@ pub fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
 }
 
 /// Normalise x [N, S, C] with given stats [N, G, 2] = (mean, biased variance); stats may be F32 when
-/// x is stored in bf16/f16.
+/// x is stored in bf16/f16. Output in x's dtype; see [`group_norm_apply_to`].
 pub fn group_norm_apply(
     x: &Tensor,
     stats: &Tensor,
@@ -362,8 +467,22 @@ pub fn group_norm_apply(
     eps: f32,
     silu: bool,
 ) -> Result<Tensor> {
+    group_norm_apply_to(x, stats, gamma, beta, eps, silu, x.dtype())
+}
+
+/// [`group_norm_apply`] writing `out` (x's dtype, or bf16/f16 from an f32 x).
+pub fn group_norm_apply_to(
+    x: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+    out: DType,
+) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
-    same_device(OP, &[x, gamma, beta])?;
+    check_norm_out(OP, x, out)?;
+    check_norm_params(OP, x, out, &[gamma, beta])?;
     // Statistics may be f32 whatever x's storage type (bf16 activations keep f32 statistics).
     if stats.device() != x.device() || !(stats.dtype() == x.dtype() || stats.dtype() == DType::F32)
     {
@@ -390,17 +509,30 @@ pub fn group_norm_apply(
     }
     expect_vec(OP, "gamma", gamma, x.dim(2))?;
     expect_vec(OP, "beta", beta, x.dim(2))?;
-    backend(x, OP)?.group_norm_apply(x, stats, gamma, beta, eps, silu)
+    backend_mixed(x, &[out, stats.dtype(), gamma.dtype(), beta.dtype()], OP)?
+        .group_norm_apply(x, stats, gamma, beta, eps, silu, out)
 }
 
-/// LayerNorm over the last dim.
+/// LayerNorm over the last dim, output in x's dtype; see [`layer_norm_to`].
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    layer_norm_to(x, gamma, beta, eps, x.dtype())
+}
+
+/// LayerNorm writing `out` (x's dtype, or bf16/f16 from an f32 x); gamma/beta F32 or `out`.
+pub fn layer_norm_to(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    out: DType,
+) -> Result<Tensor> {
     const OP: &str = "layer_norm";
-    same_device(OP, &[x, gamma, beta])?;
+    check_norm_out(OP, x, out)?;
+    check_norm_params(OP, x, out, &[gamma, beta])?;
     let c = *x.shape().last().ok_or_else(|| Error::shape(OP, "scalar"))?;
     expect_vec(OP, "gamma", gamma, c)?;
     expect_vec(OP, "beta", beta, c)?;
-    backend(x, OP)?.layer_norm(x, gamma, beta, eps)
+    backend_mixed(x, &[out, gamma.dtype(), beta.dtype()], OP)?.layer_norm(x, gamma, beta, eps, out)
 }
 
 /// Softmax over the last dim.
@@ -544,16 +676,53 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     Some(out)
 }
 
+/// Elementwise a op b with numpy broadcasting. Output dtype: F32 when either input is F32, else the
+/// inputs' common dtype (an f32 residual stream plus a bf16 branch stays f32).
 pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    let out = if a.dtype() == DType::F32 || b.dtype() == DType::F32 {
+        DType::F32
+    } else {
+        a.dtype()
+    };
+    binary_to(a, b, op, out)
+}
+
+/// [`binary`] writing `out`: inputs of one dtype T give T or F32; F32 with T gives F32.
+pub fn binary_to(a: &Tensor, b: &Tensor, op: BinaryOp, out: DType) -> Result<Tensor> {
     const OP: &str = "binary";
-    same_device(OP, &[a, b])?;
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch {
+            op: OP,
+            a: a.device(),
+            b: b.device(),
+        });
+    }
+    let ok = if a.dtype() == b.dtype() {
+        out == a.dtype() || out == DType::F32
+    } else {
+        out == DType::F32 && (a.dtype() == DType::F32 || b.dtype() == DType::F32)
+    };
+    if !ok {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "dtypes {:?} {op:?} {:?} -> {out:?} (mixed inputs need an F32 side and output)",
+                a.dtype(),
+                b.dtype()
+            ),
+        ));
+    }
     let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
         Error::shape(
             OP,
             format!("{:?} {op:?} {:?} do not broadcast", a.shape(), b.shape()),
         )
     })?;
-    backend(a, OP)?.binary(a, b, op, &shape)
+    backend_mixed(a, &[b.dtype(), out], OP)?.binary(a, b, op, &shape, out)
+}
+/// a + b written as `out` (see [`binary_to`]).
+pub fn add_to(a: &Tensor, b: &Tensor, out: DType) -> Result<Tensor> {
+    binary_to(a, b, BinaryOp::Add, out)
 }
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     binary(a, b, BinaryOp::Add)

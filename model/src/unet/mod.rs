@@ -215,7 +215,9 @@ impl UNet3D {
         };
 
         let x = sample.reshape(&[b * f, hh, ww, cfg.in_channels])?;
-        let h = self.conv_in.apply_conv(&x, 1, 1)?;
+        // Precision policy: the residual stream (block inputs/outputs, skips) is f32 whatever the
+        // weights' dtype; each branch (norm -> GEMM/conv/attention) runs in the weights' dtype.
+        let h = self.conv_in.apply_conv(&x, 1, 1)?.to_dtype(DType::F32)?;
         tr("conv_in/out", &h);
         let mut h = self
             .transformer_in
@@ -242,6 +244,7 @@ impl UNet3D {
             cfg.norm_num_groups,
             cfg.norm_eps,
             true,
+            self.conv_out.w.dtype(),
         )?;
         let out = self.conv_out.apply_conv(&h, 1, 1)?;
         tr("conv_out/out", &out);

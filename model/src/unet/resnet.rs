@@ -1,7 +1,7 @@
 //! diffusers `ResnetBlock2D` (time_embedding_norm "default", SiLU), `Downsample2D` and `Upsample2D`,
 //! all per frame on the channels-last layout [N, H, W, C] (N = B*F).
 
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use crate::params::{Params, Result};
 
@@ -44,22 +44,25 @@ impl Affine {
     }
 }
 
-/// Per-frame GroupNorm of x [N, H, W, C] (statistics per frame and group), optionally fused SiLU.
+/// Per-frame GroupNorm of x [N, H, W, C] (statistics per frame and group), optionally fused SiLU,
+/// written as `out` (the dtype of the layer it feeds).
 pub(crate) fn spatial_group_norm(
     x: &Tensor,
     norm: &Affine,
     groups: usize,
     eps: f32,
     silu: bool,
+    out: DType,
 ) -> Result<Tensor> {
     let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let y = ops::group_norm(
+    let y = ops::group_norm_to(
         &x.reshape(&[n, h * w, c])?,
         groups,
         &norm.w,
         &norm.b,
         eps,
         silu,
+        out,
     )?;
     Ok(y.reshape(&[n, h, w, c])?)
 }
@@ -107,21 +110,23 @@ impl ResnetBlock {
         })
     }
 
-    /// x [N, H, W, cin]; `emb_silu` = SiLU(emb), [1, temb] (the same embedding for every frame and
-    /// batch row: one timestep, one fps per call) -> [N, H, W, cout].
+    /// x [N, H, W, cin] (the f32 residual stream); `emb_silu` = SiLU(emb), [1, temb] (the same
+    /// embedding for every frame and batch row: one timestep, one fps per call) -> f32
+    /// [N, H, W, cout]. The branch runs in the weights' dtype.
     pub fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
-        let h = spatial_group_norm(x, &self.norm1, self.groups, self.eps, true)?;
+        let dt = self.conv1.w.dtype();
+        let h = spatial_group_norm(x, &self.norm1, self.groups, self.eps, true, dt)?;
         let h = self.conv1.apply_conv(&h, 1, 1)?;
         let t = self.time_emb_proj.apply_linear(emb_silu)?;
         let cout = t.dim(t.rank() - 1);
         let h = ops::add(&h, &t.reshape(&[1, 1, 1, cout])?)?;
-        let h = spatial_group_norm(&h, &self.norm2, self.groups, self.eps, true)?;
+        let h = spatial_group_norm(&h, &self.norm2, self.groups, self.eps, true, dt)?;
         let h = self.conv2.apply_conv(&h, 1, 1)?;
         let shortcut = match &self.conv_shortcut {
-            Some(sc) => sc.apply_conv(x, 1, 0)?,
+            Some(sc) => sc.apply_conv(&x.to_dtype(dt)?, 1, 0)?,
             None => x.clone(),
         };
-        let out = ops::add(&shortcut, &h)?;
+        let out = ops::add_to(&shortcut, &h, DType::F32)?;
         if self.output_scale_factor != 1.0 {
             Ok(ops::scale(&out, 1.0 / self.output_scale_factor)?)
         } else {
@@ -141,9 +146,12 @@ impl Downsample {
             conv: Affine::conv(p, "conv", c, c, 3)?,
         })
     }
-    /// [N, H, W, C] -> [N, ceil(H/2), ceil(W/2), C].
+    /// f32 [N, H, W, C] -> f32 [N, ceil(H/2), ceil(W/2), C] (the conv in the weights' dtype).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.apply_conv(x, 2, 1)
+        let y = self
+            .conv
+            .apply_conv(&x.to_dtype(self.conv.w.dtype())?, 2, 1)?;
+        Ok(y.to_dtype(DType::F32)?)
     }
 }
 
@@ -170,13 +178,14 @@ impl Upsample {
                 "upsampling {h}x{w} to the skip size {th}x{tw}: not a x2 step"
             )));
         }
-        let mut u = ops::upsample_nearest2x(x)?;
+        // Cast before upsampling: a quarter of the elements.
+        let mut u = ops::upsample_nearest2x(&x.to_dtype(self.conv.w.dtype())?)?;
         if th != 2 * h {
             u = ops::narrow(&u, 1, 0, th)?;
         }
         if tw != 2 * w {
             u = ops::narrow(&u, 2, 0, tw)?;
         }
-        self.conv.apply_conv(&u, 1, 1)
+        Ok(self.conv.apply_conv(&u, 1, 1)?.to_dtype(DType::F32)?)
     }
 }

@@ -2,7 +2,7 @@
 //! the frames at each spatial position. Its GroupNorm and both of its attentions (attn1 and attn2
 //! are self-attention over frames: double_self_attention) go through the [`TemporalContext`].
 
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use super::resnet::Affine;
 use super::transformer::{Attention, BasicTransformerBlock, TRANSFORMER_GN_EPS};
@@ -64,6 +64,8 @@ impl TransformerTemporal {
     ) -> Result<Tensor> {
         let (nf, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let (b, f, s) = (batch, nf / batch, hh * ww);
+        let blk = &self.block;
+        let dt = blk.dtype();
         // GroupNorm over the 5-D [B, C, F, H, W] tensor = per batch element over F*S positions.
         let h = ctx.temporal_group_norm(
             &x.reshape(&[b, f * s, c])?,
@@ -71,23 +73,24 @@ impl TransformerTemporal {
             &self.norm.w,
             &self.norm.b,
             TRANSFORMER_GN_EPS,
+            dt,
         )?;
         // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
         let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
-        let h = self.proj_in.apply_linear(&h)?;
-        let blk = &self.block;
+        // The block's residual stream [B*S, F, inner] is f32; its branches run in `dt`.
+        let h = self.proj_in.apply_linear(&h)?.to_dtype(DType::F32)?;
         let n1 = blk.ln(&h, &blk.norm1)?;
         let a1 = self.attend(&blk.attn1, &n1, ctx)?;
         if let Some(t) = trace {
             t(&format!("{name}.transformer_blocks.0.attn1/in"), &n1);
             t(&format!("{name}.transformer_blocks.0.attn1/out"), &a1);
         }
-        let h = ops::add(&h, &a1)?;
+        let h = ops::add_to(&h, &a1, DType::F32)?;
         let n2 = blk.ln(&h, &blk.norm2)?;
-        let h = ops::add(&h, &self.attend(&blk.attn2, &n2, ctx)?)?;
+        let h = ops::add_to(&h, &self.attend(&blk.attn2, &n2, ctx)?, DType::F32)?;
         let h = blk.ff_residual(&h)?;
-        let h = self.proj_out.apply_linear(&h)?; // [B*S, F, C]
+        let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
-        Ok(ops::add(x, &h.reshape(&[nf, hh, ww, c])?)?)
+        Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, DType::F32)?)
     }
 }

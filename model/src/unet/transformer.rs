@@ -2,7 +2,7 @@
 //! `BasicTransformerBlock`), and the pieces it shares with the temporal transformer: `Attention`
 //! projections and the GEGLU feed-forward.
 
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use super::resnet::{spatial_group_norm, Affine};
 use crate::params::{Params, Result};
@@ -124,14 +124,26 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub fn ln(&self, x: &Tensor, norm: &Affine) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &norm.w, &norm.b, LAYER_NORM_EPS)?)
+    /// The dtype of the block's GEMM operands (its weights' dtype).
+    pub fn dtype(&self) -> DType {
+        self.attn1.to_q.dtype()
     }
 
-    /// h + ff(norm3(h)).
+    /// LayerNorm of the (f32) stream h, written in the operand dtype.
+    pub fn ln(&self, x: &Tensor, norm: &Affine) -> Result<Tensor> {
+        Ok(ops::layer_norm_to(
+            x,
+            &norm.w,
+            &norm.b,
+            LAYER_NORM_EPS,
+            self.dtype(),
+        )?)
+    }
+
+    /// h (f32) + ff(norm3(h)) -> f32.
     pub fn ff_residual(&self, h: &Tensor) -> Result<Tensor> {
         let n = self.ln(h, &self.norm3)?;
-        Ok(ops::add(h, &self.ff.forward(&n)?)?)
+        Ok(ops::add_to(h, &self.ff.forward(&n)?, DType::F32)?)
     }
 }
 
@@ -178,10 +190,15 @@ impl Transformer2D {
         let (n, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let b = ehs.dim(0);
         let s = hh * ww;
-        let h = spatial_group_norm(x, &self.norm, self.groups, TRANSFORMER_GN_EPS, false)?;
-        let h = self.proj_in.apply_linear(&h.reshape(&[n, s, c])?)?; // [N, S, inner]
-        let inner = h.dim(2);
         let blk = &self.block;
+        let dt = blk.dtype();
+        let h = spatial_group_norm(x, &self.norm, self.groups, TRANSFORMER_GN_EPS, false, dt)?;
+        // The block's residual stream [N, S, inner] is f32; its branches run in `dt`.
+        let h = self
+            .proj_in
+            .apply_linear(&h.reshape(&[n, s, c])?)?
+            .to_dtype(DType::F32)?;
+        let inner = h.dim(2);
 
         // attn1: self-attention within each frame.
         let a = &blk.attn1;
@@ -198,10 +215,10 @@ impl Transformer2D {
         let (k, v) = a.kv(ehs)?;
         let o = ops::attention(&q, &k, &v, a.scale(), None, false)?;
         let o = a.out(&o)?.reshape(&[n, s, inner])?;
-        let h = ops::add(&h, &o)?;
+        let h = ops::add_to(&h, &o, DType::F32)?;
 
         let h = blk.ff_residual(&h)?;
-        let h = self.proj_out.apply_linear(&h)?; // [N, S, C]
-        Ok(ops::add(x, &h.reshape(&[n, hh, ww, c])?)?)
+        let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [N, S, C]
+        Ok(ops::add_to(x, &h.reshape(&[n, hh, ww, c])?, DType::F32)?)
     }
 }

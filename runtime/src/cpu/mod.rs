@@ -9,9 +9,12 @@ mod elementwise;
 mod gemm;
 mod layout;
 mod norm;
+mod rounded;
+
+pub(crate) use rounded::RoundedCpuBackend;
 
 use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
-use crate::{Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 pub(crate) struct CpuBackend;
 
@@ -54,7 +57,9 @@ impl Backend for CpuBackend {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        _out: DType,
     ) -> Result<Tensor> {
+        // Dispatched here only when every input and `out` are F32 (ops::backend_mixed).
         norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
     }
     fn group_norm(
@@ -65,10 +70,18 @@ impl Backend for CpuBackend {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        _out: DType,
     ) -> Result<Tensor> {
         norm::group_norm(x, groups, gamma, beta, eps, silu)
     }
-    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        _out: DType,
+    ) -> Result<Tensor> {
         norm::layer_norm(x, gamma, beta, eps)
     }
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
@@ -102,7 +115,14 @@ impl Backend for CpuBackend {
     fn geglu(&self, x: &Tensor) -> Result<Tensor> {
         elementwise::geglu(x)
     }
-    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+    fn binary(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        op: BinaryOp,
+        out_shape: &[usize],
+        _out: DType,
+    ) -> Result<Tensor> {
         elementwise::binary(a, b, op, out_shape)
     }
     fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {

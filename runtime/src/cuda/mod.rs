@@ -34,6 +34,7 @@ pub mod cudnn;
 pub(crate) mod elementwise;
 pub(crate) mod gemm;
 pub(crate) mod layout;
+pub(crate) mod mixed;
 pub(crate) mod norm;
 pub mod profile;
 
@@ -556,7 +557,10 @@ impl Backend for CudaBackend {
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let _p = profile::scope(x, "linear")?;
-        gemm::linear(x, w, bias)
+        match bias {
+            Some(b) if b.dtype() != x.dtype() => mixed::add_f32_bias(&gemm::linear(x, w, None)?, b),
+            _ => gemm::linear(x, w, bias),
+        }
     }
     fn conv2d(
         &self,
@@ -572,11 +576,21 @@ impl Backend for CudaBackend {
             "conv2d_kxk"
         };
         let _p = profile::scope(x, kind)?;
-        conv::conv2d(x, w, bias, stride, pad)
+        match bias {
+            Some(b) if b.dtype() != x.dtype() => {
+                mixed::add_f32_bias(&conv::conv2d(x, w, None, stride, pad)?, b)
+            }
+            _ => conv::conv2d(x, w, bias, stride, pad),
+        }
     }
     fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let _p = profile::scope(x, "temporal_conv")?;
-        conv::temporal_conv(x, w, bias)
+        match bias {
+            Some(b) if b.dtype() != x.dtype() => {
+                mixed::add_f32_bias(&conv::temporal_conv(x, w, None)?, b)
+            }
+            _ => conv::temporal_conv(x, w, bias),
+        }
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_stats")?;
@@ -590,9 +604,14 @@ impl Backend for CudaBackend {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_apply")?;
-        norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
+        if mixed::all_of(out, &[x, gamma, beta]) {
+            norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
+        } else {
+            mixed::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
+        }
     }
     fn group_norm(
         &self,
@@ -602,13 +621,29 @@ impl Backend for CudaBackend {
         beta: &Tensor,
         eps: f32,
         silu: bool,
+        out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm")?;
-        norm::group_norm(x, groups, gamma, beta, eps, silu)
+        if mixed::all_of(out, &[x, gamma, beta]) {
+            norm::group_norm(x, groups, gamma, beta, eps, silu)
+        } else {
+            mixed::group_norm(x, groups, gamma, beta, eps, silu, out)
+        }
     }
-    fn layer_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        out: DType,
+    ) -> Result<Tensor> {
         let _p = profile::scope(x, "layer_norm")?;
-        norm::layer_norm(x, gamma, beta, eps)
+        if mixed::all_of(out, &[x, gamma, beta]) {
+            norm::layer_norm(x, gamma, beta, eps)
+        } else {
+            mixed::layer_norm(x, gamma, beta, eps, out)
+        }
     }
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
         let _p = profile::scope(x, "softmax")?;
@@ -646,9 +681,20 @@ impl Backend for CudaBackend {
         let _p = profile::scope(x, "geglu")?;
         elementwise::geglu(x)
     }
-    fn binary(&self, a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+    fn binary(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        op: BinaryOp,
+        out_shape: &[usize],
+        out: DType,
+    ) -> Result<Tensor> {
         let _p = profile::scope(a, "binary")?;
-        elementwise::binary(a, b, op, out_shape)
+        if mixed::all_of(out, &[a, b]) {
+            elementwise::binary(a, b, op, out_shape)
+        } else {
+            mixed::binary(a, b, op, out_shape, out)
+        }
     }
     fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
         let _p = profile::scope(x, "affine")?;
