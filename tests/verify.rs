@@ -141,6 +141,33 @@ fn scheduler_ddim_50_passes() {
     scheduler_case("scheduler_ddim_50.safetensors", 50);
 }
 
+/// `--dtype bf16/f16` on the CPU (every op output rounded to that dtype: the GPU's numeric
+/// contract) passes every model golden under the reduced-precision criterion (rel L2 <= 2e-2), and
+/// really runs reduced (errors well above f32 round-off).
+#[test]
+fn reduced_precision_on_cpu_passes() {
+    let files = [
+        "unet_plain",
+        "unet_vi_w3_t500",
+        "clip_text",
+        "vae_decoder",
+        "scheduler_sde_dpmpp_30",
+    ];
+    for dt in ["bf16", "f16"] {
+        for f in files {
+            let file = format!("{f}.safetensors");
+            let (o, text) = report(&args(&["--golden", &golden(&file), "--dtype", dt]));
+            assert!(o.passed, "{file} {dt}: {}", o.summary());
+            assert!(text.contains("pass criterion: rel L2 <= 2e-2"), "{text}");
+            assert!(
+                o.worst_rel_l2 > 1e-5 && o.worst_rel_l2 <= 2e-2,
+                "{file} {dt}: worst rel L2 {:.3e}",
+                o.worst_rel_l2
+            );
+        }
+    }
+}
+
 #[test]
 fn tokenizer_cases_pass() {
     let (o, text) = report(&args(&[

@@ -7,7 +7,7 @@
 //! Images are [N, 8h, 8w, out_channels] in ~[-1, 1]; frames are independent.
 
 use serde_json::Value;
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use crate::params::{ModelError, Params, Result};
 
@@ -160,16 +160,17 @@ impl GroupNorm {
             groups,
         })
     }
-    /// x [N, H, W, C], statistics per image and group; optional fused SiLU.
-    fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+    /// x [N, H, W, C], statistics per image and group; optional fused SiLU; written as `out`.
+    fn forward(&self, x: &Tensor, silu: bool, out: DType) -> Result<Tensor> {
         let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let y = ops::group_norm(
+        let y = ops::group_norm_to(
             &x.reshape(&[n, h * w, c])?,
             self.groups,
             &self.g,
             &self.b,
             VAE_NORM_EPS,
             silu,
+            out,
         )?;
         Ok(y.reshape(&[n, h, w, c])?)
     }
@@ -199,14 +200,16 @@ impl Resnet {
             },
         })
     }
+    /// x: the f32 stream -> f32; the branch runs in the weights' dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let dt = self.conv1.w.dtype();
+        let h = self.conv1.forward(&self.norm1.forward(x, true, dt)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true, dt)?)?;
         let skip = match &self.shortcut {
-            Some(s) => s.forward(x)?,
+            Some(s) => s.forward(&x.to_dtype(dt)?)?,
             None => x.clone(),
         };
-        Ok(ops::add(&skip, &h)?)
+        Ok(ops::add_to(&skip, &h, DType::F32)?)
     }
 }
 
@@ -242,9 +245,13 @@ impl MidAttention {
             out: lin(names[3])?,
         })
     }
+    /// x: the f32 stream -> f32; the branch runs in the weights' dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let hs = self.norm.forward(x, false)?.reshape(&[n, h * w, c])?;
+        let hs = self
+            .norm
+            .forward(x, false, self.q.0.dtype())?
+            .reshape(&[n, h * w, c])?;
         let proj = |(wt, b): &(Tensor, Tensor)| -> Result<Tensor> {
             Ok(ops::linear(&hs, wt, Some(b))?.reshape(&[n, h * w, 1, c])?)
         };
@@ -252,7 +259,7 @@ impl MidAttention {
         let scale = 1.0 / (c as f32).sqrt();
         let a = ops::attention(&q, &k, &v, scale, None, false)?.reshape(&[n, h * w, c])?;
         let o = ops::linear(&a, &self.out.0, Some(&self.out.1))?.reshape(&[n, h, w, c])?;
-        Ok(ops::add(&o, x)?)
+        Ok(ops::add_to(&o, x, DType::F32)?)
     }
 }
 
@@ -357,7 +364,10 @@ impl VaeDecoder {
             Some(c) => c.forward(z)?,
             None => z.clone(),
         };
-        x = self.conv_in.forward(&x)?;
+        // Precision policy (as in the UNet): the residual stream is f32, the branches run in the
+        // weights' dtype.
+        let dt = self.conv_in.w.dtype();
+        x = self.conv_in.forward(&x)?.to_dtype(DType::F32)?;
         x = self.mid_resnets[0].forward(&x)?;
         if let Some(a) = &self.mid_attn {
             x = a.forward(&x)?;
@@ -368,10 +378,13 @@ impl VaeDecoder {
                 x = r.forward(&x)?;
             }
             if let Some(u) = &b.upsample {
-                x = u.forward(&ops::upsample_nearest2x(&x)?)?;
+                // Cast before upsampling: a quarter of the elements.
+                x = u
+                    .forward(&ops::upsample_nearest2x(&x.to_dtype(dt)?)?)?
+                    .to_dtype(DType::F32)?;
             }
         }
-        let x = self.norm_out.forward(&x, true)?;
+        let x = self.norm_out.forward(&x, true, dt)?;
         self.conv_out.forward(&x)
     }
 

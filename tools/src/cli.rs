@@ -216,9 +216,14 @@ pub struct VerifyArgs {
     /// Tokenizer folder (vocab.json, merges.txt) for a tokenizer case file.
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
-    /// Device to run on: `cpu`, or `cuda:N` (bf16; pass criterion rel L2 <= 2e-2 per output).
+    /// Device to run on: `cpu`, or `cuda:N`.
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
     pub device: String,
+    /// Storage precision of weights and activations [default: f32 on cpu, bf16 on cuda]. bf16/f16
+    /// on the CPU round every op output to that dtype (the GPU's numeric contract, slow). With
+    /// bf16/f16 the pass criterion is rel L2 <= 2e-2 per output.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
     /// Absolute tolerance [default: 2e-5 UNet/CLIP, 5e-5 VAE, 2e-4 scheduler].
     #[arg(long)]
     pub atol: Option<f64>,

@@ -176,7 +176,7 @@ pub fn verify_to(a: &VerifyArgs, out: &mut dyn Write) -> Result<Outcome> {
         path.display()
     );
     ensure!(path.is_file(), "{} is not a file", path.display());
-    let dev = DeviceChoice::parse(&a.device)?;
+    let dev = DeviceChoice::parse(&a.device, a.dtype)?;
     let override_tol = |t: Tolerance| Tolerance {
         atol: a.atol.unwrap_or(t.atol),
         rtol: a.rtol.unwrap_or(t.rtol),
@@ -292,7 +292,8 @@ struct DeviceChoice {
 }
 
 impl DeviceChoice {
-    fn parse(spec: &str) -> Result<Self> {
+    fn parse(spec: &str, dtype: Option<crate::cli::DTypeArg>) -> Result<Self> {
+        use crate::cli::DTypeArg;
         let devs =
             crate::devices::parse_devices(spec).with_context(|| format!("--device {spec}"))?;
         ensure!(
@@ -306,9 +307,12 @@ impl DeviceChoice {
             "--device {spec}: this binary was built without CUDA support (rebuild with \
              `cargo build -p video-infinity --features cuda`), or use --device cpu"
         );
-        let dtype = match device {
-            Device::Cuda(_) => DType::BF16,
-            _ => DType::F32,
+        let dtype = match (dtype, device) {
+            (Some(DTypeArg::F32), _) => DType::F32,
+            (Some(DTypeArg::Bf16), _) => DType::BF16,
+            (Some(DTypeArg::F16), _) => DType::F16,
+            (None, Device::Cuda(_)) => DType::BF16,
+            (None, _) => DType::F32,
         };
         Ok(DeviceChoice {
             spec: spec.to_string(),
@@ -317,8 +321,10 @@ impl DeviceChoice {
         })
     }
 
+    /// Judged by rel L2 <= GPU_MAX_REL_L2 (reduced precision, or any run on the GPU) rather than
+    /// the element-wise f32 tolerance.
     fn is_cuda(&self) -> bool {
-        matches!(self.device, Device::Cuda(_))
+        matches!(self.device, Device::Cuda(_)) || self.dtype != DType::F32
     }
 
     fn describe(&self, out: &mut dyn Write, tol: Tolerance) -> Result<()> {
@@ -986,11 +992,16 @@ fn verify_scheduler(
         "{}: in/x_T has shape {shape:?}, expected [b, c, f, h, w]",
         g.name()
     );
-    let mut x = dev.put(x_t)?;
+    // As in the pipeline: the sampler state (latents, noise) is f32 on the device whatever the
+    // model dtype; the model output arrives in the model dtype and is widened.
+    let f32_on = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(dev.device)?) };
+    let mut x = f32_on(x_t)?;
     let mut state = SamplerState::default();
     let mut checks = Vec::new();
     for (k, t) in ts.iter().enumerate() {
-        let eps = dev.put(g.f32(&format!("in/model_output/step{k}"))?)?;
+        let eps = dev
+            .put(g.f32(&format!("in/model_output/step{k}"))?)?
+            .to_dtype(DType::F32)?;
         let noise = if sampler.needs_noise() {
             // Stored in the scheduler's layout [b*f, c, h, w]: -> [b, f, c, h, w] -> [b, c, f, h, w].
             let name = format!("in/noise/step{k}");
@@ -998,7 +1009,7 @@ fn verify_scheduler(
             let z = z
                 .reshape(&[shape[0], shape[2], shape[1], shape[3], shape[4]])
                 .with_context(|| format!("{}: {name} does not match in/x_T {shape:?}", g.name()))?;
-            Some(dev.put(ops::permute(&z, &[0, 2, 1, 3, 4])?)?)
+            Some(f32_on(ops::permute(&z, &[0, 2, 1, 3, 4])?)?)
         } else {
             None
         };
