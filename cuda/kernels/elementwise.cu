@@ -279,3 +279,107 @@ BIAS_ADD_VEC(f16, f16)
 BIAS_ADD(f32, float)
 BIAS_ADD(bf16, bf16)
 BIAS_ADD(f16, f16)
+
+// ---- in-place f32 bias into bf16/f16 storage: y[r, c] = T(y[r, c] + bias[c]) -----------------
+// The precision policy keeps 1-D parameters (biases) in fp32 under bf16/f16 activations; this adds
+// one after a cuDNN convolution (or a GEMM whose epilogue could not take it) without widening the
+// bias or the output first.
+#define BIAS_ADD_F32B(TN, T)                                                                     \
+    extern "C" __global__ void bias_add_f32b_##TN(T* __restrict__ y,                             \
+                                                  const float* __restrict__ bias, int64_t rows,  \
+                                                  int64_t c) {                                   \
+        GRID_STRIDE(i, rows * c) { y[i] = from_f<T>(to_f(y[i]) + bias[i % c]); }                 \
+    }                                                                                            \
+    /* Vectorised: c a multiple of V = 8; y holds n_vec 16-byte vectors, bias cv = c / V rows of \
+       two 16-byte float vectors each (bias 16-byte aligned). 32-bit index math (n_vec < 2^32). */\
+    extern "C" __global__ void bias_add_vec_f32b_##TN(Vec16<T>* __restrict__ y,                  \
+                                                      const Vec16<float>* __restrict__ bias,     \
+                                                      int64_t n_vec, uint32_t cv) {              \
+        constexpr int V = VecOf<T>::V;                                                           \
+        constexpr int P = V / VecOf<float>::V; /* float vectors per T vector */                  \
+        GRID_STRIDE(i, n_vec) {                                                                  \
+            const uint32_t j = (uint32_t)i % cv;                                                 \
+            Vec16<T> u = y[i], r;                                                                \
+            _Pragma("unroll") for (int p = 0; p < P; ++p) {                                      \
+                Vec16<float> b = bias[(size_t)j * P + p];                                        \
+                _Pragma("unroll") for (int k = 0; k < VecOf<float>::V; ++k) {                    \
+                    const int e = p * VecOf<float>::V + k;                                       \
+                    r.v[e] = from_f<T>(to_f(u.v[e]) + b.v[k]);                                   \
+                }                                                                                \
+            }                                                                                    \
+            y[i] = r;                                                                            \
+        }                                                                                        \
+    }
+BIAS_ADD_F32B(bf16, bf16)
+BIAS_ADD_F32B(f16, f16)
+
+// ---- mixed-dtype binary ops (precision policy: f32 residual stream, bf16/f16 branches) ----------
+// (a, b -> y) in {(f32, T -> f32), (T, f32 -> f32), (T, T -> f32)}, T = bf16 / f16: each operand is
+// read in its own type, the op runs in fp32 and y is written once, so a residual add costs one pass
+// (no widening copies). Same structure as the same-dtype kernels above: broadcast offsets from the
+// compile-time-indexed `broadcast_offsets` (the Dims stay in the parameter bank, no local memory).
+// Vectors of MX_V = 4 elements: 16 bytes of an f32 operand, 8 bytes of a 16-bit one; each pointer
+// is aligned to its own vector (buffers are pool-allocated, 256-byte aligned; the launcher checks).
+template <typename T, int V> struct alignas(sizeof(T) * V) VecN { T v[V]; };
+#define MX_V 4
+
+template <typename TA, typename TB, typename TO, typename I>
+__device__ __forceinline__ void binary_mx_vec_body(const TA* __restrict__ a,
+                                                   const TB* __restrict__ b, TO* __restrict__ y,
+                                                   int64_t n_vec, int op, int rank,
+                                                   const Dims& shape, const Dims& sa,
+                                                   const Dims& sb) {
+    GRID_STRIDE(iv, n_vec) {
+        I ia = 0, ib = 0;
+        broadcast_offsets<I>((I)(iv * MX_V), rank, shape, sa, sb, ia, ib);
+        VecN<TA, MX_V> u = *reinterpret_cast<const VecN<TA, MX_V>*>(a + ia);
+        VecN<TB, MX_V> v = *reinterpret_cast<const VecN<TB, MX_V>*>(b + ib);
+        VecN<TO, MX_V> r;
+#pragma unroll
+        for (int k = 0; k < MX_V; ++k) r.v[k] = from_f<TO>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));
+        reinterpret_cast<VecN<TO, MX_V>*>(y)[iv] = r;
+    }
+}
+
+#define BINARY_MX(AN, TA, BN, TB, ON, TO)                                                        \
+    /* Any broadcast, one element per thread (tails, unaligned or non-contiguous inner dims). */ \
+    extern "C" __global__ void binary_mx_##AN##_##BN##_##ON(                                     \
+        const TA* __restrict__ a, const TB* __restrict__ b, TO* __restrict__ y, int64_t n, int op, \
+        int rank, Dims shape, Dims sa, Dims sb) {                                                \
+        GRID_STRIDE(i, n) {                                                                      \
+            int64_t ia = 0, ib = 0;                                                              \
+            broadcast_offsets<int64_t>(i, rank, shape, sa, sb, ia, ib);                          \
+            y[i] = from_f<TO>(apply_binary(to_f(a[ia]), to_f(b[ib]), op));                       \
+        }                                                                                        \
+    }                                                                                            \
+    /* Vectors of MX_V: innermost dim contiguous in a and b and a multiple of MX_V. */           \
+    extern "C" __global__ void binary_mx_vec_##AN##_##BN##_##ON(                                 \
+        const TA* __restrict__ a, const TB* __restrict__ b, TO* __restrict__ y, int64_t n_vec,   \
+        int op, int rank, Dims shape, Dims sa, Dims sb) {                                        \
+        binary_mx_vec_body<TA, TB, TO, int64_t>(a, b, y, n_vec, op, rank, shape, sa, sb);        \
+    }                                                                                            \
+    /* The same with 32-bit index math (every element index < 2^31). */                         \
+    extern "C" __global__ void binary_mx_vec32_##AN##_##BN##_##ON(                               \
+        const TA* __restrict__ a, const TB* __restrict__ b, TO* __restrict__ y, int64_t n_vec,   \
+        int op, int rank, Dims shape, Dims sa, Dims sb) {                                        \
+        binary_mx_vec_body<TA, TB, TO, uint32_t>(a, b, y, n_vec, op, rank, shape, sa, sb);       \
+    }                                                                                            \
+    /* Same shape, both contiguous (residual adds): no index math. */                            \
+    extern "C" __global__ void binary_mx_same_vec_##AN##_##BN##_##ON(                            \
+        const VecN<TA, MX_V>* __restrict__ a, const VecN<TB, MX_V>* __restrict__ b,              \
+        VecN<TO, MX_V>* __restrict__ y, int64_t n_vec, int op) {                                 \
+        GRID_STRIDE(i, n_vec) {                                                                  \
+            VecN<TA, MX_V> u = a[i];                                                             \
+            VecN<TB, MX_V> v = b[i];                                                             \
+            VecN<TO, MX_V> r;                                                                    \
+            _Pragma("unroll") for (int k = 0; k < MX_V; ++k)                                     \
+                r.v[k] = from_f<TO>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));               \
+            y[i] = r;                                                                            \
+        }                                                                                        \
+    }
+BINARY_MX(f32, float, bf16, bf16, f32, float)
+BINARY_MX(bf16, bf16, f32, float, f32, float)
+BINARY_MX(bf16, bf16, bf16, bf16, f32, float)
+BINARY_MX(f32, float, f16, f16, f32, float)
+BINARY_MX(f16, f16, f32, float, f32, float)
+BINARY_MX(f16, f16, f16, f16, f32, float)

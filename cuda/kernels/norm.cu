@@ -1,5 +1,7 @@
 // GroupNorm (statistics + apply, optional fused SiLU), LayerNorm and softmax over the last dim.
 // Storage float / bf16 / f16 (suffixes _f32, _bf16, _f16); all statistics and arithmetic in fp32.
+// The norms read x as f32 or bf16/f16 and may write a different output type (see the entry points);
+// gamma/beta are always fp32.
 // Layouts are channels-last and contiguous: GroupNorm x [N, S, C]; LayerNorm/softmax x [rows, C].
 // Launch contracts are written above each kernel; the launchers are runtime/src/cuda/norm.rs.
 
@@ -119,15 +121,19 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------------------------------------------------
 // GroupNorm apply: y = (x - mean) * rstd * gamma + beta (then SiLU if `silu`), rstd = 1/sqrt(var+eps).
+// x of type TI (the f32 residual stream or the storage type), y of type TO (TI, or bf16/f16 from an
+// f32 x: the norm writes the next GEMM's reduced-precision operand directly, one rounding).
+// gamma/beta [C] are always fp32 (the launcher widens bf16/f16 parameters once, C elements).
 // stats [N, G, 2] = (mean, var) of type TS (float, or the storage type). Block (blockIdx.y = n) first
 // builds per-channel a[c] = gamma[c]*rstd, b[c] = beta[c] - mean*a[c] in smem (2*C floats), then
 // grid-strides over the S*C/VEC vectors of x[n] (VEC divides C, so a vector stays in one row).
+// VEC * sizeof(wider of TI, TO) <= 16; both x and y are aligned to their own VEC-element vectors.
 // Grid (bx, N); block 256; dynamic smem 2*C floats.
 // ---------------------------------------------------------------------------------------------------
-template <typename T, typename TS, int VEC>
-__device__ void gn_apply(const T* __restrict__ x, const TS* __restrict__ stats,
-                         const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ y,
-                         int S, int C, int G, float eps, int silu) {
+template <typename TI, typename TO, typename TS, int VEC>
+__device__ void gn_apply(const TI* __restrict__ x, const TS* __restrict__ stats,
+                         const float* __restrict__ gamma, const float* __restrict__ beta,
+                         TO* __restrict__ y, int S, int C, int G, float eps, int silu) {
     extern __shared__ float sh[];
     float* sa = sh;
     float* sb = sh + C;
@@ -137,56 +143,70 @@ __device__ void gn_apply(const T* __restrict__ x, const TS* __restrict__ stats,
         const int g = c / cg;
         const float mean = vi_to_f(stats[((size_t)n * G + g) * 2]);
         const float var = vi_to_f(stats[((size_t)n * G + g) * 2 + 1]);
-        const float a = vi_to_f(gamma[c]) * rsqrtf(var + eps);
+        const float a = gamma[c] * rsqrtf(var + eps);
         sa[c] = a;
-        sb[c] = vi_to_f(beta[c]) - mean * a;
+        sb[c] = beta[c] - mean * a;
     }
     __syncthreads();
     // 32-bit indices within x[n]: the launcher guarantees S*C < 2^31.
     const unsigned nv = (unsigned)S * (unsigned)C / VEC;
-    const T* xn = x + (size_t)n * S * C;
-    T* yn = y + (size_t)n * S * C;
+    const TI* xn = x + (size_t)n * S * C;
+    TO* yn = y + (size_t)n * S * C;
 #pragma unroll 4
     for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
         const unsigned e = v * VEC;
         const int c0 = (int)(e % (unsigned)C);
-        VecT<T, VEC> in = vi_load<T, VEC>(xn + e);
-        VecT<T, VEC> out;
+        VecT<TI, VEC> in = vi_load<TI, VEC>(xn + e);
+        VecT<TO, VEC> out;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             float t = fmaf(vi_to_f(in.v[i]), sa[c0 + i], sb[c0 + i]);
             if (silu) t = t / (1.f + __expf(-t));
-            out.v[i] = vi_from_f<T>(t);
+            out.v[i] = vi_from_f<TO>(t);
         }
-        vi_store<T, VEC>(yn + e, out);
+        vi_store<TO, VEC>(yn + e, out);
+    }
+}
+
+// VEC consecutive fp32 parameters (gamma/beta) in 16-byte pieces: VEC <= 4 is one load, VEC = 8 two
+// (the launcher keeps the parameter pointers 16-byte aligned when VEC >= 4).
+template <int VEC>
+__device__ __forceinline__ void vi_load_params(const float* __restrict__ p, float (&out)[VEC]) {
+    constexpr int P = VEC < 4 ? VEC : 4;
+#pragma unroll
+    for (int j = 0; j < VEC; j += P) {
+        VecT<float, P> t = vi_load<float, P>(p + j);
+#pragma unroll
+        for (int i = 0; i < P; ++i) out[j + i] = t.v[i];
     }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // LayerNorm over the last dim: one warp per row of C elements, fp32 two-pass statistics (mean, then
 // sum of squared deviations; the re-reads of the row hit L1/L2), then the normalised write.
-// rows = total / C. Grid ceil(rows / 4); block 128 (4 warps). VEC divides C.
+// rows = total / C. Grid ceil(rows / 4); block 128 (4 warps). VEC divides C. x of type TI, y of type TO
+// (TI, or bf16/f16 from an f32 x), gamma/beta fp32 (16-byte aligned when VEC >= 4).
 // ---------------------------------------------------------------------------------------------------
-template <typename T, int VEC>
-__device__ void layer_norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
-                                const T* __restrict__ beta, T* __restrict__ y, int rows, int C,
+template <typename TI, typename TO, int VEC>
+__device__ void layer_norm_rows(const TI* __restrict__ x, const float* __restrict__ gamma,
+                                const float* __restrict__ beta, TO* __restrict__ y, int rows, int C,
                                 float eps) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;  // whole warp exits together: no block-level sync below
-    const T* xr = x + (size_t)row * C;
-    T* yr = y + (size_t)row * C;
+    const TI* xr = x + (size_t)row * C;
+    TO* yr = y + (size_t)row * C;
     const int nvec = C / VEC;
     float s = 0.f;
     for (int v = lane; v < nvec; v += 32) {
-        VecT<T, VEC> in = vi_load<T, VEC>(xr + v * VEC);
+        VecT<TI, VEC> in = vi_load<TI, VEC>(xr + v * VEC);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) s += vi_to_f(in.v[i]);
     }
     const float mean = vi_warp_sum(s) / (float)C;
     float m2 = 0.f;
     for (int v = lane; v < nvec; v += 32) {
-        VecT<T, VEC> in = vi_load<T, VEC>(xr + v * VEC);
+        VecT<TI, VEC> in = vi_load<TI, VEC>(xr + v * VEC);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             float d = vi_to_f(in.v[i]) - mean;
@@ -195,15 +215,15 @@ __device__ void layer_norm_rows(const T* __restrict__ x, const T* __restrict__ g
     }
     const float rstd = rsqrtf(vi_warp_sum(m2) / (float)C + eps);
     for (int v = lane; v < nvec; v += 32) {
-        VecT<T, VEC> in = vi_load<T, VEC>(xr + v * VEC);
-        VecT<T, VEC> gm = vi_load<T, VEC>(gamma + v * VEC);
-        VecT<T, VEC> bt = vi_load<T, VEC>(beta + v * VEC);
-        VecT<T, VEC> out;
+        VecT<TI, VEC> in = vi_load<TI, VEC>(xr + v * VEC);
+        float gm[VEC], bt[VEC];
+        vi_load_params<VEC>(gamma + v * VEC, gm);
+        vi_load_params<VEC>(beta + v * VEC, bt);
+        VecT<TO, VEC> out;
 #pragma unroll
         for (int i = 0; i < VEC; ++i)
-            out.v[i] = vi_from_f<T>((vi_to_f(in.v[i]) - mean) * rstd * vi_to_f(gm.v[i]) +
-                                    vi_to_f(bt.v[i]));
-        vi_store<T, VEC>(yr + v * VEC, out);
+            out.v[i] = vi_from_f<TO>((vi_to_f(in.v[i]) - mean) * rstd * gm[i] + bt[i]);
+        vi_store<TO, VEC>(yr + v * VEC, out);
     }
 }
 
@@ -248,26 +268,30 @@ __device__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, int row
 }
 
 // ---------------------------------------------------------------------------------------------------
-// extern "C" entry points: <kernel>_<dtype>_v<VEC>. The launcher picks the largest VEC whose
-// VEC*sizeof(T) <= 16 bytes that divides the channel counts named in each contract above and keeps
-// every vector access aligned (base pointers are allocator-aligned).
+// extern "C" entry points. Names: gn_partial_<x>_v<VEC>, gn_apply_<x>_<y>_s<stats>_v<VEC>,
+// layer_norm_<x>_<y>_v<VEC>, softmax_<x>_v<VEC> (x / y: input / output storage type). The launcher
+// picks the largest VEC with VEC * sizeof(wider of x, y) <= 16 bytes that divides the channel counts
+// named in each contract above and keeps every vector access aligned (base pointers are
+// allocator-aligned). Instantiated (x, y) pairs: (f32, f32), (bf16, bf16), (f16, f16) and the
+// precision policy's f32 residual stream normalised into a bf16/f16 operand: (f32, bf16), (f32, f16).
 // ---------------------------------------------------------------------------------------------------
 #define VI_GN_PARTIAL(T, NAME, VEC)                                                               \
     extern "C" __global__ void __launch_bounds__(1024)                                           \
         gn_partial_##NAME##_v##VEC(const T* x, float* part, int S, int C, int rows_per_chunk) { \
         gn_partial<T, VEC>(x, part, S, C, rows_per_chunk);                                       \
     }
-#define VI_GN_APPLY(T, TS, NAME, SNAME, VEC)                                                     \
-    extern "C" __global__ void __launch_bounds__(256) gn_apply_##NAME##_s##SNAME##_v##VEC(      \
-        const T* x, const TS* stats, const T* gamma, const T* beta, T* y, int S, int C, int G,  \
-        float eps, int silu) {                                                                   \
-        gn_apply<T, TS, VEC>(x, stats, gamma, beta, y, S, C, G, eps, silu);                      \
+#define VI_GN_APPLY(TI, TO, TS, IN, ON, SN, VEC)                                                 \
+    extern "C" __global__ void __launch_bounds__(256) gn_apply_##IN##_##ON##_s##SN##_v##VEC(    \
+        const TI* x, const TS* stats, const float* gamma, const float* beta, TO* y, int S, int C, \
+        int G, float eps, int silu) {                                                            \
+        gn_apply<TI, TO, TS, VEC>(x, stats, gamma, beta, y, S, C, G, eps, silu);                 \
     }
-#define VI_ROWS(T, NAME, VEC)                                                                    \
-    extern "C" __global__ void __launch_bounds__(128) layer_norm_##NAME##_v##VEC(               \
-        const T* x, const T* gamma, const T* beta, T* y, int rows, int C, float eps) {           \
-        layer_norm_rows<T, VEC>(x, gamma, beta, y, rows, C, eps);                                \
-    }                                                                                            \
+#define VI_LN(TI, TO, IN, ON, VEC)                                                               \
+    extern "C" __global__ void __launch_bounds__(128) layer_norm_##IN##_##ON##_v##VEC(          \
+        const TI* x, const float* gamma, const float* beta, TO* y, int rows, int C, float eps) { \
+        layer_norm_rows<TI, TO, VEC>(x, gamma, beta, y, rows, C, eps);                           \
+    }
+#define VI_SOFTMAX(T, NAME, VEC)                                                                 \
     extern "C" __global__ void __launch_bounds__(128)                                           \
         softmax_##NAME##_v##VEC(const T* x, T* y, int rows, int C) {                             \
         softmax_rows<T, VEC>(x, y, rows, C);                                                     \
@@ -279,21 +303,34 @@ VI_ALL_VECS(VI_GN_PARTIAL, __nv_bfloat16, bf16)
 VI_ALL_VECS(VI_GN_PARTIAL, __half, f16)
 VI_GN_PARTIAL(__nv_bfloat16, bf16, 8)
 VI_GN_PARTIAL(__half, f16, 8)
-VI_ALL_VECS(VI_ROWS, float, f32)
-VI_ALL_VECS(VI_ROWS, __nv_bfloat16, bf16)
-VI_ALL_VECS(VI_ROWS, __half, f16)
-VI_ROWS(__nv_bfloat16, bf16, 8)
-VI_ROWS(__half, f16, 8)
+VI_ALL_VECS(VI_SOFTMAX, float, f32)
+VI_ALL_VECS(VI_SOFTMAX, __nv_bfloat16, bf16)
+VI_ALL_VECS(VI_SOFTMAX, __half, f16)
+VI_SOFTMAX(__nv_bfloat16, bf16, 8)
+VI_SOFTMAX(__half, f16, 8)
 
-// Apply: stats either fp32 (what group_norm_stats/the fused path produce) or the storage type.
-#define VI_GN_APPLY_VECS(T, TS, NAME, SNAME) \
-    VI_GN_APPLY(T, TS, NAME, SNAME, 1) VI_GN_APPLY(T, TS, NAME, SNAME, 2) VI_GN_APPLY(T, TS, NAME, SNAME, 4)
-VI_GN_APPLY_VECS(float, float, f32, f32)
-VI_GN_APPLY_VECS(__nv_bfloat16, float, bf16, f32)
-VI_GN_APPLY_VECS(__nv_bfloat16, __nv_bfloat16, bf16, bf16)
-VI_GN_APPLY_VECS(__half, float, f16, f32)
-VI_GN_APPLY_VECS(__half, __half, f16, f16)
-VI_GN_APPLY(__nv_bfloat16, float, bf16, f32, 8)
-VI_GN_APPLY(__nv_bfloat16, __nv_bfloat16, bf16, bf16, 8)
-VI_GN_APPLY(__half, float, f16, f32, 8)
-VI_GN_APPLY(__half, __half, f16, f16, 8)
+// LayerNorm: VEC 1/2/4 for every pair, 8 where both sides are 16-bit.
+#define VI_LN_VECS(TI, TO, IN, ON) VI_LN(TI, TO, IN, ON, 1) VI_LN(TI, TO, IN, ON, 2) VI_LN(TI, TO, IN, ON, 4)
+VI_LN_VECS(float, float, f32, f32)
+VI_LN_VECS(__nv_bfloat16, __nv_bfloat16, bf16, bf16)
+VI_LN_VECS(__half, __half, f16, f16)
+VI_LN_VECS(float, __nv_bfloat16, f32, bf16)
+VI_LN_VECS(float, __half, f32, f16)
+VI_LN(__nv_bfloat16, __nv_bfloat16, bf16, bf16, 8)
+VI_LN(__half, __half, f16, f16, 8)
+
+// Apply: stats either fp32 (what group_norm_stats/the fused path produce) or the storage type of x.
+#define VI_GN_APPLY_VECS(TI, TO, TS, IN, ON, SN)                                                 \
+    VI_GN_APPLY(TI, TO, TS, IN, ON, SN, 1)                                                       \
+    VI_GN_APPLY(TI, TO, TS, IN, ON, SN, 2) VI_GN_APPLY(TI, TO, TS, IN, ON, SN, 4)
+VI_GN_APPLY_VECS(float, float, float, f32, f32, f32)
+VI_GN_APPLY_VECS(__nv_bfloat16, __nv_bfloat16, float, bf16, bf16, f32)
+VI_GN_APPLY_VECS(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, bf16, bf16, bf16)
+VI_GN_APPLY_VECS(__half, __half, float, f16, f16, f32)
+VI_GN_APPLY_VECS(__half, __half, __half, f16, f16, f16)
+VI_GN_APPLY_VECS(float, __nv_bfloat16, float, f32, bf16, f32)
+VI_GN_APPLY_VECS(float, __half, float, f32, f16, f32)
+VI_GN_APPLY(__nv_bfloat16, __nv_bfloat16, float, bf16, bf16, f32, 8)
+VI_GN_APPLY(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, bf16, bf16, bf16, 8)
+VI_GN_APPLY(__half, __half, float, f16, f16, f32, 8)
+VI_GN_APPLY(__half, __half, __half, f16, f16, f16, 8)

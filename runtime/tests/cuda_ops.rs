@@ -6,6 +6,11 @@
 //! Every device allocation is poisoned (NaN-filled) first, so an element a kernel fails to write
 //! shows up as NaN and fails the check.
 //! (GroupNorm, LayerNorm, softmax and the attention kernels are tested in `cuda_kernels.rs`.)
+//! The mixed-dtype ops of the precision policy (f32 residual stream and f32 biases / norm parameters
+//! next to bf16/f16 activations) are tested here, norms included: `mixed_group_norm`,
+//! `mixed_layer_norm`, `mixed_binary`, `mixed_bias_linear`, `cublaslt_takes_f32_bias_epilogue`,
+//! `mixed_bias_temporal_conv` and the f32-bias cases of `conv2d`; outputs that the GPU rounds once
+//! must match the once-rounded CPU result except in ~1 % of the elements.
 //!
 //! Without a GPU or driver each test prints `SKIPPED: no CUDA device` and passes; without the `cuda`
 //! feature the file checks that moving a tensor to a CUDA device is an error, not a panic.
@@ -181,6 +186,7 @@ mod gpu {
         for algo in [ConvAlgo::Im2col, ConvAlgo::Cudnn] {
             set_conv_algo(algo);
             conv2d_cases(algo);
+            conv2d_mixed_bias_cases(algo);
             // A cuDNN failure falls back to im2col (with a warning) and switches the selection.
             println!("conv2d: requested {algo:?}, ran {:?}", conv_algo());
         }
@@ -511,6 +517,341 @@ mod gpu {
         assert!(mean.abs() < 0.03 && (var.sqrt() - 2.0).abs() < 0.03);
         let rnd2 = vi_runtime::cuda::random_normal(0, &[100_000], DType::F32, 7, 2.0).unwrap();
         check_exact("random_normal is deterministic", &rnd2, &rnd);
+    }
+
+    // ---- mixed dtypes (precision policy: f32 residual stream and f32 1-D parameters next to
+    // bf16/f16 activations). The GPU fuses these (no widening passes); the CPU reference gets the
+    // same dtypes, so it runs the rounded backend (widen, f32 math, one rounding to the output).
+
+    /// Random N(mean, std^2) data of `shape` stored as `dt` on the CPU and on the GPU (same values).
+    fn pair_dt(
+        r: &mut StdRng,
+        shape: &[usize],
+        mean: f32,
+        std: f32,
+        dt: DType,
+    ) -> (Tensor, Tensor) {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| mean + std * r.sample::<f32, _>(StandardNormal))
+            .collect();
+        (
+            Tensor::from_slice_on(&v, shape, Device::Cpu, dt).unwrap(),
+            Tensor::from_slice_on(&v, shape, DEV, dt).unwrap(),
+        )
+    }
+
+    /// [`check`] plus, for a bf16/f16 output of an op whose GPU path rounds once (like the CPU
+    /// reference), at most ~1 % of the elements may differ from the CPU's rounded values (fp32
+    /// summation-order noise straddling a rounding boundary); a second rounding or a rounded
+    /// intermediate changes far more.
+    fn check_once_rounded(what: &str, got: &Tensor, want: &Tensor, dt: DType) {
+        assert_eq!(want.dtype(), dt, "{what}: CPU reference dtype");
+        check(what, got, want, dt);
+        if dt != DType::F32 {
+            let g = got.to_vec_f32().unwrap();
+            let w = want.to_vec_f32().unwrap();
+            let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+            println!("{what}: {differ} of {} elements differ", g.len());
+            assert!(
+                differ <= 2 + g.len() / 100,
+                "{what}: {differ} of {} elements differ from the once-rounded CPU result",
+                g.len()
+            );
+        }
+    }
+
+    /// (x dtype, output dtype) pairs of the norms: the policy's f32 stream into a bf16/f16 operand,
+    /// bf16/f16 in place, and plain f32.
+    const NORM_PAIRS: [(DType, DType); 5] = [
+        (DType::F32, DType::BF16),
+        (DType::F32, DType::F16),
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::F32, DType::F32),
+    ];
+
+    #[test]
+    fn mixed_group_norm() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(11);
+        // (N, S, C, G): vector widths 8/4 (C = 320, cg = 10: partial v2), odd channel counts
+        // (C = 30, cg = 3 and C = 15: v1), C = 12 (v4 for f32 -> 16-bit, v4 16-bit), C = 8 (v8
+        // 16-bit), a spatial norm over 16 frames and a temporal one (N = batch, large S).
+        let cases: &[(usize, usize, usize, usize)] = &[
+            (2, 40, 320, 32),
+            (3, 17, 30, 10),
+            (2, 9, 15, 5),
+            (2, 33, 12, 4),
+            (1, 21, 8, 2),
+            (16, 24, 64, 32),
+            (1, 4096, 32, 8),
+        ];
+        for &(x_dt, out_dt) in &NORM_PAIRS {
+            for &(n, s, c, g) in cases {
+                // Offset mean: the statistics must not cancel catastrophically.
+                let (xc, xg) = pair_dt(&mut r, &[n, s, c], 3.0, 2.0, x_dt);
+                let (gc, gg) = pair_dt(&mut r, &[c], 1.0, 0.3, DType::F32);
+                let (bc, bg) = pair_dt(&mut r, &[c], 0.0, 0.5, DType::F32);
+                for silu in [false, true] {
+                    let what = format!(
+                        "group_norm_to [{n},{s},{c}] G{g} {x_dt:?} -> {out_dt:?} silu {silu}"
+                    );
+                    let got = ops::group_norm_to(&xg, g, &gg, &bg, 1e-5, silu, out_dt).unwrap();
+                    let want = ops::group_norm_to(&xc, g, &gc, &bc, 1e-5, silu, out_dt).unwrap();
+                    check_once_rounded(&what, &got, &want, out_dt);
+                }
+                // Given f32 statistics (mean, biased var), as the clip-parallel context passes them.
+                let st = ops::group_norm_stats(&xc, g).unwrap().to_vec_f32().unwrap();
+                let mv: Vec<f32> = st
+                    .chunks(3)
+                    .flat_map(|m| [m[1], if m[0] > 0.0 { m[2] / m[0] } else { 0.0 }])
+                    .collect();
+                let sc = Tensor::from_vec(mv.clone(), &[n, g, 2]).unwrap();
+                let sg = Tensor::from_slice_on(&mv, &[n, g, 2], DEV, DType::F32).unwrap();
+                let what = format!("group_norm_apply_to [{n},{s},{c}] G{g} {x_dt:?} -> {out_dt:?}");
+                let got = ops::group_norm_apply_to(&xg, &sg, &gg, &bg, 1e-5, true, out_dt).unwrap();
+                let want =
+                    ops::group_norm_apply_to(&xc, &sc, &gc, &bc, 1e-5, true, out_dt).unwrap();
+                check_once_rounded(&what, &got, &want, out_dt);
+            }
+        }
+        // gamma/beta stored in the output dtype (the pre-policy layout) still work (widened once).
+        let (xc, xg) = pair_dt(&mut r, &[2, 40, 64], 0.5, 1.0, DType::BF16);
+        let (gc, gg) = pair_dt(&mut r, &[64], 1.0, 0.3, DType::BF16);
+        let (bc, bg) = pair_dt(&mut r, &[64], 0.0, 0.5, DType::BF16);
+        check_once_rounded(
+            "group_norm bf16 with bf16 gamma/beta",
+            &ops::group_norm_to(&xg, 8, &gg, &bg, 1e-5, true, DType::BF16).unwrap(),
+            &ops::group_norm_to(&xc, 8, &gc, &bc, 1e-5, true, DType::BF16).unwrap(),
+            DType::BF16,
+        );
+        let (xc, xg) = pair_dt(&mut r, &[2, 40, 64], 0.5, 1.0, DType::F32);
+        check_once_rounded(
+            "group_norm f32 -> bf16 with bf16 gamma/beta",
+            &ops::group_norm_to(&xg, 8, &gg, &bg, 1e-5, false, DType::BF16).unwrap(),
+            &ops::group_norm_to(&xc, 8, &gc, &bc, 1e-5, false, DType::BF16).unwrap(),
+            DType::BF16,
+        );
+    }
+
+    #[test]
+    fn mixed_layer_norm() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(12);
+        // Last dims covering v8 (16-bit), v4, v2 and v1 and rows that do not fill a block.
+        let shapes: &[&[usize]] = &[
+            &[2, 77, 320],
+            &[5, 1280],
+            &[3, 7, 40],
+            &[9, 12],
+            &[6, 6],
+            &[4, 33],
+            &[1, 3],
+        ];
+        for &(x_dt, out_dt) in &NORM_PAIRS {
+            for &shape in shapes {
+                let c = *shape.last().unwrap();
+                let (xc, xg) = pair_dt(&mut r, shape, 2.0, 1.5, x_dt);
+                let (gc, gg) = pair_dt(&mut r, &[c], 1.0, 0.3, DType::F32);
+                let (bc, bg) = pair_dt(&mut r, &[c], 0.0, 0.5, DType::F32);
+                check_once_rounded(
+                    &format!("layer_norm_to {shape:?} {x_dt:?} -> {out_dt:?}"),
+                    &ops::layer_norm_to(&xg, &gg, &bg, 1e-5, out_dt).unwrap(),
+                    &ops::layer_norm_to(&xc, &gc, &bc, 1e-5, out_dt).unwrap(),
+                    out_dt,
+                );
+            }
+        }
+        let (xc, xg) = pair_dt(&mut r, &[7, 64], 0.0, 1.0, DType::F16);
+        let (gc, gg) = pair_dt(&mut r, &[64], 1.0, 0.3, DType::F16);
+        let (bc, bg) = pair_dt(&mut r, &[64], 0.0, 0.5, DType::F16);
+        check_once_rounded(
+            "layer_norm f16 with f16 gamma/beta",
+            &ops::layer_norm(&xg, &gg, &bg, 1e-5).unwrap(),
+            &ops::layer_norm(&xc, &gc, &bc, 1e-5).unwrap(),
+            DType::F16,
+        );
+    }
+
+    #[test]
+    fn mixed_binary() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(13);
+        let (bf, hf, f) = (DType::BF16, DType::F16, DType::F32);
+        // (a dtype, b dtype): every fused mixed combination; the output is F32.
+        let combos = [(f, bf), (bf, f), (bf, bf), (f, hf), (hf, f), (hf, hf)];
+        // (a, b) shapes: residual adds (same shape, vector and scalar tails), the time-embedding add
+        // [1, 1, 1, C] (vector and not), per-row and two-sided broadcasts, a broadcast a.
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 4, 6, 16], &[2, 4, 6, 16]),
+            (&[3, 5, 7], &[3, 5, 7]),
+            (&[2, 4, 6, 16], &[1, 1, 1, 16]),
+            (&[2, 4, 6, 10], &[1, 1, 1, 10]),
+            (&[4, 6, 12], &[4, 6, 1]),
+            (&[4, 1, 8], &[1, 6, 8]),
+            (&[1, 1, 32], &[3, 5, 32]),
+            (&[2, 3, 1, 5, 1, 2], &[3, 4, 1, 7, 2]),
+        ];
+        for (a_dt, b_dt) in combos {
+            for &(sa, sb) in cases {
+                let (ac, ag) = pair_dt(&mut r, sa, 0.0, 1.0, a_dt);
+                let (bc, bg) = pair_dt(&mut r, sb, 0.0, 1.0, b_dt);
+                // Divisors away from zero.
+                let (dc, dg) = pair_dt(&mut r, sb, 3.0, 0.5, b_dt);
+                // Sub and Div catch swapped operands.
+                for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+                    let (bc, bg) = if op == BinaryOp::Div {
+                        (&dc, &dg)
+                    } else {
+                        (&bc, &bg)
+                    };
+                    let what = format!("binary_to {a_dt:?}{sa:?} {op:?} {b_dt:?}{sb:?} -> F32");
+                    let got = ops::binary_to(&ag, bg, op, DType::F32).unwrap();
+                    let want = ops::binary_to(&ac, bc, op, DType::F32).unwrap();
+                    check(&what, &got, &want, DType::F32);
+                }
+                if a_dt != b_dt {
+                    // `binary` picks F32 for mixed inputs; `add_to` is the residual add.
+                    let got = ops::add(&ag, &bg).unwrap();
+                    assert_eq!(got.dtype(), DType::F32, "ops::add mixed output dtype");
+                    check(
+                        &format!("add {a_dt:?}{sa:?} + {b_dt:?}{sb:?}"),
+                        &got,
+                        &ops::add(&ac, &bc).unwrap(),
+                        DType::F32,
+                    );
+                }
+            }
+        }
+    }
+
+    /// bf16/f16 x and weights with an F32 bias (the policy's layout) for linear.
+    #[test]
+    fn mixed_bias_linear() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(14);
+        for dt in [DType::BF16, DType::F16] {
+            for &(rows, k, n) in &[
+                (1usize, 320usize, 1280usize),
+                (300, 320, 320),
+                (77, 768, 320),
+                (33, 45, 17), // odd sizes: unaligned rows (may take the fallback)
+                (2, 1280, 1280),
+            ] {
+                let (xc, xg) = pair_dt(&mut r, &[rows, k], 0.0, 1.0, dt);
+                let (wc, wg) = pair_dt(&mut r, &[n, k], 0.0, 0.05, dt);
+                let (bc, bg) = pair_dt(&mut r, &[n], 0.0, 1.0, DType::F32);
+                check(
+                    &format!("linear {dt:?} {rows}x{k} -> {n} + f32 bias"),
+                    &ops::linear(&xg, &wg, Some(&bg)).unwrap(),
+                    &ops::linear(&xc, &wc, Some(&bc)).unwrap(),
+                    dt,
+                );
+            }
+        }
+    }
+
+    /// The f32 bias must go to cuBLASLt's epilogue (CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE =
+    /// CUDA_R_32F with bf16/f16 D) for aligned shapes: the output is then rounded once. A failure
+    /// here with correct numbers elsewhere means cuBLASLt refused that combination and the slower
+    /// fallback (GEMM + in-place bias add, two roundings) ran: see the stderr line.
+    #[test]
+    fn cublaslt_takes_f32_bias_epilogue() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(15);
+        for dt in [DType::BF16, DType::F16] {
+            let (rows, k, n) = (256usize, 320usize, 640usize);
+            let (xc, xg) = pair_dt(&mut r, &[rows, k], 0.0, 1.0, dt);
+            let (wc, wg) = pair_dt(&mut r, &[n, k], 0.0, 0.05, dt);
+            // A large bias makes a second rounding visible in many elements.
+            let (bc, bg) = pair_dt(&mut r, &[n], 0.0, 4.0, DType::F32);
+            let got = ops::linear(&xg, &wg, Some(&bg)).unwrap();
+            let want = ops::linear(&xc, &wc, Some(&bc)).unwrap();
+            let refused: Vec<String> = vi_runtime::cuda::lt_refusals()
+                .into_iter()
+                .filter(|l| l.contains(&format!("m: {rows}, n: {n}, k: {k},")))
+                .collect();
+            assert!(
+                refused.is_empty(),
+                "cuBLASLt refused the f32-bias epilogue with {dt:?} operands: {refused:?}"
+            );
+            check_once_rounded(&format!("linear {dt:?} f32-bias epilogue"), &got, &want, dt);
+        }
+    }
+
+    /// conv2d with bf16/f16 x and an F32 bias, both kxk implementations (called from `conv2d`).
+    fn conv2d_mixed_bias_cases(algo: vi_runtime::cuda::ConvAlgo) {
+        let mut r = StdRng::seed_from_u64(16);
+        for dt in [DType::BF16, DType::F16] {
+            // (x [N, H, W, Cin], Cout, k, stride, pad)
+            let cases: &[([usize; 4], usize, usize, usize, usize)] = &[
+                ([2, 12, 16, 64], 96, 3, 1, 1),
+                ([3, 9, 7, 4], 32, 3, 1, 1),    // conv_in-like, C = 4
+                ([2, 12, 16, 32], 32, 3, 2, 1), // downsample, stride 2
+                ([2, 11, 13, 40], 24, 1, 1, 0), // 1x1: plain GEMM
+                ([1, 8, 10, 3], 5, 3, 1, 1),    // odd channels
+                ([2, 5, 5, 16], 8, 1, 2, 0),    // 1x1 stride 2: im2col / cuDNN
+            ];
+            for &(xs, cout, k, stride, pad) in cases {
+                let (xc, xg) = pair_dt(&mut r, &xs, 0.0, 1.0, dt);
+                let (wc, wg) = pair_dt(&mut r, &[cout, xs[3], k, k], 0.0, 0.1, dt);
+                let (bc, bg) = pair_dt(&mut r, &[cout], 0.0, 1.0, DType::F32);
+                let what = format!(
+                    "conv2d {algo:?} {dt:?} x{xs:?} cout {cout} k{k} s{stride} p{pad} + f32 bias"
+                );
+                let got = ops::conv2d(&xg, &wg, Some(&bg), stride, pad).unwrap();
+                check(
+                    &what,
+                    &got,
+                    &ops::conv2d(&xc, &wc, Some(&bc), stride, pad).unwrap(),
+                    dt,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mixed_bias_temporal_conv() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(17);
+        for dt in [DType::BF16, DType::F16] {
+            // (x [B, F, S, Cin], Cout, k): fp32 tap accumulation + bias_round_f32b (k > 1, F > 1),
+            // one frame (centre tap only, still the accumulator path), k = 1 (GEMM epilogue).
+            let cases: &[([usize; 4], usize, usize)] = &[
+                ([2, 5, 12, 32], 48, 3),
+                ([1, 1, 7, 16], 16, 3),
+                ([1, 8, 6, 16], 16, 5),
+                ([2, 3, 10, 8], 12, 1),
+                ([1, 16, 20, 40], 40, 3),
+            ];
+            for &(xs, cout, k) in cases {
+                let (xc, xg) = pair_dt(&mut r, &xs, 0.0, 1.0, dt);
+                let (wc, wg) = pair_dt(&mut r, &[cout, xs[3], k], 0.0, 0.1, dt);
+                let (bc, bg) = pair_dt(&mut r, &[cout], 0.0, 2.0, DType::F32);
+                let what = format!("temporal_conv {dt:?} x{xs:?} cout {cout} k{k} + f32 bias");
+                let got = ops::temporal_conv(&xg, &wg, Some(&bg)).unwrap();
+                let want = ops::temporal_conv(&xc, &wc, Some(&bc)).unwrap();
+                if k > 1 {
+                    // Accumulator path: fp32 taps + fp32 bias, rounded once by bias_round_f32b.
+                    check_once_rounded(&what, &got, &want, dt);
+                } else {
+                    check(&what, &got, &want, dt);
+                }
+            }
+        }
     }
 
     #[test]

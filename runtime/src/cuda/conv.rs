@@ -17,6 +17,11 @@
 //!   the taps accumulate into an fp32 buffer (cuBLASLt bf16/f16 A/B, f32 C/D) and the bias is added
 //!   while rounding once to the storage dtype (`cuda/kernels/precision.cu`), instead of rounding
 //!   every partial sum; f32 accumulates in place as before.
+//!
+//! Biases may be f32 under bf16/f16 activations (the precision policy): the GEMM paths pass them to
+//! cuBLASLt's epilogue as CUDA_R_32F (gemm.rs), the cuDNN path adds them with the in-place
+//! `bias_add_f32b` kernel, the temporal conv's fp32 accumulator with `bias_round_f32b` — no widening
+//! or rounding passes over the activations.
 
 use cudarc::driver::PushKernelArg;
 
@@ -63,7 +68,9 @@ pub(crate) fn conv2d(
     let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
     let ho = (h + 2 * pad - kh) / stride + 1;
     let wo = (wd + 2 * pad - kw) / stride + 1;
-    let bias_ptr = bias.map(|b| storage(b, OP).map(|s| s.ptr())).transpose()?;
+    let bias_ptr = bias
+        .map(|b| storage(b, OP).map(|s| (s.ptr(), s.dtype())))
+        .transpose()?;
     let out = dev.alloc(dt, n * ho * wo * cout)?;
     let shape = [n, ho, wo, cout];
     if out.is_empty() {
@@ -194,7 +201,7 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
     let (cout, k) = (w.dim(0), w.dim(2));
     let p = (k - 1) / 2;
     let bias_ptr = bias
-        .map(|t| storage(t, OP).map(|st| st.ptr()))
+        .map(|t| storage(t, OP).map(|st| (st.ptr(), st.dtype())))
         .transpose()?;
     let out = dev.alloc(dt, b * f * s * cout)?;
     let shape = [b, f, s, cout];
@@ -254,26 +261,37 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
     Ok(out.into_tensor(&shape))
 }
 
-/// out[rows, n] (dtype `dt`) = round(acc[rows, n] (f32) + bias[n] (dtype `dt`, optional)): one
-/// rounding to the storage dtype after an fp32 accumulation.
+/// out[rows, n] (dtype `dt`) = round(acc[rows, n] (f32) + bias[n] (optional; dtype `dt` or F32)):
+/// one rounding to the storage dtype after an fp32 accumulation.
 fn bias_round(
     dev: &CudaDevice,
     dt: DType,
     acc: u64,
-    bias: Option<u64>,
+    bias: Option<(u64, DType)>,
     out: u64,
     rows: usize,
     n: usize,
 ) -> Result<()> {
-    let kname = match dt {
-        DType::F32 => "bias_round_f32",
-        DType::BF16 => "bias_round_bf16",
-        DType::F16 => "bias_round_f16",
+    let f32_bias = matches!(bias, Some((_, DType::F32)));
+    let kname = match (dt, f32_bias) {
+        (DType::F32, _) => "bias_round_f32",
+        (DType::BF16, false) => "bias_round_bf16",
+        (DType::F16, false) => "bias_round_f16",
+        (DType::BF16, true) => "bias_round_f32b_bf16",
+        (DType::F16, true) => "bias_round_f32b_f16",
     };
+    if let Some((_, bdt)) = bias {
+        if bdt != dt && bdt != DType::F32 {
+            return Err(cuda_err(
+                "temporal_conv",
+                format!("{bdt:?} bias with {dt:?} output"),
+            ));
+        }
+    }
     let func = dev.func("precision", kname)?;
     let total = rows * n;
     let (total64, n64) = (total as i64, n as i64);
-    let bias_ptr = bias.unwrap_or(0);
+    let bias_ptr = bias.map_or(0, |b| b.0);
     let mut lb = dev.stream().launch_builder(&func);
     lb.arg(&acc)
         .arg(&bias_ptr)
@@ -281,7 +299,8 @@ fn bias_round(
         .arg(&total64)
         .arg(&n64);
     // SAFETY: acc holds rows*n f32, out rows*n elements of `dt`, bias (when non-null) n elements of
-    // `dt`; all are live device buffers and the launch is queued on the device stream.
+    // the dtype the kernel takes (`dt`, or f32 for `_f32b_`); all are live device buffers and the
+    // launch is queued on the device stream.
     unsafe { lb.launch(cfg_1d(total, 256)) }.map_err(|e| cuda_err("launching bias_round", e))?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! kh x kw convolutions through cuDNN (implicit-GEMM tensor-core kernels, no im2col buffer), NHWC
 //! activations and the [Cout, kh, kw, Cin] (KRSC, cuDNN's NHWC filter format) weight re-layout that
 //! conv.rs caches. Descriptors and the chosen algorithm are cached per shape; the bias is added by
-//! our in-place `bias_add` kernel (cudnnAddTensor's bf16 support is not guaranteed). f32 runs with
+//! our in-place `bias_add` kernel (cudnnAddTensor's bf16 support is not guaranteed), an f32 bias
+//! into bf16/f16 output by `bias_add_f32b` (the conv output is rounded once by cuDNN and once more
+//! after the fp32 bias add). f32 runs with
 //! CUDNN_FMA_MATH (no TF32), bf16/f16 with tensor-core math and fp32
 //! accumulation (compute type CUDNN_DATA_FLOAT).
 //!
@@ -277,14 +279,15 @@ impl Dnn {
         }
     }
 
-    /// y[N, Ho, Wo, Cout] = conv(x[N, H, W, Cin], w[Cout, kh, kw, Cin]) (+ bias[Cout]).
+    /// y[N, Ho, Wo, Cout] = conv(x[N, H, W, Cin], w[Cout, kh, kw, Cin]) (+ bias[Cout], of the
+    /// activation dtype or F32).
     pub(crate) fn conv(
         &self,
         dev: &std::sync::Arc<CudaDevice>,
         s: &ConvShape,
         x: u64,
         w: u64,
-        bias: Option<u64>,
+        bias: Option<(u64, DType)>,
         y: u64,
     ) -> Result<()> {
         let mut plans = self.plans.lock().unwrap();
@@ -325,10 +328,10 @@ impl Dnn {
             )?;
         }
         drop(ws);
-        if let Some(b) = bias {
+        if let Some((b, bdt)) = bias {
             let ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
             let wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
-            super::elementwise::bias_add_rows(dev, s.dtype, y, b, s.n * ho * wo, s.cout)?;
+            super::elementwise::bias_add_rows(dev, s.dtype, y, b, bdt, s.n * ho * wo, s.cout)?;
         }
         Ok(())
     }

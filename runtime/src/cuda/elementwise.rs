@@ -1,5 +1,8 @@
 //! Launchers of `cuda/kernels/elementwise.cu`: dtype conversion, unary, affine, clamp, GEGLU,
 //! broadcasting binary ops, fill and deterministic random fill. Storage f32 / bf16 / f16, math in f32.
+//! Binary ops also take the precision policy's mixed operands (an f32 residual stream next to a
+//! bf16/f16 branch, f32 output) in one pass (`binary_mx_*`), and the in-place bias add takes an
+//! f32 bias into bf16/f16 storage (`bias_add[_vec]_f32b_*`).
 
 use cudarc::driver::PushKernelArg;
 
@@ -197,7 +200,130 @@ pub(crate) fn coalesce(shape: &[usize], strides: &[Vec<i64>]) -> (Vec<i64>, Vec<
     (dims, st)
 }
 
-pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
+fn binary_code(op: BinaryOp) -> i32 {
+    match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        BinaryOp::Div => 3,
+    }
+}
+
+/// The dtype combinations the `binary_mx_*` kernels are instantiated for (a, b -> out): out F32,
+/// a and b each F32 or one 16-bit type T, not both F32.
+pub(crate) fn mixed_binary_fused(a: DType, b: DType, out: DType) -> bool {
+    let half = |d: DType| d != DType::F32;
+    out == DType::F32 && (half(a) || half(b)) && !(half(a) && half(b) && a != b)
+}
+
+/// Elementwise a op b broadcast to `out_shape`, written as `out`: one dtype throughout (the tuned
+/// same-dtype kernels), or a mixed combination of [`mixed_binary_fused`] (`binary_mx_*` kernels).
+pub(crate) fn binary(
+    a: &Tensor,
+    b: &Tensor,
+    op: BinaryOp,
+    out_shape: &[usize],
+    out: DType,
+) -> Result<Tensor> {
+    if a.dtype() == out && b.dtype() == out {
+        binary_same_dtype(a, b, op, out_shape)
+    } else if mixed_binary_fused(a.dtype(), b.dtype(), out) {
+        binary_mixed(a, b, op, out_shape, out)
+    } else {
+        Err(Error::Cuda(format!(
+            "binary: no kernel for {:?} {op:?} {:?} -> {out:?}",
+            a.dtype(),
+            b.dtype()
+        )))
+    }
+}
+
+/// Elements per vector of the `binary_mx_*` kernels (16 bytes of the f32 side).
+const MX_V: usize = 4;
+
+fn binary_mixed(
+    a: &Tensor,
+    b: &Tensor,
+    op: BinaryOp,
+    out_shape: &[usize],
+    out_dt: DType,
+) -> Result<Tensor> {
+    const OP: &str = "binary";
+    let (sa, sb) = (storage(a, OP)?, storage(b, OP)?);
+    let dev = sa.dev().clone();
+    let n: usize = out_shape.iter().product();
+    let out = dev.alloc(out_dt, n)?;
+    if n == 0 {
+        return Ok(out.into_tensor(out_shape));
+    }
+    let code = binary_code(op);
+    let sfx = format!(
+        "{}_{}_{}",
+        dtype_suffix(a.dtype()),
+        dtype_suffix(b.dtype()),
+        dtype_suffix(out_dt)
+    );
+    let (ap, bp, yp) = (sa.ptr(), sb.ptr(), out.ptr());
+    let strides = [
+        broadcast_strides(a.shape(), out_shape),
+        broadcast_strides(b.shape(), out_shape),
+    ];
+    let (dims, st) = coalesce(out_shape, &strides);
+    // Every pointer aligned to a vector of its own type (pool buffers are 256-byte aligned).
+    let aligned = [(ap, a.dtype()), (bp, b.dtype()), (yp, out_dt)]
+        .iter()
+        .all(|&(p, d)| p.is_multiple_of((MX_V * d.size_in_bytes()) as u64));
+    let vec_ok = aligned
+        && divisible(*dims.last().unwrap() as usize, MX_V)
+        && *st[0].last().unwrap() == 1
+        && *st[1].last().unwrap() == 1;
+    if vec_ok && dims.len() == 1 {
+        // Same shape, both contiguous (the residual adds): no index math.
+        let k = format!("binary_mx_same_vec_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let nv = (n / MX_V) as i64;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&ap).arg(&bp).arg(&yp).arg(&nv).arg(&code);
+        // SAFETY: a, b and out hold n elements of their dtypes, n a multiple of MX_V, every pointer
+        // aligned to MX_V elements of its type (checked above).
+        unsafe { l.launch(cfg_1d(n / MX_V, BLOCK)) }.map_err(launch_err(&k))?;
+        return Ok(out.into_tensor(out_shape));
+    }
+    let rank = dims.len() as i32;
+    let (shape_d, sa_d, sb_d) = (Dims::new(&dims)?, Dims::new(&st[0])?, Dims::new(&st[1])?);
+    let (k, units) = if vec_ok {
+        // 32-bit index math when every element index fits (all UNet tensors).
+        let name = if n < (1usize << 31) {
+            "binary_mx_vec32"
+        } else {
+            "binary_mx_vec"
+        };
+        (format!("{name}_{sfx}"), n / MX_V)
+    } else {
+        (format!("binary_mx_{sfx}"), n)
+    };
+    let f = dev.func(MODULE, &k)?;
+    let units64 = units as i64;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&ap)
+        .arg(&bp)
+        .arg(&yp)
+        .arg(&units64)
+        .arg(&code)
+        .arg(&rank)
+        .arg(&shape_d)
+        .arg(&sa_d)
+        .arg(&sb_d);
+    // SAFETY: the strides address only elements inside a and b (broadcast shapes validated by
+    // ops::binary_to); out holds n elements. On the vector path the innermost dim is contiguous in
+    // a and b and a multiple of MX_V, and every pointer is aligned to MX_V elements of its type, so
+    // every vector lies inside its operand and is aligned.
+    unsafe { l.launch(cfg_1d(units, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(out.into_tensor(out_shape))
+}
+
+/// The same-dtype binary op (output in the inputs' dtype).
+fn binary_same_dtype(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) -> Result<Tensor> {
     const OP: &str = "binary";
     let (sa, sb) = (storage(a, OP)?, storage(b, OP)?);
     let dev = sa.dev().clone();
@@ -206,12 +332,7 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, out_shape: &[usize]) 
     if n == 0 {
         return Ok(out.into_tensor(out_shape));
     }
-    let code: i32 = match op {
-        BinaryOp::Add => 0,
-        BinaryOp::Sub => 1,
-        BinaryOp::Mul => 2,
-        BinaryOp::Div => 3,
-    };
+    let code = binary_code(op);
     let sfx = dtype_suffix(a.dtype());
     let (ap, bp, yp, n64) = (sa.ptr(), sb.ptr(), out.ptr(), n as i64);
     let v = vec_width(a.dtype());
@@ -346,18 +467,23 @@ pub fn random_normal(
     Ok(out.into_tensor(shape))
 }
 
-/// In place: y[r, c] += bias[c] for y [rows, c] (raw buffers of `dtype`).
+/// In place: y[r, c] += bias[c] for y [rows, c] (raw buffer of `dtype`), bias of `bias_dtype`
+/// (`dtype`, or F32 under bf16/f16 storage: the fp32 sum is rounded once to `dtype`).
 pub(crate) fn bias_add_rows(
     dev: &CudaDevice,
     dtype: DType,
     y: u64,
     bias: u64,
+    bias_dtype: DType,
     rows: usize,
     c: usize,
 ) -> Result<()> {
     let n = rows * c;
     if n == 0 {
         return Ok(());
+    }
+    if bias_dtype != dtype {
+        return bias_add_rows_f32b(dev, dtype, y, bias, bias_dtype, rows, c);
     }
     let v = vec_width(dtype);
     let n_vec = n / v;
@@ -385,6 +511,52 @@ pub(crate) fn bias_add_rows(
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&y).arg(&bias).arg(&r64).arg(&c64);
     // SAFETY: y holds rows * c elements and bias c elements of `dtype`.
+    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    Ok(())
+}
+
+/// [`bias_add_rows`] with an f32 bias into bf16/f16 `y` (`bias_add[_vec]_f32b_<dtype>`).
+fn bias_add_rows_f32b(
+    dev: &CudaDevice,
+    dtype: DType,
+    y: u64,
+    bias: u64,
+    bias_dtype: DType,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    if bias_dtype != DType::F32 || dtype == DType::F32 {
+        return Err(Error::Cuda(format!(
+            "bias add: {bias_dtype:?} bias into {dtype:?} output (must match, or be F32 into \
+             bf16/f16)"
+        )));
+    }
+    let n = rows * c;
+    let v = vec_width(dtype);
+    let n_vec = n / v;
+    // 16-byte vectors of y (v elements) and of the bias (v / 4 float vectors per y vector).
+    let vec = divisible(c, v)
+        && y.is_multiple_of(16)
+        && bias.is_multiple_of(16)
+        && u32::try_from(n_vec).is_ok();
+    let sfx = dtype_suffix(dtype);
+    if vec {
+        let k = format!("bias_add_vec_f32b_{sfx}");
+        let f = dev.func(MODULE, &k)?;
+        let (nv64, cv) = (n_vec as i64, (c / v) as u32);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&y).arg(&bias).arg(&nv64).arg(&cv);
+        // SAFETY: y holds rows * c elements of `dtype` (n_vec 16-byte vectors), bias c f32 (c / v
+        // groups of v floats); both 16-byte aligned (checked above).
+        unsafe { b.launch(cfg_1d(n_vec, BLOCK)) }.map_err(launch_err(&k))?;
+        return Ok(());
+    }
+    let k = format!("bias_add_f32b_{sfx}");
+    let f = dev.func(MODULE, &k)?;
+    let (r64, c64) = (rows as i64, c as i64);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&y).arg(&bias).arg(&r64).arg(&c64);
+    // SAFETY: y holds rows * c elements of `dtype`, bias c f32.
     unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
     Ok(())
 }

@@ -7,6 +7,13 @@
 //! transposed shape with the same `ld`. So every call passes our B as cuBLASLt's "A", our A as its
 //! "B", and swaps M and N. The Linear bias (one value per output column of the row-major C) is then a
 //! per-row bias of the column-major D, which is exactly CUBLASLT_EPILOGUE_BIAS.
+//!
+//! Bias dtype: the GEMM dtype, or F32 under bf16/f16 operands (the precision policy keeps 1-D
+//! parameters in fp32): CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = CUDA_R_32F, so the epilogue adds the
+//! fp32 bias to the fp32 accumulator and D is rounded once. When cuBLASLt refuses a GEMM with an
+//! f32 bias, the fallback runs the GEMM without the bias (cuBLASLt, else classic cuBLAS) and adds
+//! the bias with the in-place `bias_add_f32b` kernel (one more rounding of D; stderr says so once
+//! per shape, and [`lt_refusals`] lists such shapes for tests).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -26,10 +33,10 @@ use crate::{DType, Error, Result, Tensor};
 /// Pointers are raw device addresses; strides and leading dims are in elements.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gemm {
-    /// Dtype of A and B (and of the bias).
+    /// Dtype of A and B.
     pub dtype: DType,
     /// Dtype of C: `dtype`, or F32 to keep fp32 partial sums (e.g. accumulated temporal-conv taps)
-    /// unrounded; a bias requires `c_dtype == dtype`.
+    /// unrounded.
     pub c_dtype: DType,
     pub m: usize,
     pub n: usize,
@@ -44,8 +51,9 @@ pub(crate) struct Gemm {
     /// C [M, N], row stride `ldc` (>= N); read when `beta != 0`, always written.
     pub c: u64,
     pub ldc: usize,
-    /// Per-column bias [N] of the same dtype, added in the epilogue.
-    pub bias: Option<u64>,
+    /// Per-column bias [N] (address, dtype: `dtype` or F32; F32 when `c_dtype` is F32), added in
+    /// the epilogue.
+    pub bias: Option<(u64, DType)>,
     /// 0.0 (overwrite) or 1.0 (accumulate into C).
     pub beta: f32,
     pub batch: usize,
@@ -65,7 +73,8 @@ struct Key {
     ldb: usize,
     ldc: usize,
     trans_b: bool,
-    bias: bool,
+    /// The bias dtype (None: no bias).
+    bias: Option<DType>,
     accumulate: bool,
     batch: usize,
     strides: (usize, usize, usize),
@@ -121,6 +130,19 @@ struct Classic {
 // SAFETY: the handle is used only while holding the `plans` mutex (see `run`), so never concurrently.
 unsafe impl Send for Blas {}
 unsafe impl Sync for Blas {}
+
+/// GEMM shapes (the `Key` debug line) whose f32-bias epilogue cuBLASLt refused in this process.
+static REFUSED_F32_BIAS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The GEMM shapes (debug lines) for which cuBLASLt refused a bias of another dtype than the
+/// operands (an f32 bias with bf16/f16 operands) in this process; those ran the slower fallback
+/// (GEMM + in-place bias add). For tests and diagnostics.
+pub fn lt_refusals() -> Vec<String> {
+    REFUSED_F32_BIAS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
 
 fn blas_err(what: &str, e: impl std::fmt::Debug) -> Error {
     cuda_err(&format!("cuBLASLt {what}"), e)
@@ -272,14 +294,14 @@ impl Blas {
         let transb: i32 = 0;
         set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &transa)?;
         set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &transb)?;
-        let epilogue = if key.bias {
+        let epilogue = if key.bias.is_some() {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
         };
         set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
-        if key.bias {
-            let bias_type = data_type(key.dtype);
+        if let Some(bias_dt) = key.bias {
+            let bias_type = data_type(bias_dt);
             set_desc(
                 desc,
                 D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
@@ -337,11 +359,16 @@ impl Blas {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
-        if g.bias.is_some() && g.c_dtype != g.dtype {
-            return Err(Error::Cuda(format!(
-                "GEMM bias needs C of the input dtype ({:?}), got {:?}",
-                g.dtype, g.c_dtype
-            )));
+        if let Some((_, bdt)) = g.bias {
+            // Bias of the operand dtype into C of the operand dtype, or an f32 bias (into any C).
+            let ok = bdt == DType::F32 || (bdt == g.dtype && g.c_dtype == g.dtype);
+            if !ok {
+                return Err(Error::Cuda(format!(
+                    "GEMM bias {bdt:?} with {:?} operands and {:?} C (must be F32, or the operand \
+                     dtype with C of the operand dtype)",
+                    g.dtype, g.c_dtype
+                )));
+            }
         }
         let key = Key {
             dtype: g.dtype,
@@ -353,7 +380,7 @@ impl Blas {
             ldb: g.ldb,
             ldc: g.ldc,
             trans_b: g.trans_b,
-            bias: g.bias.is_some(),
+            bias: g.bias.map(|b| b.1),
             accumulate: g.beta != 0.0,
             batch: g.batch,
             strides: if g.batch > 1 {
@@ -365,20 +392,47 @@ impl Blas {
                 align_of(g.a),
                 align_of(g.b),
                 align_of(g.c),
-                g.bias.map(align_of).unwrap_or(256),
+                g.bias.map(|b| align_of(b.0)).unwrap_or(256),
             ),
         };
         if self.lt_refused.lock().unwrap().contains(&key) {
             let why = Error::Cuda("refused earlier by cuBLASLt".into());
-            return self.run_classic(dev, g, &key, &why);
+            return self.fallback(dev, g, &key, &why);
         }
         match self.run_lt(dev, g, &key) {
             Ok(()) => Ok(()),
             Err(lt_err) => {
                 self.lt_refused.lock().unwrap().insert(key);
-                self.run_classic(dev, g, &key, &lt_err)
+                self.fallback(dev, g, &key, &lt_err)
             }
         }
+    }
+
+    /// What runs when cuBLASLt refused `key`: classic cuBLAS, except that a bias of another dtype
+    /// than the operands (f32 bias, bf16/f16 operands) cannot be the classic path's rank-1 GEMM:
+    /// then the GEMM runs without it (cuBLASLt or classic, via `run`) and the bias is added in place.
+    fn fallback(&self, dev: &CudaDevice, g: &Gemm, key: &Key, why: &Error) -> Result<()> {
+        let Some((bias, bdt)) = g.bias.filter(|b| b.1 != g.dtype) else {
+            return self.run_classic(dev, g, key, why);
+        };
+        {
+            let mut reported = REFUSED_F32_BIAS.lock().unwrap_or_else(|p| p.into_inner());
+            let line = format!("{key:?}");
+            if !reported.contains(&line) {
+                eprintln!(
+                    "vi-runtime: cuBLASLt refused the {bdt:?}-bias epilogue for {line} ({why}); \
+                     GEMM without bias + bias_add kernel"
+                );
+                reported.push(line);
+            }
+        }
+        if g.ldc != g.n || g.batch != 1 {
+            return Err(Error::Cuda(format!(
+                "GEMM {key:?}: the {bdt:?}-bias fallback needs a single dense C (ldc == n)"
+            )));
+        }
+        self.run(dev, &Gemm { bias: None, ..*g })?;
+        super::elementwise::bias_add_rows(dev, g.c_dtype, g.c, bias, bdt, g.m, g.n)
     }
 
     /// The cuBLASLt path (cached plan per key).
@@ -389,7 +443,7 @@ impl Blas {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key)?),
         };
-        if let Some(bias) = g.bias {
+        if let Some((bias, _)) = g.bias {
             set_desc(
                 plan.desc,
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
@@ -512,9 +566,15 @@ impl Blas {
             )
         }
         .map_err(|e| cerr("gemm", e))?;
-        let Some(bias) = g.bias else {
+        let Some((bias, bias_dt)) = g.bias else {
             return Ok(());
         };
+        if bias_dt != g.dtype {
+            return Err(Error::Cuda(format!(
+                "classic cuBLAS fallback: {bias_dt:?} bias with {:?} operands (handled by `fallback`)",
+                g.dtype
+            )));
+        }
         let need = g.m;
         let have = c.ones.get(&g.dtype).map(|o| o.1).unwrap_or(0);
         if have < need {
@@ -633,11 +693,14 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     Ok(out.into_tensor(&[batch, m, n]))
 }
 
-/// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N].
+/// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N]; the bias in x's dtype or F32 (added to the fp32
+/// accumulator in the epilogue, D rounded once).
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "linear";
     let (sx, sw) = (storage(x, OP)?, storage(w, OP)?);
-    let bias_ptr = bias.map(|b| storage(b, OP).map(|s| s.ptr())).transpose()?;
+    let bias_ptr = bias
+        .map(|b| storage(b, OP).map(|s| (s.ptr(), s.dtype())))
+        .transpose()?;
     let dev = sx.dev().clone();
     let (rows, k) = (x.dim(0), x.dim(1));
     let n = w.dim(0);
@@ -673,7 +736,7 @@ pub(crate) fn gemm_rows(
     w: u64,
     c: u64,
     ldc: usize,
-    bias: Option<u64>,
+    bias: Option<(u64, DType)>,
     beta: f32,
 ) -> Result<()> {
     gemm_rows_to(dev, dtype, dtype, rows, n, k, a, lda, w, c, ldc, bias, beta)
@@ -693,7 +756,7 @@ pub(crate) fn gemm_rows_to(
     w: u64,
     c: u64,
     ldc: usize,
-    bias: Option<u64>,
+    bias: Option<(u64, DType)>,
     beta: f32,
 ) -> Result<()> {
     dev.blas()?.run(

@@ -1,10 +1,18 @@
-//! Ops whose operands mix f32 with bf16/f16: the f32 residual stream next to bf16 branches, f32
-//! biases and norm parameters next to bf16 activations (the precision policy of `vi_model`).
+//! The last-resort bridge for dtype combinations that no fused kernel covers.
 //!
-//! Where no fused kernel covers a combination, it is bridged here with the same-dtype kernels:
-//! inputs widened to f32, the f32 kernel, one rounding to the output dtype. The numerics are then
-//! exactly the op's contract (fp32 math, one rounding per output), at the cost of the extra
-//! conversion passes. Callers route here only when the dtypes actually differ.
+//! The precision policy of `vi_model` (f32 residual stream next to bf16/f16 branches, f32 biases
+//! and norm parameters next to bf16/f16 activations) is fused everywhere:
+//! * norms (`norm.rs`): x f32 or T, output x's dtype or bf16/f16 from an f32 x, gamma/beta read as
+//!   fp32 (bf16/f16 ones widened once, C elements), stats f32 or x's dtype;
+//! * binary ops (`elementwise.rs`, `binary_mx_*`): (F32, T -> F32), (T, F32 -> F32), (T, T -> F32);
+//! * biases: F32 bias with bf16/f16 GEMMs (cuBLASLt epilogue), cuDNN convolutions
+//!   (`bias_add_f32b`) and temporal convolutions (`bias_round_f32b`) — see gemm.rs / conv.rs.
+//!
+//! What is left for this module: combinations `crate::ops` does not produce today and no kernel is
+//! instantiated for — a norm of a bf16 x written as f16 (or f16 as bf16, or a 16-bit x as f32),
+//! and binary ops with one bf16 and one f16 operand. They run here as inputs widened to f32, the
+//! f32 kernel, one rounding to the output dtype: the op's numeric contract, at the cost of the
+//! conversion passes.
 
 use super::{elementwise, norm};
 use crate::ops::BinaryOp;
@@ -12,23 +20,6 @@ use crate::{DType, Result, Tensor};
 
 fn up(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)
-}
-
-/// True when every tensor has dtype `dt`.
-pub(crate) fn all_of(dt: DType, ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == dt)
-}
-
-/// y [.., n] (the bias-free op output, dtype of x) + bias [n] (f32), rounded once more to y's dtype.
-pub(crate) fn add_f32_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let n = bias.elem_count();
-    let mut bshape = vec![1; y.rank()];
-    if let Some(last) = bshape.last_mut() {
-        *last = n;
-    }
-    let y32 = up(y)?;
-    elementwise::binary(&y32, &up(bias)?.reshape(&bshape)?, BinaryOp::Add, y.shape())?
-        .to_dtype(y.dtype())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +32,7 @@ pub(crate) fn group_norm_apply(
     silu: bool,
     out: DType,
 ) -> Result<Tensor> {
-    norm::group_norm_apply(&up(x)?, &up(stats)?, &up(gamma)?, &up(beta)?, eps, silu)?.to_dtype(out)
+    norm::group_norm_apply(&up(x)?, &up(stats)?, gamma, beta, eps, silu, out)
 }
 
 pub(crate) fn group_norm(
@@ -53,7 +44,7 @@ pub(crate) fn group_norm(
     silu: bool,
     out: DType,
 ) -> Result<Tensor> {
-    norm::group_norm(&up(x)?, groups, &up(gamma)?, &up(beta)?, eps, silu)?.to_dtype(out)
+    norm::group_norm(&up(x)?, groups, gamma, beta, eps, silu, out)
 }
 
 pub(crate) fn layer_norm(
@@ -63,7 +54,7 @@ pub(crate) fn layer_norm(
     eps: f32,
     out: DType,
 ) -> Result<Tensor> {
-    norm::layer_norm(&up(x)?, &up(gamma)?, &up(beta)?, eps)?.to_dtype(out)
+    norm::layer_norm(&up(x)?, gamma, beta, eps, out)
 }
 
 pub(crate) fn binary(
@@ -73,5 +64,5 @@ pub(crate) fn binary(
     out_shape: &[usize],
     out: DType,
 ) -> Result<Tensor> {
-    elementwise::binary(&up(a)?, &up(b)?, op, out_shape)?.to_dtype(out)
+    elementwise::binary(&up(a)?, &up(b)?, op, out_shape, DType::F32)?.to_dtype(out)
 }

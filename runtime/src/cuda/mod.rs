@@ -41,6 +41,7 @@ pub mod profile;
 pub use conv::clear_weight_cache;
 pub use cudnn::{conv_algo, set_conv_algo, ConvAlgo};
 pub use elementwise::{full, random_normal};
+pub use gemm::lt_refusals;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -557,10 +558,8 @@ impl Backend for CudaBackend {
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let _p = profile::scope(x, "linear")?;
-        match bias {
-            Some(b) if b.dtype() != x.dtype() => mixed::add_f32_bias(&gemm::linear(x, w, None)?, b),
-            _ => gemm::linear(x, w, bias),
-        }
+        // The bias (x's dtype or F32) goes to the GEMM epilogue.
+        gemm::linear(x, w, bias)
     }
     fn conv2d(
         &self,
@@ -576,21 +575,11 @@ impl Backend for CudaBackend {
             "conv2d_kxk"
         };
         let _p = profile::scope(x, kind)?;
-        match bias {
-            Some(b) if b.dtype() != x.dtype() => {
-                mixed::add_f32_bias(&conv::conv2d(x, w, None, stride, pad)?, b)
-            }
-            _ => conv::conv2d(x, w, bias, stride, pad),
-        }
+        conv::conv2d(x, w, bias, stride, pad)
     }
     fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let _p = profile::scope(x, "temporal_conv")?;
-        match bias {
-            Some(b) if b.dtype() != x.dtype() => {
-                mixed::add_f32_bias(&conv::temporal_conv(x, w, None)?, b)
-            }
-            _ => conv::temporal_conv(x, w, bias),
-        }
+        conv::temporal_conv(x, w, bias)
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_stats")?;
@@ -607,8 +596,8 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_apply")?;
-        if mixed::all_of(out, &[x, gamma, beta]) {
-            norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
+        if norm::fused_pair(x.dtype(), out) {
+            norm::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
         } else {
             mixed::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
         }
@@ -624,8 +613,8 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm")?;
-        if mixed::all_of(out, &[x, gamma, beta]) {
-            norm::group_norm(x, groups, gamma, beta, eps, silu)
+        if norm::fused_pair(x.dtype(), out) {
+            norm::group_norm(x, groups, gamma, beta, eps, silu, out)
         } else {
             mixed::group_norm(x, groups, gamma, beta, eps, silu, out)
         }
@@ -639,8 +628,8 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "layer_norm")?;
-        if mixed::all_of(out, &[x, gamma, beta]) {
-            norm::layer_norm(x, gamma, beta, eps)
+        if norm::fused_pair(x.dtype(), out) {
+            norm::layer_norm(x, gamma, beta, eps, out)
         } else {
             mixed::layer_norm(x, gamma, beta, eps, out)
         }
@@ -690,8 +679,9 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(a, "binary")?;
-        if mixed::all_of(out, &[a, b]) {
-            elementwise::binary(a, b, op, out_shape)
+        let same = a.dtype() == out && b.dtype() == out;
+        if same || elementwise::mixed_binary_fused(a.dtype(), b.dtype(), out) {
+            elementwise::binary(a, b, op, out_shape, out)
         } else {
             mixed::binary(a, b, op, out_shape, out)
         }

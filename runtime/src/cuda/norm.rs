@@ -1,6 +1,9 @@
 //! GroupNorm / LayerNorm / softmax launchers for `cuda/kernels/norm.cu` (see `docs/kernels.md`).
 //!
-//! Inputs are validated by `crate::ops` (shapes, one CUDA device, one dtype) and are contiguous.
+//! Inputs are validated by `crate::ops` (shapes, one CUDA device, dtypes) and are contiguous.
+//! Mixed dtypes are fused (no conversion passes): x may be the f32 residual stream normalised
+//! straight into a bf16/f16 output (`out`), and gamma/beta are read as fp32 by every kernel (f32
+//! parameters directly; bf16/f16 ones are widened once here, C elements).
 //! All statistics are fp32 whatever the storage dtype (f32, bf16, f16):
 //! * `group_norm_stats` returns an **f32** tensor [N, G, 3] = (count, mean, M2) (counts reach 1.6M,
 //!   not representable in bf16).
@@ -19,16 +22,43 @@ const MODULE: &str = "norm";
 /// Largest vector width (elements) whose bytes are <= 16, that divides `divides` and keeps every
 /// pointer in `ptrs` aligned to the vector size.
 pub(crate) fn vec_width(dtype: DType, divides: usize, ptrs: &[u64]) -> usize {
-    let size = dtype.size_in_bytes();
+    let typed: Vec<(u64, DType)> = ptrs.iter().map(|&p| (p, dtype)).collect();
+    vec_width_mixed(divides, &typed)
+}
+
+/// [`vec_width`] for pointers of different element types: the width v (elements) must keep
+/// v * size <= 16 bytes for the widest type and align every pointer to v elements of its own type.
+/// `fp32_params` (gamma/beta, read in 16-byte pieces of at most 4 floats) need min(v, 4) * 4 bytes.
+fn vec_width_mixed(divides: usize, ptrs: &[(u64, DType)]) -> usize {
+    let widest = ptrs.iter().map(|p| p.1.size_in_bytes()).max().unwrap_or(1);
     [8usize, 4, 2, 1]
         .into_iter()
         .find(|&v| {
             // v is a power of two: `divides & (v - 1) == 0` <=> v divides `divides`.
-            v * size <= 16
+            v * widest <= 16
                 && divides & (v - 1) == 0
-                && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
+                && ptrs
+                    .iter()
+                    .all(|&(p, d)| p % (v * d.size_in_bytes()) as u64 == 0)
         })
         .unwrap_or(1)
+}
+
+/// The (input, output) dtype pairs the norm kernels are instantiated for: same dtype, or an f32 x
+/// written as bf16/f16.
+pub(crate) fn fused_pair(x: DType, out: DType) -> bool {
+    x == out || x == DType::F32
+}
+
+/// gamma/beta as fp32 on the device: (address, the widened copy to keep alive until the launch is
+/// queued). f32 tensors are used as they are; bf16/f16 ones are widened (C elements, exact).
+fn f32_param(t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaStorage>)> {
+    let s = storage(t, op)?;
+    if s.dtype() == DType::F32 {
+        return Ok((s.ptr(), None));
+    }
+    let w = super::elementwise::convert(s, DType::F32)?;
+    Ok((w.ptr(), Some(w)))
 }
 
 fn i32_arg(op: &'static str, name: &str, v: usize) -> Result<i32> {
@@ -134,7 +164,8 @@ pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
 }
 
 #[allow(clippy::too_many_arguments)]
-/// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups.
+/// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups, writing `out_dt`
+/// (x's dtype, or bf16/f16 from an f32 x); gamma/beta f32 or any dtype (widened once).
 fn apply(
     x: &Tensor,
     stats: &CudaStorage,
@@ -143,6 +174,7 @@ fn apply(
     beta: &Tensor,
     eps: f32,
     silu: bool,
+    out_dt: DType,
     op: &'static str,
 ) -> Result<Tensor> {
     check_x(x, groups, op)?;
@@ -158,15 +190,17 @@ fn apply(
             ),
         ));
     }
+    if !fused_pair(x.dtype(), out_dt) {
+        return Err(Error::shape(
+            op,
+            format!("no kernel writes {out_dt:?} from {:?} x", x.dtype()),
+        ));
+    }
     let xs = storage(x, op)?;
-    let (gs, bs) = (storage(gamma, op)?, storage(beta, op)?);
     let dev = xs.dev();
-    let out = dev.alloc(x.dtype(), x.elem_count())?;
+    let out = dev.alloc(out_dt, x.elem_count())?;
     if x.elem_count() == 0 {
         return Ok(out.into_tensor(x.shape()));
-    }
-    if gamma.dtype() != x.dtype() || beta.dtype() != x.dtype() {
-        return Err(Error::shape(op, "gamma/beta dtype differs from x"));
     }
     let sdt = stats.dtype();
     if sdt != DType::F32 && sdt != x.dtype() {
@@ -193,10 +227,14 @@ fn apply(
             format!("C = {c} too large for the apply kernel (<= 6144)"),
         ));
     }
-    let v = vec_width(x.dtype(), c, &[xs.ptr(), out.ptr()]);
+    let (gp, g_keep) = f32_param(gamma, op)?;
+    let (bp, b_keep) = f32_param(beta, op)?;
+    // gamma/beta are staged through shared memory element by element: no alignment needed.
+    let v = vec_width_mixed(c, &[(xs.ptr(), x.dtype()), (out.ptr(), out_dt)]);
     let name = format!(
-        "gn_apply_{}_s{}_v{v}",
+        "gn_apply_{}_{}_s{}_v{v}",
         dtype_suffix(x.dtype()),
+        dtype_suffix(out_dt),
         dtype_suffix(sdt)
     );
     let f = dev.func(MODULE, &name)?;
@@ -213,7 +251,7 @@ fn apply(
         i32_arg(op, "G", groups)?,
     );
     let silu_i = silu as i32;
-    let (xp, sp, gp, bp, yp) = (xs.ptr(), stats.ptr(), gs.ptr(), bs.ptr(), out.ptr());
+    let (xp, sp, yp) = (xs.ptr(), stats.ptr(), out.ptr());
     launch(dev, &f, cfg, &name, |b| {
         b.arg(&xp)
             .arg(&sp)
@@ -226,10 +264,13 @@ fn apply(
             .arg(&eps)
             .arg(&silu_i);
     })?;
+    drop((g_keep, b_keep)); // stream-ordered free after the kernel
     Ok(out.into_tensor(x.shape()))
 }
 
-/// Normalise x [N, S, C] with stats [N, G, 2] = (mean, biased var), f32 or x's dtype.
+/// Normalise x [N, S, C] with stats [N, G, 2] = (mean, biased var), f32 or x's dtype; output `out`
+/// (x's dtype, or bf16/f16 from an f32 x).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn group_norm_apply(
     x: &Tensor,
     stats: &Tensor,
@@ -237,6 +278,7 @@ pub(crate) fn group_norm_apply(
     beta: &Tensor,
     eps: f32,
     silu: bool,
+    out: DType,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
     if stats.rank() != 3 || stats.dim(2) != 2 {
@@ -246,10 +288,11 @@ pub(crate) fn group_norm_apply(
         ));
     }
     let ss = storage(stats, OP)?;
-    apply(x, ss, stats.dim(1), gamma, beta, eps, silu, OP)
+    apply(x, ss, stats.dim(1), gamma, beta, eps, silu, out, OP)
 }
 
-/// GroupNorm of x [N, S, C] (+ SiLU): stats kernel, merge kernel, apply kernel.
+/// GroupNorm of x [N, S, C] (+ SiLU) written as `out`: stats kernel, merge kernel, apply kernel.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -257,16 +300,14 @@ pub(crate) fn group_norm(
     beta: &Tensor,
     eps: f32,
     silu: bool,
+    out: DType,
 ) -> Result<Tensor> {
     const OP: &str = "group_norm";
     if x.elem_count() == 0 {
-        return Ok(storage(x, OP)?
-            .dev()
-            .alloc(x.dtype(), 0)?
-            .into_tensor(x.shape()));
+        return Ok(storage(x, OP)?.dev().alloc(out, 0)?.into_tensor(x.shape()));
     }
     let mv = moments(x, groups, 1, OP)?;
-    apply(x, &mv, groups, gamma, beta, eps, silu, OP)
+    apply(x, &mv, groups, gamma, beta, eps, silu, out, OP)
 }
 
 /// Row kernels (one warp per row of the last dim): `layer_norm_*` and `softmax_*`.
@@ -278,15 +319,21 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     }
 }
 
-/// LayerNorm over the last dim (fp32 two-pass statistics per row).
-pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+/// LayerNorm over the last dim (fp32 two-pass statistics per row), written as `out_dt` (x's dtype,
+/// or bf16/f16 from an f32 x); gamma/beta read as fp32.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    out_dt: DType,
+) -> Result<Tensor> {
     const OP: &str = "layer_norm";
     let c = *x
         .shape()
         .last()
         .ok_or_else(|| Error::shape(OP, "scalar input"))?;
-    let same = gamma.dtype() == x.dtype() && beta.dtype() == x.dtype();
-    if gamma.shape() != [c] || beta.shape() != [c] || !same {
+    if gamma.shape() != [c] || beta.shape() != [c] {
         return Err(Error::shape(
             OP,
             format!(
@@ -297,10 +344,15 @@ pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) ->
             ),
         ));
     }
+    if !fused_pair(x.dtype(), out_dt) {
+        return Err(Error::shape(
+            OP,
+            format!("no kernel writes {out_dt:?} from {:?} x", x.dtype()),
+        ));
+    }
     let xs = storage(x, OP)?;
-    let (gs, bs) = (storage(gamma, OP)?, storage(beta, OP)?);
     let dev = xs.dev();
-    let out = dev.alloc(x.dtype(), x.elem_count())?;
+    let out = dev.alloc(out_dt, x.elem_count())?;
     if x.elem_count() == 0 {
         return Ok(out.into_tensor(x.shape()));
     }
@@ -311,11 +363,25 @@ pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) ->
             format!("{rows} rows exceed the grid limit"),
         ));
     }
-    let v = vec_width(x.dtype(), c, &[xs.ptr(), gs.ptr(), bs.ptr(), out.ptr()]);
-    let name = format!("layer_norm_{}_v{v}", dtype_suffix(x.dtype()));
+    let (gp, g_keep) = f32_param(gamma, OP)?;
+    let (bp, b_keep) = f32_param(beta, OP)?;
+    // The kernel reads gamma/beta in pieces of min(VEC, 4) floats: align them like 4-byte data of
+    // at most 4 elements per piece (an 8-wide bf16 vector reads them as two 16-byte pieces).
+    let v = vec_width_mixed(c, &[(xs.ptr(), x.dtype()), (out.ptr(), out_dt)]);
+    let piece = v.min(4) * 4;
+    let v = if gp % piece as u64 == 0 && bp % piece as u64 == 0 {
+        v
+    } else {
+        1
+    };
+    let name = format!(
+        "layer_norm_{}_{}_v{v}",
+        dtype_suffix(x.dtype()),
+        dtype_suffix(out_dt)
+    );
     let f = dev.func(MODULE, &name)?;
     let (r_i, c_i) = (i32_arg(OP, "rows", rows)?, i32_arg(OP, "C", c)?);
-    let (xp, gp, bp, yp) = (xs.ptr(), gs.ptr(), bs.ptr(), out.ptr());
+    let (xp, yp) = (xs.ptr(), out.ptr());
     launch(dev, &f, rows_cfg(rows), &name, |b| {
         b.arg(&xp)
             .arg(&gp)
@@ -325,6 +391,7 @@ pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) ->
             .arg(&c_i)
             .arg(&eps);
     })?;
+    drop((g_keep, b_keep)); // stream-ordered free after the kernel
     Ok(out.into_tensor(x.shape()))
 }
 
