@@ -258,8 +258,14 @@ impl MidAttention {
         let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
         let scale = 1.0 / (c as f32).sqrt();
         let a = ops::attention(&q, &k, &v, scale, None, false)?.reshape(&[n, h * w, c])?;
-        let o = ops::linear(&a, &self.out.0, Some(&self.out.1))?.reshape(&[n, h, w, c])?;
-        Ok(ops::add_to(&o, x, DType::F32)?)
+        // x + out-projection(a), one op into the f32 stream.
+        let y = ops::linear_add(
+            &a,
+            &self.out.0,
+            Some(&self.out.1),
+            &x.reshape(&[n, h * w, c])?,
+        )?;
+        Ok(y.reshape(&[n, h, w, c])?)
     }
 }
 

@@ -29,6 +29,26 @@ pub(crate) trait Backend: Sync {
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor>;
     /// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N]  (PyTorch Linear).
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+    /// residual [rows, N] + (x [rows, K] · w[N, K]^T + bias[N]), written in residual's dtype (the
+    /// f32 residual stream taking a bf16 branch's output projection). The default composes
+    /// `linear` and `binary`, rounding the product once to x's dtype before the add; a backend may
+    /// fuse it (GEMM epilogue with C = residual, beta = 1) and skip that rounding.
+    fn linear_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let y = self.linear(x, w, bias)?;
+        self.binary(
+            residual,
+            &y,
+            BinaryOp::Add,
+            residual.shape(),
+            residual.dtype(),
+        )
+    }
     /// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout]; zero padding `pad` on each side.
     fn conv2d(
         &self,
@@ -340,6 +360,64 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let out = backend(x, OP)?.linear(&x.reshape(&[rows, k])?, w, bias)?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
+    out.reshape(&shape)
+}
+
+/// residual [..., N] + linear(x [..., K], w [N, K], bias [N]), in residual's dtype: x's dtype or F32
+/// (an f32 residual stream plus a bf16 branch's output projection, one op).
+pub fn linear_add(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "linear_add";
+    same_device(OP, &[x, w])?;
+    expect_rank(OP, "weight", w, 2)?;
+    let (n, k) = (w.dim(0), w.dim(1));
+    if x.rank() == 0 || x.dim(x.rank() - 1) != k {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device_param(OP, x, &[b])?;
+        expect_vec(OP, "bias", b, n)?;
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    if residual.shape() != shape.as_slice() {
+        return Err(Error::shape(
+            OP,
+            format!("residual {:?} for an output {shape:?}", residual.shape()),
+        ));
+    }
+    if residual.device() != x.device() {
+        return Err(Error::DeviceMismatch {
+            op: OP,
+            a: x.device(),
+            b: residual.device(),
+        });
+    }
+    if residual.dtype() != x.dtype() && residual.dtype() != DType::F32 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "residual dtype {:?} with {:?} x (must match or be F32)",
+                residual.dtype(),
+                x.dtype()
+            ),
+        ));
+    }
+    let rows = x.elem_count() / k;
+    let dts = [residual.dtype()];
+    let out = backend_mixed(x, &dts, OP)?.linear_add(
+        &x.reshape(&[rows, k])?,
+        w,
+        bias,
+        &residual.reshape(&[rows, n])?,
+    )?;
     out.reshape(&shape)
 }
 

@@ -38,6 +38,10 @@ impl Affine {
     pub fn apply_linear(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.w, Some(&self.b))?)
     }
+    /// residual [..., cout] + linear(x [..., cin]), in residual's dtype (f32 stream + bf16 branch).
+    pub fn apply_linear_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear_add(x, &self.w, Some(&self.b), residual)?)
+    }
     /// x [N, H, W, cin] -> [N, Ho, Wo, cout].
     pub fn apply_conv(&self, x: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
         Ok(ops::conv2d(x, &self.w, Some(&self.b), stride, pad)?)

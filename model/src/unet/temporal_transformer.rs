@@ -52,6 +52,20 @@ impl TransformerTemporal {
         a.out(&o)
     }
 
+    /// residual + attend(x), in residual's dtype (to_out fused with the residual add).
+    fn attend_add(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        ctx: &dyn TemporalContext,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let q = a.q(x)?;
+        let (k, v) = a.kv(x)?;
+        let o = ctx.attention(&q, &k, &v, a.scale())?;
+        a.out_add(&o, residual)
+    }
+
     /// x [B*F, H, W, C] (row b*F + f) -> same. `batch` = B. `name` (the module path) and `trace`
     /// report the first block's attn1 input/output ([B*S, F, inner]).
     pub fn forward(
@@ -87,7 +101,7 @@ impl TransformerTemporal {
         }
         let h = ops::add_to(&h, &a1, DType::F32)?;
         let n2 = blk.ln(&h, &blk.norm2)?;
-        let h = ops::add_to(&h, &self.attend(&blk.attn2, &n2, ctx)?, DType::F32)?;
+        let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
         let h = blk.ff_residual(&h)?;
         let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;

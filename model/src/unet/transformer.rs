@@ -65,6 +65,11 @@ impl Attention {
         ))
     }
     /// Attention output o [b, n, heads, head_dim] -> to_out.0 -> [b, n, query_dim].
+    /// residual [b, s, query_dim] + to_out(o [b, s, H, D]), in residual's dtype.
+    pub fn out_add(&self, o: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let o = o.reshape(&[o.dim(0), o.dim(1), self.heads * self.head_dim])?;
+        self.to_out.apply_linear_add(&o, residual)
+    }
     pub fn out(&self, o: &Tensor) -> Result<Tensor> {
         let o = o.reshape(&[o.dim(0), o.dim(1), self.heads * self.head_dim])?;
         self.to_out.apply_linear(&o)
@@ -87,9 +92,10 @@ impl FeedForward {
             out: Affine::linear(net.p(), "2", inner, dim)?,
         })
     }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// residual + ff(x), in residual's dtype.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = ops::geglu(&self.proj.apply_linear(x)?)?;
-        self.out.apply_linear(&h)
+        self.out.apply_linear_add(&h, residual)
     }
 }
 
@@ -143,7 +149,7 @@ impl BasicTransformerBlock {
     /// h (f32) + ff(norm3(h)) -> f32.
     pub fn ff_residual(&self, h: &Tensor) -> Result<Tensor> {
         let n = self.ln(h, &self.norm3)?;
-        Ok(ops::add_to(h, &self.ff.forward(&n)?, DType::F32)?)
+        self.ff.forward_add(&n, h)
     }
 }
 
@@ -206,7 +212,7 @@ impl Transformer2D {
         let q = a.q(&nh)?;
         let (k, v) = a.kv(&nh)?;
         let o = ops::attention(&q, &k, &v, a.scale(), None, false)?;
-        let h = ops::add(&h, &a.out(&o)?)?;
+        let h = a.out_add(&o, &h)?;
 
         // attn2: cross-attention; batch element b's F*S queries share the keys of ehs[b].
         let a = &blk.attn2;
@@ -214,11 +220,15 @@ impl Transformer2D {
         let q = a.q(&nh.reshape(&[b, (n / b) * s, inner])?)?;
         let (k, v) = a.kv(ehs)?;
         let o = ops::attention(&q, &k, &v, a.scale(), None, false)?;
-        let o = a.out(&o)?.reshape(&[n, s, inner])?;
-        let h = ops::add_to(&h, &o, DType::F32)?;
+        // Cross-attention rows are per batch element: [b, (n/b)*s, inner], the same memory as h.
+        let h = a
+            .out_add(&o, &h.reshape(&[b, (n / b) * s, inner])?)?
+            .reshape(&[n, s, inner])?;
 
         let h = blk.ff_residual(&h)?;
-        let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [N, S, C]
-        Ok(ops::add_to(x, &h.reshape(&[n, hh, ww, c])?, DType::F32)?)
+        let out = self
+            .proj_out
+            .apply_linear_add(&h.to_dtype(dt)?, &x.reshape(&[n, s, c])?)?; // [N, S, C]
+        Ok(out.reshape(&[n, hh, ww, c])?)
     }
 }
