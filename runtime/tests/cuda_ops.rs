@@ -9,6 +9,7 @@
 //! The mixed-dtype ops of the precision policy (f32 residual stream and f32 biases / norm parameters
 //! next to bf16/f16 activations) are tested here, norms included: `mixed_group_norm`,
 //! `mixed_layer_norm`, `mixed_binary`, `mixed_bias_linear`, `cublaslt_takes_f32_bias_epilogue`,
+//! `fused_linear_add`,
 //! `mixed_bias_temporal_conv` and the f32-bias cases of `conv2d`; outputs that the GPU rounds once
 //! must match the once-rounded CPU result except in ~1 % of the elements.
 //!
@@ -787,6 +788,46 @@ mod gpu {
                 "cuBLASLt refused the f32-bias epilogue with {dt:?} operands: {refused:?}"
             );
             check_once_rounded(&format!("linear {dt:?} f32-bias epilogue"), &got, &want, dt);
+        }
+    }
+
+    /// `linear_add` (residual + x·w^T + bias, in the residual's dtype) is one GEMM on the GPU
+    /// (C = residual, beta = 1, the bias in the epilogue): fp32 throughout and one rounding, so the
+    /// reference is the f32 computation on the same (rounded) inputs, rounded once to the residual's
+    /// dtype — not the CPU's default composition, which rounds the product to x's dtype first.
+    #[test]
+    fn fused_linear_add() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(18);
+        for dt in [DType::BF16, DType::F16] {
+            for res_dt in [DType::F32, dt] {
+                for &(rows, k, n, bias) in &[
+                    (300usize, 320usize, 320usize, Some(DType::F32)),
+                    (77, 1280, 320, None),
+                    (2, 640, 1280, Some(dt)), // bias in x's dtype (widened under an f32 residual)
+                    (33, 45, 17, Some(DType::F32)), // odd sizes: unaligned rows (may fall back)
+                ] {
+                    let (xc, xg) = pair_dt(&mut r, &[rows, k], 0.0, 1.0, dt);
+                    let (wc, wg) = pair_dt(&mut r, &[n, k], 0.0, 0.05, dt);
+                    let (rc, rg) = pair_dt(&mut r, &[rows, n], 0.0, 2.0, res_dt);
+                    let b = bias.map(|bdt| pair_dt(&mut r, &[n], 0.0, 1.0, bdt));
+                    let got = ops::linear_add(&xg, &wg, b.as_ref().map(|p| &p.1), &rg).unwrap();
+                    let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                    let bc = b.as_ref().map(|p| up(&p.0));
+                    let y = ops::linear(&up(&xc), &up(&wc), bc.as_ref()).unwrap();
+                    let want = ops::add(&up(&rc), &y).unwrap().to_dtype(res_dt).unwrap();
+                    let what = format!(
+                        "linear_add {dt:?} {rows}x{k} -> {n} residual {res_dt:?} bias {bias:?}"
+                    );
+                    if rows == 33 {
+                        check(&what, &got, &want, res_dt);
+                    } else {
+                        check_once_rounded(&what, &got, &want, res_dt);
+                    }
+                }
+            }
         }
     }
 

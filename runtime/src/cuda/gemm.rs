@@ -48,8 +48,11 @@ pub(crate) struct Gemm {
     pub b: u64,
     pub ldb: usize,
     pub trans_b: bool,
-    /// C [M, N], row stride `ldc` (>= N); read when `beta != 0`, always written.
+    /// D [M, N], row stride `ldc` (>= N); always written.
     pub c: u64,
+    /// The C read when `beta != 0`: `c` itself (accumulate in place) or another buffer of the same
+    /// layout (e.g. the residual of `linear_add`, which must not be overwritten).
+    pub c_src: u64,
     pub ldc: usize,
     /// Per-column bias [N] (address, dtype: `dtype` or F32; F32 when `c_dtype` is F32), added in
     /// the epilogue.
@@ -391,7 +394,7 @@ impl Blas {
             align: (
                 align_of(g.a),
                 align_of(g.b),
-                align_of(g.c),
+                align_of(g.c).min(align_of(g.c_src)),
                 g.bias.map(|b| align_of(b.0)).unwrap_or(256),
             ),
         };
@@ -472,7 +475,7 @@ impl Blas {
                 la,
                 g.a as *const c_void,
                 lb,
-                g.c as *const c_void,
+                g.c_src as *const c_void,
                 lc,
                 g.c as *mut c_void,
                 lc,
@@ -515,6 +518,26 @@ impl Blas {
         // SAFETY: the handle is alive; the stream belongs to this device's context.
         unsafe { cublas_classic::set_stream(c.handle, dev.stream().cu_stream() as _) }
             .map_err(|e| cerr("set stream", e))?;
+        if g.beta != 0.0 && g.c_src != g.c {
+            // cublasGemmEx accumulates in place: start D as a copy of C.
+            if g.batch != 1 {
+                return Err(Error::Cuda(format!(
+                    "GEMM {key:?}: a separate C source needs batch 1 on the classic path"
+                )));
+            }
+            let bytes = ((g.m - 1) * g.ldc + g.n) * g.c_dtype.size_in_bytes();
+            // SAFETY: both buffers hold the [m, n] (row stride ldc) C layout of `c_dtype`; they are
+            // distinct allocations (c is a fresh output); queued on the device stream.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    g.c,
+                    g.c_src,
+                    bytes,
+                    dev.stream().cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("copying the GEMM's C source", e))?;
+        }
         let classic_type = |d: DType| match d {
             DType::F32 => cublas_sys::cudaDataType_t::CUDA_R_32F,
             DType::BF16 => cublas_sys::cudaDataType_t::CUDA_R_16BF,
@@ -659,6 +682,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
             ldb,
             trans_b,
             c: out.ptr(),
+            c_src: out.ptr(),
             ldc: n,
             bias: None,
             beta: 0.0,
@@ -680,6 +704,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
             ldb,
             trans_b,
             c: out.ptr(),
+            c_src: out.ptr(),
             ldc: n,
             bias: None,
             beta: 0.0,
@@ -719,6 +744,90 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         bias_ptr,
         0.0,
     )?;
+    Ok(out.into_tensor(&[rows, n]))
+}
+
+/// residual [rows, N] + (x [rows, K] · w[N, K]^T + bias[N]), written in residual's dtype (x's dtype
+/// or F32): ONE GEMM with C = residual (beta = 1), D = a fresh buffer, the bias in the epilogue, so
+/// the product is never rounded to x's dtype before the add (the fused form `Backend::linear_add`
+/// allows) and no separate add pass runs. A bias of x's dtype under an f32 residual is widened to f32
+/// first (N elements): cuBLASLt takes the bias in D's dtype or F32.
+pub(crate) fn linear_add(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "linear_add";
+    let (sx, sw, sr) = (storage(x, OP)?, storage(w, OP)?, storage(residual, OP)?);
+    let dev = sx.dev().clone();
+    let (rows, k) = (x.dim(0), x.dim(1));
+    let n = w.dim(0);
+    let rdt = residual.dtype();
+    if residual.shape() != [rows, n] || (rdt != x.dtype() && rdt != DType::F32) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "residual {:?} {rdt:?} for x {:?} {:?} and weight {:?}",
+                residual.shape(),
+                x.shape(),
+                x.dtype(),
+                w.shape()
+            ),
+        ));
+    }
+    if k == 0 {
+        let y = linear(x, w, bias)?;
+        return super::elementwise::binary(
+            residual,
+            &y,
+            crate::ops::BinaryOp::Add,
+            residual.shape(),
+            rdt,
+        );
+    }
+    // (address, dtype) of the bias, widened to f32 when it is neither D's dtype nor F32.
+    let mut widened = None;
+    let bias_arg = match bias {
+        None => None,
+        Some(b) => {
+            let sb = storage(b, OP)?;
+            if sb.dtype() == rdt || sb.dtype() == DType::F32 {
+                Some((sb.ptr(), sb.dtype()))
+            } else {
+                let wb = super::elementwise::convert(sb, DType::F32)?;
+                let p = wb.ptr();
+                widened = Some(wb);
+                Some((p, DType::F32))
+            }
+        }
+    };
+    let out = dev.alloc(rdt, rows * n)?;
+    dev.blas()?.run(
+        &dev,
+        &Gemm {
+            dtype: x.dtype(),
+            c_dtype: rdt,
+            m: rows,
+            n,
+            k,
+            a: sx.ptr(),
+            lda: k,
+            b: sw.ptr(),
+            ldb: k,
+            trans_b: true,
+            c: out.ptr(),
+            c_src: sr.ptr(),
+            ldc: n,
+            bias: bias_arg,
+            beta: 1.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        },
+    )?;
+    drop(widened); // stream-ordered free after the GEMM
     Ok(out.into_tensor(&[rows, n]))
 }
 
@@ -773,6 +882,7 @@ pub(crate) fn gemm_rows_to(
             ldb: k,
             trans_b: true,
             c,
+            c_src: c,
             ldc,
             bias,
             beta,

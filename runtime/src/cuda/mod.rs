@@ -561,6 +561,17 @@ impl Backend for CudaBackend {
         // The bias (x's dtype or F32) goes to the GEMM epilogue.
         gemm::linear(x, w, bias)
     }
+    fn linear_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(x, "linear_add")?;
+        // One GEMM: C = residual (beta = 1), D fresh, bias in the epilogue (fp32, one rounding).
+        gemm::linear_add(x, w, bias, residual)
+    }
     fn conv2d(
         &self,
         x: &Tensor,
