@@ -22,13 +22,21 @@ const MODULE: &str = "norm";
 /// Largest vector width (elements) whose bytes are <= 16, that divides `divides` and keeps every
 /// pointer in `ptrs` aligned to the vector size.
 pub(crate) fn vec_width(dtype: DType, divides: usize, ptrs: &[u64]) -> usize {
-    let typed: Vec<(u64, DType)> = ptrs.iter().map(|&p| (p, dtype)).collect();
-    vec_width_mixed(divides, &typed)
+    let size = dtype.size_in_bytes();
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|&v| {
+            // v is a power of two: `divides & (v - 1) == 0` <=> v divides `divides`.
+            v * size <= 16
+                && divides & (v - 1) == 0
+                && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
+        })
+        .unwrap_or(1)
 }
 
-/// [`vec_width`] for pointers of different element types: the width v (elements) must keep
-/// v * size <= 16 bytes for the widest type and align every pointer to v elements of its own type.
-/// `fp32_params` (gamma/beta, read in 16-byte pieces of at most 4 floats) need min(v, 4) * 4 bytes.
+/// [`vec_width`] for pointers of different element types (x and y of a norm): the width v
+/// (elements) keeps v * size <= 16 bytes for the widest type and aligns every pointer to v elements
+/// of its own type.
 fn vec_width_mixed(divides: usize, ptrs: &[(u64, DType)]) -> usize {
     let widest = ptrs.iter().map(|p| p.1.size_in_bytes()).max().unwrap_or(1);
     [8usize, 4, 2, 1]
