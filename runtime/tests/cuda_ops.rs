@@ -895,6 +895,148 @@ mod gpu {
         }
     }
 
+    /// Mean time of `f` (seconds) over 10 runs after a warm-up.
+    fn time_op(f: &dyn Fn() -> Tensor) -> f64 {
+        drop(f());
+        vi_runtime::cuda::synchronize(0).unwrap();
+        let iters = 10;
+        let t0 = std::time::Instant::now();
+        let mut last = None;
+        for _ in 0..iters {
+            last = Some(f());
+        }
+        drop(last);
+        vi_runtime::cuda::synchronize(0).unwrap();
+        t0.elapsed().as_secs_f64() / iters as f64
+    }
+
+    /// Fused mixed-dtype ops vs the bridged composition they replace (widen, same-dtype op, round),
+    /// at UNet sizes (40x64 latents, 16 frames, 320 channels), bf16 branches and an f32 stream.
+    /// `cargo test -p vi-runtime --features cuda --test cuda_ops -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn mixed_throughput() {
+        if !have_gpu() {
+            return;
+        }
+        vi_runtime::cuda::set_poison_allocations(false);
+        let bf = DType::BF16;
+        let f = DType::F32;
+        let (nf, s, c) = (16usize, 2560usize, 320usize);
+        let dev = |shape: &[usize], dt: DType, seed: u64| {
+            vi_runtime::cuda::random_normal(0, shape, dt, seed, 1.0).unwrap()
+        };
+        let report =
+            |what: &str, bytes: f64, fused: &dyn Fn() -> Tensor, bridged: &dyn Fn() -> Tensor| {
+                let (tf, tb) = (time_op(fused), time_op(bridged));
+                println!(
+                    "BENCH {what}: fused {:.1} us ({:.0} GB/s), bridged {:.1} us, speedup {:.2}x",
+                    tf * 1e6,
+                    bytes / tf / 1e9,
+                    tb * 1e6,
+                    tb / tf
+                );
+            };
+        let x32 = dev(&[nf, s, c], f, 1);
+        let g32 = dev(&[c], f, 2);
+        let b32 = dev(&[c], f, 3);
+        let elems = (nf * s * c) as f64;
+        report(
+            "group_norm+silu f32 -> bf16 [16,2560,320]",
+            elems * (4.0 * 2.0 + 2.0),
+            &|| ops::group_norm_to(&x32, 32, &g32, &b32, 1e-5, true, bf).unwrap(),
+            &|| {
+                ops::group_norm_to(&x32, 32, &g32, &b32, 1e-5, true, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+        let xb = dev(&[nf, s, c], bf, 4);
+        report(
+            "group_norm+silu bf16 (f32 gamma/beta) [16,2560,320]",
+            elems * (2.0 * 2.0 + 2.0),
+            &|| ops::group_norm_to(&xb, 32, &g32, &b32, 1e-5, true, bf).unwrap(),
+            &|| {
+                ops::group_norm_to(&xb.to_dtype(f).unwrap(), 32, &g32, &b32, 1e-5, true, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+        let x2 = x32.reshape(&[nf * s, c]).unwrap();
+        report(
+            "layer_norm f32 -> bf16 [40960,320]",
+            elems * (4.0 + 2.0),
+            &|| ops::layer_norm_to(&x2, &g32, &b32, 1e-5, bf).unwrap(),
+            &|| {
+                ops::layer_norm_to(&x2, &g32, &b32, 1e-5, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+        report(
+            "residual add f32 + bf16 -> f32 [16,2560,320]",
+            elems * (4.0 + 2.0 + 4.0),
+            &|| ops::add_to(&x32, &xb, f).unwrap(),
+            &|| ops::add_to(&x32, &xb.to_dtype(f).unwrap(), f).unwrap(),
+        );
+        let temb = dev(&[nf, 1, 1, c], bf, 5);
+        let x4 = x32.reshape(&[nf, 40, 64, c]).unwrap();
+        report(
+            "time-embedding add f32 + bf16[16,1,1,320] -> f32",
+            elems * 8.0,
+            &|| ops::add_to(&x4, &temb, f).unwrap(),
+            &|| ops::add_to(&x4, &temb.to_dtype(f).unwrap(), f).unwrap(),
+        );
+        let w = dev(&[c, c], bf, 6).to_dtype(bf).unwrap();
+        let xl = xb.reshape(&[nf * s, c]).unwrap();
+        report(
+            "linear bf16 [40960,320]x[320,320] + f32 bias",
+            elems * 4.0,
+            &|| ops::linear(&xl, &w, Some(&b32)).unwrap(),
+            &|| {
+                ops::add_to(&ops::linear(&xl, &w, None).unwrap(), &b32, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+        report(
+            "linear_add bf16 [40960,320]x[320,320] + f32 bias into f32 residual",
+            elems * 10.0,
+            &|| ops::linear_add(&xl, &w, Some(&b32), &x2).unwrap(),
+            &|| ops::add_to(&x2, &ops::linear(&xl, &w, Some(&b32)).unwrap(), f).unwrap(),
+        );
+        let wc = dev(&[c, c, 3, 3], bf, 7);
+        let xc = xb.reshape(&[nf, 40, 64, c]).unwrap();
+        report(
+            "conv2d 3x3 bf16 [16,40,64,320] + f32 bias",
+            elems * 4.0,
+            &|| ops::conv2d(&xc, &wc, Some(&b32), 1, 1).unwrap(),
+            &|| {
+                ops::add_to(&ops::conv2d(&xc, &wc, None, 1, 1).unwrap(), &b32, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+        let wt = dev(&[c, c, 3], bf, 8);
+        let xt = xb.reshape(&[1, nf, s, c]).unwrap();
+        report(
+            "temporal_conv k3 bf16 [1,16,2560,320] + f32 bias",
+            elems * 4.0,
+            &|| ops::temporal_conv(&xt, &wt, Some(&b32)).unwrap(),
+            &|| {
+                ops::add_to(&ops::temporal_conv(&xt, &wt, None).unwrap(), &b32, f)
+                    .unwrap()
+                    .to_dtype(bf)
+                    .unwrap()
+            },
+        );
+    }
+
     #[test]
     fn bad_ordinal_is_an_error() {
         if !have_gpu() {
