@@ -262,8 +262,9 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
 }
 
 /// out[rows, n] (dtype `dt`) = round(acc[rows, n] (f32) + bias[n] (optional; dtype `dt` or F32)):
-/// one rounding to the storage dtype after an fp32 accumulation.
-fn bias_round(
+/// one rounding to the storage dtype after an fp32 accumulation (also the f32-bias fallback of
+/// gemm.rs).
+pub(crate) fn bias_round(
     dev: &CudaDevice,
     dt: DType,
     acc: u64,

@@ -11,9 +11,10 @@
 //! Bias dtype: the GEMM dtype, or F32 under bf16/f16 operands (the precision policy keeps 1-D
 //! parameters in fp32): CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = CUDA_R_32F, so the epilogue adds the
 //! fp32 bias to the fp32 accumulator and D is rounded once. When cuBLASLt refuses a GEMM with an
-//! f32 bias, the fallback runs the GEMM without the bias (cuBLASLt, else classic cuBLAS) and adds
-//! the bias with the in-place `bias_add_f32b` kernel (one more rounding of D; stderr says so once
-//! per shape, and [`lt_refusals`] lists such shapes for tests).
+//! f32 bias, the fallback keeps that contract at the cost of a pass: the GEMM without the bias into
+//! an fp32 buffer (cuBLASLt, else classic cuBLAS), then `bias_round_f32b` (fp32 bias, one rounding);
+//! an accumulating GEMM (beta = 1) adds the bias in place instead (`bias_add_f32b`, one more
+//! rounding). stderr says so once per shape, and [`lt_refusals`] lists such shapes for tests.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -413,7 +414,9 @@ impl Blas {
 
     /// What runs when cuBLASLt refused `key`: classic cuBLAS, except that a bias of another dtype
     /// than the operands (f32 bias, bf16/f16 operands) cannot be the classic path's rank-1 GEMM:
-    /// then the GEMM runs without it (cuBLASLt or classic, via `run`) and the bias is added in place.
+    /// then the GEMM runs without it (cuBLASLt or classic, via `run`) into an fp32 buffer and the
+    /// bias is added while rounding once (`bias_round_f32b`); with beta != 0 (accumulating into C)
+    /// the GEMM runs in place and the bias is added in place.
     fn fallback(&self, dev: &CudaDevice, g: &Gemm, key: &Key, why: &Error) -> Result<()> {
         let Some((bias, bdt)) = g.bias.filter(|b| b.1 != g.dtype) else {
             return self.run_classic(dev, g, key, why);
@@ -433,6 +436,21 @@ impl Blas {
             return Err(Error::Cuda(format!(
                 "GEMM {key:?}: the {bdt:?}-bias fallback needs a single dense C (ldc == n)"
             )));
+        }
+        if g.beta == 0.0 && g.c_dtype != DType::F32 {
+            // The op's contract: fp32 product + fp32 bias, one rounding to C's dtype.
+            let acc = super::device(dev.ordinal())?.alloc(DType::F32, g.m * g.n)?;
+            let acc_gemm = Gemm {
+                bias: None,
+                c_dtype: DType::F32,
+                c: acc.ptr(),
+                c_src: acc.ptr(),
+                ..*g
+            };
+            self.run(dev, &acc_gemm)?;
+            super::conv::bias_round(dev, g.c_dtype, acc.ptr(), Some((bias, bdt)), g.c, g.m, g.n)?;
+            drop(acc); // stream-ordered free after the kernel
+            return Ok(());
         }
         self.run(dev, &Gemm { bias: None, ..*g })?;
         super::elementwise::bias_add_rows(dev, g.c_dtype, g.c, bias, bdt, g.m, g.n)
