@@ -30,9 +30,9 @@ pub(crate) trait Backend: Sync {
     /// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N]  (PyTorch Linear).
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
     /// residual [rows, N] + (x [rows, K] · w[N, K]^T + bias[N]), written in residual's dtype (the
-    /// f32 residual stream taking a bf16 branch's output projection). The default composes
-    /// `linear` and `binary`, rounding the product once to x's dtype before the add; a backend may
-    /// fuse it (GEMM epilogue with C = residual, beta = 1) and skip that rounding.
+    /// f32 residual stream taking a bf16 branch's output projection), rounded once. The default
+    /// composes `linear` and `binary` (exact for f32, the CPU reference); the CUDA backend and the
+    /// CPU rounded path fuse it (GEMM with C = residual, beta = 1: the product is not rounded).
     fn linear_add(
         &self,
         x: &Tensor,

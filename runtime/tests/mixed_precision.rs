@@ -152,7 +152,9 @@ fn linear_add_into_an_f32_residual() {
         let (xr, wr) = (as_dt(&x, dt), as_dt(&w, dt));
         let y = ops::linear_add(&xr, &wr, Some(&bias), &res).unwrap();
         assert_eq!(y.dtype(), DType::F32, "f32 residual keeps f32");
-        let want = ops::add(&res, &ops::linear(&xr, &wr, Some(&bias)).unwrap()).unwrap();
+        // Fused (as on the GPU): the product is not rounded to `dt` before the add.
+        let (x32, w32) = (as_dt(&xr, DType::F32), as_dt(&wr, DType::F32));
+        let want = ops::add(&res, &ops::linear(&x32, &w32, Some(&bias)).unwrap()).unwrap();
         bits_equal(&format!("linear_add {dt:?} -> f32"), &y, &want);
         // A residual of x's dtype gives x's dtype.
         let y = ops::linear_add(&xr, &wr, None, &as_dt(&res, dt)).unwrap();

@@ -32,6 +32,18 @@ impl Backend for RoundedCpuBackend {
         F32.linear(&up(x)?, &up(w)?, up_opt(bias)?.as_ref())?
             .to_dtype(x.dtype())
     }
+    /// Fused as on the GPU (one GEMM with C = residual): the product is not rounded before the
+    /// add; one rounding, to residual's dtype.
+    fn linear_add(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        F32.linear_add(&up(x)?, &up(w)?, up_opt(bias)?.as_ref(), &up(residual)?)?
+            .to_dtype(residual.dtype())
+    }
     fn conv2d(
         &self,
         x: &Tensor,
