@@ -4,7 +4,8 @@
 //! parameters) with deterministic random bf16 weights generated on the device (N(0, 1/fan_in) for
 //! matrices and convolutions, ones for norm scales, zeros for biases). Input: 320x512 video ->
 //! latent 40x64, a classifier-free-guidance batch of 2, F frames (default 16 and 24; override with
-//! `VI_BENCH_FRAMES=16,24`), text states [2, 77, 1024], bf16 activations.
+//! `VI_BENCH_FRAMES=16,24`), text states [2, 77, 1024], bf16 activations with the f32 residual
+//! stream of docs/precision.md (`VI_RESIDUAL=bf16`: the stream in bf16 too).
 //!
 //! Timing: `VI_BENCH_WARMUP` (default 1) untimed passes, then `VI_BENCH_ITERS` (default 3) passes,
 //! each bracketed by a device synchronisation; the median wall time is reported. Then one pass with
@@ -67,10 +68,12 @@ mod gpu {
             let n: usize = shape.iter().product();
             self.count
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            // 1-D parameters stay f32 (the model's precision policy, params::param_dtype).
+            let pdt = vi_model::params::param_dtype(shape, DT);
             let t = if key.ends_with(".bias") {
-                cuda::full(ORD, shape, DT, 0.0)?
+                cuda::full(ORD, shape, pdt, 0.0)?
             } else if shape.len() == 1 {
-                cuda::full(ORD, shape, DT, 1.0)?
+                cuda::full(ORD, shape, pdt, 1.0)?
             } else {
                 let fan_in: usize = shape[1..].iter().product();
                 let std = 1.0 / (fan_in.max(1) as f32).sqrt();
@@ -131,7 +134,17 @@ mod gpu {
             count: Default::default(),
         };
         let t0 = Instant::now();
-        let unet = UNet3D::load(&cfg, Params::new(&src))?;
+        let mut unet = UNet3D::load(&cfg, Params::new(&src))?;
+        // VI_RESIDUAL=bf16: the residual stream in the weights' dtype instead of f32, to measure
+        // what the f32 stream costs (docs/precision.md).
+        let stream = match std::env::var("VI_RESIDUAL").as_deref() {
+            Ok("bf16") => {
+                unet.set_residual_dtype(DT);
+                "bf16"
+            }
+            _ => "f32",
+        };
+        println!("residual stream: {stream}");
         cuda::synchronize(ORD)?;
         let nparams = src.count.load(std::sync::atomic::Ordering::Relaxed);
         println!(

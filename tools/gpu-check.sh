@@ -4,10 +4,11 @@
 # Needs the executables built here by tools/gpu-build.sh (.gpu/bin/*.xz) and, for the PyTorch peer,
 # the wheels in .whl/ (diffusers + importlib_metadata): carry [".gpu", ".whl"].
 #
-# Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend); the
-# gpu_golden test (tiny golden UNet, plain and Video-Infinity ranks, bf16 on the GPU); the full-size
-# UNet bench (16 and 24 frames), again at 16 frames with VI_CONV=im2col and with
-# VI_BINARY_KERNEL=old (the binary / bias-add kernels of b98c570: before/after timing); the diffusers
+# Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend) and the
+# fused-vs-bridged mixed-dtype op bench; the gpu_golden test (tiny golden UNet, plain and
+# Video-Infinity ranks, bf16 and f16 on the GPU); generate and verify on cuda:0; the full-size UNet
+# bench (16 and 24 frames), again at 16 frames with VI_CONV=im2col and with VI_RESIDUAL=bf16 (the
+# residual stream in bf16: what the f32 stream of docs/precision.md costs); the diffusers
 # UNet3DConditionModel peer (same shapes, fp16, SDPA; VI_PEER_COMPILE=1 adds torch.compile).
 # Logs go to $OUT (default .gpu/out, at most 8 files); a short table is printed last.
 # Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3).
@@ -77,6 +78,8 @@ run() {
 : >"$OUT/unit_tests.log"
 LOG=unit_tests run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
 LOG=unit_tests run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
+# Fused vs bridged mixed-dtype ops (f32 stream / f32 bias next to bf16) at UNet sizes.
+LOG=unit_tests run cuda_ops_mixed_bench 45 "$bin/cuda_ops" --ignored --nocapture mixed_throughput
 # One process per golden case (a crash in one does not hide the others), one log file.
 : >"$OUT/gpu_golden.log"
 for t in unet_plain_bf16 unet_plain_f16 unet_vi_w2_nodyn_bf16 unet_vi_w2_nodyn_f16 \
@@ -100,11 +103,12 @@ for g in unet_plain unet_vi_w3_t500 scheduler_sde_dpmpp_30 clip_text vae_decoder
   LOG=cli_cuda run "verify_${g}_cuda0" 60 "$vi" verify --golden "tests/golden/$g.safetensors" --device cuda:0
 done
 run unet_bench 120 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITERS="${VI_BENCH_ITERS:-3}" "$bin/unet"
-# The same at 16 frames with the im2col + cuBLASLt convolutions instead of cuDNN, and with the old
-# (b98c570) binary / bias-add kernels (docs/perf-notes.md). One log for both ($OUT: 8 files at most).
+# The same at 16 frames with the im2col + cuBLASLt convolutions instead of cuDNN, and with the
+# residual stream in bf16 instead of f32 (what the precision policy of docs/precision.md costs).
+# One log for both ($OUT: 8 files at most).
 : >"$OUT/unet_bench_variants.log"
 LOG=unet_bench_variants run unet_bench_im2col 45 env VI_CONV=im2col VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
-LOG=unet_bench_variants run unet_bench_before 45 env VI_BINARY_KERNEL=old VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
+LOG=unet_bench_variants run unet_bench_bf16_stream 45 env VI_RESIDUAL=bf16 VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -149,14 +153,14 @@ def bench(text):
     return {kv(l)["frames"]: kv(l) for l in text.split("\n") if l.startswith("BENCH ")}
 variants = read("unet_bench_variants.log")
 im2col = bench(section(variants, "unet_bench_im2col"))
-before = bench(section(variants, "unet_bench_before"))
+bf16s = bench(section(variants, "unet_bench_bf16_stream"))
 peer = {}
 for l in read("peer.log").split("\n"):
     if l.startswith("PEER "):
         d = kv(l)
         peer[(d["mode"], d["frames"])] = d
 print()
-print(f"{'frames':>6} {'ours ms':>9} {'im2col ms':>9} {'before ms':>9} {'peer eager':>11} {'peer comp.':>11} {'peer/ours':>10} {'TFLOP/s':>8} {'% peak':>7}  top-3 op kinds (ours)")
+print(f"{'frames':>6} {'ours ms':>9} {'im2col ms':>9} {'bf16 str.':>9} {'peer eager':>11} {'peer comp.':>11} {'peer/ours':>10} {'TFLOP/s':>8} {'% peak':>7}  top-3 op kinds (ours)")
 for f in sorted(set(ours) | {k[1] for k in peer}, key=int):
     o = ours.get(f, {})
     pe = peer.get(("eager", f), {})
@@ -164,10 +168,10 @@ for f in sorted(set(ours) | {k[1] for k in peer}, key=int):
     oms = float(o["median_ms"]) if o else None
     best_peer = min([float(d["median_ms"]) for d in (pe, pc) if d] or [0]) or None
     ratio = f"{best_peer / oms:.2f}x" if (oms and best_peer) else "-"
-    print(f"{f:>6} {o.get('median_ms', '-'):>9} {im2col.get(f, {}).get('median_ms', '-'):>9} {before.get(f, {}).get('median_ms', '-'):>9} {pe.get('median_ms', '-'):>11} {pc.get('median_ms', '-'):>11} "
+    print(f"{f:>6} {o.get('median_ms', '-'):>9} {im2col.get(f, {}).get('median_ms', '-'):>9} {bf16s.get(f, {}).get('median_ms', '-'):>9} {pe.get('median_ms', '-'):>11} {pc.get('median_ms', '-'):>11} "
           f"{ratio:>10} {o.get('tflops', '-'):>8} {o.get('peak_pct', '-'):>7}  {o.get('top3', '-')}")
 print("(ms per CFG batch-2 pass at 40x64 latent; 786 GFLOP per frame-pass; peak 989 TFLOP/s; "
-      "peer/ours > 1 means ours is faster; before = VI_BINARY_KERNEL=old)")
+      "peer/ours > 1 means ours is faster; bf16 str. = residual stream in bf16, VI_RESIDUAL=bf16)")
 def kinds(text):
     # {frames: {op kind: ms}} from the bench's per-op-kind tables ("F = 16: ..." then "  kind ms % calls").
     out = {}
@@ -180,8 +184,8 @@ def kinds(text):
             rows[p[0]] = p[1]
         out[chunk.split(":")[0].strip()] = rows
     return out
-for name, text in (("ours", read("unet_bench.log")), ("before", section(variants, "unet_bench_before"))):
+for name, text in (("ours", read("unet_bench.log")), ("bf16 s", section(variants, "unet_bench_bf16_stream"))):
     for f, rows in kinds(text).items():
-        shown = ", ".join(f"{k} {rows[k]} ms" for k in ("binary", "conv2d_kxk", "conv2d_1x1") if k in rows)
+        shown = ", ".join(f"{k} {rows[k]} ms" for k in ("binary", "group_norm", "layer_norm", "linear") if k in rows)
         print(f"{name:>6} F={f}: {shown}")
 EOF

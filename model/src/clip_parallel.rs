@@ -362,7 +362,7 @@ impl<'a> ClipParallelContext<'a> {
         let n = x.dim(1);
         let p = self.cfg.conv_pad;
         if p == 0 {
-            return Ok(ops::add_to(x, &layer.body(x)?, DType::F32)?);
+            return Ok(ops::add_to(x, &layer.body(x)?, x.dtype())?);
         }
         let (l, r) = self.halo(x, p)?;
         let left = match l {
@@ -376,7 +376,7 @@ impl<'a> ClipParallelContext<'a> {
         let window = ops::concat(&[&left, x, &right], 1)?;
         let h = layer.body(&window)?;
         let centre = ops::narrow(&h, 1, left.dim(1), n)?;
-        Ok(ops::add_to(x, &centre, DType::F32)?)
+        Ok(ops::add_to(x, &centre, x.dtype())?)
     }
 
     /// Exact-seam temporal conv layer: per block, GroupNorm with whole-video statistics + SiLU,
@@ -412,7 +412,7 @@ impl<'a> ClipParallelContext<'a> {
             let y = ops::temporal_conv(&window, w, Some(bias))?;
             h = ops::narrow(&y, 1, 1, f)?;
         }
-        Ok(ops::add_to(x, &h, DType::F32)?)
+        Ok(ops::add_to(x, &h, x.dtype())?)
     }
 
     /// Local attention windows of k, v [b, n, H, D] -> each [b, n + 2p, H, D]: [p frames of

@@ -91,7 +91,7 @@ impl TemporalConvLayer {
 /// Layouts: x [B, F, S, C] (S = H*W, channels-last); attention q/k/v [b, n, heads, head_dim]
 /// with b = B*S rows (one per batch element and spatial position), n = this clip's frames.
 pub trait TemporalContext: Sync {
-    /// A whole TemporalConvLayer: x [B, F, S, C] (the f32 residual stream) -> f32
+    /// A whole TemporalConvLayer: x [B, F, S, C] (the residual stream, f32 by default) -> x.dtype()
     /// x + body(window) restricted to this clip.
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor>;
     /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C] -> written as `out`.
@@ -114,7 +114,7 @@ pub struct LocalContext;
 
 impl TemporalContext for LocalContext {
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::add_to(x, &layer.body(x)?, DType::F32)?)
+        Ok(ops::add_to(x, &layer.body(x)?, x.dtype())?)
     }
     fn temporal_group_norm(
         &self,

@@ -200,7 +200,8 @@ impl Resnet {
             },
         })
     }
-    /// x: the f32 stream -> f32; the branch runs in the weights' dtype.
+    /// x: the residual stream (f32 by default) -> the same dtype; the branch runs in the weights'
+    /// dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = self.conv1.w.dtype();
         let h = self.conv1.forward(&self.norm1.forward(x, true, dt)?)?;
@@ -209,7 +210,7 @@ impl Resnet {
             Some(s) => s.forward(&x.to_dtype(dt)?)?,
             None => x.clone(),
         };
-        Ok(ops::add_to(&skip, &h, DType::F32)?)
+        Ok(ops::add_to(&skip, &h, x.dtype())?)
     }
 }
 
@@ -245,7 +246,8 @@ impl MidAttention {
             out: lin(names[3])?,
         })
     }
-    /// x: the f32 stream -> f32; the branch runs in the weights' dtype.
+    /// x: the residual stream (f32 by default) -> the same dtype; the branch runs in the weights'
+    /// dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let hs = self
@@ -258,7 +260,7 @@ impl MidAttention {
         let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
         let scale = 1.0 / (c as f32).sqrt();
         let a = ops::attention(&q, &k, &v, scale, None, false)?.reshape(&[n, h * w, c])?;
-        // x + out-projection(a), one op into the f32 stream.
+        // x + out-projection(a), one op into the stream.
         let y = ops::linear_add(
             &a,
             &self.out.0,
@@ -285,9 +287,16 @@ pub struct VaeDecoder {
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv,
+    /// Dtype of the residual stream: F32 by default (docs/precision.md).
+    stream_dtype: DType,
 }
 
 impl VaeDecoder {
+    /// Run the residual stream in `dtype` instead of F32.
+    pub fn set_residual_dtype(&mut self, dtype: DType) {
+        self.stream_dtype = dtype;
+    }
+
     /// Load (or enumerate, on a `MetaRecorder`) `post_quant_conv.*` and `decoder.*` from the
     /// AutoencoderKL root `p`. Encoder and `quant_conv` keys are never requested.
     pub fn load(cfg: &VaeConfig, p: Params) -> Result<Self> {
@@ -334,6 +343,7 @@ impl VaeDecoder {
         let norm_out = GroupNorm::load(d.pp("conv_norm_out").p(), bottom, g)?;
         let conv_out = Conv::load(d.pp("conv_out").p(), cfg.out_channels, bottom, 3)?;
         Ok(VaeDecoder {
+            stream_dtype: DType::F32,
             config: cfg.clone(),
             post_quant_conv,
             conv_in,
@@ -370,10 +380,10 @@ impl VaeDecoder {
             Some(c) => c.forward(z)?,
             None => z.clone(),
         };
-        // Precision policy (as in the UNet): the residual stream is f32, the branches run in the
-        // weights' dtype.
+        // Precision policy (as in the UNet): the residual stream is `stream_dtype` (f32), the
+        // branches run in the weights' dtype.
         let dt = self.conv_in.w.dtype();
-        x = self.conv_in.forward(&x)?.to_dtype(DType::F32)?;
+        x = self.conv_in.forward(&x)?.to_dtype(self.stream_dtype)?;
         x = self.mid_resnets[0].forward(&x)?;
         if let Some(a) = &self.mid_attn {
             x = a.forward(&x)?;
@@ -387,7 +397,7 @@ impl VaeDecoder {
                 // Cast before upsampling: a quarter of the elements.
                 x = u
                     .forward(&ops::upsample_nearest2x(&x.to_dtype(dt)?)?)?
-                    .to_dtype(DType::F32)?;
+                    .to_dtype(x.dtype())?;
             }
         }
         let x = self.norm_out.forward(&x, true, dt)?;

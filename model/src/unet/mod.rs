@@ -62,9 +62,18 @@ pub struct UNet3D {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: Affine,
     conv_out: Affine,
+    /// Dtype of the residual stream (block inputs/outputs, skips): F32 by default whatever the
+    /// weights' dtype (docs/precision.md); every block keeps its input's dtype for its output.
+    stream_dtype: DType,
 }
 
 impl UNet3D {
+    /// Run the residual stream in `dtype` instead of F32 (e.g. the weights' bf16: faster, less
+    /// accurate; for measuring what the f32 stream costs).
+    pub fn set_residual_dtype(&mut self, dtype: DType) {
+        self.stream_dtype = dtype;
+    }
+
     /// Build from `cfg` with parameters under the exact diffusers keys of `p` (optional keys such
     /// as `conv_shortcut` are decided by the config, never by probing `p`).
     pub fn load(cfg: &UNetConfig, p: Params) -> Result<UNet3D> {
@@ -100,6 +109,7 @@ impl UNet3D {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(UNet3D {
+            stream_dtype: DType::F32,
             config: cfg.clone(),
             conv_in: Affine::conv(p, "conv_in", cfg.in_channels, c0, 3)?,
             time_embedding: TimestepEmbedding::load(p.pp("time_embedding").p(), c0, temb)?,
@@ -215,9 +225,13 @@ impl UNet3D {
         };
 
         let x = sample.reshape(&[b * f, hh, ww, cfg.in_channels])?;
-        // Precision policy: the residual stream (block inputs/outputs, skips) is f32 whatever the
-        // weights' dtype; each branch (norm -> GEMM/conv/attention) runs in the weights' dtype.
-        let h = self.conv_in.apply_conv(&x, 1, 1)?.to_dtype(DType::F32)?;
+        // Precision policy: the residual stream (block inputs/outputs, skips) is `stream_dtype` (f32)
+        // whatever the weights' dtype; each branch (norm -> GEMM/conv/attention) runs in the
+        // weights' dtype and every block returns its input's dtype.
+        let h = self
+            .conv_in
+            .apply_conv(&x, 1, 1)?
+            .to_dtype(self.stream_dtype)?;
         tr("conv_in/out", &h);
         let mut h = self
             .transformer_in

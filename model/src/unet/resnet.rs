@@ -114,8 +114,8 @@ impl ResnetBlock {
         })
     }
 
-    /// x [N, H, W, cin] (the f32 residual stream); `emb_silu` = SiLU(emb), [1, temb] (the same
-    /// embedding for every frame and batch row: one timestep, one fps per call) -> f32
+    /// x [N, H, W, cin] (the residual stream, f32 by default); `emb_silu` = SiLU(emb), [1, temb] (the same
+    /// embedding for every frame and batch row: one timestep, one fps per call) -> x.dtype()
     /// [N, H, W, cout]. The branch runs in the weights' dtype.
     pub fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
         let dt = self.conv1.w.dtype();
@@ -130,7 +130,7 @@ impl ResnetBlock {
             Some(sc) => sc.apply_conv(&x.to_dtype(dt)?, 1, 0)?,
             None => x.clone(),
         };
-        let out = ops::add_to(&shortcut, &h, DType::F32)?;
+        let out = ops::add_to(&shortcut, &h, x.dtype())?;
         if self.output_scale_factor != 1.0 {
             Ok(ops::scale(&out, 1.0 / self.output_scale_factor)?)
         } else {
@@ -150,12 +150,12 @@ impl Downsample {
             conv: Affine::conv(p, "conv", c, c, 3)?,
         })
     }
-    /// f32 [N, H, W, C] -> f32 [N, ceil(H/2), ceil(W/2), C] (the conv in the weights' dtype).
+    /// [N, H, W, C] -> [N, ceil(H/2), ceil(W/2), C] in x.dtype() (the conv in the weights' dtype).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self
             .conv
             .apply_conv(&x.to_dtype(self.conv.w.dtype())?, 2, 1)?;
-        Ok(y.to_dtype(DType::F32)?)
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 
@@ -190,6 +190,6 @@ impl Upsample {
         if tw != 2 * w {
             u = ops::narrow(&u, 2, 0, tw)?;
         }
-        Ok(self.conv.apply_conv(&u, 1, 1)?.to_dtype(DType::F32)?)
+        Ok(self.conv.apply_conv(&u, 1, 1)?.to_dtype(x.dtype())?)
     }
 }

@@ -2,7 +2,7 @@
 //! the frames at each spatial position. Its GroupNorm and both of its attentions (attn1 and attn2
 //! are self-attention over frames: double_self_attention) go through the [`TemporalContext`].
 
-use vi_runtime::{ops, DType, Tensor};
+use vi_runtime::{ops, Tensor};
 
 use super::resnet::Affine;
 use super::transformer::{Attention, BasicTransformerBlock, TRANSFORMER_GN_EPS};
@@ -91,20 +91,20 @@ impl TransformerTemporal {
         )?;
         // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
         let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
-        // The block's residual stream [B*S, F, inner] is f32; its branches run in `dt`.
-        let h = self.proj_in.apply_linear(&h)?.to_dtype(DType::F32)?;
+        // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
+        let h = self.proj_in.apply_linear(&h)?.to_dtype(x.dtype())?;
         let n1 = blk.ln(&h, &blk.norm1)?;
         let a1 = self.attend(&blk.attn1, &n1, ctx)?;
         if let Some(t) = trace {
             t(&format!("{name}.transformer_blocks.0.attn1/in"), &n1);
             t(&format!("{name}.transformer_blocks.0.attn1/out"), &a1);
         }
-        let h = ops::add_to(&h, &a1, DType::F32)?;
+        let h = ops::add_to(&h, &a1, x.dtype())?;
         let n2 = blk.ln(&h, &blk.norm2)?;
         let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
         let h = blk.ff_residual(&h)?;
         let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
-        Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, DType::F32)?)
+        Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, x.dtype())?)
     }
 }

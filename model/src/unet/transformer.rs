@@ -199,11 +199,11 @@ impl Transformer2D {
         let blk = &self.block;
         let dt = blk.dtype();
         let h = spatial_group_norm(x, &self.norm, self.groups, TRANSFORMER_GN_EPS, false, dt)?;
-        // The block's residual stream [N, S, inner] is f32; its branches run in `dt`.
+        // The block's residual stream [N, S, inner] has x's dtype (f32 by default); branches `dt`.
         let h = self
             .proj_in
             .apply_linear(&h.reshape(&[n, s, c])?)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(x.dtype())?;
         let inner = h.dim(2);
 
         // attn1: self-attention within each frame.
