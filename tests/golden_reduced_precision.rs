@@ -4,7 +4,7 @@
 
 mod reduced_precision;
 
-use reduced_precision::{run_plain, run_vi};
+use reduced_precision::{plain_rel_l2, run_plain, run_vi};
 use vi_runtime::{DType, Device};
 
 #[test]
@@ -30,4 +30,18 @@ fn unet_vi_w2_nodyn_bf16_on_cpu() {
 #[test]
 fn unet_vi_w3_t900_f16_on_cpu() {
     run_vi("unet_vi_w3_t900.safetensors", Device::Cpu, DType::F16);
+}
+
+/// The f32 residual stream is what buys the margin: the same bf16 run with the stream in bf16
+/// (`UNet3D::set_residual_dtype`) is measurably further from the golden.
+#[test]
+fn f32_residual_stream_beats_a_bf16_stream() {
+    let (ok, f32_stream) = plain_rel_l2(Device::Cpu, DType::BF16, None);
+    let (_, bf16_stream) = plain_rel_l2(Device::Cpu, DType::BF16, Some(DType::BF16));
+    println!("bf16 run: rel L2 {f32_stream:.3e} (f32 stream), {bf16_stream:.3e} (bf16 stream)");
+    assert!(ok);
+    assert!(
+        f32_stream < 0.9 * bf16_stream,
+        "{f32_stream:.3e} vs {bf16_stream:.3e}"
+    );
 }

@@ -39,8 +39,9 @@ fn load_on(store: &WeightStore, name: &str, dev: Device, dt: DType) -> Tensor {
     t.to_device(dev).unwrap().to_dtype(dt).unwrap()
 }
 
-/// None when `got` (channels-last, on `dev`) is within [`MAX_REL_L2`] of `want`; else why not.
-fn check(what: &str, dev: Device, got: &Tensor, want: &Tensor) -> Option<String> {
+/// (None when `got` (channels-last, on `dev`) is within [`MAX_REL_L2`] of `want`, else why not;
+/// the rel L2).
+fn check(what: &str, dev: Device, got: &Tensor, want: &Tensor) -> (Option<String>, f64) {
     assert_eq!(got.device(), dev, "{what}: output device");
     let got = channels_last_to_ncfhw(
         &got.to_device(Device::Cpu)
@@ -50,11 +51,8 @@ fn check(what: &str, dev: Device, got: &Tensor, want: &Tensor) -> Option<String>
     )
     .unwrap();
     if got.shape() != want.shape() {
-        return Some(format!(
-            "{what}: shape {:?} vs {:?}",
-            got.shape(),
-            want.shape()
-        ));
+        let why = format!("{what}: shape {:?} vs {:?}", got.shape(), want.shape());
+        return (Some(why), f64::NAN);
     }
     let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
     let nan = g.iter().filter(|x| !x.is_finite()).count();
@@ -66,12 +64,15 @@ fn check(what: &str, dev: Device, got: &Tensor, want: &Tensor) -> Option<String>
         .fold(0f32, f32::max);
     println!("{what}: rel L2 {rel:.3e}, max abs diff {max_abs:.3e} (vs the f32 golden)");
     if nan > 0 {
-        return Some(format!("{what}: {nan} non-finite elements"));
+        return (Some(format!("{what}: {nan} non-finite elements")), rel);
     }
     if rel.is_nan() || rel > MAX_REL_L2 {
-        return Some(format!("{what}: rel L2 {rel:.3e} > {MAX_REL_L2:.0e}"));
+        return (
+            Some(format!("{what}: rel L2 {rel:.3e} > {MAX_REL_L2:.0e}")),
+            rel,
+        );
     }
-    None
+    (None, rel)
 }
 
 struct Case {
@@ -99,22 +100,37 @@ fn open_case(dir: &Path, file: &str) -> Case {
 
 /// `unet_plain` on `dev` with `dt` storage; panics with the failure when over the bound.
 pub fn run_plain(dev: Device, dt: DType) {
+    let (f, _) = plain(dev, dt, None);
+    assert!(f.is_none(), "{f:?}");
+}
+
+/// rel L2 of `unet_plain` on `dev` with `dt` storage and the residual stream in `stream` (None: the
+/// model's default, f32), and whether it stayed within [`MAX_REL_L2`].
+#[allow(dead_code)] // used by the CPU test only
+pub fn plain_rel_l2(dev: Device, dt: DType, stream: Option<DType>) -> (bool, f64) {
+    let (f, rel) = plain(dev, dt, stream);
+    (f.is_none(), rel)
+}
+
+fn plain(dev: Device, dt: DType, stream: Option<DType>) -> (Option<String>, f64) {
     let c = open_case(&golden_dir(), "unet_plain.safetensors");
     let src = StoreSource::new(&c.weights, "weight/", dev, dt);
-    let unet = UNet3D::load(&c.cfg, Params::new(&src)).unwrap();
+    let mut unet = UNet3D::load(&c.cfg, Params::new(&src)).unwrap();
+    if let Some(s) = stream {
+        unet.set_residual_dtype(s);
+    }
     let s = &c.store;
     let sample = load_on(s, "in/sample", dev, dt);
     let ehs = load_on(s, "in/encoder_hidden_states", dev, dt);
     let t = s.read_i64("in/timestep").unwrap()[0] as f32;
     let fps = s.read_i64("in/fps").unwrap()[0] as f32;
     let out = unet.forward(&sample, t, fps, &ehs, &LocalContext).unwrap();
-    let f = check(
-        &format!("unet_plain {dev:?} {dt:?} out/sample"),
+    check(
+        &format!("unet_plain {dev:?} {dt:?} (stream {stream:?}) out/sample"),
         dev,
         &out,
         &load_cpu(s, "out/sample"),
-    );
-    assert!(f.is_none(), "{f:?}");
+    )
 }
 
 /// A `unet_vi_*` case on its W ranks (threads sharing `dev`); every rank's output is checked.
@@ -144,7 +160,7 @@ pub fn run_vi(file: &str, dev: Device, dt: DType) {
         .enumerate()
         .filter_map(|(r, out)| {
             let want = load_cpu(&c.store, &format!("out/sample/rank{r}"));
-            check(&format!("{file} {dev:?} {dt:?} rank {r}"), dev, out, &want)
+            check(&format!("{file} {dev:?} {dt:?} rank {r}"), dev, out, &want).0
         })
         .collect();
     assert!(failures.is_empty(), "{failures:#?}");
