@@ -29,6 +29,18 @@ pub(crate) trait Backend: Sync {
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor>;
     /// x [rows, K] · w[N, K]^T + bias[N] -> [rows, N]  (PyTorch Linear).
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+    /// x [rows, K] · w[N, K]^T + bias[N] written as `out` (x's dtype or F32), rounded once. The
+    /// default rounds to x's dtype first (exact for f32); the CUDA backend and the CPU rounded path
+    /// write `out` straight from the fp32 accumulator.
+    fn linear_to(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: DType,
+    ) -> Result<Tensor> {
+        self.linear(x, w, bias)?.to_dtype(out)
+    }
     /// residual [rows, N] + (x [rows, K] · w[N, K]^T + bias[N]), written in residual's dtype (the
     /// f32 residual stream taking a bf16 branch's output projection), rounded once. The default
     /// composes `linear` and `binary` (exact for f32, the CPU reference); the CUDA backend and the
@@ -361,6 +373,39 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
     out.reshape(&shape)
+}
+
+/// [`linear`] written as `out`: x's dtype or F32 (a bf16 projection entering the f32 residual
+/// stream, e.g. a transformer's `proj_in`, without a separate widening pass or a bf16 rounding).
+pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
+    const OP: &str = "linear_to";
+    if out != x.dtype() && out != DType::F32 {
+        return Err(Error::shape(
+            OP,
+            format!("output {out:?} from {:?} x (x's dtype or F32)", x.dtype()),
+        ));
+    }
+    if out == x.dtype() {
+        return linear(x, w, bias);
+    }
+    same_device(OP, &[x, w])?;
+    expect_rank(OP, "weight", w, 2)?;
+    let (n, k) = (w.dim(0), w.dim(1));
+    if x.rank() == 0 || x.dim(x.rank() - 1) != k {
+        return Err(Error::shape(
+            OP,
+            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if let Some(b) = bias {
+        same_device_param(OP, x, &[b])?;
+        expect_vec(OP, "bias", b, n)?;
+    }
+    let rows = x.elem_count() / k;
+    let y = backend_mixed(x, &[out], OP)?.linear_to(&x.reshape(&[rows, k])?, w, bias, out)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    y.reshape(&shape)
 }
 
 /// residual [..., N] + linear(x [..., K], w [N, K], bias [N]), in residual's dtype: x's dtype or F32

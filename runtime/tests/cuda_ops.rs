@@ -839,6 +839,35 @@ mod gpu {
         }
     }
 
+    /// linear_to: bf16/f16 x and weight written straight as F32 (a transformer's proj_in entering
+    /// the f32 residual stream), bias F32 / x's dtype / none, vs the f32 product rounded once.
+    #[test]
+    fn linear_to_f32_output() {
+        if !have_gpu() {
+            return;
+        }
+        let mut r = StdRng::seed_from_u64(19);
+        for dt in [DType::BF16, DType::F16] {
+            for &(rows, k, n, bias) in &[
+                (300usize, 320usize, 320usize, Some(DType::F32)),
+                (64, 1280, 640, None),
+                (5, 320, 1280, Some(dt)),
+                (33, 45, 17, Some(DType::F32)),
+            ] {
+                let (xc, xg) = pair_dt(&mut r, &[rows, k], 0.0, 1.0, dt);
+                let (wc, wg) = pair_dt(&mut r, &[n, k], 0.0, 0.05, dt);
+                let b = bias.map(|bdt| pair_dt(&mut r, &[n], 0.0, 1.0, bdt));
+                let got = ops::linear_to(&xg, &wg, b.as_ref().map(|p| &p.1), DType::F32).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let bc = b.as_ref().map(|p| up(&p.0));
+                let want = ops::linear(&up(&xc), &up(&wc), bc.as_ref()).unwrap();
+                let what = format!("linear_to F32 {dt:?} {rows}x{k} -> {n} bias {bias:?}");
+                check(&what, &got, &want, DType::F32);
+            }
+        }
+    }
+
     /// conv2d with bf16/f16 x and an F32 bias, both kxk implementations (called from `conv2d`).
     fn conv2d_mixed_bias_cases(algo: vi_runtime::cuda::ConvAlgo) {
         let mut r = StdRng::seed_from_u64(16);

@@ -168,6 +168,32 @@ fn linear_add_into_an_f32_residual() {
 }
 
 #[test]
+fn linear_to_writes_f32_from_the_unrounded_product() {
+    let x = randn(50, &[2, 3, 12]);
+    let w = randn(51, &[7, 12]);
+    let bias = randn(52, &[7]);
+    for dt in REDUCED {
+        let (xr, wr) = (as_dt(&x, dt), as_dt(&w, dt));
+        let y = ops::linear_to(&xr, &wr, Some(&bias), DType::F32).unwrap();
+        let (x32, w32) = (as_dt(&xr, DType::F32), as_dt(&wr, DType::F32));
+        let want = ops::linear(&x32, &w32, Some(&bias)).unwrap();
+        bits_equal(&format!("linear_to {dt:?} -> F32"), &y, &want);
+        // x's own dtype is plain `linear`; a third dtype is refused.
+        bits_equal(
+            "linear_to own dtype",
+            &ops::linear_to(&xr, &wr, None, dt).unwrap(),
+            &ops::linear(&xr, &wr, None).unwrap(),
+        );
+        let other = if dt == DType::BF16 {
+            DType::F16
+        } else {
+            DType::BF16
+        };
+        assert!(ops::linear_to(&xr, &wr, None, other).is_err());
+    }
+}
+
+#[test]
 fn parameter_dtype_rules() {
     let x = as_dt(&randn(40, &[3, 8]), DType::BF16);
     let w = as_dt(&randn(41, &[4, 8]), DType::BF16);

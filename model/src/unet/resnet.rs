@@ -38,6 +38,10 @@ impl Affine {
     pub fn apply_linear(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.w, Some(&self.b))?)
     }
+    /// linear(x [..., cin]) written as `out` (x's dtype, or F32 into the residual stream).
+    pub fn apply_linear_to(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        Ok(ops::linear_to(x, &self.w, Some(&self.b), out)?)
+    }
     /// residual [..., cout] + linear(x [..., cin]), in residual's dtype (f32 stream + bf16 branch).
     pub fn apply_linear_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         Ok(ops::linear_add(x, &self.w, Some(&self.b), residual)?)

@@ -92,7 +92,7 @@ impl TransformerTemporal {
         // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
         let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
         // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
-        let h = self.proj_in.apply_linear(&h)?.to_dtype(x.dtype())?;
+        let h = self.proj_in.apply_linear_to(&h, x.dtype())?;
         let n1 = blk.ln(&h, &blk.norm1)?;
         let a1 = self.attend(&blk.attn1, &n1, ctx)?;
         if let Some(t) = trace {

@@ -202,8 +202,7 @@ impl Transformer2D {
         // The block's residual stream [N, S, inner] has x's dtype (f32 by default); branches `dt`.
         let h = self
             .proj_in
-            .apply_linear(&h.reshape(&[n, s, c])?)?
-            .to_dtype(x.dtype())?;
+            .apply_linear_to(&h.reshape(&[n, s, c])?, x.dtype())?;
         let inner = h.dim(2);
 
         // attn1: self-attention within each frame.

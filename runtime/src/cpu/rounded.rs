@@ -32,6 +32,17 @@ impl Backend for RoundedCpuBackend {
         F32.linear(&up(x)?, &up(w)?, up_opt(bias)?.as_ref())?
             .to_dtype(x.dtype())
     }
+    /// As on the GPU: `out` straight from the f32 product (one rounding).
+    fn linear_to(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: DType,
+    ) -> Result<Tensor> {
+        F32.linear(&up(x)?, &up(w)?, up_opt(bias)?.as_ref())?
+            .to_dtype(out)
+    }
     /// Fused as on the GPU (one GEMM with C = residual): the product is not rounded before the
     /// add; one rounding, to residual's dtype.
     fn linear_add(

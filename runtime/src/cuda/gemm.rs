@@ -765,6 +765,71 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     Ok(out.into_tensor(&[rows, n]))
 }
 
+/// x [rows, K] · w[N, K]^T + bias[N] written as `out` (x's dtype, or F32 straight from the fp32
+/// accumulator: C of dtype F32, no rounding to x's dtype and no widening pass). A bias of x's dtype
+/// under an f32 output is widened to f32 first (N elements): cuBLASLt takes the bias in D's dtype
+/// or F32.
+pub(crate) fn linear_to(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_dt: DType,
+) -> Result<Tensor> {
+    const OP: &str = "linear_to";
+    if out_dt == x.dtype() {
+        return linear(x, w, bias);
+    }
+    if out_dt != DType::F32 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "output {out_dt:?} from {:?} x (x's dtype or F32)",
+                x.dtype()
+            ),
+        ));
+    }
+    let (sx, sw) = (storage(x, OP)?, storage(w, OP)?);
+    let dev = sx.dev().clone();
+    let (rows, k) = (x.dim(0), x.dim(1));
+    let n = w.dim(0);
+    if k == 0 {
+        return linear(x, w, bias)?.to_dtype(out_dt);
+    }
+    let mut widened = None;
+    let bias_arg = match bias {
+        None => None,
+        Some(b) => {
+            let sb = storage(b, OP)?;
+            if sb.dtype() == DType::F32 {
+                Some((sb.ptr(), DType::F32))
+            } else {
+                let wb = super::elementwise::convert(sb, DType::F32)?;
+                let p = wb.ptr();
+                widened = Some(wb);
+                Some((p, DType::F32))
+            }
+        }
+    };
+    let out = dev.alloc(DType::F32, rows * n)?;
+    gemm_rows_to(
+        &dev,
+        x.dtype(),
+        DType::F32,
+        rows,
+        n,
+        k,
+        sx.ptr(),
+        k,
+        sw.ptr(),
+        out.ptr(),
+        n,
+        bias_arg,
+        0.0,
+    )?;
+    drop(widened); // stream-ordered free after the GEMM that reads it
+    Ok(out.into_tensor(&[rows, n]))
+}
+
 /// residual [rows, N] + (x [rows, K] · w[N, K]^T + bias[N]), written in residual's dtype (x's dtype
 /// or F32): ONE GEMM with C = residual (beta = 1), D = a fresh buffer, the bias in the epilogue, so
 /// the product is never rounded to x's dtype before the add (the fused form `Backend::linear_add`

@@ -572,6 +572,16 @@ impl Backend for CudaBackend {
         // One GEMM: C = residual (beta = 1), D fresh, bias in the epilogue (fp32, one rounding).
         gemm::linear_add(x, w, bias, residual)
     }
+    fn linear_to(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        out: DType,
+    ) -> Result<Tensor> {
+        let _p = profile::scope(x, "linear")?;
+        gemm::linear_to(x, w, bias, out)
+    }
     fn conv2d(
         &self,
         x: &Tensor,
