@@ -94,12 +94,16 @@ impl TransformerTemporal {
         // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
         let h = self.proj_in.apply_linear_to(&h, x.dtype())?;
         let n1 = blk.ln(&h, &blk.norm1)?;
-        let a1 = self.attend(&blk.attn1, &n1, ctx)?;
-        if let Some(t) = trace {
-            t(&format!("{name}.transformer_blocks.0.attn1/in"), &n1);
-            t(&format!("{name}.transformer_blocks.0.attn1/out"), &a1);
-        }
-        let h = ops::add_to(&h, &a1, x.dtype())?;
+        // Traced runs materialise attn1's output for the trace; the others fuse to_out with the add.
+        let h = match trace {
+            Some(t) => {
+                let a1 = self.attend(&blk.attn1, &n1, ctx)?;
+                t(&format!("{name}.transformer_blocks.0.attn1/in"), &n1);
+                t(&format!("{name}.transformer_blocks.0.attn1/out"), &a1);
+                ops::add_to(&h, &a1, x.dtype())?
+            }
+            None => self.attend_add(&blk.attn1, &n1, ctx, &h)?,
+        };
         let n2 = blk.ln(&h, &blk.norm2)?;
         let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
         let h = blk.ff_residual(&h)?;
