@@ -4,6 +4,8 @@
 //! * [`ops`]: the whole op vocabulary (shape checks here, math in the backends). The models call only these.
 //! * `cpu`: the f32 reference backend (rayon + `gemm`), used by tests and CI.
 //! * `cuda` (feature `cuda`): bf16 storage, fp32 accumulation, our kernels + cuBLASLt/cuDNN.
+//! * [`meta`]: shape-only execution on `Device::Meta` and tensor-byte accounting ([`meta::measure`]),
+//!   the memory planner's dry run.
 //! * [`comm`]: the `Communicator` trait (halo and global-token exchange between ranks) and its implementations.
 //!
 //! Layout convention of the whole project: activations are channels-last (`[N, H, W, C]`, sequences
@@ -15,6 +17,7 @@ pub(crate) mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod meta;
 pub mod ops;
 mod tensor;
 

@@ -179,7 +179,7 @@ pub enum BinaryOp {
     Div,
 }
 
-fn backend(t: &Tensor, op: &'static str) -> Result<&'static dyn Backend> {
+fn backend(t: &Tensor, _op: &'static str) -> Result<&'static dyn Backend> {
     match t.device() {
         // f32 runs the reference directly; f16/bf16 storage runs it through one rounding per
         // output, the CUDA backend's numeric contract (see cpu/rounded.rs).
@@ -193,7 +193,8 @@ fn backend(t: &Tensor, op: &'static str) -> Result<&'static dyn Backend> {
         Device::Cuda(_) => Err(Error::Cuda(
             "this binary was built without the `cuda` feature".into(),
         )),
-        Device::Meta => Err(Error::Meta(op)),
+        // Shape-only dry run (memory planning): fresh meta tensors of the output shapes.
+        Device::Meta => Ok(&crate::meta::MetaBackend),
     }
 }
 

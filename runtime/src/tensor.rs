@@ -16,10 +16,17 @@ pub enum Storage {
     Meta,
 }
 
+/// A storage and, while a [`crate::meta::measure`] runs on the thread that created it, the charge
+/// of its bytes (released when the last tensor sharing the storage is dropped).
+struct Held {
+    storage: Storage,
+    _charge: Option<crate::meta::Charge>,
+}
+
 /// An immutable, contiguous, row-major n-d array. Cloning is cheap (shared storage).
 #[derive(Clone)]
 pub struct Tensor {
-    storage: Arc<Storage>,
+    storage: Arc<Held>,
     shape: Vec<usize>,
     dtype: DType,
     device: Device,
@@ -37,9 +44,15 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     /// Build from raw parts; `storage` must hold `shape.product()` elements of `dtype` on `device`.
+    /// Charged to the thread's [`crate::meta::measure`], if one runs (a `Storage::Meta` storage
+    /// too: the dry run's activations).
     pub fn from_storage(storage: Storage, shape: Vec<usize>, dtype: DType, device: Device) -> Self {
+        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
         Tensor {
-            storage: Arc::new(storage),
+            storage: Arc::new(Held {
+                storage,
+                _charge: crate::meta::Charge::new(bytes),
+            }),
             shape,
             dtype,
             device,
@@ -81,15 +94,28 @@ impl Tensor {
     }
 
     pub fn zeros(shape: &[usize], device: Device, dtype: DType) -> Result<Tensor> {
+        if device == Device::Meta {
+            return Ok(crate::meta::tracked(shape, dtype));
+        }
         let n: usize = shape.iter().product();
         Tensor::from_vec(vec![0.0; n], shape)?
             .to_device(device)?
             .to_dtype(dtype)
     }
 
-    /// A shape-only tensor (no data).
+    /// A shape-only tensor (no data), never charged to a [`crate::meta::measure`]: parameter
+    /// tables and dry-run weights. Ops on meta tensors return charged meta tensors
+    /// ([`crate::meta::tracked`]).
     pub fn meta(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::from_storage(Storage::Meta, shape.to_vec(), dtype, Device::Meta)
+        Tensor {
+            storage: Arc::new(Held {
+                storage: Storage::Meta,
+                _charge: None,
+            }),
+            shape: shape.to_vec(),
+            dtype,
+            device: Device::Meta,
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -115,7 +141,7 @@ impl Tensor {
         self.device
     }
     pub fn storage(&self) -> &Storage {
-        &self.storage
+        &self.storage.storage
     }
 
     /// Same data, new shape (free: tensors are contiguous).
@@ -137,7 +163,7 @@ impl Tensor {
 
     /// The f32 data of a CPU f32 tensor (no copy).
     pub fn as_cpu_f32(&self) -> Result<&[f32]> {
-        match &*self.storage {
+        match self.storage() {
             Storage::CpuF32(v) => Ok(v),
             _ => Err(Error::DType {
                 op: "as_cpu_f32",
@@ -149,7 +175,7 @@ impl Tensor {
 
     /// Copy the data to a host `Vec<f32>` (any device, any dtype).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        match &*self.storage {
+        match self.storage() {
             Storage::CpuF32(v) => Ok(v.clone()),
             Storage::CpuF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
             Storage::CpuBF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
@@ -164,7 +190,7 @@ impl Tensor {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
-        let storage = match &*self.storage {
+        let storage = match self.storage() {
             Storage::Meta => Storage::Meta,
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Storage::Cuda(s.to_dtype(dtype)?),
@@ -191,8 +217,9 @@ impl Tensor {
             return Ok(self.clone());
         }
         match device {
-            Device::Meta => Ok(Tensor::meta(&self.shape, self.dtype)),
-            Device::Cpu => match &*self.storage {
+            // A charged meta tensor (an activation of a dry run, e.g. latents placed on Meta).
+            Device::Meta => Ok(crate::meta::tracked(&self.shape, self.dtype)),
+            Device::Cpu => match self.storage() {
                 #[cfg(feature = "cuda")]
                 Storage::Cuda(s) => {
                     let v = s.to_vec_f32()?;

@@ -1,0 +1,757 @@
+//! The memory plan of a generation (DESIGN section 7: "a memory plan that would not fit is
+//! refused before any work starts").
+//!
+//! Exact by construction where it can be: the activations are not estimated from formulas but
+//! measured by running the generation's own code on shape-only tensors (`Device::Meta`, see
+//! `vi_runtime::meta`): the same UNet, clip-parallel context, sampler and VAE code, over the same
+//! ranks (threads exchanging meta halos and global tokens), counting the bytes of every tensor alive
+//! ([`vi_runtime::meta::measure`]). A real CPU f32 run of the tiny model allocates exactly the
+//! tensors the dry run counts (tests/memory_plan.rs checks equality).
+//!
+//! Per device the plan is: weights (parameter tables x storage dtype; 1-D parameters f32,
+//! [`param_dtype`]; on CUDA also the cached re-layout copy of every kxk and temporal conv kernel,
+//! `cuda/conv.rs`) plus the activations at the device's worst moment: the larger of the text phase
+//! (encoder pass, on rank 0's device) and the text embeddings kept + the sum over the device's ranks
+//! of each rank's peak. A rank's peak is the larger of its denoising phase (sampler state + CFG
+//! batch of 2 + one UNet pass on its clip, with the halos and global tokens it receives) and its
+//! decoding phase (latents + one VAE chunk).
+//!
+//! Ranks sharing a device are threads that run concurrently, so their peaks add (a bound: they do
+//! not all peak at once). The dry run mirrors `pipeline::generate`'s rank loop step for step
+//! ([`denoise_and_decode`]); it simulates `min(steps, 3)` sampler steps, enough to reach the
+//! second-order state (`prev_x0`) every later step has too. What tensors cannot show (cuBLASLt and
+//! cuDNN workspaces, the CUDA memory pool's rounding and fragmentation, CPU GEMM packing) is the
+//! margin [`Margin`] of the fit check.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vi_runtime::comm::Communicator;
+use vi_runtime::{meta, ops, DType, Device, Tensor};
+
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::clip_parallel::{ClipParallelContext, ViConfig};
+use crate::distributed::{run_ranks, split_frames};
+use crate::params::{param_dtype, ModelError, ParamSource, Params, Result};
+use crate::sampler::{Sampler, SamplerKind, SamplerState};
+use crate::tokenizer::CONTEXT_LENGTH;
+use crate::unet::{UNet3D, UNetConfig};
+use crate::vae::{to_unit_range, VaeConfig, VaeDecoder};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `12.3 GiB` / `45.6 MiB`.
+pub fn fmt_bytes(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / GIB)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    }
+}
+
+/// The three model configurations (no weights needed).
+#[derive(Debug, Clone)]
+pub struct PlanModels {
+    pub unet: UNetConfig,
+    pub clip: ClipTextConfig,
+    pub vae: VaeConfig,
+}
+
+/// What a generation will do, as far as memory is concerned.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// Per rank (index = rank): its device and the models' storage dtype there.
+    pub ranks: Vec<(Device, DType)>,
+    pub frames: usize,
+    /// Pixel size.
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    pub vi: ViConfig,
+    /// Frames the VAE decodes at a time.
+    pub vae_chunk: usize,
+    pub decode: bool,
+    /// Distinct prompts (the text encoder runs on these + the negative prompt).
+    pub prompts: usize,
+}
+
+/// The plan of one device.
+#[derive(Debug, Clone)]
+pub struct DevicePlan {
+    pub device: Device,
+    pub dtype: DType,
+    /// Ranks on this device.
+    pub ranks: Vec<usize>,
+    /// Frames of each of those ranks.
+    pub rank_frames: Vec<usize>,
+    /// Weight bytes of the UNet, text encoder, VAE.
+    pub unet_weights: u64,
+    pub text_weights: u64,
+    pub vae_weights: u64,
+    /// CUDA's cached re-layout copies of the kxk / temporal conv kernels (0 elsewhere).
+    pub conv_relayout: u64,
+    /// Text phase peak (rank 0's device only) and the embeddings it leaves on the device.
+    pub text_peak: u64,
+    pub text_kept: u64,
+    /// Per rank of this device: denoising peak (state + one UNet pass, CFG batch 2).
+    pub denoise_peaks: Vec<u64>,
+    /// Per rank: latents kept + one VAE chunk's peak (0 without decoding).
+    pub decode_peaks: Vec<u64>,
+}
+
+impl DevicePlan {
+    pub fn weights(&self) -> u64 {
+        self.unet_weights + self.text_weights + self.vae_weights + self.conv_relayout
+    }
+    /// Sum over the device's ranks of max(denoising, decoding) peaks.
+    pub fn ranks_peak(&self) -> u64 {
+        self.denoise_peaks
+            .iter()
+            .zip(&self.decode_peaks)
+            .map(|(a, b)| *a.max(b))
+            .sum()
+    }
+    /// Activation bytes at the device's worst moment.
+    pub fn activations(&self) -> u64 {
+        self.text_peak.max(self.text_kept + self.ranks_peak())
+    }
+    pub fn total(&self) -> u64 {
+        self.weights() + self.activations()
+    }
+
+    /// `cuda:0 (2 ranks x 12 frames, bf16): weights 3.10 GiB + activations 2 x 4.02 GiB ...`.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        let frames: Vec<String> = self.rank_frames.iter().map(|f| f.to_string()).collect();
+        let _ = write!(
+            s,
+            "{} ({} rank{} of {} frames, {}): weights {} (UNet {}, text {}, VAE {}",
+            device_name(self.device),
+            self.ranks.len(),
+            if self.ranks.len() == 1 { "" } else { "s" },
+            frames.join("/"),
+            format!("{:?}", self.dtype).to_lowercase(),
+            fmt_bytes(self.weights()),
+            fmt_bytes(self.unet_weights),
+            fmt_bytes(self.text_weights),
+            fmt_bytes(self.vae_weights),
+        );
+        if self.conv_relayout > 0 {
+            let _ = write!(s, ", conv re-layouts {}", fmt_bytes(self.conv_relayout));
+        }
+        let max_den = self.denoise_peaks.iter().copied().max().unwrap_or(0);
+        let max_dec = self.decode_peaks.iter().copied().max().unwrap_or(0);
+        let _ = write!(
+            s,
+            ") + activations {} ({} x UNet pass {}, VAE chunk {}",
+            fmt_bytes(self.activations()),
+            self.ranks.len(),
+            fmt_bytes(max_den),
+            fmt_bytes(max_dec),
+        );
+        if self.text_peak > 0 {
+            let _ = write!(s, ", text encoder {}", fmt_bytes(self.text_peak));
+        }
+        let _ = write!(s, ") = {}", fmt_bytes(self.total()));
+        s
+    }
+}
+
+/// The plan of a generation: per device, plus the host memory of the decoded frames.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    pub devices: Vec<DevicePlan>,
+    /// RGB8 frames collected in host memory before writing (frames x H x W x 3).
+    pub host_frames: u64,
+}
+
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Meta => "meta".into(),
+    }
+}
+
+/// Weights of the dry run: uncharged meta tensors in the storage dtype the real loaders use
+/// ([`param_dtype`]); records each parameter's bytes.
+struct MetaWeights {
+    dtype: DType,
+    /// key -> (shape, bytes)
+    table: Mutex<BTreeMap<String, (Vec<usize>, u64)>>,
+}
+
+impl MetaWeights {
+    fn new(dtype: DType) -> Self {
+        MetaWeights {
+            dtype,
+            table: Mutex::new(BTreeMap::new()),
+        }
+    }
+    fn bytes(&self) -> u64 {
+        self.table.lock().unwrap().values().map(|(_, b)| b).sum()
+    }
+    /// Bytes of the conv kernels the CUDA backend re-lays once and caches (a second copy):
+    /// kxk Conv2d kernels [Cout, Cin, kh, kw] with kh*kw > 1, and temporal kernels
+    /// [Cout, Cin, k, 1, 1] with k > 1 (`cuda/conv.rs`, `relaid`).
+    fn relayout_bytes(&self) -> u64 {
+        self.table
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|(s, _)| match s.len() {
+                4 => s[2] * s[3] > 1,
+                5 => s[2] > 1,
+                3 => s[2] > 1,
+                _ => false,
+            })
+            .map(|(_, b)| b)
+            .sum()
+    }
+}
+
+impl ParamSource for MetaWeights {
+    fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let dt = param_dtype(shape, self.dtype);
+        let bytes = (shape.iter().product::<usize>() * dt.size_in_bytes()) as u64;
+        self.table
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), (shape.to_vec(), bytes));
+        Ok(Tensor::meta(shape, dt))
+    }
+    fn contains(&self, _key: &str) -> bool {
+        false
+    }
+}
+
+/// The three models on meta weights of `dtype`, and their weight tables.
+pub struct MetaModels {
+    pub unet: UNet3D,
+    pub clip: ClipTextModel,
+    pub vae: VaeDecoder,
+    pub dtype: DType,
+    unet_w: MetaWeights,
+    clip_w: MetaWeights,
+    vae_w: MetaWeights,
+}
+
+impl MetaModels {
+    pub fn build(m: &PlanModels, dtype: DType) -> Result<MetaModels> {
+        let (unet_w, clip_w, vae_w) = (
+            MetaWeights::new(dtype),
+            MetaWeights::new(dtype),
+            MetaWeights::new(dtype),
+        );
+        let unet = UNet3D::load(&m.unet, Params::new(&unet_w))?;
+        let clip = ClipTextModel::load(&m.clip, Params::new(&clip_w))?;
+        let vae = VaeDecoder::load(&m.vae, Params::new(&vae_w))?;
+        Ok(MetaModels {
+            unet,
+            clip,
+            vae,
+            dtype,
+            unet_w,
+            clip_w,
+            vae_w,
+        })
+    }
+    /// Weight bytes (UNet, text encoder, VAE).
+    pub fn weight_bytes(&self) -> (u64, u64, u64) {
+        (self.unet_w.bytes(), self.clip_w.bytes(), self.vae_w.bytes())
+    }
+    /// Bytes of the CUDA backend's cached conv kernel re-layouts (all three models).
+    pub fn relayout_bytes(&self) -> u64 {
+        self.unet_w.relayout_bytes() + self.clip_w.relayout_bytes() + self.vae_w.relayout_bytes()
+    }
+    /// The rank view of these models on `Device::Meta`.
+    pub fn rank_models(&self) -> RankModels<'_> {
+        RankModels {
+            unet: &self.unet,
+            vae: &self.vae,
+            text: (
+                CONTEXT_LENGTH.min(self.clip.config.max_position_embeddings),
+                self.clip.config.hidden_size,
+            ),
+            device: Device::Meta,
+            dtype: self.dtype,
+        }
+    }
+    /// Pixels per latent pixel.
+    pub fn vae_scale(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len() - 1)
+    }
+}
+
+/// A communicator for the dry run: every tensor received from another rank becomes a fresh
+/// charged copy on the receiving thread, so it counts against the receiver's peak (what a real
+/// rank holds: the CUDA path copies between devices; between ranks of one device it may share the
+/// sender's buffer, and the plan then counts it twice, an over-estimate). Each exchange ends with
+/// a barrier, so every sent tensor has been taken (and its sender's charge released) before any
+/// rank goes on: the per-rank peaks do not depend on thread timing. (A real sender may run ahead
+/// while a slow neighbour has not yet taken its halo: at most one exchange's tensors, a few
+/// frames, covered by the margin.)
+pub struct RechargingComm<'a>(pub &'a dyn Communicator);
+
+/// A fresh copy of a received tensor, created (and charged) on the receiving thread: a meta
+/// tensor on the dry run, a real copy (same values) in the CPU validation runs.
+fn recharge(t: Tensor) -> vi_runtime::Result<Tensor> {
+    if t.device() == Device::Meta && t.rank() == 3 {
+        // Exact-seam GroupNorm statistics [N, G, 3] (the only rank-3 tensors the UNet
+        // all-gathers; global tokens are rank 4) are read on the host with `to_vec_f32`, which
+        // a meta tensor refuses: on the dry run they arrive as host zeros of the same shape
+        // (values never change a shape). A few bytes.
+        return Tensor::zeros(t.shape(), Device::Cpu, t.dtype());
+    }
+    ops::affine(&t, 1.0, 0.0)
+}
+
+impl Communicator for RechargingComm<'_> {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn exchange_neighbors(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> vi_runtime::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (l, r) = self.0.exchange_neighbors(to_left, to_right)?;
+        let out = (l.map(recharge).transpose()?, r.map(recharge).transpose()?);
+        self.0.barrier()?;
+        Ok(out)
+    }
+    fn all_gather(&self, t: &Tensor) -> vi_runtime::Result<Vec<Tensor>> {
+        let me = self.rank();
+        let out = self
+            .0
+            .all_gather(t)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if i == me && !(x.device() == Device::Meta && x.rank() == 3) {
+                    Ok(x)
+                } else {
+                    recharge(x)
+                }
+            })
+            .collect::<vi_runtime::Result<Vec<Tensor>>>()?;
+        self.0.barrier()?;
+        Ok(out)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> vi_runtime::Result<Tensor> {
+        recharge(self.0.all_reduce_sum(t)?)
+    }
+    fn gather_to_root(&self, t: &Tensor) -> vi_runtime::Result<Option<Vec<Tensor>>> {
+        self.0
+            .gather_to_root(t)?
+            .map(|v| v.into_iter().map(recharge).collect())
+            .transpose()
+    }
+    fn barrier(&self) -> vi_runtime::Result<()> {
+        self.0.barrier()
+    }
+    fn abort(&self, reason: &str) {
+        self.0.abort(reason)
+    }
+    fn is_aborted(&self) -> bool {
+        self.0.is_aborted()
+    }
+}
+
+/// Peaks of one rank of the dry run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RankPeaks {
+    /// Denoising phase: sampler state, the CFG batch and one UNet pass (with received halos).
+    pub denoise: u64,
+    /// Decoding phase: what the denoising phase left alive + one VAE chunk's peak.
+    pub decode: u64,
+}
+
+/// What one rank runs with: its models (real or meta weights) and where.
+#[derive(Clone, Copy)]
+pub struct RankModels<'a> {
+    pub unet: &'a UNet3D,
+    pub vae: &'a VaeDecoder,
+    /// Text conditioning rows: (sequence length, hidden size).
+    pub text: (usize, usize),
+    /// `Device::Meta` for the dry run; a real device to validate it.
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The rank loop of `pipeline::generate`, step for step (keep in sync), on zero inputs placed on
+/// `m.device` (meta tensors on the dry run; real ones for the CPU validation): `steps` sampler
+/// steps on a clip of `n` frames at latent size (lh, lw), then the VAE decode in chunks of
+/// `vae_chunk` frames. Measures the rank's peaks (the model's weights are not counted).
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_and_decode(
+    m: &RankModels,
+    comm: &dyn Communicator,
+    sampler: &Sampler,
+    steps: usize,
+    n: usize,
+    (lh, lw): (usize, usize),
+    vi: &ViConfig,
+    vae_chunk: usize,
+    decode: bool,
+) -> Result<RankPeaks> {
+    let (dev, dt) = (m.device, m.dtype);
+    let lat_c = m.unet.config().in_channels;
+    let (seq, hidden) = m.text;
+    let shape = [1, n, lh, lw, lat_c];
+    let timesteps = sampler.timesteps();
+    let (latents, den_peak, kept) = meta::measure_live(|| -> Result<Tensor> {
+        // The rank's own copy of its conditioning (pipeline: `.to_device(dev)?.to_dtype(dt)`).
+        let ehs = Tensor::zeros(&[2, seq, hidden], dev, dt)?;
+        let mut x = Tensor::zeros(&shape, dev, DType::F32)?;
+        if sampler.init_noise_sigma() != 1.0 {
+            x = ops::scale(&x, sampler.init_noise_sigma())?;
+        }
+        let mut state = SamplerState::default();
+        for (k, &t) in timesteps.iter().enumerate().take(steps) {
+            let ctx = ClipParallelContext::new(comm, vi, t);
+            let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
+            let eps = m
+                .unet
+                .forward(&input, t as f32, 8.0, &ehs, &ctx)?
+                .to_dtype(DType::F32)?;
+            let uncond = ops::narrow(&eps, 0, 0, 1)?;
+            let cond = ops::narrow(&eps, 0, 1, 1)?;
+            let guided = ops::add(&uncond, &ops::scale(&ops::sub(&cond, &uncond)?, 7.5)?)?;
+            let noise = if sampler.needs_noise() {
+                Some(Tensor::zeros(&shape, dev, DType::F32)?)
+            } else {
+                None
+            };
+            x = sampler.step(&mut state, k, &guided, &x, noise.as_ref())?;
+        }
+        drop(state);
+        Ok(x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?)
+    });
+    let latents = latents?;
+    let mut peaks = RankPeaks {
+        denoise: den_peak as u64,
+        decode: 0,
+    };
+    if decode {
+        let (r, vae_peak) = meta::measure(|| {
+            m.vae
+                .decode_frames_with(&latents, vae_chunk.max(1), |_, images| {
+                    // images_to_rgb8's device part; the RGB8 bytes are host memory.
+                    drop(to_unit_range(&images)?);
+                    Ok(())
+                })
+        });
+        r?;
+        peaks.decode = (kept + vae_peak) as u64;
+    }
+    Ok(peaks)
+}
+
+/// Text phase on meta weights: the encoder on `prompts + 1` prompts, then one [2, L, hidden]
+/// conditioning per rank (kept for the whole run). Returns (peak, bytes kept).
+pub fn text_phase(models: &MetaModels, prompts: usize, world: usize) -> Result<(u64, u64)> {
+    let seq = CONTEXT_LENGTH.min(models.clip.config.max_position_embeddings);
+    let ids = vec![0u32; seq * (prompts + 1)];
+    let (r, peak, kept) = meta::measure_live(|| -> Result<(Tensor, Vec<Tensor>)> {
+        let emb = models.clip.forward(&ids, prompts + 1)?;
+        let (s, h) = (emb.dim(1), emb.dim(2));
+        let mut per_rank = Vec::with_capacity(world);
+        for _ in 0..world {
+            let uncond = ops::narrow(&emb, 0, 0, 1)?;
+            let cond = ops::narrow(&emb, 0, prompts.min(1), 1)?;
+            per_rank.push(ops::concat(&[&uncond, &cond], 0)?.reshape(&[2, s, h])?);
+        }
+        Ok((emb, per_rank))
+    });
+    drop(r?);
+    Ok((peak as u64, kept as u64))
+}
+
+/// Sampler steps the dry run simulates: enough for the second-order state of every later step.
+const SIM_STEPS: usize = 3;
+
+/// Plans `req`: one meta dry run of the whole generation (all ranks, as threads).
+pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
+    let world = req.ranks.len();
+    let clips = split_frames(req.frames, world)?;
+    // Devices in order of first appearance, with their dtype.
+    let mut devs: Vec<(Device, DType)> = Vec::new();
+    for &(d, dt) in &req.ranks {
+        match devs.iter().find(|(x, _)| *x == d) {
+            Some((_, t)) if *t != dt => {
+                return Err(ModelError::Config(format!(
+                    "{}: ranks of one device must share a dtype",
+                    device_name(d)
+                )))
+            }
+            Some(_) => {}
+            None => devs.push((d, dt)),
+        }
+    }
+    let mut built: Vec<(DType, MetaModels)> = Vec::new();
+    for &(_, dt) in &devs {
+        if !built.iter().any(|(t, _)| *t == dt) {
+            built.push((dt, MetaModels::build(models, dt)?));
+        }
+    }
+    let of = |dt: DType| &built.iter().find(|(t, _)| *t == dt).expect("built").1;
+    let m0 = of(req.ranks[0].1);
+    let scale = m0.vae_scale();
+    if !req.height.is_multiple_of(scale) || !req.width.is_multiple_of(scale) {
+        return Err(ModelError::Config(format!(
+            "{}x{} is not a multiple of the VAE's {scale}",
+            req.width, req.height
+        )));
+    }
+    let (lh, lw) = (req.height / scale, req.width / scale);
+    let sampler = Sampler::new(req.sampler, req.steps)?;
+    let steps = req.steps.min(SIM_STEPS);
+    let (text_peak, text_kept) = text_phase(m0, req.prompts, world)?;
+
+    let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
+        let comm = RechargingComm(comm);
+        let mm = of(req.ranks[rank].1);
+        denoise_and_decode(
+            &mm.rank_models(),
+            &comm,
+            &sampler,
+            steps,
+            clips[rank].len(),
+            (lh, lw),
+            &req.vi,
+            req.vae_chunk,
+            req.decode,
+        )
+    })?;
+
+    let mut out = Vec::new();
+    for (i, &(d, dt)) in devs.iter().enumerate() {
+        let m = of(dt);
+        let ranks: Vec<usize> = (0..world).filter(|&r| req.ranks[r].0 == d).collect();
+        let (u, c, v) = m.weight_bytes();
+        out.push(DevicePlan {
+            device: d,
+            dtype: dt,
+            rank_frames: ranks.iter().map(|&r| clips[r].len()).collect(),
+            unet_weights: u,
+            text_weights: c,
+            vae_weights: v,
+            conv_relayout: if matches!(d, Device::Cuda(_)) {
+                m.relayout_bytes()
+            } else {
+                0
+            },
+            text_peak: if i == 0 { text_peak } else { 0 },
+            text_kept: if i == 0 { text_kept } else { 0 },
+            denoise_peaks: ranks.iter().map(|&r| peaks[r].denoise).collect(),
+            decode_peaks: ranks.iter().map(|&r| peaks[r].decode).collect(),
+            ranks,
+        });
+    }
+    let host_frames = if req.decode {
+        (req.frames * req.height * req.width * 3) as u64
+    } else {
+        0
+    };
+    Ok(MemoryPlan {
+        devices: out,
+        host_frames,
+    })
+}
+
+/// Headroom the fit check keeps on top of the plan, for what tensors do not show.
+#[derive(Debug, Clone, Copy)]
+pub struct Margin {
+    pub fixed: u64,
+    /// Fraction of the planned bytes.
+    pub fraction: f64,
+}
+
+impl Margin {
+    /// CUDA: 1 GiB fixed (cuBLASLt workspace 32 MiB per device, cuDNN handles and convolution
+    /// workspaces, which are allocated per call and freed stream-ordered, our kernel modules) plus
+    /// 10 % of the plan (the memory pool rounds allocations up and keeps freed blocks cached: a
+    /// fragmented pool can hold more than the live bytes). Not measured on a GPU here: a
+    /// conservative choice, to be tuned from `device_info` high-water marks.
+    pub const CUDA: Margin = Margin {
+        fixed: 1 << 30,
+        fraction: 0.10,
+    };
+    /// CPU: 512 MiB fixed (GEMM packing and im2col scratch, thread stacks, the binary) plus 10 %
+    /// (allocator overhead). The weights here are converted from memory-mapped files, whose page
+    /// cache the kernel can drop, so MemAvailable is the right comparison.
+    pub const CPU: Margin = Margin {
+        fixed: 512 << 20,
+        fraction: 0.10,
+    };
+    pub fn of(self, planned: u64) -> u64 {
+        self.fixed + (planned as f64 * self.fraction) as u64
+    }
+}
+
+/// MemAvailable of /proc/meminfo in bytes (None where unreadable).
+pub fn host_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Free bytes of `device` right now (None where it cannot be asked: CPU uses [`host_available`]).
+pub fn device_free(device: Device) -> std::result::Result<Option<u64>, String> {
+    match device {
+        Device::Cpu => Ok(host_available()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => vi_runtime::cuda::device_info(i)
+            .map(|(_, _, free, _)| Some(free as u64))
+            .map_err(|e| format!("cuda:{i}: cannot read free memory: {e}")),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Ok(None),
+        Device::Meta => Ok(None),
+    }
+}
+
+/// One device that does not fit: (device, needed with margin, free).
+#[derive(Debug, Clone)]
+pub struct Shortfall {
+    pub device: Device,
+    pub need: u64,
+    pub margin: u64,
+    pub free: u64,
+    pub text: String,
+}
+
+/// Compares the plan with free memory (`free_of(device)`; the host is [`Device::Cpu`]): the host
+/// holds the CPU device's plan plus the decoded frames. Returns notes (devices that could not be
+/// checked) or the devices that do not fit, each with an explanation and what to change.
+pub fn check_fit(
+    plan: &MemoryPlan,
+    req: &PlanRequest,
+    free_of: &dyn Fn(Device) -> std::result::Result<Option<u64>, String>,
+) -> std::result::Result<Vec<String>, Vec<Shortfall>> {
+    let mut notes = Vec::new();
+    let mut short = Vec::new();
+    let mut entries: Vec<(Device, u64, Option<&DevicePlan>)> = plan
+        .devices
+        .iter()
+        .map(|d| {
+            let extra = if d.device == Device::Cpu {
+                plan.host_frames
+            } else {
+                0
+            };
+            (d.device, d.total() + extra, Some(d))
+        })
+        .collect();
+    if !entries.iter().any(|(d, _, _)| *d == Device::Cpu) && plan.host_frames > 0 {
+        entries.push((Device::Cpu, plan.host_frames, None));
+    }
+    for (device, planned, dp) in entries {
+        let margin = match device {
+            Device::Cpu => Margin::CPU,
+            _ => Margin::CUDA,
+        }
+        .of(planned);
+        let free = match free_of(device) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                notes.push(format!(
+                    "{}: free memory unknown, not checked",
+                    device_name(device)
+                ));
+                continue;
+            }
+            Err(e) => {
+                notes.push(format!("{e}; not checked"));
+                continue;
+            }
+        };
+        let need = planned + margin;
+        if need <= free {
+            continue;
+        }
+        let mut text = format!(
+            "{}: the plan needs {} ({} + margin {}) but only {} is free",
+            if device == Device::Cpu {
+                "host memory (cpu)".to_string()
+            } else {
+                device_name(device)
+            },
+            fmt_bytes(need),
+            fmt_bytes(planned),
+            fmt_bytes(margin),
+            fmt_bytes(free),
+        );
+        if let Some(d) = dp {
+            let _ = write!(text, "\n    {}", d.describe());
+        }
+        if device == Device::Cpu && plan.host_frames > 0 {
+            let _ = write!(
+                text,
+                "\n    decoded frames kept in host memory: {}",
+                fmt_bytes(plan.host_frames)
+            );
+        }
+        let _ = write!(text, "\n    {}", advice(dp, req));
+        short.push(Shortfall {
+            device,
+            need,
+            margin,
+            free,
+            text,
+        });
+    }
+    if short.is_empty() {
+        Ok(notes)
+    } else {
+        Err(short)
+    }
+}
+
+/// What to change, from the biggest part of a device's plan.
+fn advice(d: Option<&DevicePlan>, req: &PlanRequest) -> String {
+    let Some(d) = d else {
+        return "to fit: fewer --frames or a smaller --height/--width (every decoded frame is kept \
+                in host memory until written)"
+            .into();
+    };
+    let mut tips: Vec<String> = Vec::new();
+    if d.ranks.len() > 1 {
+        tips.push(format!(
+            "fewer ranks per device ({} ranks share {}: their activations add up)",
+            d.ranks.len(),
+            device_name(d.device)
+        ));
+    }
+    tips.push(match d.device {
+        Device::Cuda(_) => {
+            "more GPUs in --devices (e.g. cuda:0-7) so each rank holds fewer frames".into()
+        }
+        _ => "fewer frames per rank (fewer --frames, or more ranks on more devices)".into(),
+    });
+    tips.push("fewer --frames or a smaller --height/--width".into());
+    let max_den = d.denoise_peaks.iter().copied().max().unwrap_or(0);
+    let max_dec = d.decode_peaks.iter().copied().max().unwrap_or(0);
+    if req.decode && max_dec > max_den && req.vae_chunk > 1 {
+        tips.push(format!(
+            "a smaller --vae-chunk (now {}: the VAE decode is this device's largest phase)",
+            req.vae_chunk
+        ));
+    }
+    if d.weights() > d.activations() && d.dtype == DType::F32 && d.device != Device::Cpu {
+        tips.push("--dtype bf16 (halves the weights)".into());
+    }
+    format!(
+        "to fit: {}; or --no-memory-check to run anyway",
+        tips.join("; ")
+    )
+}

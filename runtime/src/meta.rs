@@ -1,0 +1,333 @@
+//! Shape-only execution and tensor-byte accounting: the memory planner's dry run.
+//!
+//! * [`measure`] runs a closure with a fresh [`Accountant`] installed on the calling thread: every
+//!   tensor created on that thread while it runs (any device: CPU, CUDA or meta) is charged its
+//!   `elem_count * dtype size` bytes until its storage is dropped (wherever it is dropped), and the
+//!   high-water mark of those live bytes is returned. Tensors that existed before the call (the
+//!   model's weights) are not counted. Outside `measure` nothing is counted (one thread-local read
+//!   per tensor creation).
+//! * [`MetaBackend`]: the [`Backend`] of `Device::Meta`: every op returns a fresh meta tensor of the
+//!   output shape and dtype the CPU/CUDA backends produce, with no data. Since the models never
+//!   branch on the device, a forward pass on meta tensors allocates exactly the tensors of the real
+//!   pass, in the same order, and `measure` gives its activation high-water mark without computing
+//!   anything.
+//! * [`Tensor::meta`] stays an uncharged placeholder (parameter tables, dry-run weights);
+//!   [`tracked`] (= `Tensor::from_storage(Storage::Meta, ..)`) is a charged meta tensor.
+//!
+//! What the count covers: tensors only. Backend scratch that is not a tensor (CPU GEMM packing,
+//! cuBLASLt/cuDNN workspaces, the CUDA pool's rounding) is not counted; the planner adds a margin
+//! for it. One CUDA temporary that scales with the activations is modelled here: the f32
+//! accumulator of a bf16/f16 temporal convolution with more than one tap (`cuda/conv.rs`).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::{DType, Result, Storage, Tensor};
+
+/// Live and peak tensor bytes of one measurement.
+#[derive(Debug, Default)]
+pub struct Accountant {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Accountant {
+    /// Bytes of the tensors charged here that are still alive.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+    /// Highest value `live` reached.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+    fn add(&self, bytes: usize) {
+        let now = self.live.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<Accountant>>> = const { RefCell::new(None) };
+}
+
+/// The charge of one tensor storage: subtracted from its accountant when the storage is dropped.
+pub(crate) struct Charge {
+    acct: Arc<Accountant>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// A charge of `bytes` on the calling thread's accountant, if one is installed.
+    pub(crate) fn new(bytes: usize) -> Option<Charge> {
+        CURRENT.with(|c| {
+            c.borrow().as_ref().map(|a| {
+                a.add(bytes);
+                Charge {
+                    acct: a.clone(),
+                    bytes,
+                }
+            })
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.acct.live.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// Restores the previous accountant of the thread (also on unwind).
+struct Installed(Option<Arc<Accountant>>);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = prev);
+    }
+}
+
+/// Runs `f` with a fresh accountant on this thread; returns f's result and the peak bytes of the
+/// tensors created on this thread during `f` that were alive at the same time. A nested `measure`
+/// charges its own tensors to its own accountant only.
+pub fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let (r, peak, _) = measure_live(f);
+    (r, peak)
+}
+
+/// [`measure`], also returning the bytes still alive when `f` returned (tensors f returned or
+/// stored elsewhere: e.g. the latents a denoising phase hands to the decoder).
+pub fn measure_live<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
+    let acct = Arc::new(Accountant::default());
+    let prev = CURRENT.with(|c| c.borrow_mut().replace(acct.clone()));
+    let guard = Installed(prev);
+    let r = f();
+    drop(guard);
+    (r, acct.peak(), acct.live())
+}
+
+/// Live bytes of the current measurement (0 outside [`measure`]).
+pub fn live_bytes() -> usize {
+    CURRENT.with(|c| c.borrow().as_ref().map_or(0, |a| a.live()))
+}
+
+/// A charged meta tensor (counted by [`measure`], unlike [`Tensor::meta`]).
+pub fn tracked(shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_storage(Storage::Meta, shape.to_vec(), dtype, crate::Device::Meta)
+}
+
+/// The backend of `Device::Meta` (see the module doc). Inputs are validated by `ops`; every
+/// method states the output shape/dtype rule of the real backends.
+pub(crate) struct MetaBackend;
+
+impl Backend for MetaBackend {
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+        // a [batch, M, K] x b [batch_b, K, N] (or [batch_b, N, K] transposed) -> [batch, M, N].
+        let n = if trans_b { b.dim(1) } else { b.dim(2) };
+        Ok(tracked(&[a.dim(0), a.dim(1), n], a.dtype()))
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(tracked(&[x.dim(0), w.dim(0)], x.dtype()))
+    }
+    // linear_add: the trait's default (linear, then binary into the residual's dtype): the
+    // unfused composition's intermediate product is counted, an upper bound of the fused backends.
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        let ho = (x.dim(1) + 2 * pad - w.dim(2)) / stride + 1;
+        let wo = (x.dim(2) + 2 * pad - w.dim(3)) / stride + 1;
+        Ok(tracked(&[x.dim(0), ho, wo, w.dim(0)], x.dtype()))
+    }
+    fn temporal_conv(&self, x: &Tensor, w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
+        let shape = [x.dim(0), x.dim(1), x.dim(2), w.dim(0)];
+        let out = tracked(&shape, x.dtype());
+        // The CUDA backend accumulates the taps of a bf16/f16 temporal conv (k > 1) in an f32
+        // buffer of the output's size, alive next to the output until the op returns.
+        if x.dtype() != DType::F32 && w.dim(2) > 1 {
+            drop(tracked(&shape, DType::F32));
+        }
+        Ok(out)
+    }
+    fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
+        Ok(tracked(&[x.dim(0), groups, 3], DType::F32))
+    }
+    fn group_norm_apply(
+        &self,
+        x: &Tensor,
+        _stats: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _eps: f32,
+        _silu: bool,
+        out: DType,
+    ) -> Result<Tensor> {
+        Ok(tracked(x.shape(), out))
+    }
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        _groups: usize,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _eps: f32,
+        _silu: bool,
+        out: DType,
+    ) -> Result<Tensor> {
+        Ok(tracked(x.shape(), out))
+    }
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _eps: f32,
+        out: DType,
+    ) -> Result<Tensor> {
+        Ok(tracked(x.shape(), out))
+    }
+    fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(tracked(x.shape(), x.dtype()))
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        _k: &Tensor,
+        v: &Tensor,
+        _scale: f32,
+        _bias: Option<&Tensor>,
+        _causal: bool,
+    ) -> Result<Tensor> {
+        Ok(tracked(
+            &[q.dim(0), q.dim(1), q.dim(2), v.dim(3)],
+            q.dtype(),
+        ))
+    }
+    fn dual_scope_attention(
+        &self,
+        q: &Tensor,
+        _k_local: &Tensor,
+        _v_local: &Tensor,
+        _k_glob: &Tensor,
+        _v_glob: &Tensor,
+        _p: &DualScopeParams,
+    ) -> Result<Tensor> {
+        Ok(tracked(q.shape(), q.dtype()))
+    }
+    fn unary(&self, x: &Tensor, _op: UnaryOp) -> Result<Tensor> {
+        Ok(tracked(x.shape(), x.dtype()))
+    }
+    fn geglu(&self, x: &Tensor) -> Result<Tensor> {
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("ops::geglu checks the rank") /= 2;
+        Ok(tracked(&shape, x.dtype()))
+    }
+    fn binary(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _op: BinaryOp,
+        out_shape: &[usize],
+        out: DType,
+    ) -> Result<Tensor> {
+        Ok(tracked(out_shape, out))
+    }
+    fn affine(&self, x: &Tensor, _mul: f32, _add: f32) -> Result<Tensor> {
+        Ok(tracked(x.shape(), x.dtype()))
+    }
+    fn clamp(&self, x: &Tensor, _lo: f32, _hi: f32) -> Result<Tensor> {
+        Ok(tracked(x.shape(), x.dtype()))
+    }
+    fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+        let mut shape = xs[0].shape().to_vec();
+        shape[axis] = xs.iter().map(|t| t.dim(axis)).sum();
+        Ok(tracked(&shape, xs[0].dtype()))
+    }
+    fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+        let mut shape = x.shape().to_vec();
+        shape[axis] = indices.len();
+        Ok(tracked(&shape, x.dtype()))
+    }
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        let shape: Vec<usize> = perm.iter().map(|&p| x.dim(p)).collect();
+        Ok(tracked(&shape, x.dtype()))
+    }
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.shape();
+        Ok(tracked(&[s[0], 2 * s[1], 2 * s[2], s[3]], x.dtype()))
+    }
+    fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        Ok(tracked(&[ids.len(), table.dim(1)], table.dtype()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+
+    #[test]
+    fn measure_counts_live_tensor_bytes() {
+        let ((), peak) = measure(|| {
+            let a = tracked(&[10, 4], DType::F32); // 160
+            let b = ops::silu(&a).unwrap(); // +160
+            assert_eq!(live_bytes(), 320);
+            drop(a);
+            let c = b.to_dtype(DType::BF16).unwrap(); // +80
+            assert_eq!(c.device(), crate::Device::Meta);
+            assert_eq!(live_bytes(), 240);
+            let r = c.reshape(&[40]).unwrap(); // shares storage: +0
+            assert_eq!(live_bytes(), 240);
+            drop((b, c, r));
+            assert_eq!(live_bytes(), 0);
+            // Uncharged placeholders (parameter tables) and nothing outside measure.
+            let _w = Tensor::meta(&[1000], DType::F32);
+            assert_eq!(live_bytes(), 0);
+        });
+        assert_eq!(peak, 320);
+        assert_eq!(live_bytes(), 0);
+        // Real CPU tensors are charged the same way.
+        let (_, peak) = measure(|| Tensor::zeros(&[3, 5], crate::Device::Cpu, DType::F32));
+        assert_eq!(peak, 60);
+    }
+
+    #[test]
+    fn meta_ops_have_the_real_output_shapes() {
+        let x = tracked(&[2, 8, 6, 4], DType::BF16);
+        let w = Tensor::meta(&[16, 4, 3, 3], DType::BF16);
+        let y = ops::conv2d(&x, &w, None, 2, 1).unwrap();
+        assert_eq!(y.shape(), [2, 4, 3, 16]);
+        assert_eq!(y.dtype(), DType::BF16);
+        let s = ops::group_norm_stats(&x.reshape(&[2, 48, 4]).unwrap(), 2).unwrap();
+        assert_eq!((s.shape(), s.dtype()), (&[2usize, 2, 3][..], DType::F32));
+        let r = tracked(&[6, 16], DType::F32);
+        let lw = Tensor::meta(&[16, 4], DType::BF16);
+        let la = ops::linear_add(&tracked(&[6, 4], DType::BF16), &lw, None, &r).unwrap();
+        assert_eq!((la.shape(), la.dtype()), (&[6usize, 16][..], DType::F32));
+        let q = tracked(&[3, 5, 2, 8], DType::F32);
+        let v = tracked(&[3, 7, 2, 4], DType::F32);
+        let k = tracked(&[3, 7, 2, 8], DType::F32);
+        let a = ops::attention(&q, &k, &v, 1.0, None, false).unwrap();
+        assert_eq!(a.shape(), [3, 5, 2, 4]);
+        let p = ops::permute(&q, &[0, 2, 1, 3]).unwrap();
+        assert_eq!(p.shape(), [3, 2, 5, 8]);
+        let c = ops::concat(&[&q, &q], 1).unwrap();
+        assert_eq!(c.shape(), [3, 10, 2, 8]);
+        assert!(c.to_vec_f32().is_err(), "a meta tensor has no data");
+    }
+
+    #[test]
+    fn bf16_temporal_conv_counts_the_f32_accumulator() {
+        let x = tracked(&[1, 4, 2, 8], DType::BF16); // 128 bytes
+        let w = Tensor::meta(&[8, 8, 3], DType::BF16);
+        let (_, peak) = measure(|| ops::temporal_conv(&x, &w, None).unwrap());
+        // output bf16 (128) + f32 accumulator (256) at once.
+        assert_eq!(peak, 128 + 256);
+    }
+}

@@ -1,0 +1,316 @@
+//! The memory plan (DESIGN section 7): the shape-only dry run counts exactly the tensor bytes a
+//! real CPU run allocates; the planner's numbers are consistent; `generate` refuses a plan that
+//! does not fit before loading any weights, writes nothing, and `--no-memory-check` skips it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use vi_model::clip_parallel::ViConfig;
+use vi_model::distributed::{run_ranks, split_frames};
+use vi_model::memory_plan::{
+    check_fit, denoise_and_decode, fmt_bytes, plan, MemoryPlan, MetaModels, PlanModels,
+    PlanRequest, RankModels, RankPeaks, RechargingComm,
+};
+use vi_model::params::param_dtype;
+use vi_model::pipeline::PartKind;
+use vi_model::sampler::{Sampler, SamplerKind};
+use vi_model::temporal::LocalContext;
+use vi_model::{random_full, tiny};
+use vi_runtime::{meta, DType, Device, Tensor};
+
+fn tiny_models() -> PlanModels {
+    PlanModels {
+        unet: tiny::unet_config(),
+        clip: tiny::clip_config(),
+        vae: tiny::vae_config(),
+    }
+}
+
+fn full_models() -> PlanModels {
+    PlanModels {
+        unet: random_full::unet_config().unwrap(),
+        clip: random_full::clip_config().unwrap(),
+        vae: random_full::vae_config().unwrap(),
+    }
+}
+
+/// One UNet pass, the text encoder and the VAE, real (CPU f32) and on meta tensors: the peaks of
+/// live tensor bytes are equal.
+#[test]
+fn dry_run_peak_equals_real_cpu_peak_single_passes() {
+    let real = tiny::load(Device::Cpu, DType::F32).unwrap();
+    let fake = MetaModels::build(&tiny_models(), DType::F32).unwrap();
+    let hidden = real.clip.config.hidden_size;
+    let (f, h, w) = (5, 8, 8);
+    let cases: [(&str, Device); 2] = [("real cpu", Device::Cpu), ("meta", Device::Meta)];
+    let mut unet = Vec::new();
+    for (what, dev) in cases {
+        let u = if dev == Device::Cpu {
+            &real.unet
+        } else {
+            &fake.unet
+        };
+        let x = Tensor::zeros(&[2, f, h, w, 4], dev, DType::F32).unwrap();
+        let ehs = Tensor::zeros(&[2, 77, hidden], dev, DType::F32).unwrap();
+        let (y, peak) = meta::measure(|| u.forward(&x, 400.0, 8.0, &ehs, &LocalContext).unwrap());
+        assert_eq!(y.shape(), [2, f, h, w, 4]);
+        assert_eq!(y.device(), dev);
+        eprintln!("UNet pass [2, {f}, {h}, {w}, 4] ({what}): peak {peak} bytes");
+        unet.push(peak);
+    }
+    assert!(unet[0] > 0);
+    assert_eq!(unet[0], unet[1], "UNet: real vs dry-run peak");
+
+    let ids = vec![0u32; 77 * 3];
+    let (_, clip_real) = meta::measure(|| real.clip.forward(&ids, 3).unwrap());
+    let (_, clip_meta) = meta::measure(|| fake.clip.forward(&ids, 3).unwrap());
+    eprintln!("text encoder, 3 prompts: real {clip_real}, meta {clip_meta}");
+    assert_eq!(clip_real, clip_meta);
+
+    let mut vae = Vec::new();
+    for (vd, dev) in [(&real.vae, Device::Cpu), (&fake.vae, Device::Meta)] {
+        let lat = Tensor::zeros(&[3, h, w, 4], dev, DType::F32).unwrap();
+        let (_, peak) = meta::measure(|| vd.decode_frames(&lat, 2).unwrap());
+        vae.push(peak);
+    }
+    eprintln!(
+        "VAE decode 3 frames, chunk 2: real {}, meta {}",
+        vae[0], vae[1]
+    );
+    assert_eq!(vae[0], vae[1]);
+}
+
+/// The whole rank loop (sampler steps with CFG over the clip-parallel context, then the chunked
+/// VAE decode) over 1 and 3 ranks: each rank's peaks are equal, real vs meta.
+#[test]
+fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
+    let real = tiny::load(Device::Cpu, DType::F32).unwrap();
+    let fake = MetaModels::build(&tiny_models(), DType::F32).unwrap();
+    let text = (77, real.clip.config.hidden_size);
+    let vi = ViConfig {
+        conv_pad: 2,
+        attn_pad: 3,
+        top_k: 4,
+        ..ViConfig::default()
+    };
+    let exact = ViConfig {
+        exact_seam: true,
+        ..vi.clone()
+    };
+    for (world, frames, cfg) in [(1, 5, &vi), (3, 7, &vi), (2, 6, &exact)] {
+        let clips = split_frames(frames, world).unwrap();
+        let sampler = Sampler::new(SamplerKind::DpmSolverSde, 10).unwrap();
+        let run = |m: RankModels| -> Vec<RankPeaks> {
+            run_ranks(world, Duration::from_secs(120), |rank, comm| {
+                denoise_and_decode(
+                    &m,
+                    &RechargingComm(comm),
+                    &sampler,
+                    3,
+                    clips[rank].len(),
+                    (8, 8),
+                    cfg,
+                    2,
+                    true,
+                )
+            })
+            .unwrap()
+        };
+        let r = run(RankModels {
+            unet: &real.unet,
+            vae: &real.vae,
+            text,
+            device: Device::Cpu,
+            dtype: DType::F32,
+        });
+        let m = run(fake.rank_models());
+        for rank in 0..world {
+            eprintln!(
+                "world {world} exact_seam {} rank {rank} ({} frames): denoise real {} meta {}, \
+                 decode real {} meta {}",
+                cfg.exact_seam,
+                clips[rank].len(),
+                r[rank].denoise,
+                m[rank].denoise,
+                r[rank].decode,
+                m[rank].decode
+            );
+            assert!(r[rank].denoise > 0 && r[rank].decode > 0);
+            assert_eq!(r[rank].denoise, m[rank].denoise, "rank {rank} denoise");
+            assert_eq!(r[rank].decode, m[rank].decode, "rank {rank} decode");
+        }
+    }
+}
+
+fn request(ranks: Vec<(Device, DType)>, frames: usize, h: usize, w: usize) -> PlanRequest {
+    PlanRequest {
+        ranks,
+        frames,
+        height: h,
+        width: w,
+        steps: 30,
+        sampler: SamplerKind::DpmSolverSde,
+        vi: ViConfig::default(),
+        vae_chunk: 4,
+        decode: true,
+        prompts: 1,
+    }
+}
+
+/// Weight bytes of a part from its parameter table (independent of the planner's own count).
+fn table_bytes(kind: PartKind, config: &serde_json::Value, dt: DType) -> u64 {
+    kind.expected_table(config)
+        .unwrap()
+        .values()
+        .map(|s| (s.iter().product::<usize>() * param_dtype(s, dt).size_in_bytes()) as u64)
+        .sum()
+}
+
+#[test]
+fn planner_numbers_are_consistent() {
+    let cpu = |n: usize| vec![(Device::Cpu, DType::F32); n];
+    let p = plan(&tiny_models(), &request(cpu(1), 8, 64, 64)).unwrap();
+    let d = &p.devices[0];
+    eprintln!("tiny 8 frames 64x64 cpu: {}", d.describe());
+    for (kind, json, bytes) in [
+        (PartKind::Unet, tiny::unet_config_json(), d.unet_weights),
+        (
+            PartKind::TextEncoder,
+            tiny::clip_config_json(),
+            d.text_weights,
+        ),
+        (PartKind::Vae, tiny::vae_config_json(), d.vae_weights),
+    ] {
+        assert_eq!(bytes, table_bytes(kind, &json, DType::F32), "{kind:?}");
+    }
+    assert_eq!(d.conv_relayout, 0, "no re-layout cache on the CPU");
+    assert_eq!(p.host_frames, 8 * 64 * 64 * 3);
+    assert_eq!(d.total(), d.weights() + d.activations());
+
+    // More frames, more pixels: more activations; same weights.
+    let more_frames = plan(&tiny_models(), &request(cpu(1), 16, 64, 64)).unwrap();
+    let bigger = plan(&tiny_models(), &request(cpu(1), 8, 128, 128)).unwrap();
+    for q in [&more_frames, &bigger] {
+        assert_eq!(q.devices[0].weights(), d.weights());
+        assert!(q.devices[0].denoise_peaks[0] > d.denoise_peaks[0]);
+        assert!(q.devices[0].activations() > d.activations());
+    }
+    // Two ranks on one device: both peaks add; each clip is half the video.
+    let two = plan(&tiny_models(), &request(cpu(2), 16, 64, 64)).unwrap();
+    let t = &two.devices[0];
+    assert_eq!(t.ranks, vec![0, 1]);
+    assert_eq!(t.rank_frames, vec![8, 8]);
+    assert_eq!(
+        t.ranks_peak(),
+        t.denoise_peaks[0].max(t.decode_peaks[0]) * 2
+    );
+    assert!(t.activations() > d.activations());
+    // Halo frames make a clip's pass larger than the same clip alone.
+    assert!(t.denoise_peaks[0] > d.denoise_peaks[0]);
+
+    // bf16 on CUDA: matrices halve, 1-D parameters stay f32, conv kernels are cached re-laid.
+    let g = plan(
+        &tiny_models(),
+        &request(vec![(Device::Cuda(0), DType::BF16)], 8, 64, 64),
+    )
+    .unwrap();
+    let gd = &g.devices[0];
+    assert_eq!(
+        gd.unet_weights,
+        table_bytes(PartKind::Unet, &tiny::unet_config_json(), DType::BF16)
+    );
+    assert!(gd.unet_weights < d.unet_weights && gd.unet_weights * 2 > d.unet_weights);
+    assert!(gd.conv_relayout > 0 && gd.conv_relayout < gd.weights());
+}
+
+#[test]
+fn full_size_plan_320x512() {
+    let t0 = std::time::Instant::now();
+    let one = plan(
+        &full_models(),
+        &request(vec![(Device::Cuda(0), DType::BF16)], 16, 320, 512),
+    )
+    .unwrap();
+    eprintln!(
+        "random-full 16 frames 320x512 bf16, 1 rank: {} (planned in {:.2?})",
+        one.devices[0].describe(),
+        t0.elapsed()
+    );
+    let d = &one.devices[0];
+    for (kind, json, bytes) in [
+        (
+            PartKind::Unet,
+            random_full::unet_config_json(),
+            d.unet_weights,
+        ),
+        (
+            PartKind::TextEncoder,
+            random_full::clip_config_json(),
+            d.text_weights,
+        ),
+        (PartKind::Vae, random_full::vae_config_json(), d.vae_weights),
+    ] {
+        assert_eq!(bytes, table_bytes(kind, &json, DType::BF16), "{kind:?}");
+    }
+    let two = plan(
+        &full_models(),
+        &request(vec![(Device::Cuda(0), DType::BF16); 2], 16, 320, 512),
+    )
+    .unwrap();
+    eprintln!(
+        "random-full 16 frames 320x512 bf16, 2 ranks on one GPU: {}",
+        two.devices[0].describe()
+    );
+    let eight = plan(
+        &full_models(),
+        &request(
+            (0..8).map(|i| (Device::Cuda(i), DType::BF16)).collect(),
+            192,
+            320,
+            512,
+        ),
+    )
+    .unwrap();
+    eprintln!(
+        "random-full 192 frames 320x512 bf16, 8 GPUs: {}",
+        eight.devices[1].describe()
+    );
+    // An 80 GB card: one rank of 16 frames fits; the check says so.
+    let fits = check_fit(
+        &one,
+        &request(vec![(Device::Cuda(0), DType::BF16)], 16, 320, 512),
+        &|d| Ok(Some(if d == Device::Cpu { 64 << 30 } else { 79 << 30 })),
+    );
+    assert!(fits.is_ok(), "{fits:?}");
+    let _ = fmt_bytes(0);
+}
+
+#[test]
+fn check_fit_explains_a_shortfall() {
+    let req = request(vec![(Device::Cuda(0), DType::BF16); 2], 32, 320, 512);
+    let p: MemoryPlan = plan(&full_models(), &req).unwrap();
+    let short = check_fit(&p, &req, &|d| {
+        Ok(Some(if d == Device::Cpu { 64 << 30 } else { 2 << 30 }))
+    })
+    .unwrap_err();
+    assert_eq!(short.len(), 1);
+    let text = &short[0].text;
+    eprintln!("{text}");
+    assert!(
+        text.contains("cuda:0") && text.contains("only 2.00 GiB is free"),
+        "{text}"
+    );
+    assert!(text.contains("fewer ranks per device"), "{text}");
+    assert!(text.contains("--devices"), "{text}");
+    assert!(text.contains("--no-memory-check"), "{text}");
+}
+
+fn run(args: &[&str]) -> Result<(), video_infinity::Error> {
+    let mut v = vec!["video-infinity"];
+    v.extend_from_slice(args);
+    video_infinity::run(v)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
