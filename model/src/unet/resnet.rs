@@ -118,16 +118,23 @@ impl ResnetBlock {
         })
     }
 
-    /// x [N, H, W, cin] (the residual stream, f32 by default); `emb_silu` = SiLU(emb), [1, temb] (the same
-    /// embedding for every frame and batch row: one timestep, one fps per call) -> x.dtype()
-    /// [N, H, W, cout]. The branch runs in the weights' dtype.
+    /// x [N, H, W, cin] (the residual stream, f32 by default); `emb_silu` = SiLU(emb), [1, temb]
+    /// (the same embedding for every frame and batch row: one timestep, one fps per call) ->
+    /// x.dtype() [N, H, W, cout]. The branch runs in the weights' dtype.
     pub fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
         let dt = self.conv1.w.dtype();
         let h = spatial_group_norm(x, &self.norm1, self.groups, self.eps, true, dt)?;
-        let h = self.conv1.apply_conv(&h, 1, 1)?;
-        let t = self.time_emb_proj.apply_linear(emb_silu)?;
+        // time_emb_proj(emb) is one [cout] row for the whole call: folded into conv1's bias (f32),
+        // which saves the broadcast add over [N, H, W, cout] and its rounding.
+        let t = self.time_emb_proj.apply_linear_to(emb_silu, DType::F32)?;
         let cout = t.dim(t.rank() - 1);
-        let h = ops::add(&h, &t.reshape(&[1, 1, 1, cout])?)?;
+        let h = if t.elem_count() == cout {
+            let bias = ops::add(&self.conv1.b.to_dtype(DType::F32)?, &t.reshape(&[cout])?)?;
+            ops::conv2d(&h, &self.conv1.w, Some(&bias), 1, 1)?
+        } else {
+            let h = self.conv1.apply_conv(&h, 1, 1)?;
+            ops::add_to(&h, &t.reshape(&[t.dim(0), 1, 1, cout])?, dt)?
+        };
         let h = spatial_group_norm(&h, &self.norm2, self.groups, self.eps, true, dt)?;
         let h = self.conv2.apply_conv(&h, 1, 1)?;
         let shortcut = match &self.conv_shortcut {
