@@ -311,6 +311,145 @@ fn run(args: &[&str]) -> Result<(), video_infinity::Error> {
     video_infinity::run(v)
 }
 
+fn err(args: &[&str]) -> String {
+    match run(args) {
+        Ok(()) => panic!("expected an error from {args:?}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// A request far beyond any machine's memory (on the real MemAvailable) fails fast with the
+/// device, need vs free and what to change, and writes nothing.
+#[test]
+fn generate_refuses_a_plan_that_cannot_fit_this_machine() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("huge.mp4");
+    let frames = t.path().join("frames");
+    let t0 = std::time::Instant::now();
+    let e = err(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--devices",
+        "cpu:2",
+        "--frames",
+        "256",
+        "--height",
+        "16384",
+        "--width",
+        "16384",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        s(&out),
+        "--frames-dir",
+        s(&frames),
+    ]);
+    let el = t0.elapsed();
+    eprintln!("{e}\n(refused in {el:.2?})");
+    assert!(e.contains("memory plan does not fit"), "{e}");
+    assert!(
+        e.contains("host memory (cpu)") && e.contains("is free"),
+        "{e}"
+    );
+    assert!(e.contains("UNet pass") && e.contains("weights"), "{e}");
+    assert!(e.contains("decoded frames kept in host memory"), "{e}");
+    assert!(
+        e.contains("fewer ranks per device") && e.contains("--frames"),
+        "{e}"
+    );
+    assert!(e.contains("--no-memory-check"), "{e}");
+    assert!(el < Duration::from_secs(60), "not fast: {el:?}");
+    assert!(!out.exists() && !frames.exists());
+    assert_eq!(
+        std::fs::read_dir(t.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+/// The check runs before any weight is read: a model folder with a truncated UNet file fails on
+/// memory (pretending 1 MB free), not on the weights; with --no-memory-check the weights error
+/// comes. And --no-memory-check lets a small tiny run go through whatever the free memory.
+#[test]
+fn memory_check_runs_before_loading_and_can_be_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let model = t.path().join("model");
+    run(&["write-tiny", s(&model)]).unwrap();
+    let unet = model.join("unet/diffusion_pytorch_model.safetensors");
+    assert!(unet.is_file(), "{unet:?}");
+    let data = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &data[..data.len() / 2]).unwrap();
+    let out = t.path().join("v.mp4");
+    let base = [
+        "generate",
+        "--model",
+        s(&model),
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--quiet",
+        "--prompt",
+        "a cat",
+        "--out",
+        s(&out),
+    ];
+    let mut a = base.to_vec();
+    a.extend(["--assume-free-memory", "1000000"]);
+    let e = err(&a);
+    assert!(e.contains("memory plan does not fit"), "{e}");
+    assert!(e.contains("only 976.6 KiB is free"), "{e}");
+    assert!(!out.exists());
+    a.push("--no-memory-check");
+    let e = err(&a);
+    assert!(!e.contains("memory plan"), "{e}");
+    assert!(e.contains("safetensors") || e.contains("unet"), "{e}");
+    assert!(!out.exists());
+
+    // The tiny model with 1 MB "free": refused; with --no-memory-check: generated.
+    let tiny = [
+        "generate",
+        "--model",
+        "tiny",
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        s(&out),
+        "--assume-free-memory",
+        "1000000",
+    ];
+    let e = err(&tiny);
+    assert!(e.contains("memory plan does not fit"), "{e}");
+    assert!(!out.exists());
+    let mut ok = tiny.to_vec();
+    ok.push("--no-memory-check");
+    run(&ok).unwrap();
+    assert!(out.is_file());
+    // And a plain small run passes the real check.
+    let out2 = t.path().join("w.mp4");
+    run(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        s(&out2),
+        "--vae-chunk",
+        "1",
+    ])
+    .unwrap();
+    assert!(out2.is_file());
 }

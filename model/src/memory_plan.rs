@@ -631,8 +631,9 @@ pub struct Shortfall {
 }
 
 /// Compares the plan with free memory (`free_of(device)`; the host is [`Device::Cpu`]): the host
-/// holds the CPU device's plan plus the decoded frames. Returns notes (devices that could not be
-/// checked) or the devices that do not fit, each with an explanation and what to change.
+/// holds the CPU device's plan plus the decoded frames. Returns one note per device (fits with
+/// how much, or could not be checked), or the devices that do not fit, each with an explanation
+/// and what to change.
 pub fn check_fit(
     plan: &MemoryPlan,
     req: &PlanRequest,
@@ -677,6 +678,12 @@ pub fn check_fit(
         };
         let need = planned + margin;
         if need <= free {
+            notes.push(format!(
+                "{}: fits ({} with margin, {} free)",
+                device_name(device),
+                fmt_bytes(need),
+                fmt_bytes(free)
+            ));
             continue;
         }
         let mut text = format!(

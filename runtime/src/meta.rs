@@ -131,6 +131,17 @@ impl Backend for MetaBackend {
     fn linear(&self, x: &Tensor, w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
         Ok(tracked(&[x.dim(0), w.dim(0)], x.dtype()))
     }
+    fn linear_to(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: Option<&Tensor>,
+        out: DType,
+    ) -> Result<Tensor> {
+        // Written straight as `out` from the accumulator (CUDA, CPU rounded path); reached only
+        // with out != x's dtype (ops::linear_to delegates the same-dtype case to linear).
+        Ok(tracked(&[x.dim(0), w.dim(0)], out))
+    }
     // linear_add: the trait's default (linear, then binary into the residual's dtype): the
     // unfused composition's intermediate product is counted, an upper bound of the fused backends.
     fn conv2d(

@@ -154,6 +154,19 @@ pub struct GenerateArgs {
     /// No progress bar (stage lines and the summary are still printed).
     #[arg(long)]
     pub quiet: bool,
+
+    /// Frames the VAE decodes at a time (its memory grows with this).
+    #[arg(long, default_value_t = 4)]
+    pub vae_chunk: usize,
+
+    /// Skip the memory plan check (by default a generation whose planned memory exceeds a
+    /// device's free memory is refused before any weight is loaded).
+    #[arg(long)]
+    pub no_memory_check: bool,
+
+    /// Testing: take this many bytes as free on every device and on the host.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    pub assume_free_memory: Option<u64>,
 }
 
 /// Video-Infinity knobs (defaults: the reference's plugin configuration).

@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use vi_model::clip::ClipTextConfig;
 use vi_model::clip_parallel::{PhaseBias, ViConfig};
 use vi_model::distributed::{reference_prompt_segments, split_frames};
+use vi_model::memory_plan::{self, PlanModels, PlanRequest};
 use vi_model::pipeline::{self, Event, GenerateRequest, ModelPaths, Models};
 use vi_model::sampler::SamplerKind;
+use vi_model::unet::UNetConfig;
+use vi_model::vae::VaeConfig;
 use vi_runtime::{DType, Device};
 
 use crate::cli::{DTypeArg, GenerateArgs, PartArgs, SamplerArg, ViArgs};
@@ -177,6 +181,28 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     };
 
+    ensure!(a.vae_chunk >= 1, "--vae-chunk must be at least 1");
+
+    // --- Memory plan: before any output is opened or any weight is loaded ---------------------
+    let dtype_of = |d: Device| dtype_of(d, a.dtype);
+    if a.no_memory_check {
+        stage("memory", "check skipped (--no-memory-check)".into());
+    } else {
+        let req = PlanRequest {
+            ranks: ranks.iter().map(|&d| (d, dtype_of(d))).collect(),
+            frames,
+            height,
+            width,
+            steps,
+            sampler: sampler_kind(a.sampler),
+            vi: vi_config(&a.vi),
+            vae_chunk: a.vae_chunk,
+            decode: true,
+            prompts: segments.len(),
+        };
+        check_memory(&a.model, &a.parts, &req, a.assume_free_memory)?;
+    }
+
     // --- Outputs: opened now, so a bad destination fails before any work --------------------
     let mut mp4 = match &a.out {
         Some(p) => Some(Mp4Writer::create(p, width, height, a.out_fps, a.overwrite)?),
@@ -228,7 +254,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         vi: vi_config(&a.vi),
         world,
         rank_timeout: Duration::from_secs(600),
-        vae_chunk: 4,
+        vae_chunk: a.vae_chunk,
         decode: true,
     };
     pipeline::check_request(&models[0], &req)?;
@@ -407,11 +433,7 @@ pub fn load_models(
             devices.push(*d);
         }
     }
-    let dtype_of = |d: Device| match (d, dtype) {
-        (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
-        (_, DTypeArg::Bf16) => DType::BF16,
-        (_, DTypeArg::F16) => DType::F16,
-    };
+    let dtype_of = |d: Device| dtype_of(d, dtype);
     let mut models: Vec<Models> = Vec::new();
     for &d in &devices {
         let m = match &paths {
@@ -428,6 +450,107 @@ pub fn load_models(
         .map(|d| devices.iter().position(|x| x == d).expect("listed"))
         .collect();
     Ok((models, rank_model))
+}
+
+/// The models' storage dtype on `d` (the CPU computes in f32).
+fn dtype_of(d: Device, dtype: DTypeArg) -> DType {
+    match (d, dtype) {
+        (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
+        (_, DTypeArg::Bf16) => DType::BF16,
+        (_, DTypeArg::F16) => DType::F16,
+    }
+}
+
+/// The three configurations of `model` (no weights read); None when a model folder's configs
+/// cannot be read (loading then reports the problem).
+fn plan_models(model: &str, parts: &PartArgs) -> Option<PlanModels> {
+    use vi_model::pipeline::{part_files_in, PartKind};
+    if model == "tiny" {
+        return Some(PlanModels {
+            unet: vi_model::tiny::unet_config(),
+            clip: vi_model::tiny::clip_config(),
+            vae: vi_model::tiny::vae_config(),
+        });
+    }
+    if model == RANDOM_FULL {
+        return Some(PlanModels {
+            unet: vi_model::random_full::unet_config().ok()?,
+            clip: vi_model::random_full::clip_config().ok()?,
+            vae: vi_model::random_full::vae_config().ok()?,
+        });
+    }
+    let paths = ModelPaths::with_overrides(
+        Some(Path::new(model)),
+        parts.unet.as_deref(),
+        parts.text_encoder.as_deref(),
+        parts.vae.as_deref(),
+        parts.tokenizer.as_deref(),
+    )
+    .ok()?;
+    let config = |dir: &Path, kind: PartKind| part_files_in(dir, kind).ok()?.read_config().ok();
+    Some(PlanModels {
+        unet: UNetConfig::from_json(&config(&paths.unet, PartKind::Unet)?).ok()?,
+        clip: ClipTextConfig::from_json(&config(&paths.text_encoder, PartKind::TextEncoder)?)
+            .ok()?,
+        vae: VaeConfig::from_json(&config(&paths.vae, PartKind::Vae)?).ok()?,
+    })
+}
+
+/// Plans the generation's memory on shape-only tensors (`vi_model::memory_plan`), prints the plan
+/// and refuses it when a device's free memory (CUDA: the driver's free bytes; the CPU and the host:
+/// MemAvailable) is below plan + margin. `assume_free` replaces every free-memory reading (tests).
+fn check_memory(
+    model: &str,
+    parts: &PartArgs,
+    req: &PlanRequest,
+    assume_free: Option<u64>,
+) -> Result<()> {
+    let Some(models) = plan_models(model, parts) else {
+        return Ok(());
+    };
+    let plan = match memory_plan::plan(&models, req) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("    warning: no memory plan ({e}); memory not checked");
+            return Ok(());
+        }
+    };
+    // One line per device (the largest only beyond two devices).
+    let mut shown: Vec<&memory_plan::DevicePlan> = plan.devices.iter().collect();
+    if shown.len() > 2 {
+        shown.sort_by_key(|d| std::cmp::Reverse(d.total()));
+        shown.truncate(1);
+    }
+    for d in &shown {
+        stage("memory", d.describe());
+    }
+    if plan.devices.len() > shown.len() {
+        eprintln!(
+            "    (largest of {} devices; decoded frames in host memory: {})",
+            plan.devices.len(),
+            memory_plan::fmt_bytes(plan.host_frames)
+        );
+    }
+    let free_of = |d: Device| -> std::result::Result<Option<u64>, String> {
+        match assume_free {
+            Some(b) => Ok(Some(b)),
+            None => memory_plan::device_free(d),
+        }
+    };
+    match memory_plan::check_fit(&plan, req, &free_of) {
+        Ok(notes) => {
+            eprintln!("    {}", notes.join("; "));
+            Ok(())
+        }
+        Err(short) => {
+            let texts: Vec<String> = short.into_iter().map(|s| s.text).collect();
+            bail!(
+                "the memory plan does not fit (checked before loading any weights; nothing was \
+                 written):\n  {}",
+                texts.join("\n  ")
+            )
+        }
+    }
 }
 
 /// `4 ranks on cpu`, `8 ranks on cuda:0..7`, ...
