@@ -102,6 +102,10 @@ pub struct DevicePlan {
     pub denoise_peaks: Vec<u64>,
     /// Per rank: latents kept + one VAE chunk's peak (0 without decoding).
     pub decode_peaks: Vec<u64>,
+    /// Largest fp32 buffer of the CUDA GEMM f32-bias fallback (taken only if cuBLASLt refuses a
+    /// bias epilogue; one op at a time per device, since a device's ranks share one stream and
+    /// stream-ordered frees precede later allocations). Added to the CUDA margin.
+    pub gemm_fallback: u64,
 }
 
 impl DevicePlan {
@@ -158,6 +162,13 @@ impl DevicePlan {
             let _ = write!(s, ", text encoder {}", fmt_bytes(self.text_peak));
         }
         let _ = write!(s, ") = {}", fmt_bytes(self.total()));
+        if self.gemm_fallback > 0 {
+            let _ = write!(
+                s,
+                " (+ up to {} if cuBLASLt refuses an f32-bias epilogue)",
+                fmt_bytes(self.gemm_fallback)
+            );
+        }
         s
     }
 }
@@ -373,6 +384,8 @@ pub struct RankPeaks {
     pub denoise: u64,
     /// Decoding phase: what the denoising phase left alive + one VAE chunk's peak.
     pub decode: u64,
+    /// Largest CUDA GEMM f32-bias fallback buffer of either phase (`meta::Measured::fallback`).
+    pub fallback: u64,
 }
 
 /// What one rank runs with: its models (real or meta weights) and where.
@@ -408,7 +421,7 @@ pub fn denoise_and_decode(
     let (seq, hidden) = m.text;
     let shape = [1, n, lh, lw, lat_c];
     let timesteps = sampler.timesteps();
-    let (latents, den_peak, kept) = meta::measure_live(|| -> Result<Tensor> {
+    let (latents, den) = meta::measure_full(|| -> Result<Tensor> {
         // The rank's own copy of its conditioning (pipeline: `.to_device(dev)?.to_dtype(dt)`).
         let ehs = Tensor::zeros(&[2, seq, hidden], dev, dt)?;
         let mut x = Tensor::zeros(&shape, dev, DType::F32)?;
@@ -438,11 +451,12 @@ pub fn denoise_and_decode(
     });
     let latents = latents?;
     let mut peaks = RankPeaks {
-        denoise: den_peak as u64,
+        denoise: den.peak as u64,
         decode: 0,
+        fallback: den.fallback as u64,
     };
     if decode {
-        let (r, vae_peak) = meta::measure(|| {
+        let (r, vae) = meta::measure_full(|| {
             m.vae
                 .decode_frames_with(&latents, vae_chunk.max(1), |_, images| {
                     // images_to_rgb8's device part; the RGB8 bytes are host memory.
@@ -451,17 +465,19 @@ pub fn denoise_and_decode(
                 })
         });
         r?;
-        peaks.decode = (kept + vae_peak) as u64;
+        peaks.decode = (den.live_end + vae.peak) as u64;
+        peaks.fallback = peaks.fallback.max(vae.fallback as u64);
     }
     Ok(peaks)
 }
 
 /// Text phase on meta weights: the encoder on `prompts + 1` prompts, then one [2, L, hidden]
-/// conditioning per rank (kept for the whole run). Returns (peak, bytes kept).
-pub fn text_phase(models: &MetaModels, prompts: usize, world: usize) -> Result<(u64, u64)> {
+/// conditioning per rank (kept for the whole run). Returns (peak, bytes kept, largest GEMM
+/// fallback buffer).
+pub fn text_phase(models: &MetaModels, prompts: usize, world: usize) -> Result<(u64, u64, u64)> {
     let seq = CONTEXT_LENGTH.min(models.clip.config.max_position_embeddings);
     let ids = vec![0u32; seq * (prompts + 1)];
-    let (r, peak, kept) = meta::measure_live(|| -> Result<(Tensor, Vec<Tensor>)> {
+    let (r, m) = meta::measure_full(|| -> Result<(Tensor, Vec<Tensor>)> {
         let emb = models.clip.forward(&ids, prompts + 1)?;
         let (s, h) = (emb.dim(1), emb.dim(2));
         let mut per_rank = Vec::with_capacity(world);
@@ -473,7 +489,7 @@ pub fn text_phase(models: &MetaModels, prompts: usize, world: usize) -> Result<(
         Ok((emb, per_rank))
     });
     drop(r?);
-    Ok((peak as u64, kept as u64))
+    Ok((m.peak as u64, m.live_end as u64, m.fallback as u64))
 }
 
 /// Sampler steps the dry run simulates: enough for the second-order state of every later step.
@@ -515,7 +531,7 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     let (lh, lw) = (req.height / scale, req.width / scale);
     let sampler = Sampler::new(req.sampler, req.steps)?;
     let steps = req.steps.min(SIM_STEPS);
-    let (text_peak, text_kept) = text_phase(m0, req.prompts, world)?;
+    let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, world)?;
 
     let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
         let comm = RechargingComm(comm);
@@ -554,6 +570,12 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             text_kept: if i == 0 { text_kept } else { 0 },
             denoise_peaks: ranks.iter().map(|&r| peaks[r].denoise).collect(),
             decode_peaks: ranks.iter().map(|&r| peaks[r].decode).collect(),
+            gemm_fallback: ranks
+                .iter()
+                .map(|&r| peaks[r].fallback)
+                .chain((i == 0).then_some(text_fallback))
+                .max()
+                .unwrap_or(0),
             ranks,
         });
     }
@@ -578,10 +600,12 @@ pub struct Margin {
 
 impl Margin {
     /// CUDA: 1 GiB fixed (cuBLASLt workspace 32 MiB per device, cuDNN handles and convolution
-    /// workspaces, which are allocated per call and freed stream-ordered, our kernel modules) plus
-    /// 10 % of the plan (the memory pool rounds allocations up and keeps freed blocks cached: a
-    /// fragmented pool can hold more than the live bytes). Not measured on a GPU here: a
-    /// conservative choice, to be tuned from `device_info` high-water marks.
+    /// workspaces, which are allocated per call and freed stream-ordered, our kernel modules; the
+    /// im2col path, used only without cuDNN, chunks its buffer to at most 1 GiB) plus 10 % of the
+    /// plan (the memory pool rounds allocations up and keeps freed blocks cached: a fragmented
+    /// pool can hold more than the live bytes); [`check_fit`] adds the device's largest GEMM
+    /// fallback buffer ([`DevicePlan::gemm_fallback`]). Not measured on a GPU here: a conservative
+    /// choice, to be tuned from `device_info` high-water marks.
     pub const CUDA: Margin = Margin {
         fixed: 1 << 30,
         fraction: 0.10,
@@ -658,10 +682,9 @@ pub fn check_fit(
     }
     for (device, planned, dp) in entries {
         let margin = match device {
-            Device::Cpu => Margin::CPU,
-            _ => Margin::CUDA,
-        }
-        .of(planned);
+            Device::Cpu => Margin::CPU.of(planned),
+            _ => Margin::CUDA.of(planned) + dp.map_or(0, |d| d.gemm_fallback),
+        };
         let free = match free_of(device) {
             Ok(Some(f)) => f,
             Ok(None) => {

@@ -16,8 +16,10 @@
 //!
 //! What the count covers: tensors only. Backend scratch that is not a tensor (CPU GEMM packing,
 //! cuBLASLt/cuDNN workspaces, the CUDA pool's rounding) is not counted; the planner adds a margin
-//! for it. One CUDA temporary that scales with the activations is modelled here: the f32
-//! accumulator of a bf16/f16 temporal convolution with more than one tap (`cuda/conv.rs`).
+//! for it. CUDA temporaries that scale with the activations are modelled here: the f32
+//! accumulator of a bf16/f16 temporal convolution with more than one tap (`cuda/conv.rs`) is
+//! counted in the peak; the fp32 buffer of the GEMM f32-bias fallback, which exists only when
+//! cuBLASLt refuses an epilogue, is reported apart ([`Measured::fallback`]).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +33,8 @@ use crate::{DType, Result, Storage, Tensor};
 pub struct Accountant {
     live: AtomicUsize,
     peak: AtomicUsize,
+    /// Largest conditional backend temporary noted by the meta backend ([`Measured::fallback`]).
+    fallback: AtomicUsize,
 }
 
 impl Accountant {
@@ -93,19 +97,57 @@ impl Drop for Installed {
 /// tensors created on this thread during `f` that were alive at the same time. A nested `measure`
 /// charges its own tensors to its own accountant only.
 pub fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let (r, peak, _) = measure_live(f);
-    (r, peak)
+    let (r, m) = measure_full(f);
+    (r, m.peak)
 }
 
-/// [`measure`], also returning the bytes still alive when `f` returned (tensors f returned or
-/// stored elsewhere: e.g. the latents a denoising phase hands to the decoder).
-pub fn measure_live<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
+/// What [`measure_full`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Measured {
+    /// High-water mark of live tensor bytes.
+    pub peak: usize,
+    /// Bytes still alive when the closure returned (tensors it returned or stored elsewhere: e.g.
+    /// the latents a denoising phase hands to the decoder).
+    pub live_end: usize,
+    /// Largest temporary a real backend allocates only on a fallback path, not counted in
+    /// `peak` (meta runs only): the fp32 buffer of the CUDA GEMM's f32-bias fallback (when
+    /// cuBLASLt refuses a bf16/f16 GEMM with an f32 bias epilogue, `cuda/gemm.rs`): one op's
+    /// output in f32, freed when the op ends.
+    pub fallback: usize,
+}
+
+/// [`measure`] with the bytes alive at the end and the largest fallback temporary.
+pub fn measure_full<R>(f: impl FnOnce() -> R) -> (R, Measured) {
     let acct = Arc::new(Accountant::default());
     let prev = CURRENT.with(|c| c.borrow_mut().replace(acct.clone()));
     let guard = Installed(prev);
     let r = f();
     drop(guard);
-    (r, acct.peak(), acct.live())
+    let m = Measured {
+        peak: acct.peak(),
+        live_end: acct.live(),
+        fallback: acct.fallback.load(Ordering::SeqCst),
+    };
+    (r, m)
+}
+
+/// Notes a conditional backend temporary of `bytes` (see [`Measured::fallback`]).
+fn note_fallback(bytes: usize) {
+    CURRENT.with(|c| {
+        if let Some(a) = c.borrow().as_ref() {
+            a.fallback.fetch_max(bytes, Ordering::SeqCst);
+        }
+    });
+}
+
+/// A GEMM writing `out_elems` elements of `x`'s dtype with `bias`: on CUDA, a bf16/f16 output with
+/// an f32 bias may take the fp32-buffer fallback.
+fn gemm_bias_fallback(x: &Tensor, bias: Option<&Tensor>, out_elems: usize) {
+    if let Some(b) = bias {
+        if x.dtype() != DType::F32 && b.dtype() != x.dtype() {
+            note_fallback(out_elems * DType::F32.size_in_bytes());
+        }
+    }
 }
 
 /// Live bytes of the current measurement (0 outside [`measure`]).
@@ -128,7 +170,8 @@ impl Backend for MetaBackend {
         let n = if trans_b { b.dim(1) } else { b.dim(2) };
         Ok(tracked(&[a.dim(0), a.dim(1), n], a.dtype()))
     }
-    fn linear(&self, x: &Tensor, w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        gemm_bias_fallback(x, bias, x.dim(0) * w.dim(0));
         Ok(tracked(&[x.dim(0), w.dim(0)], x.dtype()))
     }
     fn linear_to(
@@ -148,21 +191,26 @@ impl Backend for MetaBackend {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _bias: Option<&Tensor>,
+        bias: Option<&Tensor>,
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
         let ho = (x.dim(1) + 2 * pad - w.dim(2)) / stride + 1;
         let wo = (x.dim(2) + 2 * pad - w.dim(3)) / stride + 1;
-        Ok(tracked(&[x.dim(0), ho, wo, w.dim(0)], x.dtype()))
+        let shape = [x.dim(0), ho, wo, w.dim(0)];
+        // 1x1 and im2col convolutions are GEMMs with the bias in the epilogue.
+        gemm_bias_fallback(x, bias, shape.iter().product());
+        Ok(tracked(&shape, x.dtype()))
     }
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
+    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let shape = [x.dim(0), x.dim(1), x.dim(2), w.dim(0)];
         let out = tracked(&shape, x.dtype());
         // The CUDA backend accumulates the taps of a bf16/f16 temporal conv (k > 1) in an f32
         // buffer of the output's size, alive next to the output until the op returns.
         if x.dtype() != DType::F32 && w.dim(2) > 1 {
             drop(tracked(&shape, DType::F32));
+        } else {
+            gemm_bias_fallback(x, bias, shape.iter().product());
         }
         Ok(out)
     }
@@ -331,6 +379,19 @@ mod tests {
         let c = ops::concat(&[&q, &q], 1).unwrap();
         assert_eq!(c.shape(), [3, 10, 2, 8]);
         assert!(c.to_vec_f32().is_err(), "a meta tensor has no data");
+    }
+
+    #[test]
+    fn bf16_gemm_with_f32_bias_notes_the_fallback_buffer() {
+        let x = tracked(&[6, 4], DType::BF16);
+        let w = Tensor::meta(&[10, 4], DType::BF16);
+        let b32 = Tensor::meta(&[10], DType::F32);
+        let (_, m) = measure_full(|| ops::linear(&x, &w, Some(&b32)).unwrap());
+        assert_eq!(m.peak, 6 * 10 * 2);
+        assert_eq!(m.fallback, 6 * 10 * 4);
+        let b16 = Tensor::meta(&[10], DType::BF16);
+        let (_, m) = measure_full(|| ops::linear(&x, &w, Some(&b16)).unwrap());
+        assert_eq!(m.fallback, 0);
     }
 
     #[test]

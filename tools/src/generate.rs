@@ -185,6 +185,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     // --- Memory plan: before any output is opened or any weight is loaded ---------------------
     let dtype_of = |d: Device| dtype_of(d, a.dtype);
+    let mut planned = None;
     if a.no_memory_check {
         stage("memory", "check skipped (--no-memory-check)".into());
     } else {
@@ -200,7 +201,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             decode: true,
             prompts: segments.len(),
         };
-        check_memory(&a.model, &a.parts, &req, a.assume_free_memory)?;
+        planned = check_memory(&a.model, &a.parts, &req, a.assume_free_memory)?;
     }
 
     // --- Outputs: opened now, so a bad destination fails before any work --------------------
@@ -390,7 +391,36 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         secs(wall),
         n_frames as f64 / wall.as_secs_f64()
     );
+    if let Some(p) = &planned {
+        report_cuda_use(p);
+    }
     Ok(())
+}
+
+/// A checked memory plan and the free bytes read per device before the run.
+type Planned = (memory_plan::MemoryPlan, Vec<(Device, u64)>);
+
+/// After a run: each CUDA device's planned bytes next to what the run took from it (free memory
+/// before the plan minus free memory now; the memory pool keeps freed blocks, so this is the
+/// run's high-water mark, pool rounding and workspaces included).
+fn report_cuda_use(planned: &Planned) {
+    #[cfg(feature = "cuda")]
+    for d in &planned.0.devices {
+        let Device::Cuda(i) = d.device else { continue };
+        let before = planned.1.iter().find(|(x, _)| *x == d.device).map(|p| p.1);
+        if let (Some(before), Ok((_, _, free, _))) = (before, vi_runtime::cuda::device_info(i)) {
+            stage(
+                "memory",
+                format!(
+                    "cuda:{i}: planned {} (+ margin), the run took {} (pool high-water)",
+                    memory_plan::fmt_bytes(d.total()),
+                    memory_plan::fmt_bytes(before.saturating_sub(free as u64))
+                ),
+            );
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = planned;
 }
 
 /// `--model random-full`: VideoCrafter2's full-size architecture with random weights.
@@ -504,15 +534,15 @@ fn check_memory(
     parts: &PartArgs,
     req: &PlanRequest,
     assume_free: Option<u64>,
-) -> Result<()> {
+) -> Result<Option<Planned>> {
     let Some(models) = plan_models(model, parts) else {
-        return Ok(());
+        return Ok(None);
     };
     let plan = match memory_plan::plan(&models, req) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("    warning: no memory plan ({e}); memory not checked");
-            return Ok(());
+            return Ok(None);
         }
     };
     // One line per device (the largest only beyond two devices).
@@ -531,16 +561,21 @@ fn check_memory(
             memory_plan::fmt_bytes(plan.host_frames)
         );
     }
+    let readings = std::sync::Mutex::new(Vec::new());
     let free_of = |d: Device| -> std::result::Result<Option<u64>, String> {
-        match assume_free {
+        let f = match assume_free {
             Some(b) => Ok(Some(b)),
             None => memory_plan::device_free(d),
+        };
+        if let Ok(Some(b)) = f {
+            readings.lock().unwrap().push((d, b));
         }
+        f
     };
     match memory_plan::check_fit(&plan, req, &free_of) {
         Ok(notes) => {
             eprintln!("    {}", notes.join("; "));
-            Ok(())
+            Ok(Some((plan, readings.into_inner().unwrap())))
         }
         Err(short) => {
             let texts: Vec<String> = short.into_iter().map(|s| s.text).collect();
