@@ -2,21 +2,77 @@
 //! real CPU run allocates; the planner's numbers are consistent; `generate` refuses a plan that
 //! does not fit before loading any weights, writes nothing, and `--no-memory-check` skips it.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::{run_ranks, split_frames};
 use vi_model::memory_plan::{
-    check_fit, denoise_and_decode, fmt_bytes, plan, MemoryPlan, MetaModels, PlanModels,
+    check_fit, denoise_and_decode, fmt_bytes, plan, Margin, MemoryPlan, MetaModels, PlanModels,
     PlanRequest, RankModels, RankPeaks, RechargingComm,
 };
 use vi_model::params::param_dtype;
-use vi_model::pipeline::PartKind;
+use vi_model::pipeline::{generate, GenerateRequest, PartKind};
 use vi_model::sampler::{Sampler, SamplerKind};
 use vi_model::temporal::LocalContext;
 use vi_model::{random_full, tiny};
 use vi_runtime::{meta, DType, Device, Tensor};
+
+/// Heap bytes of the whole process, live and peak (a test-only counting allocator): what the real
+/// pipeline takes, scratch buffers and host copies included.
+struct Counting;
+static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = HEAP_LIVE.fetch_add(l.size(), Ordering::SeqCst) + l.size();
+            HEAP_PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = HEAP_LIVE.fetch_add(l.size(), Ordering::SeqCst) + l.size();
+            HEAP_PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) };
+        HEAP_LIVE.fetch_sub(l.size(), Ordering::SeqCst);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            HEAP_LIVE.fetch_sub(l.size(), Ordering::SeqCst);
+            let now = HEAP_LIVE.fetch_add(new, Ordering::SeqCst) + new;
+            HEAP_PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Tests of this file run one at a time, so the heap counter sees one test's allocations.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn tiny_models() -> PlanModels {
     PlanModels {
@@ -38,6 +94,7 @@ fn full_models() -> PlanModels {
 /// live tensor bytes are equal.
 #[test]
 fn dry_run_peak_equals_real_cpu_peak_single_passes() {
+    let _serial = serial();
     let real = tiny::load(Device::Cpu, DType::F32).unwrap();
     let fake = MetaModels::build(&tiny_models(), DType::F32).unwrap();
     let hidden = real.clip.config.hidden_size;
@@ -84,6 +141,7 @@ fn dry_run_peak_equals_real_cpu_peak_single_passes() {
 /// VAE decode) over 1 and 3 ranks: each rank's peaks are equal, real vs meta.
 #[test]
 fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
+    let _serial = serial();
     let real = tiny::load(Device::Cpu, DType::F32).unwrap();
     let fake = MetaModels::build(&tiny_models(), DType::F32).unwrap();
     let text = (77, real.clip.config.hidden_size);
@@ -142,6 +200,71 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
     }
 }
 
+/// The real pipeline (`pipeline::generate`, 2 CPU ranks, tiny model) takes from the heap, above
+/// the loaded models, no more than the plan's activations + decoded frames + the CPU margin's
+/// fraction; the plan's tensor activations are most of it.
+#[test]
+fn real_pipeline_heap_peak_is_within_the_plan() {
+    let _serial = serial();
+    let models = tiny::load(Device::Cpu, DType::F32).unwrap();
+    let (world, frames, hw) = (2, 12, 128);
+    let req = GenerateRequest {
+        prompts: vec![(0, "a cat".into())],
+        negative_prompt: String::new(),
+        frames,
+        height: hw,
+        width: hw,
+        steps: 3,
+        sampler: SamplerKind::DpmSolverSde,
+        guidance: 7.5,
+        fps_cond: 24.0,
+        seed: 1,
+        vi: ViConfig::default(),
+        world,
+        rank_timeout: Duration::from_secs(300),
+        vae_chunk: 3,
+        decode: true,
+    };
+    let mut preq = request(vec![(Device::Cpu, DType::F32); world], frames, hw, hw);
+    preq.steps = req.steps;
+    preq.vae_chunk = req.vae_chunk;
+    let p = plan(&tiny_models(), &preq).unwrap();
+    let d = &p.devices[0];
+    let planned = d.activations() + p.host_frames;
+
+    let base = HEAP_LIVE.load(Ordering::SeqCst);
+    HEAP_PEAK.store(base, Ordering::SeqCst);
+    let out = generate(&|_| &models, &req, &|_| {}).unwrap();
+    let real = (HEAP_PEAK.load(Ordering::SeqCst) - base) as u64;
+    assert_eq!(out.len(), frames);
+    eprintln!(
+        "real pipeline heap peak above the models: {} ({real} B); plan: activations {} + \
+         frames {} = {} ({planned} B); ratio {:.3}",
+        fmt_bytes(real),
+        fmt_bytes(d.activations()),
+        fmt_bytes(p.host_frames),
+        fmt_bytes(planned),
+        real as f64 / planned as f64
+    );
+    // Beyond the tensors, the CPU backend's scratch: an im2col block of at most 8 MiB per
+    // running convolution (one per rank at a time), its re-ordered kernel and attention score
+    // blocks (small here), the host f32 copy of a decoded chunk. The fit check's CPU margin
+    // (512 MiB + 10 %) covers these; here they must stay within 8 MiB per rank + 10 %.
+    let scratch = world as u64 * (8 << 20) + planned / 10;
+    assert!(
+        real <= planned + scratch,
+        "real {real} > plan {planned} + scratch allowance {scratch}"
+    );
+    assert!(
+        real <= planned + Margin::CPU.of(planned),
+        "the fit check's margin would not cover it"
+    );
+    assert!(
+        real * 10 > planned * 9,
+        "the plan is a loose bound: real {real}, plan {planned}"
+    );
+}
+
 fn request(ranks: Vec<(Device, DType)>, frames: usize, h: usize, w: usize) -> PlanRequest {
     PlanRequest {
         ranks,
@@ -168,6 +291,7 @@ fn table_bytes(kind: PartKind, config: &serde_json::Value, dt: DType) -> u64 {
 
 #[test]
 fn planner_numbers_are_consistent() {
+    let _serial = serial();
     let cpu = |n: usize| vec![(Device::Cpu, DType::F32); n];
     let p = plan(&tiny_models(), &request(cpu(1), 8, 64, 64)).unwrap();
     let d = &p.devices[0];
@@ -225,6 +349,7 @@ fn planner_numbers_are_consistent() {
 
 #[test]
 fn full_size_plan_320x512() {
+    let _serial = serial();
     let t0 = std::time::Instant::now();
     let one = plan(
         &full_models(),
@@ -287,6 +412,7 @@ fn full_size_plan_320x512() {
 
 #[test]
 fn check_fit_explains_a_shortfall() {
+    let _serial = serial();
     let req = request(vec![(Device::Cuda(0), DType::BF16); 2], 32, 320, 512);
     let p: MemoryPlan = plan(&full_models(), &req).unwrap();
     let short = check_fit(&p, &req, &|d| {
@@ -326,6 +452,7 @@ fn s(p: &Path) -> &str {
 /// device, need vs free and what to change, and writes nothing.
 #[test]
 fn generate_refuses_a_plan_that_cannot_fit_this_machine() {
+    let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("huge.mp4");
     let frames = t.path().join("frames");
@@ -378,6 +505,7 @@ fn generate_refuses_a_plan_that_cannot_fit_this_machine() {
 /// comes. And --no-memory-check lets a small tiny run go through whatever the free memory.
 #[test]
 fn memory_check_runs_before_loading_and_can_be_skipped() {
+    let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let model = t.path().join("model");
     run(&["write-tiny", s(&model)]).unwrap();
