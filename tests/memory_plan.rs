@@ -162,7 +162,7 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
             run_ranks(world, Duration::from_secs(120), |rank, comm| {
                 denoise_and_decode(
                     &m,
-                    &RechargingComm(comm),
+                    &RechargingComm::new(comm),
                     &sampler,
                     3,
                     clips[rank].len(),

@@ -16,6 +16,14 @@
 //! batch of 2 + one UNet pass on its clip, with the halos and global tokens it receives) and its
 //! decoding phase (latents + one VAE chunk).
 //!
+//! Why the clip-parallel pass is simulated rather than bounded by a whole-video pass on n + 2 halo
+//! frames: the clip-parallel context holds its clip *and* the padded window at once (x, halos,
+//! window, body on the window), which a plain pass on n + 2P frames does not (it holds one
+//! (n + 2P)-frame input): that bound can be short by one activation. Running the real context
+//! over all ranks counts exactly what each rank holds: its own tensors, a charged copy of every
+//! tensor it receives ([`RechargingComm`]), and what it sent until its next exchange. Each rank's
+//! peak is therefore >= its real tensor high-water mark, whatever the thread timing.
+//!
 //! Ranks sharing a device are threads that run concurrently, so their peaks add (a bound: they do
 //! not all peak at once). The dry run mirrors `pipeline::generate`'s rank loop step for step
 //! ([`denoise_and_decode`]); it simulates `min(steps, 3)` sampler steps, enough to reach the
@@ -303,11 +311,35 @@ impl MetaModels {
 /// charged copy on the receiving thread, so it counts against the receiver's peak (what a real
 /// rank holds: the CUDA path copies between devices; between ranks of one device it may share the
 /// sender's buffer, and the plan then counts it twice, an over-estimate). Each exchange ends with
-/// a barrier, so every sent tensor has been taken (and its sender's charge released) before any
-/// rank goes on: the per-rank peaks do not depend on thread timing. (A real sender may run ahead
-/// while a slow neighbour has not yet taken its halo: at most one exchange's tensors, a few
-/// frames, covered by the margin.)
-pub struct RechargingComm<'a>(pub &'a dyn Communicator);
+/// a barrier, so the per-rank peaks do not depend on thread timing. A real sender can return from
+/// an exchange before its neighbour has taken what it sent (the tensor is still alive in the
+/// mailbox, on the sender's device), at the latest until the neighbour's next collective call:
+/// so the dry run keeps a charged copy of what this rank sent until its next exchange.
+pub struct RechargingComm<'a> {
+    inner: &'a dyn Communicator,
+    in_flight: Mutex<Vec<Tensor>>,
+}
+
+impl<'a> RechargingComm<'a> {
+    pub fn new(inner: &'a dyn Communicator) -> Self {
+        RechargingComm {
+            inner,
+            in_flight: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Ends an exchange: waits for every rank to have taken its messages, then keeps copies of
+    /// what this rank sent (see the type doc), dropping the previous exchange's.
+    fn settle(&self, sent: &[Option<&Tensor>]) -> vi_runtime::Result<()> {
+        self.inner.barrier()?;
+        let mut kept = Vec::new();
+        for t in sent.iter().flatten() {
+            kept.push(recharge((*t).clone())?);
+        }
+        *self.in_flight.lock().unwrap() = kept;
+        Ok(())
+    }
+}
 
 /// A fresh copy of a received tensor, created (and charged) on the receiving thread: a meta
 /// tensor on the dry run, a real copy (same values) in the CPU validation runs.
@@ -324,25 +356,25 @@ fn recharge(t: Tensor) -> vi_runtime::Result<Tensor> {
 
 impl Communicator for RechargingComm<'_> {
     fn rank(&self) -> usize {
-        self.0.rank()
+        self.inner.rank()
     }
     fn world_size(&self) -> usize {
-        self.0.world_size()
+        self.inner.world_size()
     }
     fn exchange_neighbors(
         &self,
         to_left: Option<&Tensor>,
         to_right: Option<&Tensor>,
     ) -> vi_runtime::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (l, r) = self.0.exchange_neighbors(to_left, to_right)?;
+        let (l, r) = self.inner.exchange_neighbors(to_left, to_right)?;
         let out = (l.map(recharge).transpose()?, r.map(recharge).transpose()?);
-        self.0.barrier()?;
+        self.settle(&[to_left, to_right])?;
         Ok(out)
     }
     fn all_gather(&self, t: &Tensor) -> vi_runtime::Result<Vec<Tensor>> {
         let me = self.rank();
         let out = self
-            .0
+            .inner
             .all_gather(t)?
             .into_iter()
             .enumerate()
@@ -354,26 +386,26 @@ impl Communicator for RechargingComm<'_> {
                 }
             })
             .collect::<vi_runtime::Result<Vec<Tensor>>>()?;
-        self.0.barrier()?;
+        self.settle(&[Some(t)])?;
         Ok(out)
     }
     fn all_reduce_sum(&self, t: &Tensor) -> vi_runtime::Result<Tensor> {
-        recharge(self.0.all_reduce_sum(t)?)
+        recharge(self.inner.all_reduce_sum(t)?)
     }
     fn gather_to_root(&self, t: &Tensor) -> vi_runtime::Result<Option<Vec<Tensor>>> {
-        self.0
+        self.inner
             .gather_to_root(t)?
             .map(|v| v.into_iter().map(recharge).collect())
             .transpose()
     }
     fn barrier(&self) -> vi_runtime::Result<()> {
-        self.0.barrier()
+        self.inner.barrier()
     }
     fn abort(&self, reason: &str) {
-        self.0.abort(reason)
+        self.inner.abort(reason)
     }
     fn is_aborted(&self) -> bool {
-        self.0.is_aborted()
+        self.inner.is_aborted()
     }
 }
 
@@ -534,7 +566,7 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, world)?;
 
     let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
-        let comm = RechargingComm(comm);
+        let comm = RechargingComm::new(comm);
         let mm = of(req.ranks[rank].1);
         denoise_and_decode(
             &mm.rank_models(),
