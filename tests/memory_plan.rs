@@ -484,7 +484,7 @@ fn generate_refuses_a_plan_that_cannot_fit_this_machine() {
         e.contains("host memory (cpu)") && e.contains("is free"),
         "{e}"
     );
-    assert!(e.contains("UNet pass") && e.contains("weights"), "{e}");
+    assert!(e.contains("denoising step") && e.contains("weights"), "{e}");
     assert!(e.contains("decoded frames kept in host memory"), "{e}");
     assert!(
         e.contains("fewer ranks per device") && e.contains("--frames"),

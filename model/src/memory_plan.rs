@@ -160,7 +160,7 @@ impl DevicePlan {
         let max_dec = self.decode_peaks.iter().copied().max().unwrap_or(0);
         let _ = write!(
             s,
-            ") + activations {} ({} x UNet pass {}, VAE chunk {}",
+            ") + activations {} ({} x denoising step {}, VAE chunk {}",
             fmt_bytes(self.activations()),
             self.ranks.len(),
             fmt_bytes(max_den),
