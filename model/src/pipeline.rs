@@ -27,7 +27,7 @@ use vi_weights::WeightStore;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::clip_parallel::{ClipParallelContext, ViConfig};
-use crate::distributed::{prompt_for_clip, run_ranks, split_frames};
+use crate::distributed::{prompt_for_clip, run_ranks_on_devices, split_frames};
 use crate::params::{MetaRecorder, ModelError, ParamSource, Params, Result, StoreSource};
 use crate::sampler::{Sampler, SamplerKind, SamplerState};
 use crate::tokenizer::ClipTokenizer;
@@ -611,77 +611,84 @@ pub fn generate<'m>(
     let sampler = Sampler::new(req.sampler, req.steps)?;
     let timesteps = sampler.timesteps().to_vec();
 
-    let per_rank = run_ranks(world, req.rank_timeout, |rank, comm: &dyn Communicator| {
-        let m = models_of(rank);
-        let (dev, dt) = (m.device, m.dtype);
-        let clip = clips[rank].clone();
-        let n = clip.len();
-        // The sampler's state (latents, noise, guided eps) stays f32 on the device; only the
-        // UNet and the VAE see the model's storage dtype (bf16/f16 on CUDA; f32 on the CPU).
-        let to_dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, shape)?.to_device(dev)?)
-        };
-        let shape = [1, n, lh, lw, lat_c];
-        let ehs = ehs_per_rank[rank].to_device(dev)?.to_dtype(dt)?;
-        let mut x = to_dev(
-            frame_noise(req.seed, 0, clip.clone(), lh, lw, lat_c),
-            &shape,
-        )?;
-        let sigma = sampler.init_noise_sigma();
-        if sigma != 1.0 {
-            x = ops::scale(&x, sigma)?;
-        }
-        let mut state = SamplerState::default();
-        for (k, &t) in timesteps.iter().enumerate() {
-            let ctx = ClipParallelContext::new(comm, &req.vi, t);
-            let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
-            let eps = m
-                .unet
-                .forward(&input, t as f32, req.fps_cond, &ehs, &ctx)?
-                .to_dtype(DType::F32)?;
-            let uncond = ops::narrow(&eps, 0, 0, 1)?;
-            let cond = ops::narrow(&eps, 0, 1, 1)?;
-            let guided = ops::add(
-                &uncond,
-                &ops::scale(&ops::sub(&cond, &uncond)?, req.guidance)?,
-            )?;
-            let noise = if sampler.needs_noise() {
-                Some(to_dev(
-                    frame_noise(req.seed, k as u64 + 1, clip.clone(), lh, lw, lat_c),
-                    &shape,
-                )?)
-            } else {
-                None
+    // Each rank's device: halos and global tokens from a rank on another GPU are copied over on
+    // arrival (ranks sharing a device exchange without copies).
+    let devices: Vec<Device> = (0..world).map(|r| models_of(r).device).collect();
+    let per_rank = run_ranks_on_devices(
+        &devices,
+        req.rank_timeout,
+        |rank, comm: &dyn Communicator| {
+            let m = models_of(rank);
+            let (dev, dt) = (m.device, m.dtype);
+            let clip = clips[rank].clone();
+            let n = clip.len();
+            // The sampler's state (latents, noise, guided eps) stays f32 on the device; only the
+            // UNet and the VAE see the model's storage dtype (bf16/f16 on CUDA; f32 on the CPU).
+            let to_dev = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
+                Ok(Tensor::from_vec(v, shape)?.to_device(dev)?)
             };
-            x = sampler.step(&mut state, k, &guided, &x, noise.as_ref())?;
-            if rank == 0 {
-                progress(Event::Step {
-                    step: k,
-                    steps: timesteps.len(),
-                    t,
-                });
+            let shape = [1, n, lh, lw, lat_c];
+            let ehs = ehs_per_rank[rank].to_device(dev)?.to_dtype(dt)?;
+            let mut x = to_dev(
+                frame_noise(req.seed, 0, clip.clone(), lh, lw, lat_c),
+                &shape,
+            )?;
+            let sigma = sampler.init_noise_sigma();
+            if sigma != 1.0 {
+                x = ops::scale(&x, sigma)?;
             }
-        }
-        // Each rank decodes its own frames.
-        let latents = x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?;
-        let mut frames = Vec::with_capacity(n);
-        if !req.decode {
-            return Ok(frames);
-        }
-        m.vae
-            .decode_frames_with(&latents, req.vae_chunk.max(1), |_, images| {
-                let rgb = images_to_rgb8(&images)?;
-                progress(Event::Decoded {
-                    rank,
-                    frames: rgb.len(),
-                });
-                frames.extend(rgb);
-                Ok(())
-            })?;
-        // Frames reach the caller in rank (= frame) order through the per-rank results (no
-        // collective after the last step: a rank that decodes more frames makes no one wait).
-        Ok(frames)
-    })?;
+            let mut state = SamplerState::default();
+            for (k, &t) in timesteps.iter().enumerate() {
+                let ctx = ClipParallelContext::new(comm, &req.vi, t);
+                let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
+                let eps = m
+                    .unet
+                    .forward(&input, t as f32, req.fps_cond, &ehs, &ctx)?
+                    .to_dtype(DType::F32)?;
+                let uncond = ops::narrow(&eps, 0, 0, 1)?;
+                let cond = ops::narrow(&eps, 0, 1, 1)?;
+                let guided = ops::add(
+                    &uncond,
+                    &ops::scale(&ops::sub(&cond, &uncond)?, req.guidance)?,
+                )?;
+                let noise = if sampler.needs_noise() {
+                    Some(to_dev(
+                        frame_noise(req.seed, k as u64 + 1, clip.clone(), lh, lw, lat_c),
+                        &shape,
+                    )?)
+                } else {
+                    None
+                };
+                x = sampler.step(&mut state, k, &guided, &x, noise.as_ref())?;
+                if rank == 0 {
+                    progress(Event::Step {
+                        step: k,
+                        steps: timesteps.len(),
+                        t,
+                    });
+                }
+            }
+            // Each rank decodes its own frames.
+            let latents = x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?;
+            let mut frames = Vec::with_capacity(n);
+            if !req.decode {
+                return Ok(frames);
+            }
+            m.vae
+                .decode_frames_with(&latents, req.vae_chunk.max(1), |_, images| {
+                    let rgb = images_to_rgb8(&images)?;
+                    progress(Event::Decoded {
+                        rank,
+                        frames: rgb.len(),
+                    });
+                    frames.extend(rgb);
+                    Ok(())
+                })?;
+            // Frames reach the caller in rank (= frame) order through the per-rank results (no
+            // collective after the last step: a rank that decodes more frames makes no one wait).
+            Ok(frames)
+        },
+    )?;
     Ok(per_rank.into_iter().flatten().collect())
 }
 
