@@ -201,7 +201,8 @@ impl ParamSource for StoreSource<'_> {
                     .join(", ")
             ),
         })?;
-        let data = self.store.read_f32(&full, Some(shape))?;
+        // Borrowed from the map for f32 files; converted on the host for f16/bf16 ones.
+        let data = self.store.view_f32(&full, Some(shape))?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::Param {
                 key: full,
@@ -209,9 +210,12 @@ impl ParamSource for StoreSource<'_> {
             });
         }
         self.used.lock().unwrap().insert(full);
-        Ok(Tensor::from_vec(data, shape)?
-            .to_device(self.device)?
-            .to_dtype(param_dtype(shape, self.dtype))?)
+        Ok(Tensor::from_slice_on(
+            &data,
+            shape,
+            self.device,
+            param_dtype(shape, self.dtype),
+        )?)
     }
     fn contains(&self, key: &str) -> bool {
         self.resolve(key).is_some()

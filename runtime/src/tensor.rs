@@ -81,13 +81,32 @@ impl Tensor {
         ))
     }
 
-    /// f32 tensor from a slice, placed on `device` (converted to `dtype` there).
+    /// f32 data placed on `device` as `dtype`. On a GPU the conversion happens on the host and only
+    /// `dtype`'s bytes cross the bus (weights: bf16 uploads are half the f32 bytes, no device-side
+    /// f32 temporary).
     pub fn from_slice_on(
         data: &[f32],
         shape: &[usize],
         device: Device,
         dtype: DType,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(ord) = device {
+            let n: usize = shape.iter().product();
+            if data.len() != n {
+                return Err(Error::shape(
+                    "from_slice_on",
+                    format!("{} elements for shape {shape:?} ({n} needed)", data.len()),
+                ));
+            }
+            let s = crate::cuda::CudaStorage::from_f32(ord, data, dtype)?;
+            return Ok(Tensor::from_storage(
+                Storage::Cuda(s),
+                shape.to_vec(),
+                dtype,
+                device,
+            ));
+        }
         Tensor::from_vec(data.to_vec(), shape)?
             .to_device(device)?
             .to_dtype(dtype)
