@@ -350,6 +350,16 @@ impl Blas {
         set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c)?;
         set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c)?;
         let _ = al_bias;
+        if key.c_dtype != DType::F32 {
+            // The contract is fp32 accumulation and ONE rounding per output. Split-K algorithms
+            // that reduce their partial sums in the output type (INPLACE, OUTPUT_TYPE) would round
+            // every partial sum to bf16/f16 (and add the bias/C to a rounded value); allow only
+            // unsplit algorithms (scheme NONE always passes the mask) and split-K reduced in the
+            // fp32 compute type (in the workspace).
+            let mask =
+                sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+            set_pref(pref, P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask)?;
+        }
         // SAFETY: all descriptors are valid and alive.
         let heur =
             unsafe { lt::get_matmul_algo_heuristic(self.handle, desc, la, lb, lc, lc, pref) }
