@@ -531,6 +531,23 @@ impl Blas {
             let handle = std::panic::catch_unwind(cublas_classic::create_handle)
                 .map_err(|_| Error::Cuda("libcublas not found: set LD_LIBRARY_PATH".into()))?
                 .map_err(|e| cerr("create handle", e))?;
+            // Split-K reductions in fp32, never in a bf16/f16 output type (cuBLAS' default math
+            // mode allows that): one rounding per output, as on the cuBLASLt path. No TF32 either
+            // way: every call passes CUBLAS_COMPUTE_32F.
+            // SAFETY: `handle` was just created and is not shared yet.
+            let mode = unsafe {
+                cublas_sys::cublasSetMathMode(
+                    handle,
+                    cublas_sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+                )
+            };
+            if let Err(e) = mode.result() {
+                // SAFETY: created above and stored nowhere: destroyed once.
+                unsafe {
+                    let _ = cublas_classic::destroy_handle(handle);
+                }
+                return Err(cerr("set math mode", e));
+            }
             *guard = Some(Classic {
                 handle,
                 ones: HashMap::new(),
