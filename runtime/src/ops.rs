@@ -353,22 +353,34 @@ fn matmul_impl(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     out.reshape(&shape)
 }
 
-/// PyTorch Linear: x [..., K], w [N, K], bias [N] -> [..., N].
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    const OP: &str = "linear";
-    same_device(OP, &[x, w])?;
-    expect_rank(OP, "weight", w, 2)?;
+/// Shared checks of the Linear family: x [..., K], w [N, K], bias [N] (x's dtype or F32) on x's
+/// device. Returns (N, K).
+fn check_linear(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(usize, usize)> {
+    same_device(op, &[x, w])?;
+    expect_rank(op, "weight", w, 2)?;
     let (n, k) = (w.dim(0), w.dim(1));
     if x.rank() == 0 || x.dim(x.rank() - 1) != k {
         return Err(Error::shape(
-            OP,
+            op,
             format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
         ));
     }
     if let Some(b) = bias {
-        same_device_param(OP, x, &[b])?;
-        expect_vec(OP, "bias", b, n)?;
+        same_device_param(op, x, &[b])?;
+        expect_vec(op, "bias", b, n)?;
     }
+    Ok((n, k))
+}
+
+/// PyTorch Linear: x [..., K], w [N, K], bias [N] -> [..., N].
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (n, k) = check_linear(OP, x, w, bias)?;
     let rows = x.elem_count() / k;
     let out = backend(x, OP)?.linear(&x.reshape(&[rows, k])?, w, bias)?;
     let mut shape = x.shape().to_vec();
@@ -389,19 +401,7 @@ pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> R
     if out == x.dtype() {
         return linear(x, w, bias);
     }
-    same_device(OP, &[x, w])?;
-    expect_rank(OP, "weight", w, 2)?;
-    let (n, k) = (w.dim(0), w.dim(1));
-    if x.rank() == 0 || x.dim(x.rank() - 1) != k {
-        return Err(Error::shape(
-            OP,
-            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
-        ));
-    }
-    if let Some(b) = bias {
-        same_device_param(OP, x, &[b])?;
-        expect_vec(OP, "bias", b, n)?;
-    }
+    let (n, k) = check_linear(OP, x, w, bias)?;
     let rows = x.elem_count() / k;
     let y = backend_mixed(x, &[out], OP)?.linear_to(&x.reshape(&[rows, k])?, w, bias, out)?;
     let mut shape = x.shape().to_vec();
@@ -418,19 +418,7 @@ pub fn linear_add(
     residual: &Tensor,
 ) -> Result<Tensor> {
     const OP: &str = "linear_add";
-    same_device(OP, &[x, w])?;
-    expect_rank(OP, "weight", w, 2)?;
-    let (n, k) = (w.dim(0), w.dim(1));
-    if x.rank() == 0 || x.dim(x.rank() - 1) != k {
-        return Err(Error::shape(
-            OP,
-            format!("x {:?} vs weight {:?}", x.shape(), w.shape()),
-        ));
-    }
-    if let Some(b) = bias {
-        same_device_param(OP, x, &[b])?;
-        expect_vec(OP, "bias", b, n)?;
-    }
+    let (n, k) = check_linear(OP, x, w, bias)?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
     if residual.shape() != shape.as_slice() {
