@@ -27,7 +27,7 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::CudaSlice;
 
-use super::{cuda_err, storage, CudaDevice};
+use super::{cuda_err, storage, CudaDevice, CudaStorage};
 use crate::{DType, Error, Result, Tensor};
 
 /// A row-major GEMM: C[b] (= beta * C[b]) + A[b] · op(B[b]) (+ bias), for b in 0..batch.
@@ -792,6 +792,28 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     Ok(out.into_tensor(&[rows, n]))
 }
 
+/// (device address, dtype) of a GEMM's epilogue bias.
+type BiasArg = (u64, DType);
+
+/// The epilogue bias for a GEMM writing D of dtype `d_dtype`: (address, dtype) of the bias when it is
+/// `d_dtype` or F32 (what cuBLASLt takes), else of an f32 copy (N elements), returned too so the
+/// caller drops it after the GEMM is enqueued (stream-ordered free).
+fn epilogue_bias(
+    bias: Option<&Tensor>,
+    d_dtype: DType,
+    op: &'static str,
+) -> Result<(Option<BiasArg>, Option<CudaStorage>)> {
+    let Some(b) = bias else {
+        return Ok((None, None));
+    };
+    let sb = storage(b, op)?;
+    if sb.dtype() == d_dtype || sb.dtype() == DType::F32 {
+        return Ok((Some((sb.ptr(), sb.dtype())), None));
+    }
+    let wb = super::elementwise::convert(sb, DType::F32)?;
+    Ok((Some((wb.ptr(), DType::F32)), Some(wb)))
+}
+
 /// x [rows, K] · w[N, K]^T + bias[N] written as `out` (x's dtype, or F32 straight from the fp32
 /// accumulator: C of dtype F32, no rounding to x's dtype and no widening pass). A bias of x's dtype
 /// under an f32 output is widened to f32 first (N elements): cuBLASLt takes the bias in D's dtype
@@ -822,21 +844,7 @@ pub(crate) fn linear_to(
     if k == 0 {
         return linear(x, w, bias)?.to_dtype(out_dt);
     }
-    let mut widened = None;
-    let bias_arg = match bias {
-        None => None,
-        Some(b) => {
-            let sb = storage(b, OP)?;
-            if sb.dtype() == DType::F32 {
-                Some((sb.ptr(), DType::F32))
-            } else {
-                let wb = super::elementwise::convert(sb, DType::F32)?;
-                let p = wb.ptr();
-                widened = Some(wb);
-                Some((p, DType::F32))
-            }
-        }
-    };
+    let (bias_arg, widened) = epilogue_bias(bias, DType::F32, OP)?;
     let out = dev.alloc(DType::F32, rows * n)?;
     gemm_rows_to(
         &dev,
@@ -897,21 +905,7 @@ pub(crate) fn linear_add(
         );
     }
     // (address, dtype) of the bias, widened to f32 when it is neither D's dtype nor F32.
-    let mut widened = None;
-    let bias_arg = match bias {
-        None => None,
-        Some(b) => {
-            let sb = storage(b, OP)?;
-            if sb.dtype() == rdt || sb.dtype() == DType::F32 {
-                Some((sb.ptr(), sb.dtype()))
-            } else {
-                let wb = super::elementwise::convert(sb, DType::F32)?;
-                let p = wb.ptr();
-                widened = Some(wb);
-                Some((p, DType::F32))
-            }
-        }
-    };
+    let (bias_arg, widened) = epilogue_bias(bias, rdt, OP)?;
     let out = dev.alloc(rdt, rows * n)?;
     dev.blas()?.run(
         &dev,
