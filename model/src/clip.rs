@@ -11,7 +11,7 @@
 //! `embeddings.position_ids` is never requested.
 
 use serde_json::Value;
-use vi_runtime::{ops, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use crate::params::{ModelError, Params, Result};
 
@@ -127,6 +127,10 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.w, Some(&self.b))?)
     }
+    /// residual + self(x), in residual's dtype (one GEMM into the stream).
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear_add(x, &self.w, Some(&self.b), residual)?)
+    }
 }
 
 struct LayerNorm {
@@ -143,8 +147,9 @@ impl LayerNorm {
             eps,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.g, &self.b, self.eps)?)
+    /// x (the stream) normalised into `out` (the next layer's operand dtype).
+    fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        Ok(ops::layer_norm_to(x, &self.g, &self.b, self.eps, out)?)
     }
 }
 
@@ -236,23 +241,24 @@ impl ClipTextModel {
         let positions: Vec<u32> = (0..s as u32).collect();
         let tok = ops::embedding(ids, &self.token_embedding)?.reshape(&[n_prompts, s, c])?;
         let pos = ops::embedding(&positions, &self.position_embedding)?; // [S, C], broadcast
-        let mut x = ops::add(&tok, &pos)?;
+                                                                         // Precision policy (docs/precision.md): the residual stream is f32, the layers' operands
+                                                                         // are in the weights' dtype; the output is in the weights' dtype.
+        let dt = self.token_embedding.dtype();
+        let mut x = ops::add_to(&tok, &pos, DType::F32)?;
         let scale = (d as f32).powf(-0.5);
         for l in &self.layers {
-            let hs = l.ln1.forward(&x)?;
+            let hs = l.ln1.forward(&x, dt)?;
             let split = |t: Tensor| t.reshape(&[n_prompts, s, h, d]);
             let q = split(l.q.forward(&hs)?)?;
             let k = split(l.k.forward(&hs)?)?;
             let v = split(l.v.forward(&hs)?)?;
             let a = ops::attention(&q, &k, &v, scale, None, true)?.reshape(&[n_prompts, s, c])?;
-            x = ops::add(&x, &l.out.forward(&a)?)?;
-            let hs = l.ln2.forward(&x)?;
-            let m = l
-                .fc2
-                .forward(&activate(cfg.hidden_act, &l.fc1.forward(&hs)?)?)?;
-            x = ops::add(&x, &m)?;
+            x = l.out.forward_add(&a, &x)?;
+            let hs = l.ln2.forward(&x, dt)?;
+            let act = activate(cfg.hidden_act, &l.fc1.forward(&hs)?)?;
+            x = l.fc2.forward_add(&act, &x)?;
         }
-        self.final_ln.forward(&x)
+        self.final_ln.forward(&x, dt)
     }
 }
 
