@@ -128,13 +128,14 @@ impl ResnetBlock {
         // which saves the broadcast add over [N, H, W, cout] and its rounding.
         let t = self.time_emb_proj.apply_linear_to(emb_silu, DType::F32)?;
         let cout = t.dim(t.rank() - 1);
-        let h = if t.elem_count() == cout {
-            let bias = ops::add(&self.conv1.b.to_dtype(DType::F32)?, &t.reshape(&[cout])?)?;
-            ops::conv2d(&h, &self.conv1.w, Some(&bias), 1, 1)?
-        } else {
-            let h = self.conv1.apply_conv(&h, 1, 1)?;
-            ops::add_to(&h, &t.reshape(&[t.dim(0), 1, 1, cout])?, dt)?
-        };
+        if t.elem_count() != cout {
+            return Err(crate::params::ModelError::Msg(format!(
+                "ResnetBlock: the time embedding must be one row [1, temb] per call, got {:?}",
+                emb_silu.shape()
+            )));
+        }
+        let bias = ops::add(&self.conv1.b.to_dtype(DType::F32)?, &t.reshape(&[cout])?)?;
+        let h = ops::conv2d(&h, &self.conv1.w, Some(&bias), 1, 1)?;
         let h = spatial_group_norm(&h, &self.norm2, self.groups, self.eps, true, dt)?;
         let h = self.conv2.apply_conv(&h, 1, 1)?;
         let shortcut = match &self.conv_shortcut {
