@@ -211,7 +211,7 @@ fn binary_code(op: BinaryOp) -> i32 {
 
 /// The dtype combinations the `binary_mx_*` kernels are instantiated for (a, b -> out): out F32,
 /// a and b each F32 or one 16-bit type T, not both F32.
-pub(crate) fn mixed_binary_fused(a: DType, b: DType, out: DType) -> bool {
+fn mixed_binary_fused(a: DType, b: DType, out: DType) -> bool {
     let half = |d: DType| d != DType::F32;
     out == DType::F32 && (half(a) || half(b)) && !(half(a) && half(b) && a != b)
 }

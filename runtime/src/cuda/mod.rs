@@ -34,7 +34,6 @@ pub mod cudnn;
 pub(crate) mod elementwise;
 pub(crate) mod gemm;
 pub(crate) mod layout;
-pub(crate) mod mixed;
 pub(crate) mod norm;
 pub mod profile;
 
@@ -617,11 +616,7 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_apply")?;
-        if norm::fused_pair(x.dtype(), out) {
-            norm::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
-        } else {
-            mixed::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
-        }
+        norm::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
     }
     fn group_norm(
         &self,
@@ -634,11 +629,7 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm")?;
-        if norm::fused_pair(x.dtype(), out) {
-            norm::group_norm(x, groups, gamma, beta, eps, silu, out)
-        } else {
-            mixed::group_norm(x, groups, gamma, beta, eps, silu, out)
-        }
+        norm::group_norm(x, groups, gamma, beta, eps, silu, out)
     }
     fn layer_norm(
         &self,
@@ -649,11 +640,7 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(x, "layer_norm")?;
-        if norm::fused_pair(x.dtype(), out) {
-            norm::layer_norm(x, gamma, beta, eps, out)
-        } else {
-            mixed::layer_norm(x, gamma, beta, eps, out)
-        }
+        norm::layer_norm(x, gamma, beta, eps, out)
     }
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
         let _p = profile::scope(x, "softmax")?;
@@ -700,12 +687,8 @@ impl Backend for CudaBackend {
         out: DType,
     ) -> Result<Tensor> {
         let _p = profile::scope(a, "binary")?;
-        let same = a.dtype() == out && b.dtype() == out;
-        if same || elementwise::mixed_binary_fused(a.dtype(), b.dtype(), out) {
-            elementwise::binary(a, b, op, out_shape, out)
-        } else {
-            mixed::binary(a, b, op, out_shape, out)
-        }
+        // One dtype (the tuned kernels) or the mixed combinations `ops::binary_to` admits.
+        elementwise::binary(a, b, op, out_shape, out)
     }
     fn affine(&self, x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
         let _p = profile::scope(x, "affine")?;

@@ -54,7 +54,7 @@ fn vec_width_mixed(divides: usize, ptrs: &[(u64, DType)]) -> usize {
 
 /// The (input, output) dtype pairs the norm kernels are instantiated for: same dtype, or an f32 x
 /// written as bf16/f16.
-pub(crate) fn fused_pair(x: DType, out: DType) -> bool {
+fn fused_pair(x: DType, out: DType) -> bool {
     x == out || x == DType::F32
 }
 
