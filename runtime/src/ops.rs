@@ -222,29 +222,6 @@ fn check_norm_out(op: &'static str, x: &Tensor, out: DType) -> Result<()> {
     Ok(())
 }
 
-/// Norm parameters (gamma, beta) are F32 or the output dtype.
-fn check_norm_params(op: &'static str, x: &Tensor, out: DType, params: &[&Tensor]) -> Result<()> {
-    for t in params {
-        if t.device() != x.device() {
-            return Err(Error::DeviceMismatch {
-                op,
-                a: x.device(),
-                b: t.device(),
-            });
-        }
-        if t.dtype() != out && t.dtype() != DType::F32 {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "gamma/beta dtype {:?} with output {out:?} (must match or be F32)",
-                    t.dtype()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     let d = ts[0].device();
     for t in ts {
@@ -265,10 +242,17 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// Per-channel parameters (bias, norm gamma/beta) live on x's device, in x's dtype or in f32 (the
-/// precision policy keeps 1-D parameters f32 under bf16/f16 activations: they are tiny and their
-/// rounding would bias every element of the output channel alike).
-fn same_device_param(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<()> {
+/// Per-channel parameters (bias, norm gamma/beta) live on x's device, in `dtype` (x's dtype for a
+/// bias, the output dtype for norm gamma/beta) or in f32 (the precision policy keeps 1-D parameters
+/// f32 under bf16/f16 activations: they are tiny and their rounding would bias every element of the
+/// output channel alike).
+fn check_params(
+    op: &'static str,
+    x: &Tensor,
+    dtype: DType,
+    what: &str,
+    params: &[&Tensor],
+) -> Result<()> {
     for t in params {
         if t.device() != x.device() {
             return Err(Error::DeviceMismatch {
@@ -277,13 +261,12 @@ fn same_device_param(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result
                 b: t.device(),
             });
         }
-        if t.dtype() != x.dtype() && t.dtype() != DType::F32 {
+        if t.dtype() != dtype && t.dtype() != DType::F32 {
             return Err(Error::shape(
                 op,
                 format!(
-                    "parameter dtype {:?} with {:?} activations (must match or be F32)",
-                    t.dtype(),
-                    x.dtype()
+                    "{what} dtype {:?} with {dtype:?} (must match or be F32)",
+                    t.dtype()
                 ),
             ));
         }
@@ -371,7 +354,7 @@ fn check_linear(
         ));
     }
     if let Some(b) = bias {
-        same_device_param(op, x, &[b])?;
+        check_params(op, x, x.dtype(), "bias", &[b])?;
         expect_vec(op, "bias", b, n)?;
     }
     Ok((n, k))
@@ -481,7 +464,7 @@ pub fn conv2d(
         ));
     }
     if let Some(b) = bias {
-        same_device_param(OP, x, &[b])?;
+        check_params(OP, x, x.dtype(), "bias", &[b])?;
         expect_vec(OP, "bias", b, w.dim(0))?;
     }
     backend(x, OP)?.conv2d(x, w, bias, stride, pad)
@@ -510,7 +493,7 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         ));
     }
     if let Some(b) = bias {
-        same_device_param(OP, x, &[b])?;
+        check_params(OP, x, x.dtype(), "bias", &[b])?;
         expect_vec(OP, "bias", b, w.dim(0))?;
     }
     backend(x, OP)?.temporal_conv(x, &w, bias)
@@ -553,7 +536,7 @@ pub fn group_norm_to(
 ) -> Result<Tensor> {
     const OP: &str = "group_norm";
     check_norm_out(OP, x, out)?;
-    check_norm_params(OP, x, out, &[gamma, beta])?;
+    check_params(OP, x, out, "gamma/beta", &[gamma, beta])?;
     check_gn(OP, x, groups)?;
     expect_vec(OP, "gamma", gamma, x.dim(2))?;
     expect_vec(OP, "beta", beta, x.dim(2))?;
@@ -594,7 +577,7 @@ pub fn group_norm_apply_to(
 ) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
     check_norm_out(OP, x, out)?;
-    check_norm_params(OP, x, out, &[gamma, beta])?;
+    check_params(OP, x, out, "gamma/beta", &[gamma, beta])?;
     // Statistics may be f32 whatever x's storage type (bf16 activations keep f32 statistics).
     if stats.device() != x.device() || !(stats.dtype() == x.dtype() || stats.dtype() == DType::F32)
     {
@@ -640,7 +623,7 @@ pub fn layer_norm_to(
 ) -> Result<Tensor> {
     const OP: &str = "layer_norm";
     check_norm_out(OP, x, out)?;
-    check_norm_params(OP, x, out, &[gamma, beta])?;
+    check_params(OP, x, out, "gamma/beta", &[gamma, beta])?;
     let c = *x.shape().last().ok_or_else(|| Error::shape(OP, "scalar"))?;
     expect_vec(OP, "gamma", gamma, c)?;
     expect_vec(OP, "beta", beta, c)?;
