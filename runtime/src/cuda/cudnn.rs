@@ -109,8 +109,13 @@ pub(crate) struct Dnn {
     plans: Mutex<HashMap<ConvShape, Plan>>,
 }
 
-// SAFETY: the handle and plans are used only under the `plans` mutex.
+// SAFETY: the cuDNN handle and the plans' descriptors are raw pointers owned by this value; a cuDNN
+// handle may be used from any thread with its context bound (done before every call), and every use
+// (`conv`, which also builds plans) holds the `plans` mutex, so moving the value to another thread
+// is sound.
 unsafe impl Send for Dnn {}
+// SAFETY: shared access never touches the handle or descriptors outside the `plans` mutex (see
+// `conv`; `Drop` has exclusive access), so no two threads use them concurrently.
 unsafe impl Sync for Dnn {}
 
 fn data_type(d: DType) -> sys::cudnnDataType_t {

@@ -131,8 +131,11 @@ struct Classic {
     reported: std::collections::HashSet<Key>,
 }
 
-// SAFETY: the handle is used only while holding the `plans` mutex (see `run`), so never concurrently.
+// SAFETY: the cuBLASLt handle (raw pointer owned by this value) may be used from any thread with
+// the device context bound (done before every call); it is used only while holding the `plans`
+// mutex (`run_lt`, and `plan`, called from it), the classic handle only under the `classic` mutex.
 unsafe impl Send for Blas {}
+// SAFETY: as for `Send`: every shared use of either handle holds its mutex, so never concurrently.
 unsafe impl Sync for Blas {}
 
 /// GEMM shapes (the `Key` debug line) whose f32-bias epilogue cuBLASLt refused in this process.
@@ -239,7 +242,7 @@ fn set_layout<T>(
     attr: sys::cublasLtMatrixLayoutAttribute_t,
     v: &T,
 ) -> Result<()> {
-    // SAFETY: as above.
+    // SAFETY: `v` is a plain value of the type the attribute expects, copied by cuBLASLt.
     unsafe {
         lt::set_matrix_layout_attribute(l, attr, v as *const T as *const c_void, size_of::<T>())
     }
@@ -251,7 +254,7 @@ fn set_pref<T>(
     attr: sys::cublasLtMatmulPreferenceAttributes_t,
     v: &T,
 ) -> Result<()> {
-    // SAFETY: as above.
+    // SAFETY: `v` is a plain value of the type the attribute expects, copied by cuBLASLt.
     unsafe {
         lt::set_matmul_pref_attribute(p, attr, v as *const T as *const c_void, size_of::<T>())
     }
