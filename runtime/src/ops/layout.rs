@@ -1,0 +1,149 @@
+//! Data movement: concat, index_select/narrow/split, permute, upsampling, embedding lookup, and the
+//! sinusoidal timestep embedding.
+
+use super::{backend, expect_rank, same_device};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Concatenate along `axis`.
+pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+    const OP: &str = "concat";
+    let first = xs.first().ok_or_else(|| Error::shape(OP, "no tensors"))?;
+    same_device(OP, xs)?;
+    if axis >= first.rank() {
+        return Err(Error::shape(
+            OP,
+            format!("axis {axis} for {:?}", first.shape()),
+        ));
+    }
+    for t in xs {
+        let ok = t.rank() == first.rank()
+            && (0..t.rank()).all(|d| d == axis || t.dim(d) == first.dim(d));
+        if !ok {
+            return Err(Error::shape(
+                OP,
+                format!("{:?} vs {:?} along axis {axis}", first.shape(), t.shape()),
+            ));
+        }
+    }
+    if xs.len() == 1 {
+        return Ok((*first).clone());
+    }
+    backend(first, OP)?.concat(xs, axis)
+}
+
+/// Take `indices` along `axis`.
+pub fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+    const OP: &str = "index_select";
+    if axis >= x.rank() || indices.iter().any(|&i| i >= x.dim(axis)) {
+        return Err(Error::shape(
+            OP,
+            format!("indices {indices:?} on axis {axis} of {:?}", x.shape()),
+        ));
+    }
+    backend(x, OP)?.index_select(x, axis, indices)
+}
+
+/// Elements start .. start+len along `axis` (a copy).
+pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    if axis >= x.rank() || start + len > x.dim(axis) {
+        return Err(Error::shape(
+            "narrow",
+            format!("{start}+{len} on axis {axis} of {:?}", x.shape()),
+        ));
+    }
+    if start == 0 && len == x.dim(axis) {
+        return Ok(x.clone());
+    }
+    let idx: Vec<usize> = (start..start + len).collect();
+    index_select(x, axis, &idx)
+}
+
+/// Split into pieces of the given sizes along `axis`.
+pub fn split(x: &Tensor, axis: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut start = 0;
+    for &s in sizes {
+        out.push(narrow(x, axis, start, s)?);
+        start += s;
+    }
+    if axis < x.rank() && start != x.dim(axis) {
+        return Err(Error::shape(
+            "split",
+            format!(
+                "sizes {sizes:?} do not cover axis {axis} of {:?}",
+                x.shape()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Contiguous copy with permuted dims: out.dim(i) = x.dim(perm[i]).
+pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    const OP: &str = "permute";
+    let mut seen = vec![false; x.rank()];
+    if perm.len() != x.rank()
+        || perm
+            .iter()
+            .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(Error::shape(
+            OP,
+            format!("perm {perm:?} for {:?}", x.shape()),
+        ));
+    }
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        return Ok(x.clone());
+    }
+    backend(x, OP)?.permute(x, perm)
+}
+
+/// Nearest-neighbour x2 upsampling, channels-last: [N, H, W, C] -> [N, 2H, 2W, C].
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    expect_rank("upsample_nearest2x", "x", x, 4)?;
+    backend(x, "upsample_nearest2x")?.upsample_nearest2x(x)
+}
+
+/// Embedding lookup: rows of table [V, C] -> [ids.len(), C].
+pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    expect_rank(OP, "table", table, 2)?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.dim(0)) {
+        return Err(Error::shape(
+            OP,
+            format!("id {bad} out of range for a table of {} rows", table.dim(0)),
+        ));
+    }
+    backend(table, OP)?.embedding(ids, table)
+}
+
+/// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, float32):
+/// half = dim/2, freq_i = exp(-ln(10000) * i / (half - shift)), arg = t * freq_i,
+/// out = [sin, cos] or [cos, sin] with `flip_sin_to_cos`. Returns [t.len(), dim] on `device`.
+pub fn timestep_embedding(
+    t: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f32,
+    device: Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let mut out = vec![0f32; t.len() * dim];
+    for (r, &tv) in t.iter().enumerate() {
+        for i in 0..half {
+            let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift);
+            let arg = tv * exponent.exp();
+            let (s, c) = (arg.sin(), arg.cos());
+            let row = &mut out[r * dim..(r + 1) * dim];
+            if flip_sin_to_cos {
+                row[i] = c;
+                row[half + i] = s;
+            } else {
+                row[i] = s;
+                row[half + i] = c;
+            }
+        }
+    }
+    Tensor::from_slice_on(&out, &[t.len(), dim], device, dtype)
+}
