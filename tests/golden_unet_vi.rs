@@ -15,7 +15,7 @@ use serde_json::Value;
 use vi_model::clip_parallel::{ClipParallelContext, ViConfig};
 use vi_model::distributed::run_ranks;
 use vi_model::params::{Params, StoreSource};
-use vi_model::temporal::{TemporalContext, TemporalConvLayer};
+use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{channels_last_to_ncfhw, ncfhw_to_channels_last, UNet3D, UNetConfig};
 use vi_runtime::{ops, DType, Device, Tensor};
 use vi_suite::{golden_dir, rel_l2};
@@ -119,7 +119,7 @@ fn vi_cases(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn plugin_configs_of_the_golden_cases_parse() {
     let cases = vi_cases(&golden_dir());
-    assert_eq!(cases.len(), 3, "{cases:?}");
+    assert_eq!(cases.len(), 4, "{cases:?}");
     for p in cases {
         let c = open_case(&p);
         let v = &c.vi_cfg;
@@ -127,7 +127,7 @@ fn plugin_configs_of_the_golden_cases_parse() {
         assert_eq!(v.conv_pad, 4, "{}", c.name);
         assert!(!v.exact_seam && !v.token_num_scale && v.attn_scale == 1.0);
         match c.name.as_str() {
-            "unet_vi_w2_nodyn.safetensors" => {
+            "unet_vi_w1_nodyn.safetensors" | "unet_vi_w2_nodyn.safetensors" => {
                 assert_eq!((v.attn_pad, v.top_k, v.dynamic_scale), (2, 4, false));
                 assert_eq!(v.phase_biases(c.timestep), (0.0, 0.0));
             }
@@ -185,7 +185,43 @@ fn unet_vi_w2_nodyn_matches_reference() {
     assert!(f.is_empty(), "{f:#?}");
 }
 
-/// Every `unet_vi_*` file of tests/golden is one of the three cases above (a new file must get
+/// World size 1 (tools/golden/make_unet_vi_case.py): the one rank's neighbours are zero frames and
+/// its global tokens are its own frames 0, 2, 4, 6.
+#[test]
+fn unet_vi_w1_nodyn_matches_reference() {
+    let path = golden_dir().join("unet_vi_w1_nodyn.safetensors");
+    assert_eq!(open_case(&path).world, 1);
+    let f = run_unet_case(&path);
+    assert!(f.is_empty(), "{f:#?}");
+}
+
+/// The one-rank case really exercises the plugins: the plain UNet on the same clip is far from it.
+#[test]
+fn unet_vi_w1_nodyn_is_not_the_plain_unet() {
+    let c = open_case(&golden_dir().join("unet_vi_w1_nodyn.safetensors"));
+    let src = StoreSource::new(&c.weights, "weight/", Device::Cpu, DType::F32);
+    let unet = UNet3D::load(&c.unet_cfg, Params::new(&src)).unwrap();
+    let sample = ncfhw_to_channels_last(&load(&c.store, "in/sample/rank0")).unwrap();
+    let ehs = load(&c.store, "in/encoder_hidden_states/rank0");
+    let out = unet
+        .forward(
+            &sample,
+            c.timestep as f32,
+            c.fps as f32,
+            &ehs,
+            &LocalContext,
+        )
+        .unwrap();
+    let got = channels_last_to_ncfhw(&out).unwrap().to_vec_f32().unwrap();
+    let want = load(&c.store, "out/sample/rank0").to_vec_f32().unwrap();
+    let rel = rel_l2(&got, &want);
+    assert!(
+        rel > 1e-2,
+        "plain UNet vs the plugins' output: rel L2 {rel:.3e}"
+    );
+}
+
+/// Every `unet_vi_*` file of tests/golden is one of the four cases above (a new file must get
 /// its own test).
 #[test]
 fn every_vi_case_is_covered() {
@@ -196,6 +232,7 @@ fn every_vi_case_is_covered() {
     assert_eq!(
         names,
         [
+            "unet_vi_w1_nodyn.safetensors",
             "unet_vi_w2_nodyn.safetensors",
             "unet_vi_w3_t500.safetensors",
             "unet_vi_w3_t900.safetensors"

@@ -91,6 +91,19 @@ fn unet_vi_w2_nodyn_passes_on_every_rank() {
     vi_case("unet_vi_w2_nodyn.safetensors", 2);
 }
 
+/// One rank with plugin settings: the Video-Infinity plugins with zero neighbours and the rank's own
+/// frames as global tokens (`in/sample/rank0`), not the plain UNet.
+#[test]
+fn unet_vi_w1_nodyn_passes_on_its_one_rank() {
+    let file = "unet_vi_w1_nodyn.safetensors";
+    let (_, text) = report(&args(&["--golden", &golden(file)]));
+    assert!(
+        text.contains("Video-Infinity clip parallelism on 1 in-process ranks"),
+        "{text}"
+    );
+    vi_case(file, 1);
+}
+
 #[test]
 fn clip_text_passes() {
     let o = assert_pass(
@@ -201,6 +214,7 @@ fn every_golden_file_is_covered() {
             "tokenizer_cases.json",
             "unet_plain.safetensors",
             "unet_tiny_seed0.weights.safetensors", // weights only: see `non_golden_files_error`
+            "unet_vi_w1_nodyn.safetensors",
             "unet_vi_w2_nodyn.safetensors",
             "unet_vi_w3_t500.safetensors",
             "unet_vi_w3_t900.safetensors",

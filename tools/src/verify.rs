@@ -2,10 +2,11 @@
 //! report the error of every reference output.
 //!
 //! What runs is read from the file's `kind` metadata:
-//! * `unet3d` — [`UNet3D`] on `in/sample` (NCFHW in the file, channels-last here); world size 1
-//!   with [`LocalContext`], world size W > 1 (metadata `case`: world_size, frames_per_rank,
-//!   plugin_configs) on W in-process ranks with the Video-Infinity [`ClipParallelContext`], every
-//!   rank's `out/sample/rank<r>` checked;
+//! * `unet3d` — [`UNet3D`] (NCFHW in the file, channels-last here). A case whose metadata `case`
+//!   has `plugin_configs` ran the Video-Infinity plugins: it runs on `world_size` in-process ranks
+//!   (1 included: zero neighbours, own frames as global tokens) with the [`ClipParallelContext`],
+//!   each rank on `in/sample/rank<r>`, every rank's `out/sample/rank<r>` checked; a case without
+//!   them is the plain UNet on `in/sample` with [`LocalContext`] (see [`UNetCase`]);
 //! * `clip_text` — [`ClipTextModel`]: `out/last_hidden_state` (and `out/pooler_output`, the state
 //!   at each prompt's first eos id);
 //! * `vae_decoder` — [`VaeDecoder`]: `out/sample` and `out/frames_01` ([`to_unit_range`]);
@@ -620,14 +621,7 @@ fn verify_unet(
     } else {
         Value::Null
     };
-    let world = match &case["world_size"] {
-        Value::Null => 1,
-        v => v
-            .as_u64()
-            .filter(|&w| w >= 1)
-            .ok_or_else(|| anyhow!("{}: case.world_size {v} is not a rank count", g.name()))?
-            as usize,
-    };
+    let run = UNetCase::from_case(&case).map_err(|e| anyhow!("{}: {e:#}", g.name()))?;
     let own = g.weights(out)?;
     let ws = own.as_ref().unwrap_or(&g.store);
     let timestep = g.scalar_i64("in/timestep")?;
@@ -636,72 +630,73 @@ fn verify_unet(
     let unet = UNet3D::load(&cfg, Params::new(&src))
         .map_err(|e| anyhow!("{}: building the UNet: {e}", g.name()))?;
     let mut checks = Vec::new();
-    if world == 1 {
-        writeln!(
-            out,
-            "unet3d: whole video in one clip, t={timestep}, fps={fps}"
-        )?;
-        let sample = dev.put(ncfhw_to_channels_last(&g.f32("in/sample")?)?)?;
-        let ehs = dev.put(g.f32("in/encoder_hidden_states")?)?;
-        let want = g.f32("out/sample")?;
-        let t0 = Instant::now();
-        let y = unet
-            .forward(&sample, timestep as f32, fps as f32, &ehs, &LocalContext)
-            .map_err(|e| anyhow!("{}: UNet forward: {e}", g.name()))?;
-        let y = channels_last_to_ncfhw(&host(&y)?)?;
-        writeln!(out, "ran in {:.2} s", t0.elapsed().as_secs_f64())?;
-        checks.push(compare(
-            "out/sample",
-            &y,
-            &want,
-            tol,
-            dev.rel_l2_criterion(),
-            out,
-        )?);
-    } else {
-        let vi = ViConfig::from_plugin_configs(&case["plugin_configs"])
-            .map_err(|e| anyhow!("{}: case.plugin_configs: {e}", g.name()))?;
-        // Every rank's inputs and references must be present before any rank starts.
-        let mut wants = Vec::new();
-        for r in 0..world {
-            g.info_shape(&format!("in/encoder_hidden_states/rank{r}"))?;
-            let s = g.info_shape(&format!("in/sample/rank{r}"))?;
-            if let Some(n) = case["frames_per_rank"].as_u64() {
-                ensure!(
-                    s.len() == 5 && s[2] == n as usize,
-                    "{}: in/sample/rank{r} has shape {s:?}, but case.frames_per_rank is {n}",
-                    g.name()
-                );
-            }
-            wants.push(g.f32(&format!("out/sample/rank{r}"))?);
-        }
-        writeln!(
-            out,
-            "unet3d: Video-Infinity clip parallelism on {world} in-process ranks, t={timestep}, \
-             fps={fps}, {vi:?}"
-        )?;
-        let t0 = Instant::now();
-        let outs = run_ranks(world, RANK_TIMEOUT, |r, comm| {
-            let sample =
-                ncfhw_to_channels_last(&load_model_input(g, &format!("in/sample/rank{r}"))?)?;
-            let ehs = load_model_input(g, &format!("in/encoder_hidden_states/rank{r}"))?;
-            let (sample, ehs) = (put_model(dev, sample)?, put_model(dev, ehs)?);
-            let ctx = ClipParallelContext::new(comm, &vi, timestep);
-            let y = unet.forward(&sample, timestep as f32, fps as f32, &ehs, &ctx)?;
-            Ok(y.to_device(Device::Cpu)?.to_dtype(DType::F32)?)
-        })
-        .map_err(|e| anyhow!("{}: {e}", g.name()))?;
-        writeln!(out, "ran in {:.2} s", t0.elapsed().as_secs_f64())?;
-        for (r, (y, want)) in outs.iter().zip(&wants).enumerate() {
-            let y = channels_last_to_ncfhw(y)?;
+    match run {
+        UNetCase::Plain => {
+            writeln!(
+                out,
+                "unet3d: whole video in one clip, t={timestep}, fps={fps}"
+            )?;
+            let sample = dev.put(ncfhw_to_channels_last(&g.f32("in/sample")?)?)?;
+            let ehs = dev.put(g.f32("in/encoder_hidden_states")?)?;
+            let want = g.f32("out/sample")?;
+            let t0 = Instant::now();
+            let y = unet
+                .forward(&sample, timestep as f32, fps as f32, &ehs, &LocalContext)
+                .map_err(|e| anyhow!("{}: UNet forward: {e}", g.name()))?;
+            let y = channels_last_to_ncfhw(&host(&y)?)?;
+            writeln!(out, "ran in {:.2} s", t0.elapsed().as_secs_f64())?;
             checks.push(compare(
-                &format!("out/sample/rank{r}"),
+                "out/sample",
                 &y,
-                want,
+                &want,
                 tol,
                 dev.rel_l2_criterion(),
                 out,
             )?);
+        }
+        UNetCase::ClipParallel { world, vi } => {
+            // Every rank's inputs and references must be present before any rank starts.
+            let mut wants = Vec::new();
+            for r in 0..world {
+                g.info_shape(&format!("in/encoder_hidden_states/rank{r}"))?;
+                let s = g.info_shape(&format!("in/sample/rank{r}"))?;
+                if let Some(n) = case["frames_per_rank"].as_u64() {
+                    ensure!(
+                        s.len() == 5 && s[2] == n as usize,
+                        "{}: in/sample/rank{r} has shape {s:?}, but case.frames_per_rank is {n}",
+                        g.name()
+                    );
+                }
+                wants.push(g.f32(&format!("out/sample/rank{r}"))?);
+            }
+            writeln!(
+                out,
+                "unet3d: Video-Infinity clip parallelism on {world} in-process ranks, t={timestep}, \
+                 fps={fps}, {vi:?}"
+            )?;
+            let t0 = Instant::now();
+            let outs = run_ranks(world, RANK_TIMEOUT, |r, comm| {
+                let sample =
+                    ncfhw_to_channels_last(&load_model_input(g, &format!("in/sample/rank{r}"))?)?;
+                let ehs = load_model_input(g, &format!("in/encoder_hidden_states/rank{r}"))?;
+                let (sample, ehs) = (put_model(dev, sample)?, put_model(dev, ehs)?);
+                let ctx = ClipParallelContext::new(comm, &vi, timestep);
+                let y = unet.forward(&sample, timestep as f32, fps as f32, &ehs, &ctx)?;
+                Ok(y.to_device(Device::Cpu)?.to_dtype(DType::F32)?)
+            })
+            .map_err(|e| anyhow!("{}: {e}", g.name()))?;
+            writeln!(out, "ran in {:.2} s", t0.elapsed().as_secs_f64())?;
+            for (r, (y, want)) in outs.iter().zip(&wants).enumerate() {
+                let y = channels_last_to_ncfhw(y)?;
+                checks.push(compare(
+                    &format!("out/sample/rank{r}"),
+                    &y,
+                    want,
+                    tol,
+                    dev.rel_l2_criterion(),
+                    out,
+                )?);
+            }
         }
     }
     let unused = ws
@@ -715,6 +710,42 @@ fn verify_unet(
         )?;
     }
     Ok((checks, Vec::new()))
+}
+
+/// What the reference ran for a `unet3d` case, read from its `case` metadata.
+#[derive(Debug)]
+enum UNetCase {
+    /// No `plugin_configs`: the unmodified UNet on the whole clip (`in/sample`, `out/sample`).
+    Plain,
+    /// `plugin_configs` present: the Video-Infinity plugins on `world` ranks, whatever `world` is
+    /// (`in/sample/rank<r>`, `out/sample/rank<r>`). With one rank both neighbours are zero frames
+    /// and the global tokens are the rank's own frames.
+    ClipParallel { world: usize, vi: ViConfig },
+}
+
+impl UNetCase {
+    fn from_case(case: &Value) -> Result<UNetCase> {
+        let world = match &case["world_size"] {
+            Value::Null => 1,
+            v => v
+                .as_u64()
+                .filter(|&w| w >= 1)
+                .ok_or_else(|| anyhow!("case.world_size {v} is not a rank count"))?
+                as usize,
+        };
+        match &case["plugin_configs"] {
+            Value::Null if world == 1 => Ok(UNetCase::Plain),
+            Value::Null => bail!(
+                "case.world_size is {world} but the case has no plugin_configs: a multi-rank case \
+                 runs the Video-Infinity plugins"
+            ),
+            p => Ok(UNetCase::ClipParallel {
+                world,
+                vi: ViConfig::from_plugin_configs(p)
+                    .map_err(|e| anyhow!("case.plugin_configs: {e}"))?,
+            }),
+        }
+    }
 }
 
 /// Inside a rank thread: errors as the model's error type (shapes were checked before).
@@ -1137,6 +1168,47 @@ mod tests {
         assert_eq!(v["b"][2], 1.5);
         assert_eq!(v["c"], "x -Infinity \" NaN");
         assert!(v["d"].is_null());
+    }
+
+    /// Plugin settings make a Video-Infinity case whatever the world size; none, the plain UNet.
+    #[test]
+    fn unet_case_from_metadata() {
+        let case = |s: &str| UNetCase::from_case(&serde_json::from_str(s).unwrap());
+        let pc =
+            r#"{"attn": {"padding": 2, "top_k": 4, "dynamic_scale": false}, "conv_layer": {}}"#;
+        for (json, want_world) in [
+            (format!(r#"{{"world_size": 1, "plugin_configs": {pc}}}"#), 1),
+            (format!(r#"{{"plugin_configs": {pc}}}"#), 1),
+            (format!(r#"{{"world_size": 3, "plugin_configs": {pc}}}"#), 3),
+        ] {
+            match case(&json).unwrap() {
+                UNetCase::ClipParallel { world, vi } => {
+                    assert_eq!(world, want_world, "{json}");
+                    assert_eq!((vi.attn_pad, vi.top_k, vi.dynamic_scale), (2, 4, false));
+                }
+                UNetCase::Plain => panic!("{json}: taken as the plain UNet"),
+            }
+        }
+        for json in [
+            r#"{"plugins": false, "frames": 6}"#,
+            r#"{"world_size": 1}"#,
+            r#"{"world_size": 1, "plugin_configs": null}"#,
+            "null",
+        ] {
+            assert!(matches!(case(json).unwrap(), UNetCase::Plain), "{json}");
+        }
+        let e = format!("{:#}", case(r#"{"world_size": 2}"#).unwrap_err());
+        assert!(e.contains("no plugin_configs"), "{e}");
+        let e = format!(
+            "{:#}",
+            case(r#"{"world_size": 0, "plugin_configs": {}}"#).unwrap_err()
+        );
+        assert!(e.contains("not a rank count"), "{e}");
+        let e = format!(
+            "{:#}",
+            case(r#"{"plugin_configs": {"attn": {"bogus": 1}}}"#).unwrap_err()
+        );
+        assert!(e.contains("case.plugin_configs"), "{e}");
     }
 
     #[test]
