@@ -1,6 +1,6 @@
-//! The memory plan (DESIGN section 7): the shape-only dry run counts exactly the tensor bytes a
-//! real CPU run allocates; the planner's numbers are consistent; `generate` refuses a plan that
-//! does not fit before loading any weights, writes nothing, and `--no-memory-check` skips it.
+//! The memory plan (docs/design.md section 7): the shape-only dry run counts exactly the tensor
+//! bytes a real CPU run allocates; the planner's numbers are consistent; `generate` refuses a plan
+//! that does not fit before loading any weights, writes nothing, and `--no-memory-check` skips it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;

@@ -1,5 +1,5 @@
 //! Video-Infinity's clip parallelism: the [`TemporalContext`] of one rank holding one clip of the
-//! video (DESIGN section 3; golden README "What the plugins compute (exact)").
+//! video (docs/design.md section 5; golden README "What the plugins compute (exact)").
 //!
 //! Every exchange between ranks of the UNet lives here:
 //! * temporal conv layers: a halo of `conv_pad` frames of the layer INPUT from each neighbour

@@ -1,5 +1,5 @@
-//! The memory plan of a generation (DESIGN section 7: "a memory plan that would not fit is
-//! refused before any work starts").
+//! The memory plan of a generation (docs/design.md section 7: a plan that would not fit is refused
+//! before any weight is loaded).
 //!
 //! Exact by construction where it can be: the activations are not estimated from formulas but
 //! measured by running the generation's own code on shape-only tensors (`Device::Meta`, see

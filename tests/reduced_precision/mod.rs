@@ -19,8 +19,8 @@ use vi_runtime::{DType, Device, Tensor};
 use vi_suite::{golden_dir, rel_l2};
 use vi_weights::WeightStore;
 
-/// bf16 or f16 storage through ~100 layers vs an f32 reference (DESIGN section 5: rel L2 <= 2e-2
-/// end to end).
+/// bf16 or f16 storage through ~100 layers vs an f32 reference (docs/design.md section 6:
+/// rel L2 <= 2e-2 end to end).
 pub const MAX_REL_L2: f64 = 2e-2;
 const TIMEOUT: Duration = Duration::from_secs(600);
 

@@ -3,7 +3,8 @@
 use super::{backend, expect_rank, same_device};
 use crate::{Error, Result, Tensor};
 
-/// Parameters of the dual-scope temporal attention (DESIGN section 3; golden README "AttentionPlugin").
+/// Parameters of the dual-scope temporal attention (docs/design.md section 5.3; golden README
+/// "AttentionPlugin").
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DualScopeParams {
     /// Local half-window `p`: query i sees padded local positions i ..= i + 2p.
