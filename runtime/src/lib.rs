@@ -17,6 +17,7 @@ pub(crate) mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod knobs;
 pub mod meta;
 pub mod ops;
 mod tensor;

@@ -2,11 +2,12 @@
 //! against the CPU backend on random inputs, including tails (sizes not multiples of the tiles),
 //! odd channel counts, bias/causal attention, several head dims, every storage dtype, and both
 //! attention kernel families (tensor-core fast paths: `auto` = flash or the small-sequence kernel,
-//! `VI_ATTN_KERNEL=flash`, the 4-warp flash variant `flash4`; and the simple kernels `simple`).
+//! `flash`, the 4-warp flash variant `flash4`; and the simple kernels `simple`).
 //!
-//! The checks run in ONE test function: the kernel choice is switched through the environment
-//! variable `VI_ATTN_KERNEL`, which must not change while another test thread runs (the ignored
-//! benchmark switches it too: run it alone, `-- --ignored --test-threads=1`).
+//! The checks run in ONE test function: the kernel choice is switched for the whole process with
+//! `vi_runtime::cuda::set_attn_kernel` (what `VI_ATTN_KERNEL` selects at start), which must not
+//! change while another test thread runs (the ignored benchmark switches it too: run it alone,
+//! `-- --ignored --test-threads=1`).
 //! Without a GPU (or without the `cuda` feature) the test prints that it is skipped and passes.
 
 #[cfg(feature = "cuda")]
@@ -14,6 +15,7 @@ mod gpu {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     use rand_distr::StandardNormal;
+    use vi_runtime::cuda::{set_attn_kernel, AttnKernel};
     use vi_runtime::ops::{self, DualScopeParams};
     use vi_runtime::{DType, Device, Tensor};
 
@@ -439,8 +441,13 @@ mod gpu {
                 dt,
             );
             let flops = 4.0 * (b * h * sq * sk * d) as f64;
-            for kind in ["auto", "flash", "flash4", "simple"] {
-                std::env::set_var("VI_ATTN_KERNEL", kind);
+            for (kind, choice) in [
+                ("auto", AttnKernel::Auto),
+                ("flash", AttnKernel::Flash),
+                ("flash4", AttnKernel::Flash4),
+                ("simple", AttnKernel::Simple),
+            ] {
+                set_attn_kernel(choice);
                 report_flops(
                     &format!("attention[{kind}] B{b} Sq{sq} Sk{sk} H{h} D{d}"),
                     flops,
@@ -484,15 +491,15 @@ mod gpu {
             token_num_scale: false,
         };
         let bytes = ((2 * n + 2 * nl + 2 * g) * b * h * d) as f64 * es;
-        for kind in ["auto", "simple"] {
-            std::env::set_var("VI_ATTN_KERNEL", kind);
+        for (kind, choice) in [("auto", AttnKernel::Auto), ("simple", AttnKernel::Simple)] {
+            set_attn_kernel(choice);
             report_bw(
                 &format!("dual_scope[{kind}] b{b} n{n} H{h} D{d} p{pad} G{g}"),
                 bytes,
                 &|| ops::dual_scope_attention(&q, &kl, &vl, &kg, &vg, &p).unwrap(),
             );
         }
-        std::env::remove_var("VI_ATTN_KERNEL");
+        set_attn_kernel(AttnKernel::Auto);
     }
 
     pub fn run() {
@@ -504,18 +511,18 @@ mod gpu {
         let mut r = StdRng::seed_from_u64(0x5eed_cafe);
         group_norms(&mut r);
         layer_norms_and_softmax(&mut r);
-        // The kernel choice is read per call; this is the only test of the binary (module docs).
-        std::env::remove_var("VI_ATTN_KERNEL");
+        // The kernel choice is process-wide; this is the only test of the binary (module docs).
+        set_attn_kernel(AttnKernel::Auto);
         attentions(&mut r, "auto");
         dual_scopes(&mut r, "auto");
-        std::env::set_var("VI_ATTN_KERNEL", "flash");
+        set_attn_kernel(AttnKernel::Flash);
         attentions(&mut r, "flash");
-        std::env::set_var("VI_ATTN_KERNEL", "flash4");
+        set_attn_kernel(AttnKernel::Flash4);
         attentions(&mut r, "flash4");
-        std::env::set_var("VI_ATTN_KERNEL", "simple");
+        set_attn_kernel(AttnKernel::Simple);
         attentions(&mut r, "simple");
         dual_scopes(&mut r, "simple");
-        std::env::remove_var("VI_ATTN_KERNEL");
+        set_attn_kernel(AttnKernel::Auto);
         let failures = FAILURES.lock().unwrap();
         assert!(
             failures.is_empty(),

@@ -1,44 +1,52 @@
 //! Attention launchers for `cuda/kernels/attention.cu` and `cuda/kernels/dual_scope.cu`
 //! (see `docs/kernels.md`). Layout [B, S, heads, head_dim], read in place (row stride heads*head_dim).
 //!
-//! Kernel choice (per call):
+//! Kernel choice ([`attn_kernel`]: the `VI_ATTN_KERNEL` knob, read once, or [`set_attn_kernel`]):
 //! * fast path: bf16/f16 storage, head_dim (= value dim) in {32, 64, 128}, 16-byte aligned buffers:
 //!   `attn_flash_*` (tensor cores, online softmax; bias and causal supported), `attn_small_*` (the
 //!   same engine, one warp per 16 queries, for Sk <= 64 and Sq <= 128), `attn_wide_*` (head dim 256
 //!   or 512, e.g. the VAE mid-block: value dim in chunks of 128) and `dual_mma_*`;
-//! * otherwise, or with the environment variable `VI_ATTN_KERNEL=simple`: the straightforward fp32
+//! * otherwise, or with `VI_ATTN_KERNEL=simple`: the straightforward fp32
 //!   kernels `attn_generic_*` (any D and value dim) and `dual_generic_*` (D <= 128).
 //!   `VI_ATTN_KERNEL=flash` uses the flash kernel also for short sequences, `VI_ATTN_KERNEL=flash4`
 //!   the 4-warp flash variant (64 queries per block), for comparisons.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
 
-use super::norm::launch;
-use super::{dtype_suffix, storage};
+use super::device::{cuda_err, storage};
+use super::launch::{dtype_suffix, i32_arg, launch, vec_width};
+pub use crate::knobs::AttnKernel;
 use crate::ops::DualScopeParams;
 use crate::{DType, Error, Result, Tensor};
 
-/// Which attention kernels a call uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AttnKernel {
-    /// Tensor-core kernels where they apply (flash: 8 warps = 128 queries per block for D <= 64,
-    /// 4 warps for D = 128), else the simple ones.
-    Auto,
-    /// `VI_ATTN_KERNEL=flash`: the flash kernel also where the small-sequence kernel would be used.
-    Flash,
-    /// `VI_ATTN_KERNEL=flash4`: the flash kernel with 4 warps (64 queries per block) for every D.
-    Flash4,
-    /// `VI_ATTN_KERNEL=simple`: always the simple fp32 kernels, for comparisons.
-    Simple,
+/// 0 = not decided (the `VI_ATTN_KERNEL` knob), else 1 + the `AttnKernel` index.
+static CHOICE: AtomicU8 = AtomicU8::new(0);
+
+const KINDS: [AttnKernel; 4] = [
+    AttnKernel::Auto,
+    AttnKernel::Flash,
+    AttnKernel::Flash4,
+    AttnKernel::Simple,
+];
+
+/// Select the attention kernels for the whole process (overrides `VI_ATTN_KERNEL`; tests and
+/// benchmarks compare the kernel families within one process).
+pub fn set_attn_kernel(k: AttnKernel) {
+    let i = KINDS
+        .iter()
+        .position(|&x| x == k)
+        .expect("every kind listed");
+    CHOICE.store(1 + i as u8, Ordering::Relaxed);
 }
 
-/// The kernel choice from `VI_ATTN_KERNEL` (read per call so a benchmark can switch within a process).
-pub(crate) fn kernel_choice() -> AttnKernel {
-    match std::env::var("VI_ATTN_KERNEL") {
-        Ok(v) if v.eq_ignore_ascii_case("simple") => AttnKernel::Simple,
-        Ok(v) if v.eq_ignore_ascii_case("flash4") => AttnKernel::Flash4,
-        Ok(v) if v.eq_ignore_ascii_case("flash") => AttnKernel::Flash,
-        _ => AttnKernel::Auto,
+/// The selected attention kernels (`VI_ATTN_KERNEL`, read once, unless [`set_attn_kernel`] was
+/// called).
+pub fn attn_kernel() -> AttnKernel {
+    match CHOICE.load(Ordering::Relaxed) {
+        0 => crate::knobs::get().attn_kernel,
+        i => KINDS[i as usize - 1],
     }
 }
 
@@ -47,10 +55,6 @@ const SMEM_DEFAULT: usize = 48 * 1024;
 
 fn fast_dtype(d: DType) -> bool {
     matches!(d, DType::BF16 | DType::F16)
-}
-
-fn i32_arg(op: &'static str, name: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(op, format!("{name} = {v} exceeds the i32 range")))
 }
 
 /// q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv];
@@ -116,7 +120,7 @@ pub(crate) fn attention(
         i32_arg(OP, "heads", h)?,
     );
     let aligned = [qp, kp, vp, op].iter().all(|p| p % 16 == 0);
-    let choice = kernel_choice();
+    let choice = attn_kernel();
     // Wide heads (VAE mid-block: 1 head of 512): value dim in chunks of 128, scores on tensor cores.
     let wide = choice != AttnKernel::Simple
         && fast_dtype(dt)
@@ -146,7 +150,7 @@ pub(crate) fn attention(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(|e| super::cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
+            .map_err(|e| cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
         }
         let cfg = LaunchConfig {
             grid_dim: (
@@ -158,18 +162,24 @@ pub(crate) fn attention(
             shared_mem_bytes: smem as u32,
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&bp)
-                .arg(&op)
-                .arg(&sq_i)
-                .arg(&sk_i)
-                .arg(&h_i)
-                .arg(&scale_log2)
-                .arg(&causal_i);
-        })?;
+        // SAFETY: attn_wide_*(q, k, v, bias, out, Sq, Sk, H, scale_log2, causal): q/k/v/out are [B,
+        // S, H, D] buffers of dt (D = Dv in {256, 512}, all 16-byte aligned, checked), bias null or
+        // [Sq, Sk] of dt (ops-validated); grid (Sq/32, H*D/128, B) and the opted-in dynamic shared
+        // memory are those the kernel's contract states.
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&kp)
+                    .arg(&vp)
+                    .arg(&bp)
+                    .arg(&op)
+                    .arg(&sq_i)
+                    .arg(&sk_i)
+                    .arg(&h_i)
+                    .arg(&scale_log2)
+                    .arg(&causal_i);
+            })
+        }?;
     } else if small {
         let nk16 = sk.div_ceil(16) * 16;
         let per_warp = (16 + 2 * nk16) * (d + 8) * dt.size_in_bytes();
@@ -191,19 +201,25 @@ pub(crate) fn attention(
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let b_i = i32_arg(OP, "B", b)?;
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&bp)
-                .arg(&op)
-                .arg(&b_i)
-                .arg(&sq_i)
-                .arg(&sk_i)
-                .arg(&h_i)
-                .arg(&scale_log2)
-                .arg(&causal_i);
-        })?;
+        // SAFETY: attn_small_*(q, k, v, bias, out, B, Sq, Sk, H, scale_log2, causal): buffers as
+        // for the flash kernel (D in {32, 64, 128}, 16-byte aligned, checked); wpb warps per block
+        // with wpb * per_warp bytes of shared memory (<= 48 KiB), one warp per (b, h, 16 queries),
+        // blocks cover every task.
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&kp)
+                    .arg(&vp)
+                    .arg(&bp)
+                    .arg(&op)
+                    .arg(&b_i)
+                    .arg(&sq_i)
+                    .arg(&sk_i)
+                    .arg(&h_i)
+                    .arg(&scale_log2)
+                    .arg(&causal_i);
+            })
+        }?;
     } else if fast {
         let warps = if choice == AttnKernel::Flash4 || d == 128 {
             4
@@ -220,7 +236,7 @@ pub(crate) fn attention(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(|e| super::cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
+            .map_err(|e| cuda_err(&format!("{name}: shared memory opt-in {smem} B"), e))?;
         }
         let cfg = LaunchConfig {
             grid_dim: (sq.div_ceil(bm) as u32, h as u32, b as u32),
@@ -228,21 +244,27 @@ pub(crate) fn attention(
             shared_mem_bytes: smem as u32,
         };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&bp)
-                .arg(&op)
-                .arg(&sq_i)
-                .arg(&sk_i)
-                .arg(&h_i)
-                .arg(&scale_log2)
-                .arg(&causal_i);
-        })?;
+        // SAFETY: attn_flash_*_w<warps>(q, k, v, bias, out, Sq, Sk, H, scale_log2, causal):
+        // q/k/v/out [B, S, H, D] of dt with D in {32, 64, 128}, 16-byte aligned (checked), bias
+        // null or [Sq, Sk]; grid (Sq/(16*warps), H, B), block 32*warps threads and the (opted-in)
+        // shared memory of the Q tile and double-buffered K/V tiles as the kernel expects.
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&kp)
+                    .arg(&vp)
+                    .arg(&bp)
+                    .arg(&op)
+                    .arg(&sq_i)
+                    .arg(&sk_i)
+                    .arg(&h_i)
+                    .arg(&scale_log2)
+                    .arg(&causal_i);
+            })
+        }?;
     } else {
         // 16-byte loads of the key rows when the head dim and the buffer allow it.
-        let kv = match super::norm::vec_width(dt, d, &[kp]) {
+        let kv = match vec_width(dt, d, &[kp]) {
             w if w * dt.size_in_bytes() == 16 => w,
             _ => 1,
         };
@@ -266,21 +288,27 @@ pub(crate) fn attention(
             i32_arg(OP, "D", d)?,
             i32_arg(OP, "Dv", dv)?,
         );
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&bp)
-                .arg(&op)
-                .arg(&b_i)
-                .arg(&sq_i)
-                .arg(&sk_i)
-                .arg(&h_i)
-                .arg(&d_i)
-                .arg(&dv_i)
-                .arg(&scale)
-                .arg(&causal_i);
-        })?;
+        // SAFETY: attn_generic_*_k<kv>(q, k, v, bias, out, B, Sq, Sk, H, D, Dv, scale, causal): q/k
+        // [B, S, H, D], v/out [B, S, H, Dv] of dt (ops-validated), bias null or [Sq, Sk]; key rows
+        // aligned to kv elements (vec_width); 4 warps per block, 4*D floats of shared memory (D*16
+        // <= 48 KiB checked).
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&kp)
+                    .arg(&vp)
+                    .arg(&bp)
+                    .arg(&op)
+                    .arg(&b_i)
+                    .arg(&sq_i)
+                    .arg(&sk_i)
+                    .arg(&h_i)
+                    .arg(&d_i)
+                    .arg(&dv_i)
+                    .arg(&scale)
+                    .arg(&causal_i);
+            })
+        }?;
     }
     Ok(out.into_tensor(&oshape))
 }
@@ -358,7 +386,7 @@ pub(crate) fn dual_scope_attention(
     // Keys staged per warp (padded to 16): a 16-query tile sees min(16, n) + 2p local rows + G.
     let nkp = (n.min(16) + 2 * p.pad + g).div_ceil(16) * 16;
     let per_warp = (16 + 2 * nkp) * (d + 8) * dt.size_in_bytes();
-    let fast = kernel_choice() != AttnKernel::Simple
+    let fast = attn_kernel() != AttnKernel::Simple
         && fast_dtype(dt)
         && matches!(d, 32 | 64 | 128)
         && aligned
@@ -383,23 +411,29 @@ pub(crate) fn dual_scope_attention(
         let l2e = std::f32::consts::LOG2_E;
         let (scale_l2, lb_l2, gb_l2) = (scale * l2e, p.local_bias * l2e, p.global_bias * l2e);
         let nkp_i = nkp as i32;
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&klp)
-                .arg(&vlp)
-                .arg(&kgp)
-                .arg(&vgp)
-                .arg(&op)
-                .arg(&nb_i)
-                .arg(&n_i)
-                .arg(&h_i)
-                .arg(&pad_i)
-                .arg(&g_i)
-                .arg(&nkp_i)
-                .arg(&scale_l2)
-                .arg(&lb_l2)
-                .arg(&gb_l2);
-        })?;
+        // SAFETY: dual_mma_*(q, k_local, v_local, k_glob, v_glob, out, b, n, H, pad, G, nkp, ...):
+        // q/out [b, n, H, D], locals [b, n + 2p, H, D], globals [b, G, H, D] of dt (ops-validated;
+        // a G = 0 global is never read), all 16-byte aligned (checked), D in {32, 64, 128}; wpb
+        // warps of per_warp bytes of shared memory each (<= 48 KiB).
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&klp)
+                    .arg(&vlp)
+                    .arg(&kgp)
+                    .arg(&vgp)
+                    .arg(&op)
+                    .arg(&nb_i)
+                    .arg(&n_i)
+                    .arg(&h_i)
+                    .arg(&pad_i)
+                    .arg(&g_i)
+                    .arg(&nkp_i)
+                    .arg(&scale_l2)
+                    .arg(&lb_l2)
+                    .arg(&gb_l2);
+            })
+        }?;
     } else {
         if d > 128 {
             return Err(Error::shape(
@@ -420,23 +454,28 @@ pub(crate) fn dual_scope_attention(
         };
         let d_i = d as i32;
         let (lb, gb) = (p.local_bias, p.global_bias);
-        launch(dev, &f, cfg, &name, |a| {
-            a.arg(&qp)
-                .arg(&klp)
-                .arg(&vlp)
-                .arg(&kgp)
-                .arg(&vgp)
-                .arg(&op)
-                .arg(&nb_i)
-                .arg(&n_i)
-                .arg(&h_i)
-                .arg(&d_i)
-                .arg(&pad_i)
-                .arg(&g_i)
-                .arg(&scale)
-                .arg(&lb)
-                .arg(&gb);
-        })?;
+        // SAFETY: dual_generic_*(q, k_local, v_local, k_glob, v_glob, out, b, n, H, D, pad, G,
+        // ...): buffers as for dual_mma (ops-validated shapes, a G = 0 global never read), D <= 128
+        // (checked); 4 warps per block, 4*D floats of shared memory.
+        unsafe {
+            launch(dev, &f, cfg, &name, |a| {
+                a.arg(&qp)
+                    .arg(&klp)
+                    .arg(&vlp)
+                    .arg(&kgp)
+                    .arg(&vgp)
+                    .arg(&op)
+                    .arg(&nb_i)
+                    .arg(&n_i)
+                    .arg(&h_i)
+                    .arg(&d_i)
+                    .arg(&pad_i)
+                    .arg(&g_i)
+                    .arg(&scale)
+                    .arg(&lb)
+                    .arg(&gb);
+            })
+        }?;
     }
     Ok(out.into_tensor(q.shape()))
 }

@@ -15,18 +15,21 @@
 //!   on shifted row ranges of x and out (beta = 1 after the first), no copies; W is re-laid once to
 //!   [k, Cout, Cin] so each W_t is a contiguous [Cout, Cin] matrix. For bf16/f16 storage with k > 1
 //!   the taps accumulate into an fp32 buffer (cuBLASLt bf16/f16 A/B, f32 C/D) and the bias is added
-//!   while rounding once to the storage dtype (`cuda/kernels/precision.cu`), instead of rounding
+//!   while rounding once to the storage dtype (`bias_round` in epilogue.rs, `cuda/kernels/precision.cu`), instead of rounding
 //!   every partial sum; f32 accumulates in place as before.
 //!
 //! Biases may be f32 under bf16/f16 activations (the precision policy): the GEMM paths pass them to
-//! cuBLASLt's epilogue as CUDA_R_32F (gemm.rs), the cuDNN path adds them with the in-place
+//! cuBLASLt's epilogue as CUDA_R_32F (blas.rs), the cuDNN path adds them with the in-place
 //! `bias_add_f32b` kernel, the temporal conv's fp32 accumulator with `bias_round_f32b` — no widening
 //! or rounding passes over the activations.
 
 use cudarc::driver::PushKernelArg;
 
-use super::gemm::{gemm_rows, gemm_rows_to};
-use super::{cfg_1d, cuda_err, storage, CudaDevice};
+use super::blas::{gemm_rows, gemm_rows_to};
+use super::cudnn::{conv_algo, set_conv_algo, ConvAlgo, ConvShape};
+use super::device::{cuda_err, device, storage, CudaDevice};
+use super::epilogue::bias_round;
+use super::launch::{cfg_1d, launch};
 use crate::{DType, Result, Tensor};
 
 /// Largest im2col buffer per chunk (bytes).
@@ -38,7 +41,8 @@ fn relaid(dev: &CudaDevice, w: &Tensor, perm: &[usize], tag: &'static str) -> Re
     if let Some((_, r)) = dev.weight_cache.lock().unwrap().get(&key) {
         return Ok(r.clone());
     }
-    let r = super::layout::permute(w, perm)?;
+    // Through `ops` (the op modules do not call each other): the CUDA permute kernel.
+    let r = crate::ops::permute(w, perm)?;
     dev.weight_cache
         .lock()
         .unwrap()
@@ -49,7 +53,7 @@ fn relaid(dev: &CudaDevice, w: &Tensor, perm: &[usize], tag: &'static str) -> Re
 /// Drop every cached weight re-layout of device `ordinal` (the source weights are kept alive by the
 /// cache; call this after dropping a model to release them).
 pub fn clear_weight_cache(ordinal: usize) -> Result<()> {
-    super::device(ordinal)?.weight_cache.lock().unwrap().clear();
+    device(ordinal)?.weight_cache.lock().unwrap().clear();
     Ok(())
 }
 
@@ -96,8 +100,8 @@ pub(crate) fn conv2d(
     }
     let wr = relaid(&dev, w, &[0, 2, 3, 1], "conv2d")?;
     let swr = storage(&wr, OP)?;
-    if super::cudnn::conv_algo() == super::cudnn::ConvAlgo::Cudnn {
-        let shape_key = super::cudnn::ConvShape {
+    if conv_algo() == ConvAlgo::Cudnn {
+        let shape_key = ConvShape {
             dtype: dt,
             n,
             h,
@@ -122,7 +126,7 @@ pub(crate) fn conv2d(
                     )
                 });
                 if dev.dnn().is_err() {
-                    super::cudnn::set_conv_algo(super::cudnn::ConvAlgo::Im2col);
+                    set_conv_algo(ConvAlgo::Im2col);
                 }
             }
         }
@@ -156,22 +160,24 @@ pub(crate) fn conv2d(
         let (nc64, h64, w64, ho64, wo64) = (nc as i64, h as i64, wd as i64, ho as i64, wo as i64);
         let (kh32, kw32, s32, p32) = (kh as i32, kw as i32, stride as i32, pad as i32);
         let units = nc * ho * wo * kh * kw * cu as usize;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&xp)
-            .arg(&cp)
-            .arg(&nc64)
-            .arg(&h64)
-            .arg(&w64)
-            .arg(&cu)
-            .arg(&ho64)
-            .arg(&wo64)
-            .arg(&kh32)
-            .arg(&kw32)
-            .arg(&s32)
-            .arg(&p32);
         // SAFETY: reads images n0..n0+nc of x, writes nc*ho*wo*kdim elements of cols (allocated for
         // `chunk` >= nc images).
-        unsafe { b.launch(cfg_1d(units, 256)) }.map_err(|e| cuda_err("launching im2col", e))?;
+        unsafe {
+            launch(&dev, &f, cfg_1d(units, 256), "im2col", |b| {
+                b.arg(&xp)
+                    .arg(&cp)
+                    .arg(&nc64)
+                    .arg(&h64)
+                    .arg(&w64)
+                    .arg(&cu)
+                    .arg(&ho64)
+                    .arg(&wo64)
+                    .arg(&kh32)
+                    .arg(&kw32)
+                    .arg(&s32)
+                    .arg(&p32);
+            })
+        }?;
         gemm_rows(
             &dev,
             dt,
@@ -259,49 +265,4 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
         drop(acc);
     }
     Ok(out.into_tensor(&shape))
-}
-
-/// out[rows, n] (dtype `dt`) = round(acc[rows, n] (f32) + bias[n] (optional; dtype `dt` or F32)):
-/// one rounding to the storage dtype after an fp32 accumulation (also the f32-bias fallback of
-/// gemm.rs).
-pub(crate) fn bias_round(
-    dev: &CudaDevice,
-    dt: DType,
-    acc: u64,
-    bias: Option<(u64, DType)>,
-    out: u64,
-    rows: usize,
-    n: usize,
-) -> Result<()> {
-    let f32_bias = matches!(bias, Some((_, DType::F32)));
-    let kname = match (dt, f32_bias) {
-        (DType::F32, _) => "bias_round_f32",
-        (DType::BF16, false) => "bias_round_bf16",
-        (DType::F16, false) => "bias_round_f16",
-        (DType::BF16, true) => "bias_round_f32b_bf16",
-        (DType::F16, true) => "bias_round_f32b_f16",
-    };
-    if let Some((_, bdt)) = bias {
-        if bdt != dt && bdt != DType::F32 {
-            return Err(cuda_err(
-                "temporal_conv",
-                format!("{bdt:?} bias with {dt:?} output"),
-            ));
-        }
-    }
-    let func = dev.func("precision", kname)?;
-    let total = rows * n;
-    let (total64, n64) = (total as i64, n as i64);
-    let bias_ptr = bias.map_or(0, |b| b.0);
-    let mut lb = dev.stream().launch_builder(&func);
-    lb.arg(&acc)
-        .arg(&bias_ptr)
-        .arg(&out)
-        .arg(&total64)
-        .arg(&n64);
-    // SAFETY: acc holds rows*n f32, out rows*n elements of `dt`, bias (when non-null) n elements of
-    // the dtype the kernel takes (`dt`, or f32 for `_f32b_`); all are live device buffers and the
-    // launch is queued on the device stream.
-    unsafe { lb.launch(cfg_1d(total, 256)) }.map_err(|e| cuda_err("launching bias_round", e))?;
-    Ok(())
 }

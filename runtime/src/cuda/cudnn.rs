@@ -18,19 +18,12 @@ use std::sync::Mutex;
 
 use cudarc::cudnn::sys;
 
-use super::{cuda_err, CudaDevice};
+use super::device::{cuda_err, CudaDevice};
+use super::epilogue::bias_add_rows;
+pub use crate::knobs::ConvAlgo;
 use crate::{DType, Error, Result};
 
-/// Which implementation runs kh x kw convolutions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvAlgo {
-    /// cuDNN implicit GEMM (falls back to im2col when cuDNN is unavailable).
-    Cudnn,
-    /// Our im2col kernel + a cuBLASLt GEMM.
-    Im2col,
-}
-
-/// 0 = not decided (read VI_CONV), 1 = cuDNN, 2 = im2col.
+/// 0 = not decided (the `VI_CONV` knob), 1 = cuDNN, 2 = im2col.
 static ALGO: AtomicU8 = AtomicU8::new(0);
 
 /// Select the convolution implementation for the whole process (overrides `VI_CONV`).
@@ -50,10 +43,7 @@ pub fn conv_algo() -> ConvAlgo {
         1 => ConvAlgo::Cudnn,
         2 => ConvAlgo::Im2col,
         _ => {
-            let a = match std::env::var("VI_CONV").as_deref() {
-                Ok("im2col") => ConvAlgo::Im2col,
-                _ => ConvAlgo::Cudnn,
-            };
+            let a = crate::knobs::get().conv;
             set_conv_algo(a);
             a
         }
@@ -130,8 +120,18 @@ fn int(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Cuda(format!("cuDNN: dimension {v} exceeds i32")))
 }
 
+impl CudaDevice {
+    /// The cuDNN state of this device (created on first use).
+    pub(crate) fn dnn(&self) -> Result<&Dnn> {
+        self.dnn
+            .get_or_init(|| Dnn::new(self).map_err(|e| e.to_string()))?
+            .as_ref()
+            .map_err(|e| Error::Cuda(e.clone()))
+    }
+}
+
 impl Dnn {
-    pub(crate) fn new(dev: &CudaDevice) -> Result<Dnn> {
+    fn new(dev: &CudaDevice) -> Result<Dnn> {
         // SAFETY: only tries to dlopen libcudnn.
         let present =
             std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
@@ -336,7 +336,7 @@ impl Dnn {
         if let Some((b, bdt)) = bias {
             let ho = (s.h + 2 * s.pad - s.kh) / s.stride + 1;
             let wo = (s.w + 2 * s.pad - s.kw) / s.stride + 1;
-            super::elementwise::bias_add_rows(dev, s.dtype, y, b, bdt, s.n * ho * wo, s.cout)?;
+            bias_add_rows(dev, s.dtype, y, b, bdt, s.n * ho * wo, s.cout)?;
         }
         Ok(())
     }

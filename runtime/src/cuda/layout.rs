@@ -5,9 +5,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::elementwise::coalesce;
-use super::{cfg_1d, cuda_err, storage, CudaDevice, Dims};
-use crate::{DType, Error, Result, Tensor};
+use super::device::{cuda_err, storage, CudaDevice};
+use super::launch::{cfg_1d, coalesce, divisible, launch, Dims};
+use crate::{DType, Result, Tensor};
 
 const MODULE: &str = "layout";
 const BLOCK: u32 = 256;
@@ -27,15 +27,6 @@ fn unit(dtype: DType, vec_ok: impl Fn(usize) -> bool) -> (&'static str, usize) {
     } else {
         (sfx(dtype), 1)
     }
-}
-
-/// `n` is a multiple of the power of two `v`.
-fn divisible(n: usize, v: usize) -> bool {
-    n & (v - 1) == 0
-}
-
-fn launch_err(k: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| cuda_err(&format!("launching {k}"), e)
 }
 
 /// y[r * ldy + c] = x[r * ldx + c] for r < rows, c < cols (addresses in bytes, sizes in elements).
@@ -65,10 +56,12 @@ pub(crate) fn copy2d(
     let k = format!("copy2d_{s}");
     let f = dev.func(MODULE, &k)?;
     let (r, c, lx, ly) = (rows as i64, cols as i64, ldx as i64, ldy as i64);
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&x).arg(&y).arg(&r).arg(&c).arg(&lx).arg(&ly);
     // SAFETY: the callers guarantee both 2-D regions lie inside their buffers.
-    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    unsafe {
+        launch(dev, &f, cfg_1d(n, BLOCK), &k, |b| {
+            b.arg(&x).arg(&y).arg(&r).arg(&c).arg(&lx).arg(&ly);
+        })
+    }?;
     Ok(())
 }
 
@@ -176,16 +169,18 @@ fn gather(
         small.v[..idx.len()].copy_from_slice(idx);
         let k = format!("index_select_small_{s}");
         let f = dev.func(MODULE, &k)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&x)
-            .arg(&y)
-            .arg(&small)
-            .arg(&o)
-            .arg(&a)
-            .arg(&ni)
-            .arg(&inn);
         // SAFETY: every index is < axis (validated by ops); y holds outer * n_idx * inner units.
-        unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+        unsafe {
+            launch(dev, &f, cfg_1d(n, BLOCK), &k, |b| {
+                b.arg(&x)
+                    .arg(&y)
+                    .arg(&small)
+                    .arg(&o)
+                    .arg(&a)
+                    .arg(&ni)
+                    .arg(&inn);
+            })
+        }?;
         return Ok(());
     }
     let ids = dev
@@ -198,17 +193,19 @@ fn gather(
     };
     let k = format!("index_select_{s}");
     let f = dev.func(MODULE, &k)?;
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&x)
-        .arg(&y)
-        .arg(&ip)
-        .arg(&o)
-        .arg(&a)
-        .arg(&ni)
-        .arg(&inn);
     // SAFETY: every index is < axis (validated by ops); y holds outer * n_idx * inner elements.
     // `ids` is freed stream-ordered after the kernel.
-    unsafe { b.launch(cfg_1d(n, BLOCK)) }.map_err(launch_err(&k))?;
+    unsafe {
+        launch(dev, &f, cfg_1d(n, BLOCK), &k, |b| {
+            b.arg(&x)
+                .arg(&y)
+                .arg(&ip)
+                .arg(&o)
+                .arg(&a)
+                .arg(&ni)
+                .arg(&inn);
+        })
+    }?;
     drop(ids);
     Ok(())
 }
@@ -252,11 +249,13 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let f = dev.func(MODULE, &k)?;
     let (xp, yp, n64, r) = (sx.ptr(), out.ptr(), units as i64, dims.len() as i32);
     let (dd, sd) = (Dims::new(&dims)?, Dims::new(&strides)?);
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(&xp).arg(&yp).arg(&n64).arg(&r).arg(&dd).arg(&sd);
     // SAFETY: the strides describe a permutation of x's own elements (in units of v elements);
     // out holds n elements.
-    unsafe { b.launch(cfg_1d(units, BLOCK)) }.map_err(launch_err(&k))?;
+    unsafe {
+        launch(&dev, &f, cfg_1d(units, BLOCK), &k, |b| {
+            b.arg(&xp).arg(&yp).arg(&n64).arg(&r).arg(&dd).arg(&sd);
+        })
+    }?;
     Ok(out.into_tensor(&shape))
 }
 
@@ -273,10 +272,12 @@ pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
         let f = dev.func(MODULE, &k)?;
         let (xp, yp) = (sx.ptr(), out.ptr());
         let (n64, h64, w64, c64) = (n as i64, h as i64, w as i64, (c / v) as i64);
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&xp).arg(&yp).arg(&n64).arg(&h64).arg(&w64).arg(&c64);
         // SAFETY: x holds n*h*w*c elements, out 4x that (moved in units of v elements).
-        unsafe { b.launch(cfg_1d(total / v, BLOCK)) }.map_err(launch_err(&k))?;
+        unsafe {
+            launch(&dev, &f, cfg_1d(total / v, BLOCK), &k, |b| {
+                b.arg(&xp).arg(&yp).arg(&n64).arg(&h64).arg(&w64).arg(&c64);
+            })
+        }?;
     }
     Ok(out.into_tensor(&[n, 2 * h, 2 * w, c]))
 }

@@ -10,47 +10,14 @@
 //! * `group_norm_apply` accepts stats [N, G, 2] in f32 or in x's dtype.
 //! * `group_norm` = partial moments (pass 1, many blocks per (n)) + per-group Chan merge + apply.
 
-use std::sync::Arc;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
-
-use super::{cuda_err, dtype_suffix, storage, CudaDevice, CudaStorage};
+use super::device::{storage, CudaStorage};
+use super::epilogue::convert;
+use super::launch::{dtype_suffix, i32_arg, launch, vec_width, vec_width_mixed};
 use crate::{DType, Error, Result, Tensor};
 
 const MODULE: &str = "norm";
-
-/// Largest vector width (elements) whose bytes are <= 16, that divides `divides` and keeps every
-/// pointer in `ptrs` aligned to the vector size.
-pub(crate) fn vec_width(dtype: DType, divides: usize, ptrs: &[u64]) -> usize {
-    let size = dtype.size_in_bytes();
-    [8usize, 4, 2, 1]
-        .into_iter()
-        .find(|&v| {
-            // v is a power of two: `divides & (v - 1) == 0` <=> v divides `divides`.
-            v * size <= 16
-                && divides & (v - 1) == 0
-                && ptrs.iter().all(|&p| p % (v * size) as u64 == 0)
-        })
-        .unwrap_or(1)
-}
-
-/// [`vec_width`] for pointers of different element types (x and y of a norm): the width v
-/// (elements) keeps v * size <= 16 bytes for the widest type and aligns every pointer to v elements
-/// of its own type.
-fn vec_width_mixed(divides: usize, ptrs: &[(u64, DType)]) -> usize {
-    let widest = ptrs.iter().map(|p| p.1.size_in_bytes()).max().unwrap_or(1);
-    [8usize, 4, 2, 1]
-        .into_iter()
-        .find(|&v| {
-            // v is a power of two: `divides & (v - 1) == 0` <=> v divides `divides`.
-            v * widest <= 16
-                && divides & (v - 1) == 0
-                && ptrs
-                    .iter()
-                    .all(|&(p, d)| p % (v * d.size_in_bytes()) as u64 == 0)
-        })
-        .unwrap_or(1)
-}
 
 /// The (input, output) dtype pairs the norm kernels are instantiated for: same dtype, or an f32 x
 /// written as bf16/f16.
@@ -65,29 +32,8 @@ fn f32_param(t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaStorage>)>
     if s.dtype() == DType::F32 {
         return Ok((s.ptr(), None));
     }
-    let w = super::elementwise::convert(s, DType::F32)?;
+    let w = convert(s, DType::F32)?;
     Ok((w.ptr(), Some(w)))
-}
-
-fn i32_arg(op: &'static str, name: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape(op, format!("{name} = {v} exceeds the i32 range")))
-}
-
-/// Launch `f` with the arguments pushed by `push`, mapping a launch failure to an error naming `what`.
-pub(crate) fn launch<'a>(
-    dev: &'a Arc<CudaDevice>,
-    f: &'a CudaFunction,
-    cfg: LaunchConfig,
-    what: &str,
-    push: impl FnOnce(&mut LaunchArgs<'a>),
-) -> Result<()> {
-    let mut b = dev.stream().launch_builder(f);
-    push(&mut b);
-    // SAFETY: every launcher passes exactly the arguments of the kernel's C signature (pointers to
-    // live device buffers of the documented sizes, i32/f32 scalars) and a grid/block/smem config
-    // satisfying the launch contract written above the kernel in its .cu file.
-    unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {what}"), e))?;
-    Ok(())
 }
 
 /// x must be [N, S, C] with C divisible by `groups` (re-checked here: the kernels rely on it).
@@ -146,9 +92,15 @@ fn moments(x: &Tensor, groups: usize, mode: i32, op: &'static str) -> Result<Cud
         block_dim: (bdx as u32, bdy as u32, 1),
         shared_mem_bytes: (bdx * bdy * 3 * 4) as u32,
     };
-    launch(dev, &f, cfg, &name, |b| {
-        b.arg(&xp).arg(&pp).arg(&s_i).arg(&c_i).arg(&rpc);
-    })?;
+    // SAFETY: gn_partial_<dt>_v<v>(x, part, S, C, rows per chunk): x holds N*S*C elements
+    // (ops-validated [N, S, C]), v divides C/G and x is aligned to v elements (vec_width); part
+    // holds N*nchunks*(C/v)*3 f32; the shared memory is bdx*bdy*3 floats as the kernel's contract
+    // requires.
+    unsafe {
+        launch(dev, &f, cfg, &name, |b| {
+            b.arg(&xp).arg(&pp).arg(&s_i).arg(&c_i).arg(&rpc);
+        })
+    }?;
     let f = dev.func(MODULE, "gn_finalize")?;
     let (nch, nv, vpg) = (nchunks as i32, nvec as i32, (cg / v) as i32);
     let op_ = out.ptr();
@@ -157,9 +109,14 @@ fn moments(x: &Tensor, groups: usize, mode: i32, op: &'static str) -> Result<Cud
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch(dev, &f, cfg, "gn_finalize", |b| {
-        b.arg(&pp).arg(&op_).arg(&nch).arg(&nv).arg(&vpg).arg(&mode);
-    })?;
+    // SAFETY: gn_finalize(part, out, nchunks, nvec, vectors per group, mode): part holds
+    // N*nchunks*nvec*3 f32 written by gn_partial above, out N*G*(3 or 2) f32 for the mode; grid (G,
+    // N) as the kernel expects.
+    unsafe {
+        launch(dev, &f, cfg, "gn_finalize", |b| {
+            b.arg(&pp).arg(&op_).arg(&nch).arg(&nv).arg(&vpg).arg(&mode);
+        })
+    }?;
     drop(part); // stream-ordered free after the kernels that use it
     Ok(out)
 }
@@ -260,18 +217,24 @@ fn apply(
     );
     let silu_i = silu as i32;
     let (xp, sp, yp) = (xs.ptr(), stats.ptr(), out.ptr());
-    launch(dev, &f, cfg, &name, |b| {
-        b.arg(&xp)
-            .arg(&sp)
-            .arg(&gp)
-            .arg(&bp)
-            .arg(&yp)
-            .arg(&s_i)
-            .arg(&c_i)
-            .arg(&g_i)
-            .arg(&eps)
-            .arg(&silu_i);
-    })?;
+    // SAFETY: gn_apply_<x>_<y>_s<stats>_v<v>(x, stats, gamma, beta, y, S, C, G, eps, silu): x and y
+    // hold N*S*C elements of their dtypes, aligned to v elements (vec_width_mixed); stats N*G*2 of
+    // its dtype, gamma/beta C f32 (widened copies kept alive until after the launch); shared memory
+    // 2*C floats (C <= 6144 checked).
+    unsafe {
+        launch(dev, &f, cfg, &name, |b| {
+            b.arg(&xp)
+                .arg(&sp)
+                .arg(&gp)
+                .arg(&bp)
+                .arg(&yp)
+                .arg(&s_i)
+                .arg(&c_i)
+                .arg(&g_i)
+                .arg(&eps)
+                .arg(&silu_i);
+        })
+    }?;
     drop((g_keep, b_keep)); // stream-ordered free after the kernel
     Ok(out.into_tensor(x.shape()))
 }
@@ -390,15 +353,20 @@ pub(crate) fn layer_norm(
     let f = dev.func(MODULE, &name)?;
     let (r_i, c_i) = (i32_arg(OP, "rows", rows)?, i32_arg(OP, "C", c)?);
     let (xp, yp) = (xs.ptr(), out.ptr());
-    launch(dev, &f, rows_cfg(rows), &name, |b| {
-        b.arg(&xp)
-            .arg(&gp)
-            .arg(&bp)
-            .arg(&yp)
-            .arg(&r_i)
-            .arg(&c_i)
-            .arg(&eps);
-    })?;
+    // SAFETY: layer_norm_<x>_<y>_v<v>(x, gamma, beta, y, rows, C, eps): x and y hold rows*C
+    // elements aligned to v elements of their dtypes, gamma/beta C f32 aligned to the kernel's
+    // parameter pieces (checked above); one warp per row, 4 rows per 128-thread block (rows_cfg).
+    unsafe {
+        launch(dev, &f, rows_cfg(rows), &name, |b| {
+            b.arg(&xp)
+                .arg(&gp)
+                .arg(&bp)
+                .arg(&yp)
+                .arg(&r_i)
+                .arg(&c_i)
+                .arg(&eps);
+        })
+    }?;
     drop((g_keep, b_keep)); // stream-ordered free after the kernel
     Ok(out.into_tensor(x.shape()))
 }
@@ -429,8 +397,12 @@ pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let f = dev.func(MODULE, &name)?;
     let (r_i, c_i) = (i32_arg(OP, "rows", rows)?, i32_arg(OP, "C", c)?);
     let (xp, yp) = (xs.ptr(), out.ptr());
-    launch(dev, &f, rows_cfg(rows), &name, |b| {
-        b.arg(&xp).arg(&yp).arg(&r_i).arg(&c_i);
-    })?;
+    // SAFETY: softmax_<dt>_v<v>(x, y, rows, C): x and y hold rows*C elements aligned to v elements
+    // (vec_width); one warp per row, 4 rows per 128-thread block (rows_cfg).
+    unsafe {
+        launch(dev, &f, rows_cfg(rows), &name, |b| {
+            b.arg(&xp).arg(&yp).arg(&r_i).arg(&c_i);
+        })
+    }?;
     Ok(out.into_tensor(x.shape()))
 }
