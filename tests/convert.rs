@@ -309,7 +309,7 @@ fn bad_tokenizer_folder_fails_before_writing() {
 /// every tensor the models need is present with the right shape, parts fit together.
 #[test]
 fn converted_folder_loads_into_the_runtime() {
-    use vi_model::pipeline::Models;
+    use vi_model::models::Models;
     use vi_runtime::{DType, Device};
     for dtype in [OutDType::F32, OutDType::F16] {
         let out = Scratch::new(&format!("load-{dtype:?}"));

@@ -11,11 +11,13 @@ use std::time::Duration;
 use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::{run_ranks, split_frames};
 use vi_model::memory_plan::{
-    check_fit, denoise_and_decode, fmt_bytes, plan, Margin, MemoryPlan, MetaModels, PlanModels,
-    PlanRequest, RankModels, RankPeaks, RechargingComm,
+    check_fit, fmt_bytes, measure_rank, plan, Margin, MemoryPlan, MetaModels, PlanModels,
+    PlanRequest, RankPeaks, RechargingComm,
 };
+use vi_model::models::PartKind;
 use vi_model::params::param_dtype;
-use vi_model::pipeline::{generate, GenerateRequest, PartKind};
+use vi_model::pipeline::{generate, GenerateRequest};
+use vi_model::rank_loop::{RankJob, RankModels};
 use vi_model::sampler::{Sampler, SamplerKind};
 use vi_model::temporal::LocalContext;
 use vi_model::{random_full, tiny};
@@ -160,24 +162,24 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
         let sampler = Sampler::new(SamplerKind::DpmSolverSde, 10).unwrap();
         let run = |m: RankModels| -> Vec<RankPeaks> {
             run_ranks(world, Duration::from_secs(120), |rank, comm| {
-                denoise_and_decode(
-                    &m,
-                    &RechargingComm::new(comm),
-                    &sampler,
-                    3,
-                    clips[rank].len(),
-                    (8, 8),
-                    cfg,
-                    2,
-                    true,
-                )
+                let job = RankJob {
+                    sampler: &sampler,
+                    steps: 3,
+                    clip: clips[rank].clone(),
+                    latent: (8, 8),
+                    guidance: 7.5,
+                    fps_cond: 8.0,
+                    vi: cfg,
+                    vae_chunk: 2,
+                    decode: true,
+                };
+                measure_rank(&m, text, &RechargingComm::new(comm), &job)
             })
             .unwrap()
         };
         let r = run(RankModels {
             unet: &real.unet,
             vae: &real.vae,
-            text,
             device: Device::Cpu,
             dtype: DType::F32,
         });

@@ -25,28 +25,33 @@
 //! peak is therefore >= its real tensor high-water mark, whatever the thread timing.
 //!
 //! Ranks sharing a device are threads that run concurrently, so their peaks add (a bound: they do
-//! not all peak at once). The dry run mirrors `pipeline::generate`'s rank loop step for step
-//! ([`denoise_and_decode`]); it simulates `min(steps, 3)` sampler steps, enough to reach the
-//! second-order state (`prev_x0`) every later step has too. What tensors cannot show (cuBLASLt and
+//! not all peak at once). The dry run runs `pipeline::generate`'s own rank loop
+//! ([`crate::rank_loop::run_rank`], through [`measure_rank`]) on zero inputs; it simulates
+//! `min(steps, 3)` sampler steps, enough to reach the second-order state (`prev_x0`) every later
+//! step has too. What tensors cannot show (cuBLASLt and
 //! cuDNN workspaces, the CUDA memory pool's rounding and fragmentation, CPU GEMM packing) is the
 //! margin [`Margin`] of the fit check.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use vi_runtime::comm::Communicator;
-use vi_runtime::{meta, ops, DType, Device, Tensor};
+use vi_runtime::meta::{self, Measured};
+use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
-use crate::clip_parallel::{ClipParallelContext, ViConfig};
+use crate::clip_parallel::ViConfig;
 use crate::distributed::{run_ranks, split_frames};
 use crate::params::{param_dtype, ModelError, ParamSource, Params, Result};
-use crate::sampler::{Sampler, SamplerKind, SamplerState};
+use crate::rank_loop::{run_rank, Phase, RankHooks, RankInputs, RankJob, RankModels};
+use crate::sampler::{Sampler, SamplerKind};
 use crate::tokenizer::CONTEXT_LENGTH;
 use crate::unet::{UNet3D, UNetConfig};
-use crate::vae::{to_unit_range, VaeConfig, VaeDecoder};
+use crate::vae::{VaeConfig, VaeDecoder};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -293,13 +298,16 @@ impl MetaModels {
         RankModels {
             unet: &self.unet,
             vae: &self.vae,
-            text: (
-                CONTEXT_LENGTH.min(self.clip.config.max_position_embeddings),
-                self.clip.config.hidden_size,
-            ),
             device: Device::Meta,
             dtype: self.dtype,
         }
+    }
+    /// The text conditioning's (sequence length, hidden size).
+    pub fn text_dims(&self) -> (usize, usize) {
+        (
+            CONTEXT_LENGTH.min(self.clip.config.max_position_embeddings),
+            self.clip.config.hidden_size,
+        )
     }
     /// Pixels per latent pixel.
     pub fn vae_scale(&self) -> usize {
@@ -420,83 +428,73 @@ pub struct RankPeaks {
     pub fallback: u64,
 }
 
-/// What one rank runs with: its models (real or meta weights) and where.
-#[derive(Clone, Copy)]
-pub struct RankModels<'a> {
-    pub unet: &'a UNet3D,
-    pub vae: &'a VaeDecoder,
+/// The dry run's inputs: zeros of the real inputs' shapes, placed on the rank's device (shape-only
+/// tensors on `Device::Meta`; real zeros in the CPU validation runs).
+pub struct ZeroInputs {
     /// Text conditioning rows: (sequence length, hidden size).
     pub text: (usize, usize),
-    /// `Device::Meta` for the dry run; a real device to validate it.
-    pub device: Device,
-    pub dtype: DType,
 }
 
-/// The rank loop of `pipeline::generate`, step for step (keep in sync), on zero inputs placed on
-/// `m.device` (meta tensors on the dry run; real ones for the CPU validation): `steps` sampler
-/// steps on a clip of `n` frames at latent size (lh, lw), then the VAE decode in chunks of
-/// `vae_chunk` frames. Measures the rank's peaks (the model's weights are not counted).
-#[allow(clippy::too_many_arguments)]
-pub fn denoise_and_decode(
+impl RankInputs for ZeroInputs {
+    fn conditioning(&self, device: Device, dtype: DType) -> Result<Tensor> {
+        // The rank's own copy of its conditioning (`generate`: moved to its device and dtype).
+        let (seq, hidden) = self.text;
+        Ok(Tensor::zeros(&[2, seq, hidden], device, dtype)?)
+    }
+    fn noise(
+        &self,
+        _draw: u64,
+        _clip: &Range<usize>,
+        shape: &[usize],
+        device: Device,
+    ) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape, device, DType::F32)?)
+    }
+}
+
+/// Hooks that measure each phase of the rank loop (tensor bytes of this rank's thread).
+#[derive(Default)]
+struct MeasurePhases {
+    denoise: Cell<Measured>,
+    decode: Cell<Option<Measured>>,
+}
+
+impl RankHooks for MeasurePhases {
+    fn phase(&self, phase: Phase, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let (r, m) = meta::measure_full(body);
+        match phase {
+            Phase::Denoise => self.denoise.set(m),
+            Phase::Decode => self.decode.set(Some(m)),
+        }
+        r
+    }
+    // Decoded chunks are dropped: their RGB8 bytes are host memory ([`MemoryPlan::host_frames`]).
+}
+
+/// Guidance and fps conditioning of the dry run: values change no shape, so no byte count.
+const DRY_RUN_GUIDANCE: f32 = 7.5;
+const DRY_RUN_FPS: f32 = 8.0;
+
+/// The rank loop of a generation ([`run_rank`], the function `pipeline::generate` runs) on
+/// [`ZeroInputs`] placed on `m.device` (meta tensors on the dry run; real ones for the CPU
+/// validation), each phase measured: the rank's peaks (the models' weights are not counted).
+/// `text` is the conditioning's (sequence length, hidden size).
+pub fn measure_rank(
     m: &RankModels,
+    text: (usize, usize),
     comm: &dyn Communicator,
-    sampler: &Sampler,
-    steps: usize,
-    n: usize,
-    (lh, lw): (usize, usize),
-    vi: &ViConfig,
-    vae_chunk: usize,
-    decode: bool,
+    job: &RankJob,
 ) -> Result<RankPeaks> {
-    let (dev, dt) = (m.device, m.dtype);
-    let lat_c = m.unet.config().in_channels;
-    let (seq, hidden) = m.text;
-    let shape = [1, n, lh, lw, lat_c];
-    let timesteps = sampler.timesteps();
-    let (latents, den) = meta::measure_full(|| -> Result<Tensor> {
-        // The rank's own copy of its conditioning (pipeline: `.to_device(dev)?.to_dtype(dt)`).
-        let ehs = Tensor::zeros(&[2, seq, hidden], dev, dt)?;
-        let mut x = Tensor::zeros(&shape, dev, DType::F32)?;
-        if sampler.init_noise_sigma() != 1.0 {
-            x = ops::scale(&x, sampler.init_noise_sigma())?;
-        }
-        let mut state = SamplerState::default();
-        for (k, &t) in timesteps.iter().enumerate().take(steps) {
-            let ctx = ClipParallelContext::new(comm, vi, t);
-            let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
-            let eps = m
-                .unet
-                .forward(&input, t as f32, 8.0, &ehs, &ctx)?
-                .to_dtype(DType::F32)?;
-            let uncond = ops::narrow(&eps, 0, 0, 1)?;
-            let cond = ops::narrow(&eps, 0, 1, 1)?;
-            let guided = ops::add(&uncond, &ops::scale(&ops::sub(&cond, &uncond)?, 7.5)?)?;
-            let noise = if sampler.needs_noise() {
-                Some(Tensor::zeros(&shape, dev, DType::F32)?)
-            } else {
-                None
-            };
-            x = sampler.step(&mut state, k, &guided, &x, noise.as_ref())?;
-        }
-        drop(state);
-        Ok(x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?)
-    });
-    let latents = latents?;
+    let hooks = MeasurePhases::default();
+    run_rank(m, comm, job, &ZeroInputs { text }, &hooks)?;
+    let den = hooks.denoise.get();
     let mut peaks = RankPeaks {
         denoise: den.peak as u64,
         decode: 0,
         fallback: den.fallback as u64,
     };
-    if decode {
-        let (r, vae) = meta::measure_full(|| {
-            m.vae
-                .decode_frames_with(&latents, vae_chunk.max(1), |_, images| {
-                    // images_to_rgb8's device part; the RGB8 bytes are host memory.
-                    drop(to_unit_range(&images)?);
-                    Ok(())
-                })
-        });
-        r?;
+    if let Some(vae) = hooks.decode.get() {
+        // The latents the denoising phase left alive + one VAE chunk's peak.
         peaks.decode = (den.live_end + vae.peak) as u64;
         peaks.fallback = peaks.fallback.max(vae.fallback as u64);
     }
@@ -562,23 +560,23 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     }
     let (lh, lw) = (req.height / scale, req.width / scale);
     let sampler = Sampler::new(req.sampler, req.steps)?;
-    let steps = req.steps.min(SIM_STEPS);
     let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, world)?;
 
     let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
         let comm = RechargingComm::new(comm);
         let mm = of(req.ranks[rank].1);
-        denoise_and_decode(
-            &mm.rank_models(),
-            &comm,
-            &sampler,
-            steps,
-            clips[rank].len(),
-            (lh, lw),
-            &req.vi,
-            req.vae_chunk,
-            req.decode,
-        )
+        let job = RankJob {
+            sampler: &sampler,
+            steps: req.steps.min(SIM_STEPS),
+            clip: clips[rank].clone(),
+            latent: (lh, lw),
+            guidance: DRY_RUN_GUIDANCE,
+            fps_cond: DRY_RUN_FPS,
+            vi: &req.vi,
+            vae_chunk: req.vae_chunk,
+            decode: req.decode,
+        };
+        measure_rank(&mm.rank_models(), mm.text_dims(), &comm, &job)
     })?;
 
     let mut out = Vec::new();

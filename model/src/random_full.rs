@@ -18,8 +18,8 @@ use serde_json::Value;
 use vi_runtime::{DType, Device};
 
 use crate::clip::ClipTextConfig;
+use crate::models::Models;
 use crate::params::{ParamSource, Result};
-use crate::pipeline::Models;
 use crate::tiny::HashedParams;
 use crate::unet::UNetConfig;
 use crate::vae::VaeConfig;
@@ -128,7 +128,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::pipeline::PartKind;
+    use crate::models::PartKind;
 
     fn manifest(name: &str) -> Value {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -21,8 +21,8 @@ use vi_runtime::{DType, Device, Tensor};
 use vi_weights::WDType;
 
 use crate::clip::ClipTextConfig;
+use crate::models::{Models, PartKind};
 use crate::params::{ModelError, ParamSource, Result};
-use crate::pipeline::{Models, PartKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNetConfig;
 use crate::vae::VaeConfig;

@@ -1,5 +1,7 @@
 //! `bench`: time the clip-parallel denoising loop alone (text encoder once, no VAE, no output):
-//! per-step wall time over all ranks and the resulting frame throughput.
+//! per-step wall time over all ranks and the resulting frame throughput. It runs
+//! `pipeline::generate` without decoding, so every rank runs the generation's own rank loop
+//! (`vi_model::rank_loop::run_rank`); the step times come from its per-step events.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -11,7 +11,8 @@ use vi_model::clip::ClipTextConfig;
 use vi_model::clip_parallel::{PhaseBias, ViConfig};
 use vi_model::distributed::{reference_prompt_segments, split_frames};
 use vi_model::memory_plan::{self, PlanModels, PlanRequest};
-use vi_model::pipeline::{self, Event, GenerateRequest, ModelPaths, Models};
+use vi_model::models::{ModelPaths, Models};
+use vi_model::pipeline::{self, Event, GenerateRequest};
 use vi_model::sampler::SamplerKind;
 use vi_model::unet::UNetConfig;
 use vi_model::vae::VaeConfig;
@@ -494,7 +495,7 @@ fn dtype_of(d: Device, dtype: DTypeArg) -> DType {
 /// The three configurations of `model` (no weights read); None when a model folder's configs
 /// cannot be read (loading then reports the problem).
 fn plan_models(model: &str, parts: &PartArgs) -> Option<PlanModels> {
-    use vi_model::pipeline::{part_files_in, PartKind};
+    use vi_model::models::{part_files_in, PartKind};
     if model == "tiny" {
         return Some(PlanModels {
             unet: vi_model::tiny::unet_config(),

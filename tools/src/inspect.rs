@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use vi_model::pipeline::{check_part, locate_part, PartKind};
+use vi_model::models::{check_part, locate_part, PartKind};
 use vi_model::tokenizer::ClipTokenizer;
 use vi_weights::WeightStore;
 

@@ -1,0 +1,202 @@
+//! One rank's part of a generation, written once: the denoising loop over its clip (initial noise,
+//! per step a [`ClipParallelContext`], the classifier-free-guidance batch, one UNet pass, guidance,
+//! the sampler step with its noise) and then the VAE decode of its frames in chunks.
+//!
+//! Everything that differs between its callers is injected:
+//! * [`RankInputs`]: the text conditioning and the noise. `pipeline::generate` draws the seeded
+//!   per-frame noise; the memory plan passes zeros (shape-only tensors on `Device::Meta`).
+//! * [`RankHooks`]: `phase` wraps each phase (the memory plan measures each phase's peak there),
+//!   `step` sees the latents and sampler state after every step (progress; the place for a
+//!   checkpoint), `frames` receives each decoded chunk (collected in memory today; the place for a
+//!   streaming writer).
+//!
+//! Order of operations (the memory plan's byte counts depend on it, and they are tested against
+//! real runs): conditioning, initial latents (x `init_noise_sigma` if not 1), then per step: CFG
+//! input `[x, x]` in the model dtype, UNet, eps back to f32, guidance, the step's noise, sampler
+//! step, `step` hook. The sampler state is dropped before the latents are cast to the model dtype
+//! for the VAE; the conditioning and the f32 latents when the denoising phase ends. The sampler's
+//! state (latents, noise, guided eps) is f32 on the device; only the UNet and the VAE see the
+//! model's storage dtype.
+
+use std::ops::Range;
+
+use vi_runtime::comm::Communicator;
+use vi_runtime::{ops, DType, Device, Tensor};
+
+use crate::clip_parallel::{ClipParallelContext, ViConfig};
+use crate::params::{ModelError, Result};
+use crate::sampler::{Sampler, SamplerState};
+use crate::unet::UNet3D;
+use crate::vae::{to_unit_range, VaeDecoder};
+
+/// What one rank runs with: its models (real or shape-only weights) and where.
+#[derive(Clone, Copy)]
+pub struct RankModels<'a> {
+    pub unet: &'a UNet3D,
+    pub vae: &'a VaeDecoder,
+    /// The rank's device (`Device::Meta` for the memory plan's dry run).
+    pub device: Device,
+    /// The models' storage dtype: what the UNet and the VAE are fed.
+    pub dtype: DType,
+}
+
+/// What one rank does (the same on every rank but `clip`).
+#[derive(Debug, Clone)]
+pub struct RankJob<'a> {
+    pub sampler: &'a Sampler,
+    /// Sampler steps to run: the first `steps` of the sampler's timesteps (a generation runs all;
+    /// the memory plan a few).
+    pub steps: usize,
+    /// This rank's frames of the whole video.
+    pub clip: Range<usize>,
+    /// Latent size (h, w).
+    pub latent: (usize, usize),
+    /// Classifier-free guidance scale g: eps = uncond + g (cond - uncond).
+    pub guidance: f32,
+    /// fps conditioning of the UNet.
+    pub fps_cond: f32,
+    pub vi: &'a ViConfig,
+    /// Frames the VAE decodes at a time (at least 1).
+    pub vae_chunk: usize,
+    /// Run the VAE (false: denoising only).
+    pub decode: bool,
+}
+
+/// Where a rank's inputs come from.
+pub trait RankInputs {
+    /// The rank's text conditioning, rows [uncond, cond]: [2, L, hidden] on `device` in `dtype`.
+    fn conditioning(&self, device: Device, dtype: DType) -> Result<Tensor>;
+    /// Noise draw `draw` (0: the initial latents; k + 1: the sampler noise of step k) of the
+    /// frames `clip`: N(0, 1) values, f32, `shape` = [1, n, h, w, c], on `device`.
+    fn noise(
+        &self,
+        draw: u64,
+        clip: &Range<usize>,
+        shape: &[usize],
+        device: Device,
+    ) -> Result<Tensor>;
+}
+
+/// The two phases of a rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Conditioning, initial latents and every sampler step; ends with the latents for the VAE.
+    Denoise,
+    /// The VAE decode in chunks (only when the job decodes).
+    Decode,
+}
+
+/// A finished sampler step, as the `step` hook sees it.
+pub struct StepDone<'a> {
+    /// 0-based index of the step.
+    pub step: usize,
+    /// Steps the rank runs in all.
+    pub steps: usize,
+    /// The step's timestep.
+    pub t: i64,
+    /// The clip's latents after the step, [1, n, h, w, c] f32.
+    pub latents: &'a Tensor,
+    /// The sampler's state after the step.
+    pub state: &'a SamplerState,
+}
+
+/// What a rank reports, and where its frames go. Every method has a default (run the phase, ignore
+/// the step, drop the frames). Hooks run on the rank's own thread, between its collective calls:
+/// a hook that blocks holds up every other rank at the next exchange.
+pub trait RankHooks {
+    /// Runs one phase: must call `body` exactly once and return its result.
+    fn phase(&self, _phase: Phase, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        body()
+    }
+    /// After every sampler step.
+    fn step(&self, _done: &StepDone<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// One decoded chunk: the index within the clip of its first frame, and its images
+    /// [c, H, W, 3] in [0, 1] on the rank's device ([`to_unit_range`] of the VAE's output).
+    fn frames(&self, _first: usize, _images: Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs one rank: `job.steps` sampler steps on its clip with the clip-parallel exchanges over
+/// `comm` (a collective: every rank of the group runs it), then, if `job.decode`, the VAE decode.
+pub fn run_rank(
+    m: &RankModels,
+    comm: &dyn Communicator,
+    job: &RankJob,
+    inputs: &dyn RankInputs,
+    hooks: &dyn RankHooks,
+) -> Result<()> {
+    let mut latents = None;
+    hooks.phase(Phase::Denoise, &mut || {
+        latents = Some(denoise(m, comm, job, inputs, hooks)?);
+        Ok(())
+    })?;
+    let latents = latents
+        .ok_or_else(|| ModelError::Msg("rank loop: the denoising phase did not run".into()))?;
+    if job.decode {
+        hooks.phase(Phase::Decode, &mut || {
+            m.vae
+                .decode_frames_with(&latents, job.vae_chunk.max(1), |first, images| {
+                    hooks.frames(first, to_unit_range(&images)?)
+                })
+        })?;
+    }
+    Ok(())
+}
+
+/// The denoising phase: returns the clip's latents [n, h, w, c] in the model dtype.
+fn denoise(
+    m: &RankModels,
+    comm: &dyn Communicator,
+    job: &RankJob,
+    inputs: &dyn RankInputs,
+    hooks: &dyn RankHooks,
+) -> Result<Tensor> {
+    let (dev, dt) = (m.device, m.dtype);
+    let (lh, lw) = job.latent;
+    let lat_c = m.unet.config().in_channels;
+    let n = job.clip.len();
+    let shape = [1, n, lh, lw, lat_c];
+    let sampler = job.sampler;
+    let timesteps = sampler.timesteps();
+    let steps = job.steps.min(timesteps.len());
+
+    let ehs = inputs.conditioning(dev, dt)?;
+    let mut x = inputs.noise(0, &job.clip, &shape, dev)?;
+    let sigma = sampler.init_noise_sigma();
+    if sigma != 1.0 {
+        x = ops::scale(&x, sigma)?;
+    }
+    let mut state = SamplerState::default();
+    for (k, &t) in timesteps.iter().enumerate().take(steps) {
+        let ctx = ClipParallelContext::new(comm, job.vi, t);
+        let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
+        let eps = m
+            .unet
+            .forward(&input, t as f32, job.fps_cond, &ehs, &ctx)?
+            .to_dtype(DType::F32)?;
+        let uncond = ops::narrow(&eps, 0, 0, 1)?;
+        let cond = ops::narrow(&eps, 0, 1, 1)?;
+        let guided = ops::add(
+            &uncond,
+            &ops::scale(&ops::sub(&cond, &uncond)?, job.guidance)?,
+        )?;
+        let noise = if sampler.needs_noise() {
+            Some(inputs.noise(k as u64 + 1, &job.clip, &shape, dev)?)
+        } else {
+            None
+        };
+        x = sampler.step(&mut state, k, &guided, &x, noise.as_ref())?;
+        hooks.step(&StepDone {
+            step: k,
+            steps,
+            t,
+            latents: &x,
+            state: &state,
+        })?;
+    }
+    drop(state);
+    Ok(x.reshape(&[n, lh, lw, lat_c])?.to_dtype(dt)?)
+}
