@@ -276,35 +276,33 @@ impl<'a> ClipParallelContext<'a> {
         &self.cfg
     }
 
-    /// Halo exchange along axis 1 of x [A, n, ...]: sends the first min(p, n) frames left and the
-    /// last min(p, n) right; returns what the neighbours sent (None at the video's ends or p = 0).
-    fn halo(&self, x: &Tensor, p: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.dim(1);
+    /// The halo exchange: sends the first min(p, n) frames of `edges` to the left neighbour and
+    /// the last min(p, n) to the right one; returns what the neighbours sent (None at the video's
+    /// ends). Nothing is exchanged when min(p, n) = 0 (every rank then skips the call alike).
+    fn exchange<const N: usize>(
+        &self,
+        edges: &Edges<N>,
+        p: usize,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = edges.frames();
         let m = p.min(n);
         if m == 0 {
             return Ok((None, None));
         }
         let (r, w) = (self.comm.rank(), self.comm.world_size());
         let to_left = if r > 0 {
-            Some(ops::narrow(x, 1, 0, m)?)
+            Some(edges.message(0, m)?)
         } else {
             None
         };
         let to_right = if r + 1 < w {
-            Some(ops::narrow(x, 1, n - m, m)?)
+            Some(edges.message(n - m, m)?)
         } else {
             None
         };
         Ok(self
             .comm
             .exchange_neighbors(to_left.as_ref(), to_right.as_ref())?)
-    }
-
-    /// Zeros shaped like `like` with `frames` along axis 1.
-    fn zero_frames(like: &Tensor, frames: usize) -> Result<Tensor> {
-        let mut shape = like.shape().to_vec();
-        shape[1] = frames;
-        Ok(Tensor::zeros(&shape, like.device(), like.dtype())?)
     }
 
     /// GroupNorm of x [N, S, C] (+ SiLU) with statistics over every rank's x (Chan's parallel
@@ -364,16 +362,11 @@ impl<'a> ClipParallelContext<'a> {
         if p == 0 {
             return Ok(ops::add_to(x, &layer.body(x)?, x.dtype())?);
         }
-        let (l, r) = self.halo(x, p)?;
-        let left = match l {
-            Some(t) => t,
-            None => Self::zero_frames(x, p)?,
-        };
-        let right = match r {
-            Some(t) => t,
-            None => Self::zero_frames(x, p)?,
-        };
-        let window = ops::concat(&[&left, x, &right], 1)?;
+        let edges = Edges::new([x], 1);
+        let (l, r) = self.exchange(&edges, p)?;
+        let left = edges.halo(l, p, Side::Left, ShortHalo::Keep)?;
+        let right = edges.halo(r, p, Side::Right, ShortHalo::Keep)?;
+        let [window] = edges.windows(&left, &right)?;
         let h = layer.body(&window)?;
         let centre = ops::narrow(&h, 1, left.dim(1), n)?;
         Ok(ops::add_to(x, &centre, x.dtype())?)
@@ -398,16 +391,11 @@ impl<'a> ClipParallelContext<'a> {
                     layer.dtype(),
                 )?
                 .reshape(&[b, f, s, c])?;
-            let (l, r) = self.halo(&hn, 1)?;
-            let left = match l {
-                Some(t) => t,
-                None => Self::zero_frames(&hn, 1)?,
-            };
-            let right = match r {
-                Some(t) => t,
-                None => Self::zero_frames(&hn, 1)?,
-            };
-            let window = ops::concat(&[&left, &hn, &right], 1)?;
+            let edges = Edges::new([&hn], 1);
+            let (l, r) = self.exchange(&edges, 1)?;
+            let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
+            let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
+            let [window] = edges.windows(&left, &right)?;
             let (w, bias) = &layer.convs[i];
             let y = ops::temporal_conv(&window, w, Some(bias))?;
             h = ops::narrow(&y, 1, 1, f)?;
@@ -423,38 +411,12 @@ impl<'a> ClipParallelContext<'a> {
         if p == 0 {
             return Ok((k.clone(), v.clone()));
         }
-        let (b, n) = (k.dim(0), k.dim(1));
-        let m = p.min(n);
-        let (r, w) = (self.comm.rank(), self.comm.world_size());
-        let edge = |start: usize| -> Result<Tensor> {
-            Ok(ops::concat(
-                &[&ops::narrow(k, 1, start, m)?, &ops::narrow(v, 1, start, m)?],
-                0,
-            )?)
-        };
-        let to_left = if r > 0 { Some(edge(0)?) } else { None };
-        let to_right = if r + 1 < w { Some(edge(n - m)?) } else { None };
-        let (l, rt) = self
-            .comm
-            .exchange_neighbors(to_left.as_ref(), to_right.as_ref())?;
-        let zeros = |frames: usize| -> Result<Tensor> {
-            Ok(Tensor::zeros(
-                &[2 * b, frames, k.dim(2), k.dim(3)],
-                k.device(),
-                k.dtype(),
-            )?)
-        };
-        let left = match l {
-            Some(t) if t.dim(1) >= p => t,
-            Some(t) => ops::concat(&[&zeros(p - t.dim(1))?, &t], 1)?,
-            None => zeros(p)?,
-        };
-        let right = match rt {
-            Some(t) if t.dim(1) >= p => t,
-            Some(t) => ops::concat(&[&t, &zeros(p - t.dim(1))?], 1)?,
-            None => zeros(p)?,
-        };
-        if left.dim(1) != p || right.dim(1) != p || left.dim(0) != 2 * b || right.dim(0) != 2 * b {
+        let edges = Edges::new([k, v], 1);
+        let (l, r) = self.exchange(&edges, p)?;
+        let left = edges.halo(l, p, Side::Left, ShortHalo::ZeroFill)?;
+        let right = edges.halo(r, p, Side::Right, ShortHalo::ZeroFill)?;
+        let b2 = 2 * k.dim(0);
+        if left.dim(1) != p || right.dim(1) != p || left.dim(0) != b2 || right.dim(0) != b2 {
             return Err(ModelError::Msg(format!(
                 "clip-parallel attention: neighbour halos {:?} / {:?} do not fit k {:?} (pad {p})",
                 left.shape(),
@@ -462,10 +424,112 @@ impl<'a> ClipParallelContext<'a> {
                 k.shape()
             )));
         }
-        let half = |t: &Tensor, i: usize| ops::narrow(t, 0, i * b, b);
-        let k_local = ops::concat(&[&half(&left, 0)?, k, &half(&right, 0)?], 1)?;
-        let v_local = ops::concat(&[&half(&left, 1)?, v, &half(&right, 1)?], 1)?;
+        let [k_local, v_local] = edges.windows(&left, &right)?;
         Ok((k_local, v_local))
+    }
+}
+
+/// Which side of a clip a halo sits on; its outer side faces away from the clip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Left,
+    Right,
+}
+
+/// What a halo of fewer than `p` frames (from a neighbour holding fewer frames) becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShortHalo {
+    /// Kept as received: the window is clamped (temporal conv layers).
+    Keep,
+    /// Completed to `p` frames with zero frames on its outer side (attention windows).
+    ZeroFill,
+}
+
+/// The tensors of one halo exchange. Their edge frames along `axis` travel as one message,
+/// concatenated along axis 0 (an attention layer's k and v together, [2b, m, H, D]); only the
+/// edge frames are copied. Every part has the same shape except along axis 0.
+struct Edges<'t, const N: usize> {
+    parts: [&'t Tensor; N],
+    axis: usize,
+}
+
+impl<'t, const N: usize> Edges<'t, N> {
+    fn new(parts: [&'t Tensor; N], axis: usize) -> Self {
+        Edges { parts, axis }
+    }
+
+    /// Frames of this rank's clip.
+    fn frames(&self) -> usize {
+        self.parts[0].dim(self.axis)
+    }
+
+    /// Frames `start..start + len` of every part, as one message.
+    fn message(&self, start: usize, len: usize) -> Result<Tensor> {
+        if N == 1 {
+            return Ok(ops::narrow(self.parts[0], self.axis, start, len)?);
+        }
+        let slices = self
+            .parts
+            .iter()
+            .map(|x| ops::narrow(x, self.axis, start, len))
+            .collect::<vi_runtime::Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = slices.iter().collect();
+        Ok(ops::concat(&refs, 0)?)
+    }
+
+    /// The padding rule, one place for every exchange: a halo of `p` frames for `side` is what the
+    /// neighbour sent, or `p` zero frames (shape, dtype and device of a message) at the video's
+    /// end; a shorter halo is kept or zero-filled on its outer side as `short` says.
+    fn halo(
+        &self,
+        received: Option<Tensor>,
+        p: usize,
+        side: Side,
+        short: ShortHalo,
+    ) -> Result<Tensor> {
+        let zeros = |len: usize| -> Result<Tensor> {
+            let x = self.parts[0];
+            let mut shape = x.shape().to_vec();
+            shape[0] = self.parts.iter().map(|t| t.dim(0)).sum();
+            shape[self.axis] = len;
+            Ok(Tensor::zeros(&shape, x.device(), x.dtype())?)
+        };
+        let t = match received {
+            None => return zeros(p),
+            Some(t) => t,
+        };
+        let got = t.dim(self.axis);
+        if short == ShortHalo::Keep || got >= p {
+            return Ok(t);
+        }
+        let fill = zeros(p - got)?;
+        let pair = match side {
+            Side::Left => [&fill, &t],
+            Side::Right => [&t, &fill],
+        };
+        Ok(ops::concat(&pair, self.axis)?)
+    }
+
+    /// The windows [left halo | part | right halo] along `axis`, one per part (each part's rows
+    /// of the halos).
+    fn windows(&self, left: &Tensor, right: &Tensor) -> Result<[Tensor; N]> {
+        let mut row = 0;
+        let mut out = Vec::with_capacity(N);
+        for x in self.parts {
+            let w = if N == 1 {
+                ops::concat(&[left, x, right], self.axis)?
+            } else {
+                let b = x.dim(0);
+                let l = ops::narrow(left, 0, row, b)?;
+                let r = ops::narrow(right, 0, row, b)?;
+                row += b;
+                ops::concat(&[&l, x, &r], self.axis)?
+            };
+            out.push(w);
+        }
+        Ok(out
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one window per part")))
     }
 }
 

@@ -10,8 +10,9 @@
 //! * [`run_ranks`]: one scoped thread per rank, each with its communicator; an error or a panic on
 //!   any rank aborts the group, so every other rank's pending and future collective calls fail
 //!   within the group's timeout; the error names the rank that failed first.
-//! * [`run_denoising`]: the per-rank denoising loop, generic over the model+sampler step, with the
-//!   final latents gathered to rank 0 in rank (= frame) order.
+//! * [`run_denoising`]: a denoising driver generic over the step (any model call + update), with
+//!   the final latents gathered to rank 0 in rank (= frame) order; the exchange's tests drive toy
+//!   steps with it. A generation's ranks run `crate::rank_loop::run_rank`.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};

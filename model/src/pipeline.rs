@@ -27,7 +27,6 @@ use crate::models::Models;
 use crate::params::{ModelError, Result};
 use crate::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, StepDone};
 use crate::sampler::{Sampler, SamplerKind};
-use crate::vae::to_unit_range;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -103,12 +102,8 @@ pub fn frame_noise(
     out
 }
 
-/// Images [n, H, W, 3] in ~[-1, 1] -> RGB8 frames: round(255 * clamp(x/2 + 0.5, 0, 1)).
-pub fn images_to_rgb8(images: &Tensor) -> Result<Vec<Rgb8>> {
-    unit_to_rgb8(&to_unit_range(images)?)
-}
-
-/// Images [n, H, W, 3] in [0, 1] ([`to_unit_range`]) -> RGB8 frames on the host: round(255 x).
+/// Images [n, H, W, 3] in [0, 1] (the VAE's output through [`crate::vae::to_unit_range`], as the
+/// rank loop hands them over) -> RGB8 frames on the host: round(255 x).
 pub fn unit_to_rgb8(unit: &Tensor) -> Result<Vec<Rgb8>> {
     let n = unit.dim(0);
     let unit = unit.to_vec_f32()?;
@@ -285,6 +280,7 @@ pub fn generate<'m>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vae::to_unit_range;
 
     #[test]
     fn frame_noise_does_not_depend_on_the_split() {
@@ -320,7 +316,7 @@ mod tests {
     #[test]
     fn rgb8_conversion() {
         let x = Tensor::from_vec(vec![-1.0, 0.0, 1.0, 2.0, -3.0, 0.5], &[2, 1, 1, 3]).unwrap();
-        let f = images_to_rgb8(&x).unwrap();
+        let f = unit_to_rgb8(&to_unit_range(&x).unwrap()).unwrap();
         // round(255 * clamp(x/2 + 0.5, 0, 1))
         assert_eq!(f, vec![vec![0, 128, 255], vec![255, 0, 191]]);
     }
