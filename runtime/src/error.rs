@@ -5,6 +5,9 @@ use thiserror::Error;
 pub enum Error {
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },
+    /// Inputs (or an input and the requested output) whose dtypes the op does not combine.
+    #[error("{op}: dtype mismatch: {msg}")]
+    DTypeMismatch { op: &'static str, msg: String },
     #[error("{op}: unsupported dtype {dtype:?} on {device:?}")]
     DType {
         op: &'static str,
@@ -32,6 +35,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape {
+            op,
+            msg: msg.into(),
+        }
+    }
+    pub fn dtype(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::DTypeMismatch {
             op,
             msg: msg.into(),
         }

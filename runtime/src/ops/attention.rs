@@ -1,6 +1,6 @@
 //! Attention: scaled-dot-product and the dual-scope temporal attention of Video-Infinity.
 
-use super::{backend, expect_rank, same_device};
+use super::{backend, expect_rank, same_device_dtype};
 use crate::{Error, Result, Tensor};
 
 /// Parameters of the dual-scope temporal attention (docs/design.md section 5.3; golden README
@@ -30,7 +30,7 @@ pub fn attention(
     causal: bool,
 ) -> Result<Tensor> {
     const OP: &str = "attention";
-    same_device(OP, &[q, k, v])?;
+    same_device_dtype(OP, &[q, k, v])?;
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         expect_rank(OP, n, t, 4)?;
     }
@@ -47,7 +47,7 @@ pub fn attention(
         ));
     }
     if let Some(b) = bias {
-        same_device(OP, &[q, b])?;
+        same_device_dtype(OP, &[q, b])?;
         if b.shape() != [q.dim(1), k.dim(1)] {
             return Err(Error::shape(
                 OP,
@@ -72,7 +72,7 @@ pub fn dual_scope_attention(
     p: &DualScopeParams,
 ) -> Result<Tensor> {
     const OP: &str = "dual_scope_attention";
-    same_device(OP, &[q, k_local, v_local, k_glob, v_glob])?;
+    same_device_dtype(OP, &[q, k_local, v_local, k_glob, v_glob])?;
     for (n, t) in [
         ("q", q),
         ("k_local", k_local),

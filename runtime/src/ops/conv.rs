@@ -1,6 +1,6 @@
 //! Convolutions: 2-D (spatial) and over frames (temporal).
 
-use super::{backend, check_params, expect_rank, expect_vec, same_device};
+use super::{backend, check_params, expect_rank, expect_vec, same_device_dtype};
 use crate::{Error, Result, Tensor};
 
 /// 2-D convolution, channels-last: x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout],
@@ -13,7 +13,7 @@ pub fn conv2d(
     pad: usize,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
-    same_device(OP, &[x, w])?;
+    same_device_dtype(OP, &[x, w])?;
     expect_rank(OP, "x", x, 4)?;
     expect_rank(OP, "weight", w, 4)?;
     if x.dim(3) != w.dim(1) || stride == 0 {
@@ -39,7 +39,7 @@ pub fn conv2d(
 /// w [Cout, Cin, k] or the Conv3d layout [Cout, Cin, k, 1, 1] -> [B, F, S, Cout].
 pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "temporal_conv";
-    same_device(OP, &[x, w])?;
+    same_device_dtype(OP, &[x, w])?;
     expect_rank(OP, "x", x, 4)?;
     let w = match w.rank() {
         3 => w.clone(),

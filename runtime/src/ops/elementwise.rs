@@ -96,7 +96,7 @@ pub fn binary_to(a: &Tensor, b: &Tensor, op: BinaryOp, out: DType) -> Result<Ten
         out == DType::F32 && (a.dtype() == DType::F32 || b.dtype() == DType::F32)
     };
     if !ok {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             OP,
             format!(
                 "dtypes {:?} {op:?} {:?} -> {out:?} (mixed inputs need an F32 side and output)",

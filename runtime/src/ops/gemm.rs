@@ -1,6 +1,6 @@
 //! Matrix products: batched matmul and the PyTorch Linear family.
 
-use super::{backend, backend_mixed, check_params, expect_rank, expect_vec, same_device};
+use super::{backend, backend_mixed, check_params, expect_rank, expect_vec, same_device_dtype};
 use crate::{DType, Error, Result, Tensor};
 
 /// Batched matmul: a [..., M, K] x b [..., K, N] -> [..., M, N]. `b` may be 2-D (shared by all batches)
@@ -16,7 +16,7 @@ pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 fn matmul_impl(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     const OP: &str = "matmul";
-    same_device(OP, &[a, b])?;
+    same_device_dtype(OP, &[a, b])?;
     if a.rank() < 2 || b.rank() < 2 {
         return Err(Error::shape(
             OP,
@@ -53,7 +53,7 @@ fn check_linear(
     w: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<(usize, usize)> {
-    same_device(op, &[x, w])?;
+    same_device_dtype(op, &[x, w])?;
     expect_rank(op, "weight", w, 2)?;
     let (n, k) = (w.dim(0), w.dim(1));
     if x.rank() == 0 || x.dim(x.rank() - 1) != k {
@@ -85,7 +85,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
     const OP: &str = "linear_to";
     if out != x.dtype() && out != DType::F32 {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             OP,
             format!("output {out:?} from {:?} x (x's dtype or F32)", x.dtype()),
         ));
@@ -127,7 +127,7 @@ pub fn linear_add(
         });
     }
     if residual.dtype() != x.dtype() && residual.dtype() != DType::F32 {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             OP,
             format!(
                 "residual dtype {:?} with {:?} x (must match or be F32)",

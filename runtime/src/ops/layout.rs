@@ -1,14 +1,14 @@
 //! Data movement: concat, index_select/narrow/split, permute, upsampling, embedding lookup, and the
 //! sinusoidal timestep embedding.
 
-use super::{backend, expect_rank, same_device};
+use super::{backend, expect_rank, same_device_dtype};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Concatenate along `axis`.
 pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     const OP: &str = "concat";
     let first = xs.first().ok_or_else(|| Error::shape(OP, "no tensors"))?;
-    same_device(OP, xs)?;
+    same_device_dtype(OP, xs)?;
     if axis >= first.rank() {
         return Err(Error::shape(
             OP,

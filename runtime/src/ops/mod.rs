@@ -52,7 +52,8 @@ fn backend_mixed(t: &Tensor, dtypes: &[DType], op: &'static str) -> Result<&'sta
     backend(t, op)
 }
 
-fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+/// All of `ts` on one device with one dtype (the operands of an op without mixed-dtype rules).
+fn same_device_dtype(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     let d = ts[0].device();
     for t in ts {
         if t.device() != d {
@@ -63,9 +64,9 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<()> {
             });
         }
         if t.dtype() != ts[0].dtype() {
-            return Err(Error::shape(
+            return Err(Error::dtype(
                 op,
-                format!("dtype mismatch {:?} vs {:?}", ts[0].dtype(), t.dtype()),
+                format!("{:?} vs {:?}", ts[0].dtype(), t.dtype()),
             ));
         }
     }
@@ -92,7 +93,7 @@ fn check_params(
             });
         }
         if t.dtype() != dtype && t.dtype() != DType::F32 {
-            return Err(Error::shape(
+            return Err(Error::dtype(
                 op,
                 format!(
                     "{what} dtype {:?} with {dtype:?} (must match or be F32)",

@@ -7,7 +7,7 @@ use crate::{DType, Error, Result, Tensor};
 /// stream normalised straight into the reduced-precision operand of the next GEMM).
 fn check_norm_out(op: &'static str, x: &Tensor, out: DType) -> Result<()> {
     if out != x.dtype() && x.dtype() != DType::F32 {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             op,
             format!(
                 "output {out:?} from {:?} input (only x's dtype, or any from F32)",
@@ -98,16 +98,20 @@ pub fn group_norm_apply_to(
     check_norm_out(OP, x, out)?;
     check_params(OP, x, out, "gamma/beta", &[gamma, beta])?;
     // Statistics may be f32 whatever x's storage type (bf16 activations keep f32 statistics).
-    if stats.device() != x.device() || !(stats.dtype() == x.dtype() || stats.dtype() == DType::F32)
-    {
-        return Err(Error::shape(
+    if stats.device() != x.device() {
+        return Err(Error::DeviceMismatch {
+            op: OP,
+            a: x.device(),
+            b: stats.device(),
+        });
+    }
+    if stats.dtype() != x.dtype() && stats.dtype() != DType::F32 {
+        return Err(Error::dtype(
             OP,
             format!(
-                "stats must be on {:?} as {:?} or F32, got {:?} on {:?}",
-                x.device(),
-                x.dtype(),
+                "stats {:?} with {:?} x (must match or be F32)",
                 stats.dtype(),
-                stats.device()
+                x.dtype()
             ),
         ));
     }
