@@ -25,7 +25,11 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::ops::{
+    attention_shape, concat_shape, geglu_shape, index_select_shape, permute_shape,
+    upsample_nearest2x_shape, Backend, BinaryOp, Conv2dGeom, DualScopeParams, GroupNormParams,
+    TemporalConvGeom, UnaryOp,
+};
 use crate::{DType, Result, Storage, Tensor};
 
 /// Live and peak tensor bytes of one measurement.
@@ -190,24 +194,27 @@ impl Backend for MetaBackend {
     fn conv2d(
         &self,
         x: &Tensor,
-        w: &Tensor,
+        _w: &Tensor,
         bias: Option<&Tensor>,
-        stride: usize,
-        pad: usize,
+        g: &Conv2dGeom,
     ) -> Result<Tensor> {
-        let ho = (x.dim(1) + 2 * pad - w.dim(2)) / stride + 1;
-        let wo = (x.dim(2) + 2 * pad - w.dim(3)) / stride + 1;
-        let shape = [x.dim(0), ho, wo, w.dim(0)];
+        let shape = g.out_shape();
         // 1x1 and im2col convolutions are GEMMs with the bias in the epilogue.
         gemm_bias_fallback(x, bias, shape.iter().product());
         Ok(tracked(&shape, x.dtype()))
     }
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let shape = [x.dim(0), x.dim(1), x.dim(2), w.dim(0)];
+    fn temporal_conv(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &TemporalConvGeom,
+    ) -> Result<Tensor> {
+        let shape = g.out_shape();
         let out = tracked(&shape, x.dtype());
         // The CUDA backend accumulates the taps of a bf16/f16 temporal conv (k > 1) in an f32
         // buffer of the output's size, alive next to the output until the op returns.
-        if x.dtype() != DType::F32 && w.dim(2) > 1 {
+        if x.dtype() != DType::F32 && g.k > 1 {
             drop(tracked(&shape, DType::F32));
         } else {
             gemm_bias_fallback(x, bias, shape.iter().product());
@@ -217,29 +224,11 @@ impl Backend for MetaBackend {
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         Ok(tracked(&[x.dim(0), groups, 3], DType::F32))
     }
-    fn group_norm_apply(
-        &self,
-        x: &Tensor,
-        _stats: &Tensor,
-        _gamma: &Tensor,
-        _beta: &Tensor,
-        _eps: f32,
-        _silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
-        Ok(tracked(x.shape(), out))
+    fn group_norm_apply(&self, x: &Tensor, _stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
+        Ok(tracked(x.shape(), p.out))
     }
-    fn group_norm(
-        &self,
-        x: &Tensor,
-        _groups: usize,
-        _gamma: &Tensor,
-        _beta: &Tensor,
-        _eps: f32,
-        _silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
-        Ok(tracked(x.shape(), out))
+    fn group_norm(&self, x: &Tensor, _groups: usize, p: &GroupNormParams) -> Result<Tensor> {
+        Ok(tracked(x.shape(), p.out))
     }
     fn layer_norm(
         &self,
@@ -263,10 +252,7 @@ impl Backend for MetaBackend {
         _bias: Option<&Tensor>,
         _causal: bool,
     ) -> Result<Tensor> {
-        Ok(tracked(
-            &[q.dim(0), q.dim(1), q.dim(2), v.dim(3)],
-            q.dtype(),
-        ))
+        Ok(tracked(&attention_shape(q, v), q.dtype()))
     }
     fn dual_scope_attention(
         &self,
@@ -283,9 +269,7 @@ impl Backend for MetaBackend {
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn geglu(&self, x: &Tensor) -> Result<Tensor> {
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("ops::geglu checks the rank") /= 2;
-        Ok(tracked(&shape, x.dtype()))
+        Ok(tracked(&geglu_shape(x), x.dtype()))
     }
     fn binary(
         &self,
@@ -304,22 +288,19 @@ impl Backend for MetaBackend {
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
-        let mut shape = xs[0].shape().to_vec();
-        shape[axis] = xs.iter().map(|t| t.dim(axis)).sum();
-        Ok(tracked(&shape, xs[0].dtype()))
+        Ok(tracked(&concat_shape(xs, axis), xs[0].dtype()))
     }
     fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
-        let mut shape = x.shape().to_vec();
-        shape[axis] = indices.len();
-        Ok(tracked(&shape, x.dtype()))
+        Ok(tracked(
+            &index_select_shape(x, axis, indices.len()),
+            x.dtype(),
+        ))
     }
     fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
-        let shape: Vec<usize> = perm.iter().map(|&p| x.dim(p)).collect();
-        Ok(tracked(&shape, x.dtype()))
+        Ok(tracked(&permute_shape(x, perm), x.dtype()))
     }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.shape();
-        Ok(tracked(&[s[0], 2 * s[1], 2 * s[2], s[3]], x.dtype()))
+        Ok(tracked(&upsample_nearest2x_shape(x), x.dtype()))
     }
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
         Ok(tracked(&[ids.len(), table.dim(1)], table.dtype()))

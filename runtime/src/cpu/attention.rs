@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, Mat};
 use super::norm::softmax_row;
 use super::out;
-use crate::ops::DualScopeParams;
+use crate::ops::{attention_shape, DualScopeParams};
 use crate::{Result, Tensor};
 
 /// Floats of one attention score block ([bq, Sk], one per task at a time).
@@ -39,7 +39,7 @@ pub(crate) fn attention(
     let bias = bias.map(|t| t.as_cpu_f32()).transpose()?;
     let mut o = vec![0f32; b * sq * h * dv];
     if o.is_empty() {
-        return out(o, &[b, sq, h, dv]);
+        return out(o, &attention_shape(q, v));
     }
     let qrow = h * d;
     let orow = h * dv;
@@ -100,7 +100,7 @@ pub(crate) fn attention(
                     }
                 });
         });
-    out(o, &[b, sq, h, dv])
+    out(o, &attention_shape(q, v))
 }
 
 /// Queries per dual-scope block: the block's local keys are the QBLOCK_DS + 2p rows it can see.

@@ -4,23 +4,32 @@ use rayon::prelude::*;
 
 use super::gemm::{fill_bias, sgemm, Mat};
 use super::out;
+use crate::ops::{Conv2dGeom, TemporalConvGeom};
 use crate::{Result, Tensor};
 
 /// Elements of one im2col block; bounds the scratch memory of a convolution (8 MiB).
 const COL_BUDGET: usize = 1 << 21;
 
-/// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout], zero padding `pad`.
+/// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout], zero padding `g.pad`.
 pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    g: &Conv2dGeom,
 ) -> Result<Tensor> {
-    let (n, h, wd, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
-    let ho = (h + 2 * pad - kh) / stride + 1;
-    let wo = (wd + 2 * pad - kw) / stride + 1;
+    let Conv2dGeom {
+        n,
+        h,
+        w: wd,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride,
+        pad,
+        ho,
+        wo,
+    } = *g;
     let xd = x.as_cpu_f32()?;
     let wdat = w.as_cpu_f32()?;
     let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
@@ -29,7 +38,7 @@ pub(crate) fn conv2d(
     fill_bias(&mut o, cout, bias);
     let acc = bias.is_some();
 
-    if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+    if g.is_pointwise() {
         // Pointwise: a plain GEMM against the [Cout, Cin] weight, transposed by strides.
         sgemm(
             rows,
@@ -42,7 +51,7 @@ pub(crate) fn conv2d(
             acc,
             true,
         );
-        return out(o, &[n, ho, wo, cout]);
+        return out(o, &g.out_shape());
     }
 
     // Weight reordered to [Cout, kh, kw, Cin] so that one im2col row is kh*kw contiguous Cin runs.
@@ -96,15 +105,26 @@ pub(crate) fn conv2d(
             true,
         );
     }
-    out(o, &[n, ho, wo, cout])
+    out(o, &g.out_shape())
 }
 
 /// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> [B, F, S, Cout]; zero padding (k-1)/2 frames.
 /// out[b, f] = bias + sum_t x[b, f + t - pad] · w[:, :, t]^T, one GEMM per (b, t) over the valid frames.
-pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (b, f, s, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, k) = (w.dim(0), w.dim(2));
-    let pad = (k - 1) / 2;
+pub(crate) fn temporal_conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: &TemporalConvGeom,
+) -> Result<Tensor> {
+    let TemporalConvGeom {
+        b,
+        f,
+        s,
+        cin,
+        cout,
+        k,
+        pad,
+    } = *g;
     let xd = x.as_cpu_f32()?;
     let wdat = w.as_cpu_f32()?;
     let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
@@ -141,5 +161,5 @@ pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
             );
         }
     }
-    out(o, &[b, f, s, cout])
+    out(o, &g.out_shape())
 }

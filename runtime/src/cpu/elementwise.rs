@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{out, PAR_MIN};
-use crate::ops::{BinaryOp, UnaryOp};
+use crate::ops::{geglu_shape, BinaryOp, UnaryOp};
 use crate::{Result, Tensor};
 
 /// Exact GELU: x/2 * (1 + erf(x/√2)), written as x/2 * erfc(-x/√2) (no cancellation for x < 0).
@@ -63,9 +63,7 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
                 }
             });
     }
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = c;
-    out(o, &shape)
+    out(o, &geglu_shape(x))
 }
 
 /// Row-major strides of `shape` aligned to the rank of `out_shape`, 0 on broadcast dims.

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::{out, PAR_MIN};
+use crate::ops::{concat_shape, index_select_shape, permute_shape, upsample_nearest2x_shape};
 use crate::{Result, Tensor};
 
 /// Concatenate along `axis`: per outer index, each input contributes dim_i * inner contiguous elements.
@@ -29,9 +30,7 @@ pub(crate) fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
                 }
             });
     }
-    let mut shape = shape0.to_vec();
-    shape[axis] = xs.iter().map(|t| t.dim(axis)).sum();
-    out(o, &shape)
+    out(o, &concat_shape(xs, axis))
 }
 
 /// Take `indices` along `axis`.
@@ -54,16 +53,14 @@ pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result
                 }
             });
     }
-    let mut oshape = shape.to_vec();
-    oshape[axis] = indices.len();
-    out(o, &oshape)
+    out(o, &index_select_shape(x, axis, indices.len()))
 }
 
 /// Contiguous copy with out.dim(i) = x.dim(perm[i]).
 pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let shape = x.shape();
     let xd = x.as_cpu_f32()?;
-    let oshape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let oshape = permute_shape(x, perm);
     let total = xd.len();
     let mut o = vec![0f32; total];
     if total == 0 {
@@ -131,7 +128,7 @@ pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
                 }
             });
     }
-    out(o, &[n, 2 * h, 2 * w, c])
+    out(o, &upsample_nearest2x_shape(x))
 }
 
 /// Rows of `table` [V, C] -> [ids.len(), C].

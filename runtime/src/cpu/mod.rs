@@ -13,7 +13,9 @@ mod rounded;
 
 pub(crate) use rounded::RoundedCpuBackend;
 
-use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::ops::{
+    Backend, BinaryOp, Conv2dGeom, DualScopeParams, GroupNormParams, TemporalConvGeom, UnaryOp,
+};
 use crate::{DType, Result, Tensor};
 
 pub(crate) struct CpuBackend;
@@ -38,41 +40,28 @@ impl Backend for CpuBackend {
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
-        stride: usize,
-        pad: usize,
+        g: &Conv2dGeom,
     ) -> Result<Tensor> {
-        conv::conv2d(x, w, bias, stride, pad)
+        conv::conv2d(x, w, bias, g)
     }
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        conv::temporal_conv(x, w, bias)
+    fn temporal_conv(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &TemporalConvGeom,
+    ) -> Result<Tensor> {
+        conv::temporal_conv(x, w, bias, g)
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         norm::group_norm_stats(x, groups)
     }
-    fn group_norm_apply(
-        &self,
-        x: &Tensor,
-        stats: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        _out: DType,
-    ) -> Result<Tensor> {
-        // Dispatched here only when every input and `out` are F32 (ops::backend_mixed).
-        norm::group_norm_apply(x, stats, gamma, beta, eps, silu)
+    fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
+        // Dispatched here only when every input and `p.out` are F32 (ops::backend_mixed).
+        norm::group_norm_apply(x, stats, p.gamma, p.beta, p.eps, p.silu)
     }
-    fn group_norm(
-        &self,
-        x: &Tensor,
-        groups: usize,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        _out: DType,
-    ) -> Result<Tensor> {
-        norm::group_norm(x, groups, gamma, beta, eps, silu)
+    fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
+        norm::group_norm(x, groups, p.gamma, p.beta, p.eps, p.silu)
     }
     fn layer_norm(
         &self,

@@ -9,7 +9,9 @@
 //! it, the others to their first input's dtype. GroupNorm statistics stay f32.
 
 use super::CpuBackend;
-use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::ops::{
+    Backend, BinaryOp, Conv2dGeom, DualScopeParams, GroupNormParams, TemporalConvGeom, UnaryOp,
+};
 use crate::{DType, Result, Tensor};
 
 pub(crate) struct RoundedCpuBackend;
@@ -60,54 +62,44 @@ impl Backend for RoundedCpuBackend {
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
-        stride: usize,
-        pad: usize,
+        g: &Conv2dGeom,
     ) -> Result<Tensor> {
-        F32.conv2d(&up(x)?, &up(w)?, up_opt(bias)?.as_ref(), stride, pad)?
+        F32.conv2d(&up(x)?, &up(w)?, up_opt(bias)?.as_ref(), g)?
             .to_dtype(x.dtype())
     }
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        F32.temporal_conv(&up(x)?, &up(w)?, up_opt(bias)?.as_ref())?
+    fn temporal_conv(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &TemporalConvGeom,
+    ) -> Result<Tensor> {
+        F32.temporal_conv(&up(x)?, &up(w)?, up_opt(bias)?.as_ref(), g)?
             .to_dtype(x.dtype())
     }
     /// Statistics stay F32 (the op's contract for every dtype).
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         F32.group_norm_stats(&up(x)?, groups)
     }
-    fn group_norm_apply(
-        &self,
-        x: &Tensor,
-        stats: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
-        let (x, s, g, b) = (up(x)?, up(stats)?, up(gamma)?, up(beta)?);
-        F32.group_norm_apply(&x, &s, &g, &b, eps, silu, DType::F32)?
-            .to_dtype(out)
+    fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
+        let (x, s, g, b) = (up(x)?, up(stats)?, up(p.gamma)?, up(p.beta)?);
+        let wide = GroupNormParams {
+            gamma: &g,
+            beta: &b,
+            out: DType::F32,
+            ..*p
+        };
+        F32.group_norm_apply(&x, &s, &wide)?.to_dtype(p.out)
     }
-    fn group_norm(
-        &self,
-        x: &Tensor,
-        groups: usize,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
-        F32.group_norm(
-            &up(x)?,
-            groups,
-            &up(gamma)?,
-            &up(beta)?,
-            eps,
-            silu,
-            DType::F32,
-        )?
-        .to_dtype(out)
+    fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
+        let (g, b) = (up(p.gamma)?, up(p.beta)?);
+        let wide = GroupNormParams {
+            gamma: &g,
+            beta: &b,
+            out: DType::F32,
+            ..*p
+        };
+        F32.group_norm(&up(x)?, groups, &wide)?.to_dtype(p.out)
     }
     fn layer_norm(
         &self,

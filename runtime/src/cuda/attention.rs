@@ -18,7 +18,7 @@ use cudarc::driver::{sys::CUfunction_attribute, LaunchConfig, PushKernelArg};
 use super::device::{cuda_err, storage};
 use super::launch::{dtype_suffix, i32_arg, launch, vec_width};
 pub use crate::knobs::AttnKernel;
-use crate::ops::DualScopeParams;
+use crate::ops::{attention_shape, DualScopeParams};
 use crate::{DType, Error, Result, Tensor};
 
 /// 0 = not decided (the `VI_ATTN_KERNEL` knob), else 1 + the `AttnKernel` index.
@@ -107,7 +107,7 @@ pub(crate) fn attention(
     let (sk, dv) = (k.dim(1), v.dim(3));
     let dt = q.dtype();
     let out = dev.alloc(dt, b * sq * h * dv)?;
-    let oshape = [b, sq, h, dv];
+    let oshape = attention_shape(q, v);
     if out.is_empty() {
         return Ok(out.into_tensor(&oshape));
     }

@@ -30,6 +30,7 @@ use super::cudnn::{conv_algo, set_conv_algo, ConvAlgo, ConvShape};
 use super::device::{cuda_err, device, storage, CudaDevice};
 use super::epilogue::bias_round;
 use super::launch::{cfg_1d, launch};
+use crate::ops::{Conv2dGeom, TemporalConvGeom};
 use crate::{DType, Result, Tensor};
 
 /// Largest im2col buffer per chunk (bytes).
@@ -61,26 +62,34 @@ pub(crate) fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
+    g: &Conv2dGeom,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
     let sx = storage(x, OP)?;
     let dev = sx.dev().clone();
     let dt = x.dtype();
-    let (n, h, wd, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
-    let ho = (h + 2 * pad - kh) / stride + 1;
-    let wo = (wd + 2 * pad - kw) / stride + 1;
+    let Conv2dGeom {
+        n,
+        h,
+        w: wd,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride,
+        pad,
+        ho,
+        wo,
+    } = *g;
     let bias_ptr = bias
         .map(|b| storage(b, OP).map(|s| (s.ptr(), s.dtype())))
         .transpose()?;
     let out = dev.alloc(dt, n * ho * wo * cout)?;
-    let shape = [n, ho, wo, cout];
+    let shape = g.out_shape();
     if out.is_empty() {
         return Ok(out.into_tensor(&shape));
     }
-    if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+    if g.is_pointwise() {
         let sw = storage(w, OP)?;
         gemm_rows(
             &dev,
@@ -198,19 +207,30 @@ pub(crate) fn conv2d(
     Ok(out.into_tensor(&shape))
 }
 
-pub(crate) fn temporal_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn temporal_conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: &TemporalConvGeom,
+) -> Result<Tensor> {
     const OP: &str = "temporal_conv";
     let sx = storage(x, OP)?;
     let dev = sx.dev().clone();
     let dt = x.dtype();
-    let (b, f, s, cin) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, k) = (w.dim(0), w.dim(2));
-    let p = (k - 1) / 2;
+    let TemporalConvGeom {
+        b,
+        f,
+        s,
+        cin,
+        cout,
+        k,
+        pad: p,
+    } = *g;
     let bias_ptr = bias
         .map(|t| storage(t, OP).map(|st| (st.ptr(), st.dtype())))
         .transpose()?;
     let out = dev.alloc(dt, b * f * s * cout)?;
-    let shape = [b, f, s, cout];
+    let shape = g.out_shape();
     if out.is_empty() {
         return Ok(out.into_tensor(&shape));
     }

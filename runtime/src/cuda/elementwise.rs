@@ -10,7 +10,7 @@ use super::device::{device, storage};
 use super::launch::{
     broadcast_strides, cfg_1d, coalesce, divisible, dtype_suffix, launch, vec16, Dims,
 };
-use crate::ops::{BinaryOp, UnaryOp};
+use crate::ops::{geglu_shape, BinaryOp, UnaryOp};
 use crate::{DType, Error, Result, Tensor};
 
 const MODULE: &str = "elementwise";
@@ -84,8 +84,7 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     let dev = sx.dev().clone();
     let h = x.dim(x.rank() - 1) / 2;
     let rows = if h == 0 { 0 } else { x.elem_count() / (2 * h) };
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = h;
+    let shape = geglu_shape(x);
     let out = dev.alloc(x.dtype(), rows * h)?;
     if rows * h > 0 {
         let v = vec16(x.dtype());

@@ -7,6 +7,7 @@ use cudarc::driver::PushKernelArg;
 
 use super::device::{cuda_err, storage, CudaDevice};
 use super::launch::{cfg_1d, coalesce, divisible, launch, Dims};
+use crate::ops::{concat_shape, index_select_shape, permute_shape, upsample_nearest2x_shape};
 use crate::{DType, Result, Tensor};
 
 const MODULE: &str = "layout";
@@ -71,9 +72,8 @@ pub(crate) fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     let dev = storage(first, OP)?.dev().clone();
     let outer: usize = first.shape()[..axis].iter().product();
     let inner: usize = first.shape()[axis + 1..].iter().product();
-    let total: usize = xs.iter().map(|t| t.dim(axis)).sum();
-    let mut shape = first.shape().to_vec();
-    shape[axis] = total;
+    let shape = concat_shape(xs, axis);
+    let total = shape[axis];
     let out = dev.alloc(first.dtype(), outer * total * inner)?;
     let mut offset = 0;
     for t in xs {
@@ -101,8 +101,7 @@ pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result
     let outer: usize = x.shape()[..axis].iter().product();
     let inner: usize = x.shape()[axis + 1..].iter().product();
     let len = indices.len();
-    let mut shape = x.shape().to_vec();
-    shape[axis] = len;
+    let shape = index_select_shape(x, axis, len);
     let out = dev.alloc(x.dtype(), outer * len * inner)?;
     if outer * len * inner == 0 {
         return Ok(out.into_tensor(&shape));
@@ -219,7 +218,7 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     for d in (0..rank.saturating_sub(1)).rev() {
         in_strides[d] = in_strides[d + 1] * x.dim(d + 1) as i64;
     }
-    let shape: Vec<usize> = perm.iter().map(|&p| x.dim(p)).collect();
+    let shape = permute_shape(x, perm);
     let strides: Vec<i64> = perm.iter().map(|&p| in_strides[p]).collect();
     let n = x.elem_count();
     let out = dev.alloc(x.dtype(), n)?;
@@ -279,7 +278,7 @@ pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
             })
         }?;
     }
-    Ok(out.into_tensor(&[n, 2 * h, 2 * w, c]))
+    Ok(out.into_tensor(&upsample_nearest2x_shape(x)))
 }
 
 pub(crate) fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {

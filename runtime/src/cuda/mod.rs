@@ -46,7 +46,9 @@ pub use device::{
 };
 pub use elementwise::{full, random_normal};
 
-use crate::ops::{Backend, BinaryOp, DualScopeParams, UnaryOp};
+use crate::ops::{
+    Backend, BinaryOp, Conv2dGeom, DualScopeParams, GroupNormParams, TemporalConvGeom, UnaryOp,
+};
 use crate::{DType, Result, Tensor};
 
 /// The CUDA implementation of the op vocabulary.
@@ -88,50 +90,37 @@ impl Backend for CudaBackend {
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
-        stride: usize,
-        pad: usize,
+        g: &Conv2dGeom,
     ) -> Result<Tensor> {
-        let kind = if w.dim(2) * w.dim(3) == 1 {
+        let kind = if g.kh * g.kw == 1 {
             "conv2d_1x1"
         } else {
             "conv2d_kxk"
         };
         let _p = profile::scope(x, kind)?;
-        conv::conv2d(x, w, bias, stride, pad)
+        conv::conv2d(x, w, bias, g)
     }
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn temporal_conv(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &TemporalConvGeom,
+    ) -> Result<Tensor> {
         let _p = profile::scope(x, "temporal_conv")?;
-        conv::temporal_conv(x, w, bias)
+        conv::temporal_conv(x, w, bias, g)
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_stats")?;
         norm::group_norm_stats(x, groups)
     }
-    fn group_norm_apply(
-        &self,
-        x: &Tensor,
-        stats: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
+    fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_apply")?;
-        norm::group_norm_apply(x, stats, gamma, beta, eps, silu, out)
+        norm::group_norm_apply(x, stats, p.gamma, p.beta, p.eps, p.silu, p.out)
     }
-    fn group_norm(
-        &self,
-        x: &Tensor,
-        groups: usize,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor> {
+    fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm")?;
-        norm::group_norm(x, groups, gamma, beta, eps, silu, out)
+        norm::group_norm(x, groups, p.gamma, p.beta, p.eps, p.silu, p.out)
     }
     fn layer_norm(
         &self,

@@ -19,6 +19,11 @@ pub struct DualScopeParams {
     pub token_num_scale: bool,
 }
 
+/// Output shape of [`attention`]: q [B, Sq, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv].
+pub(crate) fn attention_shape(q: &Tensor, v: &Tensor) -> [usize; 4] {
+    [q.dim(0), q.dim(1), q.dim(2), v.dim(3)]
+}
+
 /// Scaled-dot-product attention. q [B, Sq, H, D], k [B, Sk, H, D], v [B, Sk, H, Dv] -> [B, Sq, H, Dv];
 /// optional additive bias [Sq, Sk] (shared by batch and heads); `causal` masks keys j > i.
 pub fn attention(

@@ -1,6 +1,6 @@
 //! The interface every backend implements (CPU reference, rounded CPU path, CUDA, meta).
 
-use super::{BinaryOp, DualScopeParams, UnaryOp};
+use super::{BinaryOp, Conv2dGeom, DualScopeParams, GroupNormParams, TemporalConvGeom, UnaryOp};
 use crate::{DType, Result, Tensor};
 
 /// The backend interface. Inputs are already validated by the functions of this module (shapes,
@@ -43,45 +43,33 @@ pub(crate) trait Backend: Sync {
             residual.dtype(),
         )
     }
-    /// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> [N, Ho, Wo, Cout]; zero padding `pad` on each side.
+    /// x [N, H, W, Cin], w [Cout, Cin, kh, kw] -> `g.out_shape()` [N, Ho, Wo, Cout]; zero padding
+    /// `g.pad` on each side.
     fn conv2d(
         &self,
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
-        stride: usize,
-        pad: usize,
+        g: &Conv2dGeom,
     ) -> Result<Tensor>;
-    /// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> [B, F, S, Cout]; zero padding (k-1)/2 frames.
-    fn temporal_conv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
+    /// x [B, F, S, Cin], w [Cout, Cin, k] (odd k) -> `g.out_shape()` [B, F, S, Cout]; zero padding
+    /// `g.pad` = (k-1)/2 frames.
+    fn temporal_conv(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        g: &TemporalConvGeom,
+    ) -> Result<Tensor>;
     /// Per (n, group) statistics of x [N, S, C]: F32 [N, G, 3] = (count, mean, M2 = sum of squared
     /// deviations), whatever x's dtype.
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor>;
-    /// y = (x - mean) / sqrt(var + eps) * gamma + beta, optionally SiLU; x [N, S, C], stats [N, G, 2]
-    /// = (mean, biased variance) per (n, group).
-    #[allow(clippy::too_many_arguments)]
-    fn group_norm_apply(
-        &self,
-        x: &Tensor,
-        stats: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor>;
-    /// GroupNorm over x [N, S, C] (stats per n and group over S and C/G), optionally fused SiLU.
-    #[allow(clippy::too_many_arguments)]
-    fn group_norm(
-        &self,
-        x: &Tensor,
-        groups: usize,
-        gamma: &Tensor,
-        beta: &Tensor,
-        eps: f32,
-        silu: bool,
-        out: DType,
-    ) -> Result<Tensor>;
+    /// y = (x - mean) / sqrt(var + eps) * gamma + beta, optionally SiLU, written as `p.out`;
+    /// x [N, S, C], stats [N, G, 2] = (mean, biased variance) per (n, group).
+    fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor>;
+    /// GroupNorm over x [N, S, C] (stats per n and group over S and C/G), optionally fused SiLU,
+    /// written as `p.out`.
+    fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor>;
     /// LayerNorm over the last dim.
     fn layer_norm(
         &self,
@@ -105,7 +93,6 @@ pub(crate) trait Backend: Sync {
     ) -> Result<Tensor>;
     /// q [b, n, H, D]; k_local/v_local [b, n + 2p, H, D]; k_glob/v_glob [b, G, H, D] -> [b, n, H, D].
     /// Query i sees local rows i ..= i+2p (+local_bias) and all G global rows (+global_bias).
-    #[allow(clippy::too_many_arguments)]
     fn dual_scope_attention(
         &self,
         q: &Tensor,

@@ -32,6 +32,15 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     backend(x, "unary")?.unary(x, op)
 }
 
+/// Output shape of [`geglu`]: x [..., 2N] -> [..., N].
+pub(crate) fn geglu_shape(x: &Tensor) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last /= 2;
+    }
+    shape
+}
+
 /// GEGLU: x [..., 2N] -> x[..., :N] * gelu(x[..., N:]).
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "geglu";

@@ -4,6 +4,30 @@
 use super::{backend, expect_rank, same_device_dtype};
 use crate::{DType, Device, Error, Result, Tensor};
 
+/// Output shape of [`concat`]: the inputs' common shape with `axis` the sum of theirs.
+pub(crate) fn concat_shape(xs: &[&Tensor], axis: usize) -> Vec<usize> {
+    let mut shape = xs[0].shape().to_vec();
+    shape[axis] = xs.iter().map(|t| t.dim(axis)).sum();
+    shape
+}
+
+/// Output shape of [`index_select`]: x's shape with `axis` of length `len` (the number of indices).
+pub(crate) fn index_select_shape(x: &Tensor, axis: usize, len: usize) -> Vec<usize> {
+    let mut shape = x.shape().to_vec();
+    shape[axis] = len;
+    shape
+}
+
+/// Output shape of [`permute`]: out.dim(i) = x.dim(perm[i]).
+pub(crate) fn permute_shape(x: &Tensor, perm: &[usize]) -> Vec<usize> {
+    perm.iter().map(|&p| x.dim(p)).collect()
+}
+
+/// Output shape of [`upsample_nearest2x`]: [N, H, W, C] -> [N, 2H, 2W, C].
+pub(crate) fn upsample_nearest2x_shape(x: &Tensor) -> [usize; 4] {
+    [x.dim(0), 2 * x.dim(1), 2 * x.dim(2), x.dim(3)]
+}
+
 /// Concatenate along `axis`.
 pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     const OP: &str = "concat";

@@ -3,6 +3,18 @@
 use super::{backend, backend_mixed, check_params, expect_rank, expect_vec};
 use crate::{DType, Error, Result, Tensor};
 
+/// What a GroupNorm backend call applies after the statistics: y = (x - mean) / sqrt(var + eps) *
+/// gamma + beta, then SiLU when `silu`, rounded once to `out`. gamma/beta [C] are `out`'s dtype or
+/// F32 (validated by [`group_norm_to`] / [`group_norm_apply_to`]).
+#[derive(Clone, Copy)]
+pub(crate) struct GroupNormParams<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f32,
+    pub silu: bool,
+    pub out: DType,
+}
+
 /// Output dtypes a normalisation may write: x's own, or bf16/f16 from an f32 input (an f32 residual
 /// stream normalised straight into the reduced-precision operand of the next GEMM).
 fn check_norm_out(op: &'static str, x: &Tensor, out: DType) -> Result<()> {
@@ -59,8 +71,14 @@ pub fn group_norm_to(
     check_gn(OP, x, groups)?;
     expect_vec(OP, "gamma", gamma, x.dim(2))?;
     expect_vec(OP, "beta", beta, x.dim(2))?;
-    backend_mixed(x, &[out, gamma.dtype(), beta.dtype()], OP)?
-        .group_norm(x, groups, gamma, beta, eps, silu, out)
+    let p = GroupNormParams {
+        gamma,
+        beta,
+        eps,
+        silu,
+        out,
+    };
+    backend_mixed(x, &[out, gamma.dtype(), beta.dtype()], OP)?.group_norm(x, groups, &p)
 }
 
 /// Partial GroupNorm statistics of x [N, S, C]: [N, G, 3] = (count, mean, M2) per (n, group), to be
@@ -127,8 +145,15 @@ pub fn group_norm_apply_to(
     }
     expect_vec(OP, "gamma", gamma, x.dim(2))?;
     expect_vec(OP, "beta", beta, x.dim(2))?;
+    let p = GroupNormParams {
+        gamma,
+        beta,
+        eps,
+        silu,
+        out,
+    };
     backend_mixed(x, &[out, stats.dtype(), gamma.dtype(), beta.dtype()], OP)?
-        .group_norm_apply(x, stats, gamma, beta, eps, silu, out)
+        .group_norm_apply(x, stats, &p)
 }
 
 /// LayerNorm over the last dim, output in x's dtype; see [`layer_norm_to`].
