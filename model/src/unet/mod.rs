@@ -151,10 +151,15 @@ impl UNet3D {
         dtype: DType,
     ) -> Result<Tensor> {
         let c0 = self.config.block_out_channels[0];
-        let t = ops::timestep_embedding(&[timestep], c0, true, 0.0, device, dtype)?;
+        let sinusoids = ops::TimestepEmbedding {
+            dim: c0,
+            flip_sin_to_cos: true,
+            shift: 0.0,
+        };
+        let t = ops::timestep_embedding(&[timestep], &sinusoids, device, dtype)?;
         let mut emb = self.time_embedding.forward(&t)?;
         if let Some(fe) = &self.fps_embedding {
-            let s = ops::timestep_embedding(&[fps], c0, true, 0.0, device, dtype)?;
+            let s = ops::timestep_embedding(&[fps], &sinusoids, device, dtype)?;
             emb = ops::add(&emb, &fe.forward(&s)?)?;
         }
         Ok(emb)

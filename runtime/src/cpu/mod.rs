@@ -58,10 +58,10 @@ impl Backend for CpuBackend {
     }
     fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
         // Dispatched here only when every input and `p.out` are F32 (ops::backend_mixed).
-        norm::group_norm_apply(x, stats, p.gamma, p.beta, p.eps, p.silu)
+        norm::group_norm_apply(x, stats, p)
     }
     fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
-        norm::group_norm(x, groups, p.gamma, p.beta, p.eps, p.silu)
+        norm::group_norm(x, groups, p)
     }
     fn layer_norm(
         &self,

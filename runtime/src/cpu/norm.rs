@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::{out, PAR_MIN};
+use crate::ops::GroupNormParams;
 use crate::{Result, Tensor};
 
 /// Elements per statistics chunk (one chunk is read twice while it is in cache).
@@ -100,17 +101,15 @@ pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
 }
 
 /// y = (x - mean) * (gamma / sqrt(var + eps)) + beta, optional SiLU; `mv` = (mean, biased var) per (n, g).
-#[allow(clippy::too_many_arguments)]
 fn apply(
     xd: &[f32],
     (n, s, c): (usize, usize, usize),
     g: usize,
     mv: &[(f64, f64)],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    silu: bool,
-) -> Vec<f32> {
+    p: &GroupNormParams,
+) -> Result<Vec<f32>> {
+    let (gamma, beta) = (p.gamma.as_cpu_f32()?, p.beta.as_cpu_f32()?);
+    let (eps, silu) = (p.eps, p.silu);
     let cg = c / g;
     // Per (n, channel): the mean and the scale gamma * rstd.
     let mut mean = vec![0f32; n * c];
@@ -124,7 +123,7 @@ fn apply(
     }
     let mut o = vec![0f32; n * s * c];
     if c == 0 {
-        return o;
+        return Ok(o);
     }
     let rows_per_task = (PAR_MIN / c).max(1);
     o.par_chunks_mut(rows_per_task * c)
@@ -142,18 +141,11 @@ fn apply(
                 }
             }
         });
-    o
+    Ok(o)
 }
 
 /// Normalise x [N, S, C] with stats [N, G, 2] = (mean, biased var).
-pub(crate) fn group_norm_apply(
-    x: &Tensor,
-    stats: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    silu: bool,
-) -> Result<Tensor> {
+pub(crate) fn group_norm_apply(x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
     let g = stats.dim(1);
     let mv: Vec<(f64, f64)> = stats
@@ -161,28 +153,12 @@ pub(crate) fn group_norm_apply(
         .chunks_exact(2)
         .map(|p| (p[0] as f64, p[1] as f64))
         .collect();
-    let o = apply(
-        x.as_cpu_f32()?,
-        (n, s, c),
-        g,
-        &mv,
-        gamma.as_cpu_f32()?,
-        beta.as_cpu_f32()?,
-        eps,
-        silu,
-    );
+    let o = apply(x.as_cpu_f32()?, (n, s, c), g, &mv, p)?;
     out(o, &[n, s, c])
 }
 
 /// GroupNorm of x [N, S, C] (statistics per n and group over S x C/G), optionally fused SiLU.
-pub(crate) fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    silu: bool,
-) -> Result<Tensor> {
+pub(crate) fn group_norm(x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
     let xd = x.as_cpu_f32()?;
     let mv: Vec<(f64, f64)> = moments(xd, n, s, c, groups)
@@ -192,16 +168,7 @@ pub(crate) fn group_norm(
             (m.mean, var)
         })
         .collect();
-    let o = apply(
-        xd,
-        (n, s, c),
-        groups,
-        &mv,
-        gamma.as_cpu_f32()?,
-        beta.as_cpu_f32()?,
-        eps,
-        silu,
-    );
+    let o = apply(xd, (n, s, c), groups, &mv, p)?;
     out(o, &[n, s, c])
 }
 

@@ -141,17 +141,29 @@ pub fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     backend(table, OP)?.embedding(ids, table)
 }
 
-/// Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, float32):
-/// half = dim/2, freq_i = exp(-ln(10000) * i / (half - shift)), arg = t * freq_i,
-/// out = [sin, cos] or [cos, sin] with `flip_sin_to_cos`. Returns [t.len(), dim] on `device`.
+/// The sinusoids of [`timestep_embedding`] (diffusers `get_timestep_embedding`, float32): `dim`
+/// channels, half = dim/2, freq_i = exp(-ln(10000) * i / (half - shift)), arg = t * freq_i; each
+/// row [sin, cos], or [cos, sin] with `flip_sin_to_cos`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimestepEmbedding {
+    pub dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub shift: f32,
+}
+
+/// Sinusoidal embedding of the timesteps `t` (see [`TimestepEmbedding`]): [t.len(), p.dim] on
+/// `device`, computed in f32 and stored as `dtype`.
 pub fn timestep_embedding(
     t: &[f32],
-    dim: usize,
-    flip_sin_to_cos: bool,
-    shift: f32,
+    p: &TimestepEmbedding,
     device: Device,
     dtype: DType,
 ) -> Result<Tensor> {
+    let TimestepEmbedding {
+        dim,
+        flip_sin_to_cos,
+        shift,
+    } = *p;
     let half = dim / 2;
     let mut out = vec![0f32; t.len() * dim];
     for (r, &tv) in t.iter().enumerate() {
