@@ -16,6 +16,7 @@ use vi_model::distributed::{
 use vi_model::params::{ModelError, Params, Result, StoreSource};
 use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{UNet3D, UNetConfig};
+use vi_runtime::testing::{assert_close_tensors, closeness, Tolerance};
 use vi_runtime::{ops, DType, Device, Tensor};
 use vi_suite::golden_dir;
 use vi_weights::WeightStore;
@@ -33,18 +34,16 @@ fn weights() -> WeightStore {
     WeightStore::open(golden_dir().join("unet_tiny_seed0.weights.safetensors")).unwrap()
 }
 
-/// Max |a - b| and whether every element is within atol + rtol |b|.
-fn close(a: &Tensor, b: &Tensor, atol: f32, rtol: f32) -> (f32, bool) {
+/// Panics naming `what` unless `got` is within atol + rtol |want| of `want` everywhere.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) {
+    assert_close_tensors(what, got, want, &Tolerance::elementwise(atol, rtol));
+}
+
+/// max |a - b| (the reference modes must differ from the whole-video computation).
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape());
     let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
-    let mut max = 0f32;
-    let mut ok = true;
-    for (&x, &y) in a.iter().zip(&b) {
-        let d = (x - y).abs();
-        max = max.max(d);
-        ok &= d <= atol + rtol * y.abs();
-    }
-    (max, ok)
+    closeness(&a, &b, &Tolerance::EXACT).max_abs
 }
 
 // ---------------------------------------------------------------- split and prompt rules
@@ -183,7 +182,9 @@ fn global_token_indices_follow_the_reference() {
 // ---------------------------------------------------------------- dual-scope attention
 
 /// Dense reference of rank r's dual-scope attention, built from the WHOLE video's q/k/v
-/// [b, T, H, D] and the clip boundaries, with an explicit [n, n+2p+G] bias matrix.
+/// [b, T, H, D] and the clip boundaries, with an explicit [n, n+2p+G] bias matrix: `glob` are the
+/// global key frames (video indices) and `(local_bias, global_bias)` the logit biases of the
+/// unmasked local and global columns, both given as independent expectations.
 #[allow(clippy::too_many_arguments)]
 fn dense_dual_scope(
     q: &Tensor,
@@ -192,7 +193,8 @@ fn dense_dual_scope(
     clips: &[std::ops::Range<usize>],
     r: usize,
     cfg: &ViConfig,
-    t: i64,
+    glob: &[usize],
+    (lb, gb): (f32, f32),
     scale: f32,
 ) -> Tensor {
     let (b, h, d) = (q.dim(0), q.dim(2), q.dim(3));
@@ -218,16 +220,6 @@ fn dense_dual_scope(
         }
     }
     local.extend(right);
-    // Global columns: each rank's frames 0, stride, ..., in rank order, first top_k.
-    let mut glob: Vec<usize> = Vec::new();
-    for c in clips {
-        glob.extend(
-            global_token_indices(c.len(), cfg.top_k, w)
-                .iter()
-                .map(|i| c.start + i),
-        );
-    }
-    glob.truncate(cfg.top_k);
     let cols: Vec<Option<usize>> = local
         .iter()
         .cloned()
@@ -245,7 +237,6 @@ fn dense_dual_scope(
         ops::concat(&refs, 1).unwrap()
     };
     let (kk, vv) = (gather(k), gather(v));
-    let (lb, gb) = cfg.phase_biases(t);
     let s = cols.len();
     let mut bias = vec![0f32; n * s];
     for i in 0..n {
@@ -266,6 +257,38 @@ fn dense_dual_scope(
     ops::attention(&qr, &kk, &vv, scale * cfg.attn_scale, Some(&bias), false).unwrap()
 }
 
+/// The global key frames (video indices) of the 13-frame video below, written out by hand from the
+/// golden README "AttentionPlugin" rule, not computed with the code under test: share = top_k / W;
+/// stride = max(n / share, 1) if share > 0, else only frame 0; each rank contributes its frames
+/// 0, stride, 2*stride.. (ceil(n / stride) of them); concatenated in rank order; first top_k kept.
+/// Clips of 13 frames: W=1 [0..13]; W=2 [0..7, 7..13]; W=3 [0..5, 5..9, 9..13];
+/// W=4 [0..4, 4..7, 7..10, 10..13].
+fn expected_global_frames(w: usize, top_k: usize) -> Vec<usize> {
+    match (w, top_k) {
+        // share 6: n=13 stride 2 -> 0,2,..,12 (7 frames) -> first 6.
+        (1, 6) => vec![0, 2, 4, 6, 8, 10],
+        // share 3: n=7 stride 2 -> 0,2,4,6; n=6 stride 2 -> 7,9,11 -> first 6.
+        (2, 6) => vec![0, 2, 4, 6, 7, 9],
+        // share 2: n=5 stride 2 -> 0,2,4; n=4 stride 2 -> 5,7 and 9,11 -> first 6.
+        (3, 6) => vec![0, 2, 4, 5, 7, 9],
+        // share 1: stride n -> each clip's first frame.
+        (4, 6) => vec![0, 4, 7, 10],
+        // share 4: n=13 stride 3 -> 0,3,6,9,12 -> first 4.
+        (1, 4) => vec![0, 3, 6, 9],
+        // share 2: n=7 stride 3 -> 0,3,6; n=6 stride 3 -> 7,10 -> first 4.
+        (2, 4) => vec![0, 3, 6, 7],
+        // share 1: each clip's first frame.
+        (3, 4) => vec![0, 5, 9],
+        // share 1 (4 / 4): each clip's first frame.
+        (4, 4) => vec![0, 4, 7, 10],
+        // share 16, 8, 5, 4: stride max(n / share, 1) = 1 everywhere -> every frame, 13 <= 16.
+        (_, 16) => (0..13).collect(),
+        // share 0: frame 0 of every clip, then the first 0 kept -> none.
+        (_, 0) => vec![],
+        _ => unreachable!("no expectation for W={w} top_k={top_k}"),
+    }
+}
+
 #[test]
 fn dual_scope_attention_equals_dense_masked_attention() {
     let (b, h, d) = (3, 2, 4);
@@ -276,12 +299,18 @@ fn dual_scope_attention_equals_dense_masked_attention() {
     let scale = 0.5;
     let mut tested = 0;
     for w in 1..=4 {
-        for (pad, top_k, dynamic, t) in [
-            (2usize, 6usize, true, 900i64),
-            (4, 6, true, 500),
-            (3, 4, false, 700),
-            (8, 16, true, 800), // pad larger than every clip: zero completion
-            (1, 0, true, 100),  // no global token
+        // (pad, top_k, dynamic_scale, t, (local bias, global bias)). The biases by the golden
+        // README rule, with ViConfig::default()'s phases (local_phase t 800: local +10;
+        // global_phase t 800: global +10): +1 base on every unmasked column; with dynamic_scale,
+        // t >= 800 (global phase) adds 10 to the global columns, t < 800 (local phase) adds 10 to
+        // the local ones; without dynamic_scale nothing is added.
+        for (pad, top_k, dynamic, t, biases) in [
+            (2usize, 6usize, true, 900i64, (1.0, 11.0)),
+            (4, 6, true, 500, (11.0, 1.0)),
+            (3, 4, false, 700, (1.0, 1.0)),
+            (8, 16, true, 800, (1.0, 11.0)), // pad larger than every clip: zero completion;
+            // t = 800 is the global phase (t >= global_phase.t), not the local one (t < 800)
+            (1, 0, true, 100, (11.0, 1.0)), // no global token
         ] {
             let cfg = ViConfig {
                 attn_pad: pad,
@@ -297,13 +326,11 @@ fn dual_scope_attention_equals_dense_masked_attention() {
                 ctx.attention(&sl(&q)?, &sl(&k)?, &sl(&v)?, scale)
             })
             .unwrap();
+            let glob = expected_global_frames(w, top_k);
             for (r, out) in outs.iter().enumerate() {
-                let want = dense_dual_scope(&q, &k, &v, &clips, r, &cfg, t, scale);
-                let (max, ok) = close(out, &want, 1e-5, 1e-5);
-                assert!(
-                    ok,
-                    "W={w} pad={pad} top_k={top_k} t={t} rank {r}: max diff {max}"
-                );
+                let want = dense_dual_scope(&q, &k, &v, &clips, r, &cfg, &glob, biases, scale);
+                let what = format!("W={w} pad={pad} top_k={top_k} t={t} rank {r}");
+                assert_close(&what, out, &want, 1e-5, 1e-5);
                 tested += 1;
             }
         }
@@ -358,8 +385,13 @@ fn conv_layer_halo_uses_neighbour_frames_and_clamps_short_clips() {
             let body = layer.body(&win).unwrap();
             let want =
                 ops::add(&own, &ops::narrow(&body, 1, left.dim(1), cl.len()).unwrap()).unwrap();
-            let (max, ok) = close(out, &want, 1e-6, 1e-6);
-            assert!(ok, "T={t_total} W={w} rank {r}: max diff {max}");
+            assert_close(
+                &format!("T={t_total} W={w} rank {r}"),
+                out,
+                &want,
+                1e-6,
+                1e-6,
+            );
         }
     }
 }
@@ -421,16 +453,19 @@ fn exact_seam_conv_layer_and_group_norm_equal_the_whole_video() {
             let conv = concat_frames(&convs, 1).unwrap();
             let gn = concat_frames(&gns, 1).unwrap();
             // float32 rounding: a few ulp of values of order 1-10.
-            let (mc, okc) = close(&conv, &whole_conv, 2e-6, 2e-6);
-            let (mg, okg) = close(&gn, &whole_gn, 2e-6, 2e-6);
-            println!("T={t_total} W={w}: conv max diff {mc:.2e}, group norm max diff {mg:.2e}");
-            assert!(
-                okc,
-                "exact-seam conv layer T={t_total} W={w}: max diff {mc}"
+            assert_close(
+                &format!("exact-seam conv layer T={t_total} W={w}"),
+                &conv,
+                &whole_conv,
+                2e-6,
+                2e-6,
             );
-            assert!(
-                okg,
-                "exact-seam group norm T={t_total} W={w}: max diff {mg}"
+            assert_close(
+                &format!("exact-seam group norm T={t_total} W={w}"),
+                &gn,
+                &whole_gn,
+                2e-6,
+                2e-6,
             );
             cases += 1;
         }
@@ -446,7 +481,7 @@ fn exact_seam_conv_layer_and_group_norm_equal_the_whole_video() {
         ctx.conv_layer(&layer, &ops::narrow(&x, 1, clips[r].start, clips[r].len())?)
     })
     .unwrap();
-    let (m, _) = close(&concat_frames(&outs, 1).unwrap(), &whole, 0.0, 0.0);
+    let m = max_diff(&concat_frames(&outs, 1).unwrap(), &whole);
     assert!(
         m > 1e-3,
         "reference mode unexpectedly equals the whole video ({m})"
@@ -688,9 +723,13 @@ fn exact_seam_unet_over_w_ranks_equals_one_rank() {
     for world in [2, 3, 4] {
         // 11 frames: clips 6/5, 4/4/3, 3/3/3/2 -- all >= attn_pad.
         let split = run(world);
-        let (max, ok) = close(&split, &whole, 2e-5, 1e-4);
-        println!("exact-seam UNet W={world} vs W=1: max diff {max:.2e}");
-        assert!(ok, "W={world}: max diff {max}");
+        assert_close(
+            &format!("exact-seam UNet W={world} vs W=1"),
+            &split,
+            &whole,
+            2e-5,
+            1e-4,
+        );
     }
     // The reference mode differs (GroupNorm over padded windows, local statistics).
     let ref_cfg = ViConfig {
@@ -705,7 +744,7 @@ fn exact_seam_unet_over_w_ranks_equals_one_rank() {
         unet.forward(&xr, 900.0, 24.0, &ehs, &ctx)
     })
     .unwrap();
-    let (m, _) = close(&concat_frames(&outs, 1).unwrap(), &whole, 0.0, 0.0);
+    let m = max_diff(&concat_frames(&outs, 1).unwrap(), &whole);
     assert!(
         m > 1e-4,
         "reference mode unexpectedly equals the exact-seam whole video ({m})"

@@ -1,15 +1,14 @@
 //! Golden case 4: tiny transformers CLIPTextModel (`tests/golden/clip_text.safetensors`), 6 prompts
-//! -> last_hidden_state [6, 77, 32]. Tolerance (golden README): |out - ref| <= 2e-5 + 1e-4 |ref|.
+//! -> last_hidden_state [6, 77, 32]. Tolerance (golden README): |out - ref| <= 2e-5 + 1e-4 |ref|
+//! and rel L2 <= 1e-5.
 
 use std::collections::BTreeSet;
 
 use vi_model::clip::{ClipTextConfig, ClipTextModel};
 use vi_model::params::{Params, StoreSource};
+use vi_runtime::testing::assert_close;
 use vi_runtime::{DType, Device};
 use vi_weights::{write_safetensors, WDType, WeightStore};
-
-const ATOL: f32 = 2e-5;
-const RTOL: f32 = 1e-4;
 
 #[test]
 fn clip_text_last_hidden_state_matches_golden() {
@@ -44,27 +43,12 @@ fn clip_text_last_hidden_state_matches_golden() {
         .read_f32("out/last_hidden_state", Some(&[n, 77, cfg.hidden_size]))
         .unwrap();
 
-    let rel = vi_suite::rel_l2(&got, &want);
-    let (mut max_abs, mut worst) = (0f32, 0usize);
-    let mut bad = 0usize;
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        let d = (g - w).abs();
-        if d > max_abs {
-            max_abs = d;
-            worst = i;
-        }
-        if d.is_nan() || d > ATOL + RTOL * w.abs() {
-            bad += 1;
-        }
-    }
-    println!(
-        "clip_text last_hidden_state: rel L2 {rel:.3e}, max abs err {max_abs:.3e} at {worst} \
-         (got {}, ref {}), {bad} of {} outside atol {ATOL} + rtol {RTOL}",
-        got[worst],
-        want[worst],
-        got.len()
+    assert_close(
+        "clip_text last_hidden_state",
+        &got,
+        &want,
+        &vi_suite::GOLDEN_MODEL,
     );
-    assert_eq!(bad, 0, "elements outside tolerance");
 }
 
 /// The same weights spelled as transformers 4 writes them (`text_model.` prefix, plus the legacy

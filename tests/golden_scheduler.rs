@@ -1,10 +1,11 @@
 //! The three samplers against diffusers' trajectories (golden `scheduler_*.safetensors`): timesteps
-//! exactly, and every step's `prev_sample` within atol 2e-4 + rtol 1e-5 (golden README), both along the
-//! whole trajectory and restarted from the stored previous sample.
+//! exactly, and every step's `prev_sample` within atol 2e-4 + rtol 1e-5 and rel L2 1e-5 (golden
+//! README), both along the whole trajectory and restarted from the stored previous sample.
 
 use vi_model::sampler::{Sampler, SamplerKind, SamplerState};
+use vi_runtime::testing::assert_close_tensors;
 use vi_runtime::{ops, Tensor};
-use vi_suite::{golden_dir, rel_l2};
+use vi_suite::{golden_dir, GOLDEN_SCHEDULER};
 use vi_weights::WeightStore;
 
 fn load(store: &WeightStore, name: &str) -> Tensor {
@@ -13,17 +14,9 @@ fn load(store: &WeightStore, name: &str) -> Tensor {
     Tensor::from_vec(store.read_f32(name, None).unwrap(), &shape).unwrap()
 }
 
+/// Panics naming `what` unless `got` is within the golden scheduler tolerance; the rel L2.
 fn check_close(what: &str, got: &Tensor, want: &Tensor) -> f64 {
-    let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
-    assert_eq!(g.len(), w.len(), "{what}: length");
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let excess = (a - b).abs() as f64 - (2e-4 + 1e-5 * b.abs() as f64);
-        assert!(
-            excess <= 0.0,
-            "{what}: element {i}: got {a}, reference {b} (excess {excess:e})"
-        );
-    }
-    rel_l2(&g, &w)
+    assert_close_tensors(what, got, want, &GOLDEN_SCHEDULER).rel_l2
 }
 
 fn run_case(file: &str, kind: SamplerKind) {

@@ -1,7 +1,8 @@
 //! The UNet3D against diffusers (golden `unet_plain.safetensors`, kind unet3d): the tiny
 //! VideoCrafter2 UNet with its fps embedding, sample [2, 4, 6, 8, 16] (two different batch rows),
 //! t = 900, fps = 24, whole video in one clip ([`LocalContext`]). Every output element within
-//! atol 2e-5 + rtol 1e-4 (golden README), every weight of the file used.
+//! atol 2e-5 + rtol 1e-4 and the whole output within rel L2 1e-5 (golden README "Tolerances"),
+//! every weight of the file used.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -11,43 +12,15 @@ use serde_json::Value;
 use vi_model::params::{Params, StoreSource};
 use vi_model::temporal::LocalContext;
 use vi_model::unet::{channels_last_to_ncfhw, ncfhw_to_channels_last, UNet3D, UNetConfig};
+use vi_runtime::testing::{assert_close_tensors, check_close_tensors};
 use vi_runtime::{ops, DType, Device, Tensor};
-use vi_suite::{golden_dir, rel_l2};
+use vi_suite::{golden_dir, rel_l2, GOLDEN_MODEL};
 use vi_weights::WeightStore;
-
-const ATOL: f64 = 2e-5;
-const RTOL: f64 = 1e-4;
 
 fn load(store: &WeightStore, name: &str) -> Tensor {
     let info = store.info(name).unwrap_or_else(|| panic!("{name} missing"));
     let shape = info.shape.clone();
     Tensor::from_vec(store.read_f32(name, None).unwrap(), &shape).unwrap()
-}
-
-/// Asserts |got - want| <= atol + rtol |want| elementwise; returns (rel L2, max abs diff).
-fn check_close(what: &str, got: &Tensor, want: &Tensor) -> (f64, f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
-    let mut max_abs = 0f64;
-    let mut bad = Vec::new();
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let d = (a as f64 - b as f64).abs();
-        max_abs = max_abs.max(d);
-        // NaN-safe: a NaN difference counts as out of tolerance.
-        if d.is_nan() || d > ATOL + RTOL * (b as f64).abs() {
-            bad.push((i, a, b));
-        }
-    }
-    let rel = rel_l2(&g, &w);
-    println!("{what}: rel L2 {rel:.3e}, max abs diff {max_abs:.3e}");
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} elements out of tolerance (rel L2 {rel:.3e}, max abs {max_abs:.3e}); first: {:?}",
-        bad.len(),
-        g.len(),
-        &bad[..bad.len().min(5)]
-    );
-    (rel, max_abs)
 }
 
 struct Case {
@@ -98,7 +71,12 @@ fn unet_plain_matches_diffusers() {
     assert_eq!((t, fps), (900.0, 24.0));
     let out = unet.forward(&sample, t, fps, &ehs, &LocalContext).unwrap();
     let out = channels_last_to_ncfhw(&out).unwrap();
-    check_close("unet_plain out/sample", &out, &load(s, "out/sample"));
+    assert_close_tensors(
+        "unet_plain out/sample",
+        &out,
+        &load(s, "out/sample"),
+        &GOLDEN_MODEL,
+    );
 }
 
 #[test]
@@ -130,14 +108,14 @@ fn layout_helpers_are_inverse_permutations() {
     assert_eq!(back.to_vec_f32().unwrap(), x.to_vec_f32().unwrap());
 }
 
-/// Locates a mismatch with the intermediate `dbg/*` tensors of the FULL golden file (not in
-/// `tests/golden/`, which has them stripped): run with
-/// `VI_UNET_DBG=/work/shared/golden cargo test --test golden_unet -- --ignored --nocapture`.
+/// Locates a mismatch with the intermediate `dbg/*` tensors of the FULL golden file (the copy in
+/// `tests/golden/` has them stripped): run with
+/// `VI_GOLDEN_DBG=/path/to/full/golden cargo test --test golden_unet -- --ignored --nocapture`.
 #[test]
-#[ignore = "debugging aid: needs VI_UNET_DBG pointing at the full golden files with dbg tensors"]
+#[ignore = "needs the full golden files with dbg/* tensors: set VI_GOLDEN_DBG and run with --ignored"]
 fn unet_plain_intermediates() {
-    let dir = std::env::var("VI_UNET_DBG").expect("set VI_UNET_DBG to the full golden folder");
-    let case = open_case(Path::new(&dir), "unet_plain.safetensors");
+    let path = vi_suite::dbg_golden_file("unet_plain.safetensors");
+    let case = open_case(path.parent().unwrap(), "unet_plain.safetensors");
     let src = StoreSource::new(&case.weights, "weight/", Device::Cpu, DType::F32);
     let unet = UNet3D::load(&case.cfg, Params::new(&src)).unwrap();
     let s = &case.store;
@@ -175,9 +153,8 @@ fn unet_plain_intermediates() {
         } else {
             want
         };
-        let r = std::panic::catch_unwind(|| check_close(key, &got, &want));
-        if r.is_err() {
-            failures.push(key.to_string());
+        if let Err(e) = check_close_tensors(key, &got, &want, &GOLDEN_MODEL) {
+            failures.push(e);
         }
     }
     assert!(
@@ -223,7 +200,12 @@ fn odd_sizes_and_independent_batch_rows() {
         let one = unet.forward(&s1, 500.0, 8.0, &e1, &LocalContext).unwrap();
         let want =
             Tensor::from_vec(all[r * per_row..(r + 1) * per_row].to_vec(), one.shape()).unwrap();
-        check_close(&format!("batch row {r} alone vs in the batch"), &one, &want);
+        assert_close_tensors(
+            &format!("batch row {r} alone vs in the batch"),
+            &one,
+            &want,
+            &GOLDEN_MODEL,
+        );
     }
     // The two rows differ (different latents and text): no accidental sharing.
     let d = rel_l2(&all[..per_row], &all[per_row..]);

@@ -1,16 +1,14 @@
 //! Golden case 6: tiny diffusers AutoencoderKL (`tests/golden/vae_decoder.safetensors`), latents
 //! [3, 4, 8, 12] -> images [3, 3, 64, 96] (NCHW in the file; the model is channels-last).
-//! Tolerance (golden README): |out - ref| <= 5e-5 + 1e-4 |ref|.
+//! Tolerance (golden README): |out - ref| <= 5e-5 + 1e-4 |ref| and rel L2 <= 1e-5.
 
 use std::collections::BTreeSet;
 
 use vi_model::params::{Params, StoreSource};
 use vi_model::vae::{to_unit_range, VaeConfig, VaeDecoder};
+use vi_runtime::testing::assert_close;
 use vi_runtime::{DType, Device, Tensor};
 use vi_weights::WeightStore;
-
-const ATOL: f32 = 5e-5;
-const RTOL: f32 = 1e-4;
 
 /// [N, C, H, W] data -> [N, H, W, C] data.
 fn nchw_to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
@@ -27,29 +25,9 @@ fn nchw_to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
     out
 }
 
-/// Counts elements outside tolerance, prints rel L2 / max abs error.
-fn check(name: &str, got: &[f32], want: &[f32]) -> usize {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let rel = vi_suite::rel_l2(got, want);
-    let (mut max_abs, mut worst, mut bad) = (0f32, 0usize, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        if d > max_abs {
-            max_abs = d;
-            worst = i;
-        }
-        if d.is_nan() || d > ATOL + RTOL * w.abs() {
-            bad += 1;
-        }
-    }
-    println!(
-        "{name}: rel L2 {rel:.3e}, max abs err {max_abs:.3e} at {worst} (got {}, ref {}), \
-         {bad} of {} outside atol {ATOL} + rtol {RTOL}",
-        got[worst],
-        want[worst],
-        got.len()
-    );
-    bad
+/// Panics naming `name` unless `got` is within the golden VAE tolerance of `want`.
+fn check(name: &str, got: &[f32], want: &[f32]) {
+    assert_close(name, got, want, &vi_suite::GOLDEN_VAE);
 }
 
 struct Case {
@@ -103,16 +81,15 @@ fn vae_decoder_matches_golden() {
         &store.read_f32("out/sample", Some(&out_shape)).unwrap(),
         out_shape,
     );
-    let mut bad = check("vae out/sample", &sample.to_vec_f32().unwrap(), &want);
+    check("vae out/sample", &sample.to_vec_f32().unwrap(), &want);
 
     let frames = to_unit_range(&sample).unwrap().to_vec_f32().unwrap();
     let want01 = nchw_to_nhwc(
         &store.read_f32("out/frames_01", Some(&out_shape)).unwrap(),
         out_shape,
     );
-    bad += check("vae out/frames_01", &frames, &want01);
+    check("vae out/frames_01", &frames, &want01);
     assert!(frames.iter().all(|v| (0.0..=1.0).contains(v)));
-    assert_eq!(bad, 0, "elements outside tolerance");
 }
 
 /// Frame-by-frame decoding (chunks of 2 over 3 frames) gives the golden images too, and the
@@ -133,12 +110,11 @@ fn vae_decode_frames_in_chunks_matches_golden() {
 
     let all = vae.decode_frames(&latents, 2).unwrap();
     assert_eq!(all.shape(), &[3, 64, 96, 3]);
-    let bad = check(
+    check(
         "vae decode_frames(chunk 2)",
         &all.to_vec_f32().unwrap(),
         &want,
     );
-    assert_eq!(bad, 0);
 
     let mut starts = Vec::new();
     vae.decode_frames_with(&latents, 2, |start, t| {

@@ -7,6 +7,7 @@
 //! * [`meta`]: shape-only execution on `Device::Meta` and tensor-byte accounting ([`meta::measure`]),
 //!   the memory planner's dry run.
 //! * [`comm`]: the `Communicator` trait (halo and global-token exchange between ranks) and its implementations.
+//! * [`testing`]: the tolerance check every test of the workspace uses (elementwise and rel L2).
 //!
 //! Layout convention of the whole project: activations are channels-last (`[N, H, W, C]`, sequences
 //! `[B, S, C]`, attention `[B, S, heads, head_dim]`); weights keep their PyTorch layout.
@@ -21,6 +22,7 @@ pub mod knobs;
 pub mod meta;
 pub mod ops;
 mod tensor;
+pub mod testing;
 
 pub use device::{DType, Device};
 pub use error::{Error, Result};
