@@ -230,7 +230,7 @@ fn judge<W: Copy + Into<f64>>(
             c.worst_excess
         ));
     }
-    if !(c.rel_l2 <= tol.max_rel_l2) {
+    if c.rel_l2.is_nan() || c.rel_l2 > tol.max_rel_l2 {
         why.push(format!(
             "rel L2 {:.3e} over the ceiling {:e}",
             c.rel_l2, tol.max_rel_l2

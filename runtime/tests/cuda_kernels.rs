@@ -17,6 +17,7 @@ mod gpu {
     use rand_distr::StandardNormal;
     use vi_runtime::cuda::{set_attn_kernel, AttnKernel};
     use vi_runtime::ops::{self, DualScopeParams};
+    use vi_runtime::testing::{check_close_tensors, Tolerance};
     use vi_runtime::{DType, Device, Tensor};
 
     const DEV: Device = Device::Cuda(0);
@@ -57,35 +58,10 @@ mod gpu {
     }
 
     /// |got - want| <= atol + rtol |want| everywhere (NaN fails); prints max error and rel L2.
+    /// Recorded, not panicking: one GPU session should report every failing case at once.
     fn check(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64)) {
-        assert_eq!(got.shape(), want.shape(), "{what}: shape");
-        let g = got.to_vec_f32().unwrap();
-        let w = want.to_vec_f32().unwrap();
-        let (mut worst, mut worst_i, mut max_abs) = (f64::NEG_INFINITY, 0usize, 0f64);
-        let (mut num, mut den) = (0f64, 0f64);
-        for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-            let err = (a as f64 - b as f64).abs();
-            let excess = if err.is_nan() {
-                f64::INFINITY
-            } else {
-                err - (atol + rtol * (b as f64).abs())
-            };
-            if excess > worst {
-                (worst, worst_i) = (excess, i);
-            }
-            max_abs = max_abs.max(err);
-            num += err * err;
-            den += (b as f64) * (b as f64);
-        }
-        let rel_l2 = (num / den.max(1e-30)).sqrt();
-        println!("{what}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
-        if !(g.is_empty() || worst <= 0.0) {
-            // Recorded, not panicking: one GPU session should report every failing case at once.
-            let msg = format!(
-                "{what}: element {worst_i} got {} want {} (atol {atol}, rtol {rtol}); max abs err \
-                 {max_abs:.3e}, rel L2 {rel_l2:.3e}",
-                g[worst_i], w[worst_i]
-            );
+        let tol = Tolerance::elementwise(atol, rtol);
+        if let Err(msg) = check_close_tensors(what, got, want, &tol) {
             println!("FAIL {msg}");
             FAILURES.lock().unwrap().push(msg);
         }

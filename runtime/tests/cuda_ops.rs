@@ -30,6 +30,7 @@ mod gpu {
     use rand::{Rng, SeedableRng};
     use rand_distr::StandardNormal;
     use vi_runtime::ops::{self, BinaryOp, UnaryOp};
+    use vi_runtime::testing::{assert_close_tensors, Tolerance};
     use vi_runtime::{DType, Device, Tensor};
 
     const DEV: Device = Device::Cuda(0);
@@ -74,32 +75,12 @@ mod gpu {
         )
     }
 
-    fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-        let (mut num, mut den) = (0f64, 0f64);
-        for (&a, &b) in got.iter().zip(want) {
-            let d = a as f64 - b as f64;
-            num += d * d;
-            den += (b as f64) * (b as f64);
-        }
-        (num / den.max(1e-30)).sqrt()
-    }
-
-    /// GPU result vs CPU reference: same shape, no NaN, rel L2 <= tol(dt).
+    /// GPU result vs CPU reference: same shape, device and dtype, all finite, rel L2 <= tol(dt).
     fn check(what: &str, got: &Tensor, want: &Tensor, dt: DType) {
-        assert_eq!(got.shape(), want.shape(), "{what}: shape");
         assert_eq!(got.device(), DEV, "{what}: device");
         assert_eq!(got.dtype(), dt, "{what}: dtype");
-        let g = got.to_vec_f32().unwrap();
-        let w = want.to_vec_f32().unwrap();
-        let nan = g.iter().filter(|x| x.is_nan()).count();
-        assert_eq!(nan, 0, "{what} ({dt:?}): {nan} NaN elements (unwritten?)");
-        let e = rel_l2(&g, &w);
-        println!("{what} ({dt:?}): rel L2 {e:.3e}");
-        assert!(
-            e <= tol(dt),
-            "{what} ({dt:?}): rel L2 {e:.3e} > {:.1e}",
-            tol(dt)
-        );
+        let what = format!("{what} ({dt:?})");
+        assert_close_tensors(&what, got, want, &Tolerance::rel_l2(tol(dt)));
     }
 
     /// Bit-exact comparison (data movement ops).

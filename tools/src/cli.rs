@@ -243,6 +243,10 @@ pub struct VerifyArgs {
     /// Relative tolerance [default: 1e-4; scheduler 1e-5].
     #[arg(long)]
     pub rtol: Option<f64>,
+    /// Ceiling on each output's rel L2 ||out - ref|| / ||ref|| [default: 1e-5 for f32 on the CPU
+    /// (on top of atol/rtol), 2e-2 bf16, 5e-3 f16].
+    #[arg(long)]
+    pub max_rel_l2: Option<f64>,
 }
 
 #[derive(Debug, Args)]
