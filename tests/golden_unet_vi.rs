@@ -21,7 +21,7 @@ use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{channels_last_to_ncfhw, ncfhw_to_channels_last, UNet3D, UNetConfig};
 use vi_runtime::testing::check_close_tensors;
 use vi_runtime::{ops, DType, Device, Tensor};
-use vi_suite::{dbg_golden_file, golden_dir, GOLDEN_MODEL};
+use vi_suite::{dbg_golden_file, golden_dir, rel_l2, GOLDEN_MODEL};
 use vi_weights::WeightStore;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
