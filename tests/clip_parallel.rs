@@ -308,8 +308,9 @@ fn dual_scope_attention_equals_dense_masked_attention() {
             (2usize, 6usize, true, 900i64, (1.0, 11.0)),
             (4, 6, true, 500, (11.0, 1.0)),
             (3, 4, false, 700, (1.0, 1.0)),
-            (8, 16, true, 800, (1.0, 11.0)), // pad larger than every clip: zero completion;
-            // t = 800 is the global phase (t >= global_phase.t), not the local one (t < 800)
+            // pad larger than every clip: zero completion; t = 800 is the global phase
+            // (t >= global_phase.t), not the local one (t < local_phase.t).
+            (8, 16, true, 800, (1.0, 11.0)),
             (1, 0, true, 100, (11.0, 1.0)), // no global token
         ] {
             let cfg = ViConfig {
