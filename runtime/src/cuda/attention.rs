@@ -86,19 +86,21 @@ pub(crate) fn attention(
         .chain(bias.iter())
         .all(|t| t.dtype() == q.dtype());
     if !dims_ok || !dtype_ok {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "q {:?} k {:?} v {:?} bias {:?} causal {causal} (dtypes {:?} {:?} {:?})",
-                q.shape(),
-                k.shape(),
-                v.shape(),
-                bias.map(|b| b.shape().to_vec()),
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            ),
-        ));
+        let msg = format!(
+            "q {:?} k {:?} v {:?} bias {:?} causal {causal} (dtypes {:?} {:?} {:?})",
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            bias.map(|b| b.shape().to_vec()),
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+        return Err(if dims_ok {
+            Error::dtype(OP, msg)
+        } else {
+            Error::shape(OP, msg)
+        });
     }
     let (qs, ks, vs) = (storage(q, OP)?, storage(k, OP)?, storage(v, OP)?);
     let bsv = bias.map(|b| storage(b, OP)).transpose()?;

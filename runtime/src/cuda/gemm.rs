@@ -138,7 +138,7 @@ pub(crate) fn linear_to(
         return linear(x, w, bias);
     }
     if out_dt != DType::F32 {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             OP,
             format!(
                 "output {out_dt:?} from {:?} x (x's dtype or F32)",

@@ -116,11 +116,11 @@ impl Backend for CudaBackend {
     }
     fn group_norm_apply(&self, x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm_apply")?;
-        norm::group_norm_apply(x, stats, p.gamma, p.beta, p.eps, p.silu, p.out)
+        norm::group_norm_apply(x, stats, p)
     }
     fn group_norm(&self, x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
         let _p = profile::scope(x, "group_norm")?;
-        norm::group_norm(x, groups, p.gamma, p.beta, p.eps, p.silu, p.out)
+        norm::group_norm(x, groups, p)
     }
     fn layer_norm(
         &self,

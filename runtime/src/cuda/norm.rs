@@ -15,6 +15,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::device::{storage, CudaStorage};
 use super::epilogue::convert;
 use super::launch::{dtype_suffix, i32_arg, launch, vec_width, vec_width_mixed};
+use crate::ops::GroupNormParams;
 use crate::{DType, Error, Result, Tensor};
 
 const MODULE: &str = "norm";
@@ -128,20 +129,22 @@ pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
     Ok(out.into_tensor(&[x.dim(0), groups, 3]))
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups, writing `out_dt`
+/// Apply with stats [N, G, 2] (f32 or x's dtype) of `groups` = stats.dim(1) groups, writing `p.out`
 /// (x's dtype, or bf16/f16 from an f32 x); gamma/beta f32 or any dtype (widened once).
 fn apply(
     x: &Tensor,
     stats: &CudaStorage,
     groups: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    silu: bool,
-    out_dt: DType,
+    p: &GroupNormParams,
     op: &'static str,
 ) -> Result<Tensor> {
+    let GroupNormParams {
+        gamma,
+        beta,
+        eps,
+        silu,
+        out: out_dt,
+    } = *p;
     check_x(x, groups, op)?;
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
     if gamma.shape() != [c] || beta.shape() != [c] || stats.len() != n * groups * 2 {
@@ -156,7 +159,7 @@ fn apply(
         ));
     }
     if !fused_pair(x.dtype(), out_dt) {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             op,
             format!("no kernel writes {out_dt:?} from {:?} x", x.dtype()),
         ));
@@ -169,7 +172,7 @@ fn apply(
     }
     let sdt = stats.dtype();
     if sdt != DType::F32 && sdt != x.dtype() {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             op,
             format!("stats dtype {sdt:?} must be F32 or {:?}", x.dtype()),
         ));
@@ -241,16 +244,7 @@ fn apply(
 
 /// Normalise x [N, S, C] with stats [N, G, 2] = (mean, biased var), f32 or x's dtype; output `out`
 /// (x's dtype, or bf16/f16 from an f32 x).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn group_norm_apply(
-    x: &Tensor,
-    stats: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    silu: bool,
-    out: DType,
-) -> Result<Tensor> {
+pub(crate) fn group_norm_apply(x: &Tensor, stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
     const OP: &str = "group_norm_apply";
     if stats.rank() != 3 || stats.dim(2) != 2 {
         return Err(Error::shape(
@@ -259,26 +253,20 @@ pub(crate) fn group_norm_apply(
         ));
     }
     let ss = storage(stats, OP)?;
-    apply(x, ss, stats.dim(1), gamma, beta, eps, silu, out, OP)
+    apply(x, ss, stats.dim(1), p, OP)
 }
 
-/// GroupNorm of x [N, S, C] (+ SiLU) written as `out`: stats kernel, merge kernel, apply kernel.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    silu: bool,
-    out: DType,
-) -> Result<Tensor> {
+/// GroupNorm of x [N, S, C] (+ SiLU) written as `p.out`: stats kernel, merge kernel, apply kernel.
+pub(crate) fn group_norm(x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
     const OP: &str = "group_norm";
     if x.elem_count() == 0 {
-        return Ok(storage(x, OP)?.dev().alloc(out, 0)?.into_tensor(x.shape()));
+        return Ok(storage(x, OP)?
+            .dev()
+            .alloc(p.out, 0)?
+            .into_tensor(x.shape()));
     }
     let mv = moments(x, groups, 1, OP)?;
-    apply(x, &mv, groups, gamma, beta, eps, silu, out, OP)
+    apply(x, &mv, groups, p, OP)
 }
 
 /// Row kernels (one warp per row of the last dim): `layer_norm_*` and `softmax_*`.
@@ -316,7 +304,7 @@ pub(crate) fn layer_norm(
         ));
     }
     if !fused_pair(x.dtype(), out_dt) {
-        return Err(Error::shape(
+        return Err(Error::dtype(
             OP,
             format!("no kernel writes {out_dt:?} from {:?} x", x.dtype()),
         ));
