@@ -5,10 +5,10 @@
 use vi_runtime::Tensor;
 
 use super::config::UNetConfig;
-use super::resnet::{Downsample, ResnetBlock, Upsample};
 use super::temporal_transformer::TransformerTemporal;
 use super::transformer::Transformer2D;
 use super::Trace;
+use crate::layers::resnet::{Downsample, ResnetBlock, ResnetConfig, Upsample};
 use crate::params::{Params, Result};
 use crate::temporal::{TemporalContext, TemporalConvLayer};
 
@@ -48,7 +48,7 @@ impl Fwd<'_> {
     }
 
     pub fn resnet(&self, r: &ResnetBlock, x: &Tensor, name: &str) -> Result<Tensor> {
-        let y = r.forward(x, self.emb_silu)?;
+        let y = r.forward(x, Some(self.emb_silu))?;
         self.trace(|| format!("{name}/out"), &y);
         Ok(y)
     }
@@ -116,12 +116,14 @@ impl Layer {
         Ok(Layer {
             resnet: ResnetBlock::load(
                 p.pp("resnets").pp(idx).p(),
-                cin,
-                cout,
-                cfg.time_embed_dim(),
-                g,
-                cfg.norm_eps,
-                1.0,
+                &ResnetConfig {
+                    cin,
+                    cout,
+                    temb: Some(cfg.time_embed_dim()),
+                    groups: g,
+                    eps: cfg.norm_eps,
+                    output_scale_factor: 1.0,
+                },
             )?,
             temp_conv: TemporalConvLayer::load(
                 p.pp("temp_convs").pp(idx).p(),
@@ -215,12 +217,14 @@ impl MidBlock {
         for j in 0..=num_layers {
             resnets.push(ResnetBlock::load(
                 p.pp("resnets").pp(j).p(),
-                c,
-                c,
-                cfg.time_embed_dim(),
-                g,
-                cfg.norm_eps,
-                cfg.mid_block_scale_factor,
+                &ResnetConfig {
+                    cin: c,
+                    cout: c,
+                    temb: Some(cfg.time_embed_dim()),
+                    groups: g,
+                    eps: cfg.norm_eps,
+                    output_scale_factor: cfg.mid_block_scale_factor,
+                },
             )?);
             temp_convs.push(TemporalConvLayer::load(
                 p.pp("temp_convs").pp(j).p(),
@@ -316,7 +320,7 @@ impl UpBlock {
                     "{prefix}: no skip left to size the upsampling"
                 ))
             })?;
-            h = u.forward(&h, (next.dim(1), next.dim(2)))?;
+            h = u.forward_to_size(&h, (next.dim(1), next.dim(2)))?;
             fw.trace(|| format!("{prefix}.upsamplers.0/out"), &h);
         }
         fw.trace(|| format!("{prefix}/out"), &h);

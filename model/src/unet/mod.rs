@@ -10,7 +10,6 @@
 
 mod blocks;
 pub mod config;
-mod resnet;
 mod temporal_transformer;
 mod transformer;
 
@@ -20,10 +19,10 @@ use vi_runtime::{ops, DType, Device, Tensor};
 
 pub use config::{DownBlockType, UNetConfig, UpBlockType};
 
+use crate::layers::{Conv2d, GroupNorm, Linear};
 use crate::params::{MetaRecorder, ModelError, Params, Result};
 use crate::temporal::TemporalContext;
 use blocks::{DownBlock, Fwd, MidBlock, UpBlock};
-use resnet::{spatial_group_norm, Affine};
 use temporal_transformer::TransformerTemporal;
 
 /// Observer of named intermediate tensors: `"<diffusers module path>/<in|out>"` with the tensor in
@@ -33,35 +32,35 @@ pub type Trace<'a> = &'a dyn Fn(&str, &Tensor);
 
 /// diffusers `TimestepEmbedding` (linear_1 -> SiLU -> linear_2).
 struct TimestepEmbedding {
-    linear_1: Affine,
-    linear_2: Affine,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 impl TimestepEmbedding {
     fn load(p: Params, cin: usize, cout: usize) -> Result<Self> {
         Ok(TimestepEmbedding {
-            linear_1: Affine::linear(p, "linear_1", cin, cout)?,
-            linear_2: Affine::linear(p, "linear_2", cout, cout)?,
+            linear_1: Linear::load(p, "linear_1", cin, cout)?,
+            linear_2: Linear::load(p, "linear_2", cout, cout)?,
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = ops::silu(&self.linear_1.apply_linear(x)?)?;
-        self.linear_2.apply_linear(&h)
+        let h = ops::silu(&self.linear_1.forward(x)?)?;
+        self.linear_2.forward(&h)
     }
 }
 
 /// The UNet3D with its weights.
 pub struct UNet3D {
     config: UNetConfig,
-    conv_in: Affine,
+    conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     fps_embedding: Option<TimestepEmbedding>,
     transformer_in: TransformerTemporal,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: Affine,
-    conv_out: Affine,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     /// Dtype of the residual stream (block inputs/outputs, skips): F32 by default whatever the
     /// weights' dtype (docs/precision.md); every block keeps its input's dtype for its output.
     stream_dtype: DType,
@@ -111,7 +110,7 @@ impl UNet3D {
         Ok(UNet3D {
             stream_dtype: DType::F32,
             config: cfg.clone(),
-            conv_in: Affine::conv(p, "conv_in", cfg.in_channels, c0, 3)?,
+            conv_in: Conv2d::load(p, "conv_in", cfg.in_channels, c0, 3)?,
             time_embedding: TimestepEmbedding::load(p.pp("time_embedding").p(), c0, temb)?,
             fps_embedding: if cfg.fps_cond {
                 Some(TimestepEmbedding::load(
@@ -132,8 +131,8 @@ impl UNet3D {
             down_blocks,
             mid_block: MidBlock::load(p.pp("mid_block").p(), cfg)?,
             up_blocks,
-            conv_norm_out: Affine::norm(p, "conv_norm_out", c0)?,
-            conv_out: Affine::conv(p, "conv_out", c0, cfg.out_channels, 3)?,
+            conv_norm_out: GroupNorm::load(p, "conv_norm_out", c0, g, cfg.norm_eps)?,
+            conv_out: Conv2d::load(p, "conv_out", c0, cfg.out_channels, 3)?,
         })
     }
 
@@ -233,10 +232,7 @@ impl UNet3D {
         // Precision policy: the residual stream (block inputs/outputs, skips) is `stream_dtype` (f32)
         // whatever the weights' dtype; each branch (norm -> GEMM/conv/attention) runs in the
         // weights' dtype and every block returns its input's dtype.
-        let h = self
-            .conv_in
-            .apply_conv(&x, 1, 1)?
-            .to_dtype(self.stream_dtype)?;
+        let h = self.conv_in.forward(&x)?.to_dtype(self.stream_dtype)?;
         tr("conv_in/out", &h);
         let mut h = self
             .transformer_in
@@ -257,15 +253,10 @@ impl UNet3D {
                 skips.len()
             )));
         }
-        let h = spatial_group_norm(
-            &h,
-            &self.conv_norm_out,
-            cfg.norm_num_groups,
-            cfg.norm_eps,
-            true,
-            self.conv_out.w.dtype(),
-        )?;
-        let out = self.conv_out.apply_conv(&h, 1, 1)?;
+        let h = self
+            .conv_norm_out
+            .forward_nhwc(&h, true, self.conv_out.dtype())?;
+        let out = self.conv_out.forward(&h)?;
         tr("conv_out/out", &out);
         Ok(out.reshape(&[b, f, out.dim(1), out.dim(2), cfg.out_channels])?)
     }

@@ -4,18 +4,18 @@
 
 use vi_runtime::{ops, Tensor};
 
-use super::resnet::Affine;
-use super::transformer::{Attention, BasicTransformerBlock, TRANSFORMER_GN_EPS};
+use super::transformer::{BasicTransformerBlock, TRANSFORMER_GN_EPS};
 use super::Trace;
+use crate::layers::attention::Attention;
+use crate::layers::{GroupNorm, Linear};
 use crate::params::{Params, Result};
 use crate::temporal::TemporalContext;
 
 pub(crate) struct TransformerTemporal {
-    norm: Affine,
-    groups: usize,
-    proj_in: Affine,
+    norm: GroupNorm,
+    proj_in: Linear,
     block: BasicTransformerBlock,
-    proj_out: Affine,
+    proj_out: Linear,
 }
 
 impl TransformerTemporal {
@@ -30,9 +30,8 @@ impl TransformerTemporal {
     ) -> Result<TransformerTemporal> {
         let inner = heads * head_dim;
         Ok(TransformerTemporal {
-            norm: Affine::norm(p, "norm", channels)?,
-            groups,
-            proj_in: Affine::linear(p, "proj_in", channels, inner)?,
+            norm: GroupNorm::load(p, "norm", channels, groups, TRANSFORMER_GN_EPS)?,
+            proj_in: Linear::load(p, "proj_in", channels, inner)?,
             block: BasicTransformerBlock::load(
                 p.pp("transformer_blocks").pp(0).p(),
                 inner,
@@ -40,7 +39,7 @@ impl TransformerTemporal {
                 head_dim,
                 inner,
             )?,
-            proj_out: Affine::linear(p, "proj_out", inner, channels)?,
+            proj_out: Linear::load(p, "proj_out", inner, channels)?,
         })
     }
 
@@ -83,16 +82,16 @@ impl TransformerTemporal {
         // GroupNorm over the 5-D [B, C, F, H, W] tensor = per batch element over F*S positions.
         let h = ctx.temporal_group_norm(
             &x.reshape(&[b, f * s, c])?,
-            self.groups,
-            &self.norm.w,
-            &self.norm.b,
-            TRANSFORMER_GN_EPS,
+            self.norm.groups,
+            &self.norm.gamma,
+            &self.norm.beta,
+            self.norm.eps,
             dt,
         )?;
         // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
         let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
         // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
-        let h = self.proj_in.apply_linear_to(&h, x.dtype())?;
+        let h = self.proj_in.forward_to(&h, x.dtype())?;
         let n1 = blk.ln(&h, &blk.norm1)?;
         // Traced runs materialise attn1's output for the trace; the others fuse to_out with the add.
         let h = match trace {
@@ -107,7 +106,7 @@ impl TransformerTemporal {
         let n2 = blk.ln(&h, &blk.norm2)?;
         let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
         let h = blk.ff_residual(&h)?;
-        let h = self.proj_out.apply_linear(&h.to_dtype(dt)?)?; // [B*S, F, C]
+        let h = self.proj_out.forward(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
         Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, x.dtype())?)
     }
