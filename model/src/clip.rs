@@ -13,6 +13,8 @@
 use serde_json::Value;
 use vi_runtime::{ops, DType, Tensor};
 
+use crate::layers::attention::{Attention, AttentionKeys, FeedForward, FfActivation};
+use crate::layers::LayerNorm;
 use crate::params::{ModelError, Params, Result};
 
 /// The MLP activation (`hidden_act`).
@@ -111,65 +113,21 @@ impl ClipTextConfig {
     }
 }
 
-/// A Linear layer: weight [out, in] (PyTorch layout), bias [out].
-struct Linear {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Linear {
-    fn load(p: Params, out: usize, inp: usize) -> Result<Self> {
-        Ok(Linear {
-            w: p.get("weight", &[out, inp])?,
-            b: p.get("bias", &[out])?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(x, &self.w, Some(&self.b))?)
-    }
-    /// residual + self(x), in residual's dtype (one GEMM into the stream).
-    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear_add(x, &self.w, Some(&self.b), residual)?)
+impl From<ClipActivation> for FfActivation {
+    fn from(a: ClipActivation) -> Self {
+        match a {
+            ClipActivation::Gelu => FfActivation::Gelu,
+            ClipActivation::QuickGelu => FfActivation::QuickGelu,
+        }
     }
 }
 
-struct LayerNorm {
-    g: Tensor,
-    b: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(p: Params, c: usize, eps: f32) -> Result<Self> {
-        Ok(LayerNorm {
-            g: p.get("weight", &[c])?,
-            b: p.get("bias", &[c])?,
-            eps,
-        })
-    }
-    /// x (the stream) normalised into `out` (the next layer's operand dtype).
-    fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        Ok(ops::layer_norm_to(x, &self.g, &self.b, self.eps, out)?)
-    }
-}
-
+/// transformers `CLIPEncoderLayer`.
 struct ClipLayer {
-    ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-fn activate(act: ClipActivation, x: &Tensor) -> Result<Tensor> {
-    Ok(match act {
-        ClipActivation::Gelu => ops::gelu(x)?,
-        // x * sigmoid(1.702 x) = silu(1.702 x) / 1.702
-        ClipActivation::QuickGelu => ops::scale(&ops::silu(&ops::scale(x, 1.702)?)?, 1.0 / 1.702)?,
-    })
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    mlp: FeedForward,
 }
 
 /// transformers `CLIPTextModel` (text transformer only; no projection head).
@@ -194,22 +152,35 @@ impl ClipTextModel {
             "position_embedding.weight",
             &[cfg.max_position_embeddings, c],
         )?;
+        let (h, d) = (cfg.num_attention_heads, cfg.head_dim());
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let l = p.pp("encoder.layers").pp(i);
-            let a = l.pp("self_attn");
+            let layer = p.pp("encoder.layers").pp(i);
+            let l = layer.p();
             layers.push(ClipLayer {
-                ln1: LayerNorm::load(l.pp("layer_norm1").p(), c, eps)?,
-                q: Linear::load(a.pp("q_proj").p(), c, c)?,
-                k: Linear::load(a.pp("k_proj").p(), c, c)?,
-                v: Linear::load(a.pp("v_proj").p(), c, c)?,
-                out: Linear::load(a.pp("out_proj").p(), c, c)?,
-                ln2: LayerNorm::load(l.pp("layer_norm2").p(), c, eps)?,
-                fc1: Linear::load(l.pp("mlp.fc1").p(), ff, c)?,
-                fc2: Linear::load(l.pp("mlp.fc2").p(), c, ff)?,
+                layer_norm1: LayerNorm::load(l, "layer_norm1", c, eps)?,
+                // head_dim^-0.5 with powf, as the CLIP encoder has always computed it (1/sqrt, the
+                // default, differs in the last bit for most head_dims).
+                self_attn: Attention::load(
+                    l.pp("self_attn").p(),
+                    &AttentionKeys::CLIP,
+                    c,
+                    c,
+                    h,
+                    d,
+                )?
+                .with_scale((d as f32).powf(-0.5)),
+                layer_norm2: LayerNorm::load(l, "layer_norm2", c, eps)?,
+                mlp: FeedForward::load(
+                    l.pp("mlp").p(),
+                    ("fc1", "fc2"),
+                    c,
+                    ff,
+                    cfg.hidden_act.into(),
+                )?,
             });
         }
-        let final_ln = LayerNorm::load(p.pp("final_layer_norm").p(), c, eps)?;
+        let final_ln = LayerNorm::load(p, "final_layer_norm", c, eps)?;
         Ok(ClipTextModel {
             config: cfg.clone(),
             token_embedding,
@@ -237,26 +208,20 @@ impl ClipTextModel {
                 cfg.max_position_embeddings
             )));
         }
-        let (c, h, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim());
+        let c = cfg.hidden_size;
         let positions: Vec<u32> = (0..s as u32).collect();
         let tok = ops::embedding(ids, &self.token_embedding)?.reshape(&[n_prompts, s, c])?;
-        let pos = ops::embedding(&positions, &self.position_embedding)?; // [S, C], broadcast
-                                                                         // Precision policy (docs/precision.md): the residual stream is f32, the layers' operands
-                                                                         // are in the weights' dtype; the output is in the weights' dtype.
+        // [S, C], broadcast over the prompts.
+        let pos = ops::embedding(&positions, &self.position_embedding)?;
+        // Precision policy (docs/precision.md): the residual stream is f32, the layers' operands
+        // are in the weights' dtype; the output is in the weights' dtype.
         let dt = self.token_embedding.dtype();
         let mut x = ops::add_to(&tok, &pos, DType::F32)?;
-        let scale = (d as f32).powf(-0.5);
         for l in &self.layers {
-            let hs = l.ln1.forward(&x, dt)?;
-            let split = |t: Tensor| t.reshape(&[n_prompts, s, h, d]);
-            let q = split(l.q.forward(&hs)?)?;
-            let k = split(l.k.forward(&hs)?)?;
-            let v = split(l.v.forward(&hs)?)?;
-            let a = ops::attention(&q, &k, &v, scale, None, true)?.reshape(&[n_prompts, s, c])?;
-            x = l.out.forward_add(&a, &x)?;
-            let hs = l.ln2.forward(&x, dt)?;
-            let act = activate(cfg.hidden_act, &l.fc1.forward(&hs)?)?;
-            x = l.fc2.forward_add(&act, &x)?;
+            let hs = l.layer_norm1.forward(&x, dt)?;
+            x = l.self_attn.forward_add(&hs, &hs, &x, true)?;
+            let hs = l.layer_norm2.forward(&x, dt)?;
+            x = l.mlp.forward_add(&hs, &x)?;
         }
         self.final_ln.forward(&x, dt)
     }
@@ -271,11 +236,13 @@ mod tests {
     fn activations_match_definitions() {
         let xs: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.2).collect();
         let t = Tensor::from_vec(xs.clone(), &[xs.len()]).unwrap();
-        let quick = activate(ClipActivation::QuickGelu, &t)
+        let quick = FfActivation::from(ClipActivation::QuickGelu)
+            .apply(&t)
             .unwrap()
             .to_vec_f32()
             .unwrap();
-        let gelu = activate(ClipActivation::Gelu, &t)
+        let gelu = FfActivation::from(ClipActivation::Gelu)
+            .apply(&t)
             .unwrap()
             .to_vec_f32()
             .unwrap();

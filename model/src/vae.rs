@@ -9,6 +9,9 @@
 use serde_json::Value;
 use vi_runtime::{ops, DType, Tensor};
 
+use crate::layers::attention::{Attention, AttentionKeys};
+use crate::layers::resnet::{ResnetBlock, ResnetConfig, Upsample};
+use crate::layers::{Conv2d, GroupNorm};
 use crate::params::{ModelError, Params, Result};
 
 /// GroupNorm eps of every norm in diffusers' AutoencoderKL encoder/decoder.
@@ -125,103 +128,26 @@ impl VaeConfig {
     }
 }
 
-/// Conv2d: weight [Cout, Cin, k, k], bias [Cout]; stride 1, padding k/2.
-struct Conv {
-    w: Tensor,
-    b: Tensor,
-    pad: usize,
-}
-
-impl Conv {
-    fn load(p: Params, cout: usize, cin: usize, k: usize) -> Result<Self> {
-        Ok(Conv {
-            w: p.get("weight", &[cout, cin, k, k])?,
-            b: p.get("bias", &[cout])?,
-            pad: k / 2,
-        })
-    }
-    /// x [N, H, W, Cin] -> [N, H, W, Cout]
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::conv2d(x, &self.w, Some(&self.b), 1, self.pad)?)
-    }
-}
-
-struct GroupNorm {
-    g: Tensor,
-    b: Tensor,
-    groups: usize,
-}
-
-impl GroupNorm {
-    fn load(p: Params, c: usize, groups: usize) -> Result<Self> {
-        Ok(GroupNorm {
-            g: p.get("weight", &[c])?,
-            b: p.get("bias", &[c])?,
+/// A `ResnetBlock2D` of the decoder: no time embedding, eps [`VAE_NORM_EPS`].
+fn resnet(p: Params, cin: usize, cout: usize, groups: usize) -> Result<ResnetBlock> {
+    ResnetBlock::load(
+        p,
+        &ResnetConfig {
+            cin,
+            cout,
+            temb: None,
             groups,
-        })
-    }
-    /// x [N, H, W, C], statistics per image and group; optional fused SiLU; written as `out`.
-    fn forward(&self, x: &Tensor, silu: bool, out: DType) -> Result<Tensor> {
-        let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let y = ops::group_norm_to(
-            &x.reshape(&[n, h * w, c])?,
-            self.groups,
-            &self.g,
-            &self.b,
-            VAE_NORM_EPS,
-            silu,
-            out,
-        )?;
-        Ok(y.reshape(&[n, h, w, c])?)
-    }
-}
-
-/// diffusers `ResnetBlock2D` without time embedding: norm1 -> SiLU -> conv1 -> norm2 -> SiLU ->
-/// conv2, + (conv_shortcut (1x1) of the input when Cin != Cout, else the input).
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv,
-    norm2: GroupNorm,
-    conv2: Conv,
-    shortcut: Option<Conv>,
-}
-
-impl Resnet {
-    fn load(p: Params, cin: usize, cout: usize, groups: usize) -> Result<Self> {
-        Ok(Resnet {
-            norm1: GroupNorm::load(p.pp("norm1").p(), cin, groups)?,
-            conv1: Conv::load(p.pp("conv1").p(), cout, cin, 3)?,
-            norm2: GroupNorm::load(p.pp("norm2").p(), cout, groups)?,
-            conv2: Conv::load(p.pp("conv2").p(), cout, cout, 3)?,
-            shortcut: if cin != cout {
-                Some(Conv::load(p.pp("conv_shortcut").p(), cout, cin, 1)?)
-            } else {
-                None
-            },
-        })
-    }
-    /// x: the residual stream (f32 by default) -> the same dtype; the branch runs in the weights'
-    /// dtype.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = self.conv1.w.dtype();
-        let h = self.conv1.forward(&self.norm1.forward(x, true, dt)?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, true, dt)?)?;
-        let skip = match &self.shortcut {
-            Some(s) => s.forward(&x.to_dtype(dt)?)?,
-            None => x.clone(),
-        };
-        Ok(ops::add_to(&skip, &h, x.dtype())?)
-    }
+            eps: VAE_NORM_EPS,
+            output_scale_factor: 1.0,
+        },
+    )
 }
 
 /// diffusers `Attention` of the VAE mid block: GroupNorm -> single-head self-attention of width C
 /// over the H*W positions (q/k/v/out Linear with bias, scale 1/sqrt(C)) -> + input.
 struct MidAttention {
-    norm: GroupNorm,
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    v: (Tensor, Tensor),
-    out: (Tensor, Tensor),
+    group_norm: GroupNorm,
+    attn: Attention,
 }
 
 impl MidAttention {
@@ -229,64 +155,48 @@ impl MidAttention {
     /// the source has those (and not the new ones).
     fn load(p: Params, c: usize, groups: usize) -> Result<Self> {
         let old = p.contains("query.weight") && !p.contains("to_q.weight");
-        let names = if old {
-            ["query", "key", "value", "proj_attn"]
+        let keys = if old {
+            &AttentionKeys::DIFFUSERS_LEGACY
         } else {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-        };
-        let lin = |name: &str| -> Result<(Tensor, Tensor)> {
-            let l = p.pp(name);
-            Ok((l.get("weight", &[c, c])?, l.get("bias", &[c])?))
+            &AttentionKeys::DIFFUSERS_BIASED
         };
         Ok(MidAttention {
-            norm: GroupNorm::load(p.pp("group_norm").p(), c, groups)?,
-            q: lin(names[0])?,
-            k: lin(names[1])?,
-            v: lin(names[2])?,
-            out: lin(names[3])?,
+            group_norm: GroupNorm::load(p, "group_norm", c, groups, VAE_NORM_EPS)?,
+            attn: Attention::load(p, keys, c, c, 1, c)?,
         })
     }
+
     /// x: the residual stream (f32 by default) -> the same dtype; the branch runs in the weights'
     /// dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let hs = self
-            .norm
-            .forward(x, false, self.q.0.dtype())?
+            .group_norm
+            .forward_nhwc(x, false, self.attn.dtype())?
             .reshape(&[n, h * w, c])?;
-        let proj = |(wt, b): &(Tensor, Tensor)| -> Result<Tensor> {
-            Ok(ops::linear(&hs, wt, Some(b))?.reshape(&[n, h * w, 1, c])?)
-        };
-        let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
-        let scale = 1.0 / (c as f32).sqrt();
-        let a = ops::attention(&q, &k, &v, scale, None, false)?.reshape(&[n, h * w, c])?;
-        // x + out-projection(a), one op into the stream.
-        let y = ops::linear_add(
-            &a,
-            &self.out.0,
-            Some(&self.out.1),
-            &x.reshape(&[n, h * w, c])?,
-        )?;
+        // x + out-projection(attention), one op into the stream.
+        let y = self
+            .attn
+            .forward_add(&hs, &hs, &x.reshape(&[n, h * w, c])?, false)?;
         Ok(y.reshape(&[n, h, w, c])?)
     }
 }
 
 struct UpBlock {
-    resnets: Vec<Resnet>,
-    /// Upsample2D: nearest x2 then this 3x3 conv.
-    upsample: Option<Conv>,
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Upsample>,
 }
 
 /// diffusers `AutoencoderKL` decoder side: `post_quant_conv` + `decoder`.
 pub struct VaeDecoder {
     pub config: VaeConfig,
-    post_quant_conv: Option<Conv>,
-    conv_in: Conv,
-    mid_resnets: [Resnet; 2],
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock; 2],
     mid_attn: Option<MidAttention>,
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv,
+    conv_out: Conv2d,
     /// Dtype of the residual stream: F32 by default (docs/precision.md).
     stream_dtype: DType,
 }
@@ -305,16 +215,16 @@ impl VaeDecoder {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let top = rev[0];
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(Conv::load(p.pp("post_quant_conv").p(), lat, lat, 1)?)
+            Some(Conv2d::load(p, "post_quant_conv", lat, lat, 1)?)
         } else {
             None
         };
         let d = p.pp("decoder");
-        let conv_in = Conv::load(d.pp("conv_in").p(), top, lat, 3)?;
+        let conv_in = Conv2d::load(d.p(), "conv_in", lat, top, 3)?;
         let mid = d.pp("mid_block");
         let mid_resnets = [
-            Resnet::load(mid.pp("resnets.0").p(), top, top, g)?,
-            Resnet::load(mid.pp("resnets.1").p(), top, top, g)?,
+            resnet(mid.pp("resnets.0").p(), top, top, g)?,
+            resnet(mid.pp("resnets.1").p(), top, top, g)?,
         ];
         let mid_attn = if cfg.mid_block_add_attention {
             Some(MidAttention::load(mid.pp("attentions.0").p(), top, g)?)
@@ -328,11 +238,11 @@ impl VaeDecoder {
             let resnets = (0..=cfg.layers_per_block)
                 .map(|j| {
                     let cin = if j == 0 { prev } else { out };
-                    Resnet::load(b.pp("resnets").pp(j).p(), cin, out, g)
+                    resnet(b.pp("resnets").pp(j).p(), cin, out, g)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < rev.len() {
-                Some(Conv::load(b.pp("upsamplers.0.conv").p(), out, out, 3)?)
+                Some(Upsample::load(b.pp("upsamplers.0").p(), out)?)
             } else {
                 None
             };
@@ -340,8 +250,8 @@ impl VaeDecoder {
             prev = out;
         }
         let bottom = cfg.block_out_channels[0];
-        let norm_out = GroupNorm::load(d.pp("conv_norm_out").p(), bottom, g)?;
-        let conv_out = Conv::load(d.pp("conv_out").p(), cfg.out_channels, bottom, 3)?;
+        let norm_out = GroupNorm::load(d.p(), "conv_norm_out", bottom, g, VAE_NORM_EPS)?;
+        let conv_out = Conv2d::load(d.p(), "conv_out", bottom, cfg.out_channels, 3)?;
         Ok(VaeDecoder {
             stream_dtype: DType::F32,
             config: cfg.clone(),
@@ -382,25 +292,22 @@ impl VaeDecoder {
         };
         // Precision policy (as in the UNet): the residual stream is `stream_dtype` (f32), the
         // branches run in the weights' dtype.
-        let dt = self.conv_in.w.dtype();
+        let dt = self.conv_in.dtype();
         x = self.conv_in.forward(&x)?.to_dtype(self.stream_dtype)?;
-        x = self.mid_resnets[0].forward(&x)?;
+        x = self.mid_resnets[0].forward(&x, None)?;
         if let Some(a) = &self.mid_attn {
             x = a.forward(&x)?;
         }
-        x = self.mid_resnets[1].forward(&x)?;
+        x = self.mid_resnets[1].forward(&x, None)?;
         for b in &self.up_blocks {
             for r in &b.resnets {
-                x = r.forward(&x)?;
+                x = r.forward(&x, None)?;
             }
             if let Some(u) = &b.upsample {
-                // Cast before upsampling: a quarter of the elements.
-                x = u
-                    .forward(&ops::upsample_nearest2x(&x.to_dtype(dt)?)?)?
-                    .to_dtype(x.dtype())?;
+                x = u.forward(&x)?;
             }
         }
-        let x = self.norm_out.forward(&x, true, dt)?;
+        let x = self.norm_out.forward_nhwc(&x, true, dt)?;
         self.conv_out.forward(&x)
     }
 
