@@ -378,15 +378,14 @@ impl<'a> ClipParallelContext<'a> {
     fn conv_layer_exact(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
         let (b, f, s, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let mut h = x.clone();
-        for i in 0..layer.norms.len() {
-            let (gamma, beta) = &layer.norms[i];
+        for (norm, conv) in layer.norms.iter().zip(&layer.convs) {
             let hn = self
                 .global_group_norm(
                     &h.reshape(&[b, f * s, c])?,
-                    layer.groups,
-                    gamma,
-                    beta,
-                    layer.eps,
+                    norm.groups,
+                    &norm.gamma,
+                    &norm.beta,
+                    norm.eps,
                     true,
                     layer.dtype(),
                 )?
@@ -396,8 +395,7 @@ impl<'a> ClipParallelContext<'a> {
             let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
             let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
             let [window] = edges.windows(&left, &right)?;
-            let (w, bias) = &layer.convs[i];
-            let y = ops::temporal_conv(&window, w, Some(bias))?;
+            let y = conv.forward(&window)?;
             h = ops::narrow(&y, 1, 1, f)?;
         }
         Ok(ops::add_to(x, &h, x.dtype())?)

@@ -8,17 +8,16 @@
 
 use vi_runtime::{ops, DType, Tensor};
 
+use crate::layers::{GroupNorm, TemporalConv};
 use crate::params::{Params, Result};
 
 /// diffusers `TemporalConvLayer`: conv1..conv4, each GroupNorm -> SiLU -> Conv3d kernel (3,1,1),
 /// zero padding 1 frame; output = input + conv4(conv3(conv2(conv1(x)))).
 pub struct TemporalConvLayer {
-    /// (gamma, beta) of the GroupNorm of conv1..conv4, each [C].
-    pub norms: Vec<(Tensor, Tensor)>,
-    /// (weight [C, C, 3, 1, 1], bias [C]) of the Conv3d of conv1..conv4.
-    pub convs: Vec<(Tensor, Tensor)>,
-    pub groups: usize,
-    pub eps: f32,
+    /// The GroupNorm of conv1..conv4, each over [C].
+    pub norms: Vec<GroupNorm>,
+    /// The Conv3d of conv1..conv4, each [C, C, 3, 1, 1].
+    pub convs: Vec<TemporalConv>,
 }
 
 impl TemporalConvLayer {
@@ -28,30 +27,16 @@ impl TemporalConvLayer {
         let mut convs = Vec::new();
         for i in 1..=4 {
             let c = p.pp(format!("conv{i}"));
-            norms.push((
-                c.get("0.weight", &[channels])?,
-                c.get("0.bias", &[channels])?,
-            ));
-            let conv_idx = if i == 1 { 2 } else { 3 };
-            convs.push((
-                c.get(
-                    &format!("{conv_idx}.weight"),
-                    &[channels, channels, 3, 1, 1],
-                )?,
-                c.get(&format!("{conv_idx}.bias"), &[channels])?,
-            ));
+            norms.push(GroupNorm::load(c.p(), "0", channels, groups, eps)?);
+            let conv_idx = if i == 1 { "2" } else { "3" };
+            convs.push(TemporalConv::load(c.p(), conv_idx, channels)?);
         }
-        Ok(TemporalConvLayer {
-            norms,
-            convs,
-            groups,
-            eps,
-        })
+        Ok(TemporalConvLayer { norms, convs })
     }
 
     /// The dtype of the layer's conv operands (its weights' dtype).
     pub fn dtype(&self) -> DType {
-        self.convs[0].0.dtype()
+        self.convs[0].dtype()
     }
 
     /// One block i (0..4) on a window h [B, F, S, C] (f32 or the operand dtype): GroupNorm over
@@ -59,22 +44,9 @@ impl TemporalConvLayer {
     /// padding at the window ends; output in the operand dtype.
     pub fn block(&self, i: usize, h: &Tensor) -> Result<Tensor> {
         let (b, f, s, c) = (h.dim(0), h.dim(1), h.dim(2), h.dim(3));
-        let (g, be) = &self.norms[i];
-        let (w, bias) = &self.convs[i];
-        let n = ops::group_norm_to(
-            &h.reshape(&[b, f * s, c])?,
-            self.groups,
-            g,
-            be,
-            self.eps,
-            true,
-            w.dtype(),
-        )?;
-        Ok(ops::temporal_conv(
-            &n.reshape(&[b, f, s, c])?,
-            w,
-            Some(bias),
-        )?)
+        let conv = &self.convs[i];
+        let n = self.norms[i].forward(&h.reshape(&[b, f * s, c])?, true, conv.dtype())?;
+        conv.forward(&n.reshape(&[b, f, s, c])?)
     }
 
     /// conv4(conv3(conv2(conv1(h)))) on a window h [B, F, S, C] (no residual).

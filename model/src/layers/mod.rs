@@ -1,5 +1,5 @@
 //! The building blocks the UNet, the CLIP text encoder and the VAE decoder share: Linear, Conv2d,
-//! GroupNorm and LayerNorm with their weights (here), the attention and feed-forward blocks
+//! the temporal Conv3d, GroupNorm and LayerNorm with their weights (here), the attention and feed-forward blocks
 //! ([`attention`]) and the ResNet / up- / downsampling blocks ([`resnet`]).
 //!
 //! Every layer loads its parameters from a [`Params`] prefix under the PyTorch key names
@@ -116,6 +116,35 @@ impl Conv2d {
             self.stride,
             self.pad,
         )?)
+    }
+}
+
+/// `nn.Conv3d` with kernel (3, 1, 1) and padding (1, 0, 0): a convolution over frames only.
+/// weight [cout, cin, 3, 1, 1], bias [cout]; x [B, F, S, cin] -> [B, F, S, cout], zero padding one
+/// frame at each end of F.
+pub struct TemporalConv {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl TemporalConv {
+    /// `{name}.weight` [c, c, 3, 1, 1] and `{name}.bias` [c].
+    pub fn load(p: Params, name: &str, c: usize) -> Result<TemporalConv> {
+        let q = p.pp(name);
+        Ok(TemporalConv {
+            weight: q.get("weight", &[c, c, 3, 1, 1])?,
+            bias: q.get("bias", &[c])?,
+        })
+    }
+
+    /// The dtype of the layer's operands (its kernel's dtype).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// x [B, F, S, C] (in [`TemporalConv::dtype`]) -> [B, F, S, C].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::temporal_conv(x, &self.weight, Some(&self.bias))?)
     }
 }
 
