@@ -4,19 +4,14 @@
 
 use vi_runtime::{ops, Tensor};
 
-use super::transformer::{BasicTransformerBlock, TRANSFORMER_GN_EPS};
+use super::transformer::TransformerParts;
 use super::Trace;
 use crate::layers::attention::Attention;
-use crate::layers::{GroupNorm, Linear};
 use crate::params::{Params, Result};
 use crate::temporal::TemporalContext;
 
-pub(crate) struct TransformerTemporal {
-    norm: GroupNorm,
-    proj_in: Linear,
-    block: BasicTransformerBlock,
-    proj_out: Linear,
-}
+/// diffusers `TransformerTemporalModel` (1 layer, double self-attention).
+pub(crate) struct TransformerTemporal(TransformerParts);
 
 impl TransformerTemporal {
     /// `channels` in/out, `heads` x `head_dim` inner width (may differ from `channels`:
@@ -29,18 +24,9 @@ impl TransformerTemporal {
         groups: usize,
     ) -> Result<TransformerTemporal> {
         let inner = heads * head_dim;
-        Ok(TransformerTemporal {
-            norm: GroupNorm::load(p, "norm", channels, groups, TRANSFORMER_GN_EPS)?,
-            proj_in: Linear::load(p, "proj_in", channels, inner)?,
-            block: BasicTransformerBlock::load(
-                p.pp("transformer_blocks").pp(0).p(),
-                inner,
-                heads,
-                head_dim,
-                inner,
-            )?,
-            proj_out: Linear::load(p, "proj_out", inner, channels)?,
-        })
+        Ok(TransformerTemporal(TransformerParts::load(
+            p, channels, heads, head_dim, inner, groups,
+        )?))
     }
 
     /// Self-attention over frames: x [b, n, inner] -> to_q/k/v -> ctx.attention -> to_out.
@@ -77,21 +63,22 @@ impl TransformerTemporal {
     ) -> Result<Tensor> {
         let (nf, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let (b, f, s) = (batch, nf / batch, hh * ww);
-        let blk = &self.block;
+        let parts = &self.0;
+        let blk = &parts.block;
         let dt = blk.dtype();
         // GroupNorm over the 5-D [B, C, F, H, W] tensor = per batch element over F*S positions.
         let h = ctx.temporal_group_norm(
             &x.reshape(&[b, f * s, c])?,
-            self.norm.groups,
-            &self.norm.gamma,
-            &self.norm.beta,
-            self.norm.eps,
+            parts.norm.groups,
+            &parts.norm.gamma,
+            &parts.norm.beta,
+            parts.norm.eps,
             dt,
         )?;
         // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
         let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
         // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
-        let h = self.proj_in.forward_to(&h, x.dtype())?;
+        let h = parts.proj_in.forward_to(&h, x.dtype())?;
         let n1 = blk.ln(&h, &blk.norm1)?;
         // Traced runs materialise attn1's output for the trace; the others fuse to_out with the add.
         let h = match trace {
@@ -106,7 +93,7 @@ impl TransformerTemporal {
         let n2 = blk.ln(&h, &blk.norm2)?;
         let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
         let h = blk.ff_residual(&h)?;
-        let h = self.proj_out.forward(&h.to_dtype(dt)?)?; // [B*S, F, C]
+        let h = parts.proj_out.forward(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
         Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, x.dtype())?)
     }

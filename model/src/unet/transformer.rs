@@ -68,15 +68,46 @@ impl BasicTransformerBlock {
     }
 }
 
+/// What a one-layer transformer of the UNet holds (diffusers `Transformer2DModel` and
+/// `TransformerTemporalModel` alike): GroupNorm (eps 1e-6) -> proj_in (channels -> heads*head_dim)
+/// -> one BasicTransformerBlock -> proj_out (back to channels).
+pub(crate) struct TransformerParts {
+    pub norm: GroupNorm,
+    pub proj_in: Linear,
+    pub block: BasicTransformerBlock,
+    pub proj_out: Linear,
+}
+
+impl TransformerParts {
+    /// `attn2_kv_dim`: see [`BasicTransformerBlock::load`].
+    pub fn load(
+        p: Params,
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        attn2_kv_dim: usize,
+        groups: usize,
+    ) -> Result<TransformerParts> {
+        let inner = heads * head_dim;
+        Ok(TransformerParts {
+            norm: GroupNorm::load(p, "norm", channels, groups, TRANSFORMER_GN_EPS)?,
+            proj_in: Linear::load(p, "proj_in", channels, inner)?,
+            block: BasicTransformerBlock::load(
+                p.pp("transformer_blocks").pp(0).p(),
+                inner,
+                heads,
+                head_dim,
+                attn2_kv_dim,
+            )?,
+            proj_out: Linear::load(p, "proj_out", inner, channels)?,
+        })
+    }
+}
+
 /// diffusers `Transformer2DModel` (continuous input, linear projections, 1 layer): per frame,
 /// GroupNorm(eps 1e-6) -> proj_in -> BasicTransformerBlock (self-attn, cross-attn to the text,
 /// GEGLU FF) -> proj_out -> + input.
-pub(crate) struct Transformer2D {
-    norm: GroupNorm,
-    proj_in: Linear,
-    block: BasicTransformerBlock,
-    proj_out: Linear,
-}
+pub(crate) struct Transformer2D(TransformerParts);
 
 impl Transformer2D {
     pub fn load(
@@ -87,19 +118,9 @@ impl Transformer2D {
         cross_dim: usize,
         groups: usize,
     ) -> Result<Transformer2D> {
-        let inner = heads * head_dim;
-        Ok(Transformer2D {
-            norm: GroupNorm::load(p, "norm", channels, groups, TRANSFORMER_GN_EPS)?,
-            proj_in: Linear::load(p, "proj_in", channels, inner)?,
-            block: BasicTransformerBlock::load(
-                p.pp("transformer_blocks").pp(0).p(),
-                inner,
-                heads,
-                head_dim,
-                cross_dim,
-            )?,
-            proj_out: Linear::load(p, "proj_out", inner, channels)?,
-        })
+        Ok(Transformer2D(TransformerParts::load(
+            p, channels, heads, head_dim, cross_dim, groups,
+        )?))
     }
 
     /// x [B*F, H, W, C] (row b*F + f); `ehs` [B, L, cross_dim]: frame rows of batch b attend to
@@ -109,11 +130,12 @@ impl Transformer2D {
         let (n, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let b = ehs.dim(0);
         let s = hh * ww;
-        let blk = &self.block;
+        let parts = &self.0;
+        let blk = &parts.block;
         let dt = blk.dtype();
-        let h = self.norm.forward_nhwc(x, false, dt)?;
+        let h = parts.norm.forward_nhwc(x, false, dt)?;
         // The block's residual stream [N, S, inner] has x's dtype (f32 by default); branches `dt`.
-        let h = self
+        let h = parts
             .proj_in
             .forward_to(&h.reshape(&[n, s, c])?, x.dtype())?;
         let inner = h.dim(2);
@@ -136,7 +158,7 @@ impl Transformer2D {
             .reshape(&[n, s, inner])?;
 
         let h = blk.ff_residual(&h)?;
-        let out = self
+        let out = parts
             .proj_out
             .forward_add(&h.to_dtype(dt)?, &x.reshape(&[n, s, c])?)?; // [N, S, C]
         Ok(out.reshape(&[n, hh, ww, c])?)
