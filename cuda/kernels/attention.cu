@@ -11,7 +11,8 @@
 //                           fp32 accumulation), online softmax; W warps = 16*W queries per block,
 //                           64 keys per step (W = 8 for D <= 64, also W = 4 for comparison / D = 128).
 
-#include "vi_mma.cuh"
+#include "reduce.cuh"
+#include "mma.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // Generic kernel. Warp w (global) -> h = w % H, i = (w / H) % Sq, b = w / (H * Sq).
@@ -36,7 +37,7 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
     const int b = (int)(w / ((long long)H * Sq));
     float* sq = sq_all + wib * D;
     const T* qr = q + (((size_t)b * Sq + i) * H + h) * D;
-    for (int d = lane; d < D; d += 32) sq[d] = vi_to_f(qr[d]) * scale;
+    for (int d = lane; d < D; d += 32) sq[d] = to_f(qr[d]) * scale;
     __syncwarp();
 
     const size_t kstride = (size_t)H * D, vstride = (size_t)H * Dv;
@@ -62,10 +63,10 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
                 for (int d = 0; d < D; d += KV) {
                     const VecT<T, KV> kv = vi_load<T, KV>(kr + d);
 #pragma unroll
-                    for (int e = 0; e < KV; ++e) dot = fmaf(sq[d + e], vi_to_f(kv.v[e]), dot);
+                    for (int e = 0; e < KV; ++e) dot = fmaf(sq[d + e], to_f(kv.v[e]), dot);
                 }
                 s = dot;
-                if (bias) s += vi_to_f(bias[(size_t)i * Sk + j]);
+                if (bias) s += to_f(bias[(size_t)i * Sk + j]);
             }
             const float mn = fmaxf(m, vi_warp_max(s));
             if (mn == -VI_INF) continue;  // warp-uniform: every key so far masked
@@ -82,7 +83,7 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
                 for (int t = 0; t < L; ++t) {
                     const int d = lane + 32 * t;
-                    if (c0 + d < Dv) acc[t] = fmaf(pj, vi_to_f(vr[d]), acc[t]);
+                    if (c0 + d < Dv) acc[t] = fmaf(pj, to_f(vr[d]), acc[t]);
                 }
             }
             m = mn;
@@ -91,7 +92,7 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
         for (int t = 0; t < L; ++t) {
             const int d = c0 + lane + 32 * t;
-            if (d < Dv) orow[d] = vi_from_f<T>(acc[t] * inv);
+            if (d < Dv) orow[d] = from_f<T>(acc[t] * inv);
         }
     }
 }
@@ -100,7 +101,7 @@ __device__ void attn_generic(const T* __restrict__ q, const T* __restrict__ k,
 // Flash kernel. Block (blockIdx.x = query tile of BM = 16*WARPS, blockIdx.y = h, blockIdx.z = b),
 // WARPS warps; warp w owns queries q0 + 16w .. q0 + 16w + 15. Per step the block stages 64 keys of K and V in shared
 // memory (cp.async 16-byte chunks, zero-filled beyond Sk; double-buffered: the next tile is in flight
-// while the current one is consumed), each warp runs the tile engine (vi_mma.cuh).
+// while the current one is consumed), each warp runs the tile engine (mma.cuh).
 // Shared rows are padded to D + 8 elements (row pitch = 16 bytes mod 128) so the 8 row addresses of
 // every ldmatrix hit distinct banks.
 // Masks: key j >= Sk -> -inf (tail tile); causal: j > i -> -inf; bias added in the log2 domain.
@@ -169,7 +170,7 @@ __device__ void attn_flash(const T* __restrict__ q, const T* __restrict__ k,
             wa.template step<BN>(cK, cV, LD, scale_log2, lane, [&](int r, int j) -> float {
                 const int qi = qw + r, kj = k0 + j;
                 if (kj >= Sk || (causal && kj > qi)) return -VI_INF;
-                if (bias != nullptr && qi < Sq) return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                if (bias != nullptr && qi < Sq) return to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
                 return 0.f;
             });
         }
@@ -241,7 +242,7 @@ __device__ void attn_small(const T* __restrict__ q, const T* __restrict__ k,
                                  const int qi = i0 + r, kj = k0 + j;
                                  if (r >= rows || kj >= Sk || (causal && kj > qi)) return -VI_INF;
                                  if (bias != nullptr)
-                                     return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                                     return to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
                                  return 0.f;
                              });
     }
@@ -324,7 +325,7 @@ __device__ void attn_wide(const T* __restrict__ q, const T* __restrict__ k,
             wa.template softmax_pv<BN>(s, sV, LDV, scale_log2, lane, [&](int r, int j) -> float {
                 const int qi = qw + r, kj = k0 + j;
                 if (kj >= Sk || (causal && kj > qi)) return -VI_INF;
-                if (bias != nullptr && qi < Sq) return vi_to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
+                if (bias != nullptr && qi < Sq) return to_f(bias[(size_t)qi * Sk + kj]) * VI_LOG2E;
                 return 0.f;
             });
         }

@@ -6,9 +6,10 @@
 // Kernels (launchers in runtime/src/cuda/attention.rs):
 //   dual_generic_<dt>_l4:   any dtype, any D <= 128; fp32 math; one warp per (bi, i, h).
 //   dual_mma_<dt>_d<D>:     bf16/f16, D in {32, 64, 128}; one warp per (bi, h, 16-query tile) with the
-//                           tile's keys staged in shared memory, tensor cores (vi_mma.cuh).
+//                           tile's keys staged in shared memory, tensor cores (mma.cuh).
 
-#include "vi_mma.cuh"
+#include "reduce.cuh"
+#include "mma.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // Generic kernel. Warp w -> h = w % H, i = (w / H) % n, bi = w / (H * n). Key t in 0 .. 2p+1+G:
@@ -33,7 +34,7 @@ __device__ void dual_generic(const T* __restrict__ q, const T* __restrict__ kl,
     const size_t rs = (size_t)H * D;
     const int nl = n + 2 * pad;
     const T* qr = q + ((size_t)bi * n + i) * rs + (size_t)h * D;
-    for (int d = lane; d < D; d += 32) sq[d] = vi_to_f(qr[d]) * scale;
+    for (int d = lane; d < D; d += 32) sq[d] = to_f(qr[d]) * scale;
     __syncwarp();
 
     const int win = 2 * pad + 1, nk = win + G;
@@ -49,7 +50,7 @@ __device__ void dual_generic(const T* __restrict__ q, const T* __restrict__ kl,
                                   : kg + ((size_t)bi * G + (t - win)) * rs + (size_t)h * D;
             float dot = 0.f;
 #pragma unroll 8
-            for (int d = 0; d < D; ++d) dot = fmaf(sq[d], vi_to_f(kr[d]), dot);
+            for (int d = 0; d < D; ++d) dot = fmaf(sq[d], to_f(kr[d]), dot);
             s = dot + (t < win ? local_bias : global_bias);
         }
         const float mn = fmaxf(m, vi_warp_max(s));
@@ -69,7 +70,7 @@ __device__ void dual_generic(const T* __restrict__ q, const T* __restrict__ kl,
 #pragma unroll
             for (int u = 0; u < L; ++u) {
                 const int d = lane + 32 * u;
-                if (d < D) acc[u] = fmaf(pj, vi_to_f(vr[d]), acc[u]);
+                if (d < D) acc[u] = fmaf(pj, to_f(vr[d]), acc[u]);
             }
         }
         m = mn;
@@ -79,7 +80,7 @@ __device__ void dual_generic(const T* __restrict__ q, const T* __restrict__ kl,
 #pragma unroll
     for (int u = 0; u < L; ++u) {
         const int d = lane + 32 * u;
-        if (d < D) orow[d] = vi_from_f<T>(acc[u] * inv);
+        if (d < D) orow[d] = from_f<T>(acc[u] * inv);
     }
 }
 

@@ -141,8 +141,7 @@ ELEMWISE(f16, f16)
 // ---- vectorised variants: 16 bytes per thread (8 x bf16/f16, 4 x f32) -------------------------
 // Used when the element counts (and, for binary, the innermost dim) are multiples of the vector
 // width; buffers come from the pool (256-byte aligned) and every vector offset is a multiple of V.
-template <typename T> struct VecOf { static constexpr int V = 16 / sizeof(T); };
-template <typename T> struct alignas(16) Vec16 { T v[VecOf<T>::V]; };
+// Vec16 / VecOf: common.cuh.
 
 __device__ __forceinline__ float apply_binary(float u, float v, int op) {
     switch (op) {
@@ -208,27 +207,6 @@ __device__ __forceinline__ void binary_vec_body(const T* __restrict__ a, const T
                                                T* __restrict__ y, int64_t n_vec, int op,         \
                                                int rank, Dims shape, Dims sa, Dims sb) {         \
         binary_vec_body<T, int64_t>(a, b, y, n_vec, op, rank, shape, sa, sb);                    \
-    }                                                                                            \
-    /* The kernel of commit b98c570, unchanged, for before/after timing (VI_BINARY_KERNEL=old):  \
-       runtime-indexed Dims (copied to local memory) and 64-bit div/mod. */                      \
-    extern "C" __global__ void binary_vec_old_##TN(const T* __restrict__ a,                      \
-                                                   const T* __restrict__ b, T* __restrict__ y,   \
-                                                   int64_t n_vec, int op, int rank, Dims shape,  \
-                                                   Dims sa, Dims sb) {                           \
-        GRID_STRIDE(iv, n_vec) {                                                                 \
-            int64_t rem = iv * VecOf<T>::V, ia = 0, ib = 0;                                      \
-            for (int d = rank - 1; d >= 0; --d) {                                                \
-                int64_t c = rem % shape.d[d];                                                    \
-                rem /= shape.d[d];                                                               \
-                ia += c * sa.d[d];                                                               \
-                ib += c * sb.d[d];                                                               \
-            }                                                                                    \
-            Vec16<T> u = *reinterpret_cast<const Vec16<T>*>(a + ia);                             \
-            Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(b + ib), r;                          \
-            _Pragma("unroll") for (int k = 0; k < VecOf<T>::V; ++k)                              \
-                r.v[k] = from_f<T>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));                \
-            reinterpret_cast<Vec16<T>*>(y)[iv] = r;                                              \
-        }                                                                                        \
     }                                                                                            \
     /* The same with 32-bit index math (every element index < 2^31): far cheaper div/mod. */     \
     extern "C" __global__ void binary_vec32_##TN(const T* __restrict__ a,                        \
@@ -318,9 +296,8 @@ BIAS_ADD_F32B(f16, f16)
 // read in its own type, the op runs in fp32 and y is written once, so a residual add costs one pass
 // (no widening copies). Same structure as the same-dtype kernels above: broadcast offsets from the
 // compile-time-indexed `broadcast_offsets` (the Dims stay in the parameter bank, no local memory).
-// Vectors of MX_V = 4 elements: 16 bytes of an f32 operand, 8 bytes of a 16-bit one; each pointer
+// Vectors (VecT, common.cuh) of MX_V = 4 elements: 16 bytes of an f32 operand, 8 bytes of a 16-bit one; each pointer
 // is aligned to its own vector (buffers are pool-allocated, 256-byte aligned; the launcher checks).
-template <typename T, int V> struct alignas(sizeof(T) * V) VecN { T v[V]; };
 #define MX_V 4
 
 template <typename TA, typename TB, typename TO, typename I>
@@ -332,12 +309,12 @@ __device__ __forceinline__ void binary_mx_vec_body(const TA* __restrict__ a,
     GRID_STRIDE(iv, n_vec) {
         I ia = 0, ib = 0;
         broadcast_offsets<I>((I)(iv * MX_V), rank, shape, sa, sb, ia, ib);
-        VecN<TA, MX_V> u = *reinterpret_cast<const VecN<TA, MX_V>*>(a + ia);
-        VecN<TB, MX_V> v = *reinterpret_cast<const VecN<TB, MX_V>*>(b + ib);
-        VecN<TO, MX_V> r;
+        VecT<TA, MX_V> u = *reinterpret_cast<const VecT<TA, MX_V>*>(a + ia);
+        VecT<TB, MX_V> v = *reinterpret_cast<const VecT<TB, MX_V>*>(b + ib);
+        VecT<TO, MX_V> r;
 #pragma unroll
         for (int k = 0; k < MX_V; ++k) r.v[k] = from_f<TO>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));
-        reinterpret_cast<VecN<TO, MX_V>*>(y)[iv] = r;
+        reinterpret_cast<VecT<TO, MX_V>*>(y)[iv] = r;
     }
 }
 
@@ -366,12 +343,12 @@ __device__ __forceinline__ void binary_mx_vec_body(const TA* __restrict__ a,
     }                                                                                            \
     /* Same shape, both contiguous (residual adds): no index math. */                            \
     extern "C" __global__ void binary_mx_same_vec_##AN##_##BN##_##ON(                            \
-        const VecN<TA, MX_V>* __restrict__ a, const VecN<TB, MX_V>* __restrict__ b,              \
-        VecN<TO, MX_V>* __restrict__ y, int64_t n_vec, int op) {                                 \
+        const VecT<TA, MX_V>* __restrict__ a, const VecT<TB, MX_V>* __restrict__ b,              \
+        VecT<TO, MX_V>* __restrict__ y, int64_t n_vec, int op) {                                 \
         GRID_STRIDE(i, n_vec) {                                                                  \
-            VecN<TA, MX_V> u = a[i];                                                             \
-            VecN<TB, MX_V> v = b[i];                                                             \
-            VecN<TO, MX_V> r;                                                                    \
+            VecT<TA, MX_V> u = a[i];                                                             \
+            VecT<TB, MX_V> v = b[i];                                                             \
+            VecT<TO, MX_V> r;                                                                    \
             _Pragma("unroll") for (int k = 0; k < MX_V; ++k)                                     \
                 r.v[k] = from_f<TO>(apply_binary(to_f(u.v[k]), to_f(v.v[k]), op));               \
             y[i] = r;                                                                            \

@@ -5,7 +5,7 @@
 // Layouts are channels-last and contiguous: GroupNorm x [N, S, C]; LayerNorm/softmax x [rows, C].
 // Launch contracts are written above each kernel; the launchers are runtime/src/cuda/norm.rs.
 
-#include "vi_kernel_util.cuh"
+#include "reduce.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // GroupNorm statistics, pass 1: partial moments per (n, row chunk, column vector).
@@ -34,13 +34,13 @@ __device__ void gn_partial(const T* __restrict__ x, float* __restrict__ part, in
         float cnt = 0.f, s1 = 0.f, s2 = 0.f, shift = 0.f;
         if (cv < nvec && r0 < r1) {
             const T* col = xn + (size_t)cv * VEC;
-            shift = vi_to_f(col[(size_t)r0 * C]);
+            shift = to_f(col[(size_t)r0 * C]);
 #pragma unroll 4
             for (int r = r0 + ty; r < r1; r += bdy) {
                 VecT<T, VEC> v = vi_load<T, VEC>(col + (size_t)r * C);
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    float d = vi_to_f(v.v[i]) - shift;
+                    float d = to_f(v.v[i]) - shift;
                     s1 += d;
                     s2 = fmaf(d, d, s2);
                 }
@@ -141,8 +141,8 @@ __device__ void gn_apply(const TI* __restrict__ x, const TS* __restrict__ stats,
     const int cg = C / G;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         const int g = c / cg;
-        const float mean = vi_to_f(stats[((size_t)n * G + g) * 2]);
-        const float var = vi_to_f(stats[((size_t)n * G + g) * 2 + 1]);
+        const float mean = to_f(stats[((size_t)n * G + g) * 2]);
+        const float var = to_f(stats[((size_t)n * G + g) * 2 + 1]);
         const float a = gamma[c] * rsqrtf(var + eps);
         sa[c] = a;
         sb[c] = beta[c] - mean * a;
@@ -160,9 +160,9 @@ __device__ void gn_apply(const TI* __restrict__ x, const TS* __restrict__ stats,
         VecT<TO, VEC> out;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-            float t = fmaf(vi_to_f(in.v[i]), sa[c0 + i], sb[c0 + i]);
+            float t = fmaf(to_f(in.v[i]), sa[c0 + i], sb[c0 + i]);
             if (silu) t = t / (1.f + __expf(-t));
-            out.v[i] = vi_from_f<TO>(t);
+            out.v[i] = from_f<TO>(t);
         }
         vi_store<TO, VEC>(yn + e, out);
     }
@@ -201,7 +201,7 @@ __device__ void layer_norm_rows(const TI* __restrict__ x, const float* __restric
     for (int v = lane; v < nvec; v += 32) {
         VecT<TI, VEC> in = vi_load<TI, VEC>(xr + v * VEC);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s += vi_to_f(in.v[i]);
+        for (int i = 0; i < VEC; ++i) s += to_f(in.v[i]);
     }
     const float mean = vi_warp_sum(s) / (float)C;
     float m2 = 0.f;
@@ -209,7 +209,7 @@ __device__ void layer_norm_rows(const TI* __restrict__ x, const float* __restric
         VecT<TI, VEC> in = vi_load<TI, VEC>(xr + v * VEC);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-            float d = vi_to_f(in.v[i]) - mean;
+            float d = to_f(in.v[i]) - mean;
             m2 = fmaf(d, d, m2);
         }
     }
@@ -222,7 +222,7 @@ __device__ void layer_norm_rows(const TI* __restrict__ x, const float* __restric
         VecT<TO, VEC> out;
 #pragma unroll
         for (int i = 0; i < VEC; ++i)
-            out.v[i] = vi_from_f<TO>((vi_to_f(in.v[i]) - mean) * rstd * gm[i] + bt[i]);
+            out.v[i] = from_f<TO>((to_f(in.v[i]) - mean) * rstd * gm[i] + bt[i]);
         vi_store<TO, VEC>(yr + v * VEC, out);
     }
 }
@@ -245,12 +245,12 @@ __device__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, int row
         VecT<T, VEC> in = vi_load<T, VEC>(xr + v * VEC);
         float vm = -VI_INF;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) vm = fmaxf(vm, vi_to_f(in.v[i]));
+        for (int i = 0; i < VEC; ++i) vm = fmaxf(vm, to_f(in.v[i]));
         const float mn = fmaxf(m, vm);
         if (mn == -VI_INF) continue;  // everything so far is -inf: nothing to add
         s *= __expf(m - mn);          // m = -inf -> factor 0 (s is 0 then anyway)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s += __expf(vi_to_f(in.v[i]) - mn);
+        for (int i = 0; i < VEC; ++i) s += __expf(to_f(in.v[i]) - mn);
         m = mn;
     }
     const float gm = vi_warp_max(m);
@@ -262,7 +262,7 @@ __device__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, int row
         VecT<T, VEC> out;
 #pragma unroll
         for (int i = 0; i < VEC; ++i)
-            out.v[i] = vi_from_f<T>(gm == -VI_INF ? 0.f : __expf(vi_to_f(in.v[i]) - gm) * inv);
+            out.v[i] = from_f<T>(gm == -VI_INF ? 0.f : __expf(to_f(in.v[i]) - gm) * inv);
         vi_store<T, VEC>(yr + v * VEC, out);
     }
 }

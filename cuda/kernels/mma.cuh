@@ -11,7 +11,7 @@
 // probabilities P (C of Q K^T) feed P V directly from registers.
 #pragma once
 
-#include "vi_kernel_util.cuh"
+#include "common.cuh"
 
 template <typename T> struct ViMma;
 
