@@ -260,3 +260,44 @@ fn received_tensors_are_moved_to_the_rank_device() {
         vec![(Device::Meta, vec![3]), (Device::Cpu, vec![3])]
     );
 }
+
+#[test]
+fn point_to_point_pairs_in_order_and_apart_from_collectives() {
+    let comms = InProcessGroup::new(3, Duration::from_secs(5));
+    let out: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let r = c.rank();
+                    let mut got = Vec::new();
+                    if r == 0 {
+                        // Receive from rank 2 first although rank 1 sent first: pairs are separate.
+                        for src in [2, 1] {
+                            for _ in 0..2 {
+                                got.push(c.recv_from(src).unwrap().to_vec_f32().unwrap()[0]);
+                            }
+                        }
+                    } else {
+                        for i in 0..2 {
+                            let t = Tensor::from_vec(vec![(10 * r + i) as f32], &[1]).unwrap();
+                            c.send_to(0, &t).unwrap();
+                        }
+                    }
+                    // A collective after point-to-point traffic still pairs by its own index.
+                    let s = c
+                        .all_reduce_sum(&Tensor::from_vec(vec![r as f32], &[1]).unwrap())
+                        .unwrap();
+                    got.push(s.to_vec_f32().unwrap()[0]);
+                    got
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(out[0], vec![20.0, 21.0, 10.0, 11.0, 3.0]);
+    assert_eq!(out[1], vec![3.0]);
+    assert!(InProcessGroup::new(2, Duration::from_secs(1))[0]
+        .send_to(0, &Tensor::from_vec(vec![0.0], &[1]).unwrap())
+        .is_err());
+}

@@ -1,9 +1,4 @@
-//! Communication between ranks (logical: several ranks may share one device or one CPU pool).
-//!
-//! The Video-Infinity exchange needs: neighbour halos (left/right), an all-gather of global tokens,
-//! an all-reduce (optional GroupNorm sync), gather to rank 0 (frames), and a barrier.
-//! Every call on every rank returns an error within the configured timeout once any rank has failed
-//! or aborted: never a hang.
+//! Ranks that are threads of one process.
 //!
 //! [`InProcessGroup`] builds one [`InProcessComm`] per rank for ranks that are threads of one
 //! process (CPU ranks, or several clips sharing one GPU). Tensors are handed over as they are (an
@@ -11,48 +6,14 @@
 //! share a CUDA device also share its single stream, so a received tensor is ordered after the
 //! kernels that produced it. [`InProcessGroup::new_on_devices`] gives each rank a device, and a
 //! tensor received from a rank on another device is copied over (through the host).
-//!
-//! Matching: the n-th collective call of a rank pairs with the n-th call of every other rank; the
-//! call kind travels with each message, and a mismatch is an error (and aborts the group).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::{sum_in_order, Communicator};
 use crate::{Device, Error, Result, Tensor};
-
-/// What a rank can ask of the group. Tensors are exchanged whole; shapes may differ between ranks
-/// where noted.
-///
-/// Every rank must issue the same sequence of collective calls (each call of each kind is matched
-/// with the calls of the same index on the other ranks). A communicator belongs to one rank and is
-/// used by one thread at a time.
-pub trait Communicator: Send + Sync {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// Send `to_left` to rank-1 and `to_right` to rank+1 (None at the video's ends); returns
-    /// (what rank-1 sent right, what rank+1 sent left), None at the ends.
-    fn exchange_neighbors(
-        &self,
-        to_left: Option<&Tensor>,
-        to_right: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)>;
-    /// Every rank's tensor, in rank order (shapes may differ between ranks).
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>>;
-    /// Elementwise sum over ranks (all shapes equal). The sum is taken in rank order, so every
-    /// rank gets the bit-identical result.
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
-    /// Rank 0 gets every rank's tensor in rank order; other ranks get None.
-    fn gather_to_root(&self, t: &Tensor) -> Result<Option<Vec<Tensor>>>;
-    fn barrier(&self) -> Result<()>;
-    /// Mark this rank failed: every pending and future call on every rank returns an error.
-    fn abort(&self, reason: &str);
-    /// Whether the group has been aborted (by any rank, or by a timeout).
-    fn is_aborted(&self) -> bool {
-        false
-    }
-}
 
 /// The kind of a collective call; carried with every message so that mismatched call sequences
 /// are reported instead of silently pairing unrelated tensors.
@@ -63,10 +24,14 @@ enum OpKind {
     AllReduce,
     Gather,
     Barrier,
+    /// A `send_to` / `recv_from` pair (its own index space, per ordered pair of ranks).
+    PointToPoint,
 }
 
-/// Key of one message: (call index of the sender, source rank, destination rank).
-type MsgKey = (u64, usize, usize);
+/// Key of one message: (whether it is point-to-point, call index of the sender (collective: the
+/// rank's call index; point-to-point: the index of the send on its (source, destination) pair),
+/// source rank, destination rank).
+type MsgKey = (bool, u64, usize, usize);
 
 struct Message {
     kind: OpKind,
@@ -152,6 +117,8 @@ impl InProcessGroup {
                 rank,
                 shared: shared.clone(),
                 seq: AtomicU64::new(0),
+                p2p_sent: Mutex::new(vec![0; world_size]),
+                p2p_received: Mutex::new(vec![0; world_size]),
                 device: devices.map(|d| d[rank]),
             })
             .collect()
@@ -171,6 +138,9 @@ pub struct InProcessComm {
     shared: Arc<Shared>,
     /// Index of the next collective call of this rank.
     seq: AtomicU64,
+    /// Per peer: point-to-point messages sent to it / received from it so far.
+    p2p_sent: Mutex<Vec<u64>>,
+    p2p_received: Mutex<Vec<u64>>,
     /// Where received tensors must live (None: as sent).
     device: Option<Device>,
 }
@@ -209,8 +179,10 @@ impl InProcessComm {
         if let Some(reason) = &st.aborted {
             return Err(Self::aborted_error(reason, self.rank, &format!("{kind:?}")));
         }
-        st.mailbox
-            .insert((seq, self.rank, dst), Message { kind, payload });
+        st.mailbox.insert(
+            (kind == OpKind::PointToPoint, seq, self.rank, dst),
+            Message { kind, payload },
+        );
         drop(st);
         self.shared.cv.notify_all();
         Ok(())
@@ -228,7 +200,7 @@ impl InProcessComm {
 
     fn recv_raw(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
         let deadline = Instant::now() + self.shared.timeout;
-        let key = (seq, src, self.rank);
+        let key = (kind == OpKind::PointToPoint, seq, src, self.rank);
         let mut st = self.shared.lock();
         loop {
             if let Some(reason) = &st.aborted {
@@ -275,6 +247,24 @@ impl InProcessComm {
         }
     }
 
+    /// The index of the next point-to-point message with `peer` in `counters` (and count it).
+    fn p2p_index(&self, counters: &Mutex<Vec<u64>>, peer: usize, what: &str) -> Result<u64> {
+        if peer == self.rank || peer >= self.shared.world {
+            return Err(Error::Comm(format!(
+                "rank {}: {what}: rank {peer} is not a peer in a group of {}",
+                self.rank, self.shared.world
+            )));
+        }
+        if self.shared.aborted_flag.load(Ordering::SeqCst) {
+            let reason = self.shared.lock().aborted.clone().unwrap_or_default();
+            return Err(Self::aborted_error(&reason, self.rank, what));
+        }
+        let mut c = counters.lock().unwrap_or_else(|e| e.into_inner());
+        let i = c[peer];
+        c[peer] += 1;
+        Ok(i)
+    }
+
     /// Send `t` to every rank (itself included) and receive every rank's tensor, in rank order.
     fn exchange_all(&self, kind: OpKind, t: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
         let seq = self.begin(kind)?;
@@ -294,35 +284,6 @@ impl InProcessComm {
         }
         Ok(out)
     }
-}
-
-/// Elementwise sum of equal-shape tensors in the given order. CPU f32 tensors are summed here;
-/// other devices/dtypes through the op vocabulary (so a CUDA tensor stays on its device).
-fn sum_in_order(ts: &[Tensor]) -> Result<Tensor> {
-    let first = &ts[0];
-    for t in ts {
-        if t.shape() != first.shape() {
-            return Err(Error::Comm(format!(
-                "all_reduce_sum: shapes differ between ranks: {:?} vs {:?}",
-                first.shape(),
-                t.shape()
-            )));
-        }
-    }
-    if ts.iter().all(|t| t.as_cpu_f32().is_ok()) {
-        let mut acc = first.as_cpu_f32()?.to_vec();
-        for t in &ts[1..] {
-            for (a, b) in acc.iter_mut().zip(t.as_cpu_f32()?) {
-                *a += b;
-            }
-        }
-        return Tensor::from_vec(acc, first.shape());
-    }
-    let mut acc = first.clone();
-    for t in &ts[1..] {
-        acc = crate::ops::add(&acc, t)?;
-    }
-    Ok(acc)
 }
 
 impl Communicator for InProcessComm {
@@ -402,6 +363,21 @@ impl Communicator for InProcessComm {
 
     fn barrier(&self) -> Result<()> {
         self.exchange_all(OpKind::Barrier, None).map(|_| ())
+    }
+
+    fn send_to(&self, dst: usize, t: &Tensor) -> Result<()> {
+        let seq = self.p2p_index(&self.p2p_sent, dst, "send_to")?;
+        self.send(seq, OpKind::PointToPoint, dst, Some(t.clone()))
+    }
+
+    fn recv_from(&self, src: usize) -> Result<Tensor> {
+        let seq = self.p2p_index(&self.p2p_received, src, "recv_from")?;
+        self.recv(seq, OpKind::PointToPoint, src)?.ok_or_else(|| {
+            Error::Comm(format!(
+                "rank {}: recv_from: rank {src} sent nothing",
+                self.rank
+            ))
+        })
     }
 
     fn abort(&self, reason: &str) {
