@@ -409,6 +409,12 @@ impl Communicator for RechargingComm<'_> {
     fn barrier(&self) -> vi_runtime::Result<()> {
         self.inner.barrier()
     }
+    fn send_to(&self, dst: usize, t: &Tensor) -> vi_runtime::Result<()> {
+        self.inner.send_to(dst, t)
+    }
+    fn recv_from(&self, src: usize) -> vi_runtime::Result<Tensor> {
+        recharge(self.inner.recv_from(src)?)
+    }
     fn abort(&self, reason: &str) {
         self.inner.abort(reason)
     }
