@@ -1,6 +1,7 @@
 //! Command-line interface (clap derive). Defaults are the reference's (Video-Infinity on
 //! VideoCrafter2) unless stated.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -37,6 +38,39 @@ pub enum Command {
     /// Write the embedded tiny model (random weights) as a model folder, to try `--model DIR`
     /// and `inspect` without real weights.
     WriteTiny(WriteTinyArgs),
+    /// Start this node's worker processes (one per GPU) for a multi-process run, like torchrun:
+    /// `launch --nproc-per-node 4 -- generate ...`.
+    Launch(LaunchArgs),
+}
+
+/// `launch`: every worker runs this executable with the arguments after `--`, with torchrun's
+/// variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, GROUP_WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT). Rank = node rank x nproc-per-node + local rank.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Worker processes on this node (usually one per GPU).
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: usize,
+    /// Nodes taking part (run `launch` once on each, with its --node-rank).
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    pub nnodes: usize,
+    /// This node's index, 0..M-1; node 0 holds rank 0, which serves the rendezvous store.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub node_rank: usize,
+    /// Address of node 0 as the other nodes reach it [default with one node: 127.0.0.1;
+    /// required with several].
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// Port of the rendezvous store on node 0; 0 picks a free port (one node only).
+    #[arg(long, default_value_t = 29500, value_name = "PORT")]
+    pub master_port: u16,
+    /// Seconds the other workers get to exit after SIGTERM (when one fails, or on SIGINT/SIGTERM
+    /// to the launcher) before SIGKILL.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub grace_period: f64,
+    /// The workers' subcommand and its arguments, e.g. `generate --model DIR ...`.
+    #[arg(last = true, value_name = "SUBCOMMAND")]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]

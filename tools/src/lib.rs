@@ -26,6 +26,7 @@ pub mod convert;
 pub mod devices;
 pub mod generate;
 pub mod inspect;
+pub mod launch;
 pub mod verify;
 pub mod video;
 
@@ -62,6 +63,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         cli::Command::Convert(a) => convert::run(a),
         cli::Command::Bench(a) => bench::run(*a),
         cli::Command::WriteTiny(a) => write_tiny(&a.dir),
+        cli::Command::Launch(a) => launch::run(a),
     }
 }
 
