@@ -152,6 +152,9 @@ fn png_sequence_round_trip() {
     for f in &frames {
         seq.push(f).unwrap();
     }
+    // Frames reach the folder when the sequence is finished.
+    assert!(!out.exists());
+    seq.finish().unwrap();
     for (i, f) in frames.iter().enumerate() {
         let file = std::fs::File::open(out.join(png_name(i))).unwrap();
         let mut rd = png::Decoder::new(std::io::BufReader::new(file))

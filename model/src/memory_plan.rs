@@ -660,7 +660,11 @@ impl Margin {
 
 /// MemAvailable of /proc/meminfo in bytes (None where unreadable).
 pub fn host_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let text = vi_weights::input_file::read_text_bounded(
+        std::path::Path::new("/proc/meminfo"),
+        vi_weights::input_file::Limit::SYSTEM_FILE,
+    )
+    .ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use vi_runtime::{DType, Device, Tensor};
+use vi_weights::input_file::{read_text_bounded, wrong_kind, Limit};
 use vi_weights::WeightStore;
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
@@ -90,8 +91,8 @@ pub struct PartFiles {
 
 impl PartFiles {
     pub fn read_config(&self) -> Result<Value> {
-        let text = std::fs::read_to_string(&self.config)
-            .map_err(|e| msg(format!("{}: cannot read: {e}", self.config.display())))?;
+        let text =
+            read_text_bounded(&self.config, Limit::CONFIG_JSON).map_err(|e| msg(e.to_string()))?;
         serde_json::from_str(&text)
             .map_err(|e| msg(format!("{}: not valid JSON: {e}", self.config.display())))
     }
@@ -101,6 +102,19 @@ impl PartFiles {
 /// both full-precision files and `*.fp16.safetensors` variants, the full-precision ones are used.
 pub fn locate_part(model_dir: &Path, kind: PartKind) -> Result<PartFiles> {
     let dir = model_dir.join(kind.folder());
+    if let Some(k) = wrong_kind(model_dir, true) {
+        return Err(msg(format!(
+            "model folder {} is {k}, expected a folder",
+            model_dir.display()
+        )));
+    }
+    if let Some(k) = wrong_kind(&dir, true) {
+        return Err(msg(format!(
+            "{} is {k}, expected the model's {}/ folder",
+            dir.display(),
+            kind.folder()
+        )));
+    }
     if !dir.is_dir() {
         return Err(msg(format!(
             "model folder {} has no {}/ folder (expected {}/config.json and {}/*.safetensors)",
@@ -116,6 +130,13 @@ pub fn locate_part(model_dir: &Path, kind: PartKind) -> Result<PartFiles> {
 /// The files of a part folder itself (`config.json` + `*.safetensors`), wherever it is.
 pub fn part_files_in(dir: &Path, kind: PartKind) -> Result<PartFiles> {
     let dir = dir.to_path_buf();
+    if let Some(k) = wrong_kind(&dir, true) {
+        return Err(msg(format!(
+            "{} folder {} is {k}, expected a folder",
+            kind.folder(),
+            dir.display()
+        )));
+    }
     if !dir.is_dir() {
         return Err(msg(format!(
             "{} folder {} does not exist",
@@ -124,6 +145,12 @@ pub fn part_files_in(dir: &Path, kind: PartKind) -> Result<PartFiles> {
         )));
     }
     let config = dir.join("config.json");
+    if let Some(k) = wrong_kind(&config, false) {
+        return Err(msg(format!(
+            "{} is {k}, expected a JSON file",
+            config.display()
+        )));
+    }
     if !config.is_file() {
         return Err(msg(format!("{} is missing", config.display())));
     }
@@ -247,6 +274,12 @@ impl ModelPaths {
     /// The parts of a diffusers-layout model folder (`unet/`, `text_encoder/`, `vae/`,
     /// `tokenizer/`); every part folder must exist.
     pub fn in_dir(dir: &Path) -> Result<ModelPaths> {
+        if let Some(k) = wrong_kind(dir, true) {
+            return Err(msg(format!(
+                "model folder {} is {k}, expected a folder",
+                dir.display()
+            )));
+        }
         if !dir.is_dir() {
             return Err(msg(format!(
                 "model folder {} does not exist",
@@ -257,6 +290,12 @@ impl ModelPaths {
             locate_part(dir, k)?;
         }
         let tokenizer = dir.join("tokenizer");
+        if let Some(k) = wrong_kind(&tokenizer, true) {
+            return Err(msg(format!(
+                "{} is {k}, expected the tokenizer/ folder",
+                tokenizer.display()
+            )));
+        }
         if !tokenizer.is_dir() {
             return Err(msg(format!(
                 "model folder {} has no tokenizer/ folder (expected tokenizer/vocab.json and \
@@ -285,10 +324,22 @@ impl ModelPaths {
             match (o, dir) {
                 (Some(p), _) => Ok(p.to_path_buf()),
                 (None, Some(d)) => {
+                    if let Some(k) = wrong_kind(d, true) {
+                        return Err(msg(format!(
+                            "model folder {} is {k}, expected a folder",
+                            d.display()
+                        )));
+                    }
                     if !d.is_dir() {
                         return Err(msg(format!("model folder {} does not exist", d.display())));
                     }
                     let p = d.join(name);
+                    if let Some(k) = wrong_kind(&p, true) {
+                        return Err(msg(format!(
+                            "{} is {k}, expected the model's {name}/ folder",
+                            p.display()
+                        )));
+                    }
                     if !p.is_dir() {
                         return Err(msg(format!(
                             "model folder {} has no {name}/ folder",

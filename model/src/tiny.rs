@@ -133,22 +133,17 @@ impl ParamSource for HashedParams {
 
 /// CLIP's tokenizer from the embedded tables.
 pub fn tokenizer() -> Result<ClipTokenizer> {
-    // The tokenizer reads files: write the embedded tables to a private temporary folder.
-    let dir = std::env::temp_dir().join(format!(
-        "video-infinity-tokenizer-{}-{:x}",
-        std::process::id(),
-        fnv1a(&format!("{:?}", std::thread::current().id()))
-    ));
-    let io = |e: std::io::Error| crate::params::ModelError::Msg(format!("tiny tokenizer: {e}"));
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let res = (|| {
-        std::fs::write(dir.join("vocab.json"), VOCAB_JSON).map_err(io)?;
-        std::fs::write(dir.join("merges.txt"), MERGES_TXT).map_err(io)?;
-        ClipTokenizer::from_dir(&dir)
-            .map_err(|e| crate::params::ModelError::Msg(format!("tiny tokenizer: {e}")))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    res
+    // Parsed from memory: loading writes no file.
+    fn text(b: &'static [u8]) -> &'static str {
+        std::str::from_utf8(b).expect("embedded tables are UTF-8")
+    }
+    ClipTokenizer::from_texts(
+        text(VOCAB_JSON),
+        text(MERGES_TXT),
+        Path::new("<embedded>/vocab.json"),
+        Path::new("<embedded>/merges.txt"),
+    )
+    .map_err(|e| crate::params::ModelError::Msg(format!("tiny tokenizer: {e}")))
 }
 
 /// The tiny model on `device` (random weights: `Models::random_weights` is true).

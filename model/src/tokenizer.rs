@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
+use vi_weights::input_file::{read_text_bounded, Limit};
 
 /// Errors loading the tokenizer files; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,24 @@ impl ClipTokenizer {
     }
 
     pub fn from_files(vocab_path: &Path, merges_path: &Path) -> Result<Self, TokenizerError> {
+        let read = |path: &Path, limit| {
+            read_text_bounded(path, limit).map_err(|e| TokenizerError {
+                path: path.to_path_buf(),
+                msg: e.msg,
+            })
+        };
+        let vocab_text = read(vocab_path, Limit::VOCAB_JSON)?;
+        let merges_text = read(merges_path, Limit::MERGES_TXT)?;
+        Self::from_texts(&vocab_text, &merges_text, vocab_path, merges_path)
+    }
+
+    /// From the two tables' text; the paths name them in errors.
+    pub fn from_texts(
+        vocab_text: &str,
+        merges_text: &str,
+        vocab_path: &Path,
+        merges_path: &Path,
+    ) -> Result<Self, TokenizerError> {
         let verr = |msg: String| TokenizerError {
             path: vocab_path.to_path_buf(),
             msg,
@@ -86,12 +105,8 @@ impl ClipTokenizer {
             path: merges_path.to_path_buf(),
             msg,
         };
-        let vocab_text =
-            std::fs::read_to_string(vocab_path).map_err(|e| verr(format!("cannot read: {e}")))?;
-        let encoder: HashMap<String, u32> = serde_json::from_str(&vocab_text)
+        let encoder: HashMap<String, u32> = serde_json::from_str(vocab_text)
             .map_err(|e| verr(format!("not a JSON object of token -> id: {e}")))?;
-        let merges_text =
-            std::fs::read_to_string(merges_path).map_err(|e| merr(format!("cannot read: {e}")))?;
         let byte_encoder = bytes_to_unicode();
         // Every byte symbol, alone and as a word end, must be in the vocabulary: then every BPE
         // output (a base symbol or a merge result, checked below) has an id.

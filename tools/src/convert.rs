@@ -2,20 +2,19 @@
 //! (`vi_model::convert::convert_checkpoint` does the tensors and configs; this adds the tokenizer
 //! and the output-folder checks).
 
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use vi_model::convert::{convert_checkpoint, ConvertOptions, OutDType};
+use vi_weights::input_file::{read_bounded, Limit};
 
 use crate::cli::{ConvertArgs, ConvertDType};
+use crate::outputs::StagedDir;
 
 pub fn run(a: ConvertArgs) -> Result<()> {
     let t = Instant::now();
-    ensure!(
-        a.checkpoint.is_file(),
-        "checkpoint {} does not exist",
-        a.checkpoint.display()
-    );
+    vi_weights::input_file::check_regular(&a.checkpoint, "checkpoint")?;
     if a.out.exists() {
         ensure!(
             a.out.is_dir(),
@@ -33,12 +32,18 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         );
     }
     if let Some(tok) = &a.tokenizer {
-        for f in ["vocab.json", "merges.txt"] {
-            ensure!(
-                tok.join(f).is_file(),
-                "tokenizer folder {} lacks {f}",
+        if let Some(k) = vi_weights::input_file::wrong_kind(tok, true) {
+            bail!(
+                "tokenizer folder {} is {k}, expected a folder",
                 tok.display()
             );
+        }
+        for f in ["vocab.json", "merges.txt"] {
+            let p = tok.join(f);
+            if let Some(k) = vi_weights::input_file::wrong_kind(&p, false) {
+                bail!("{} is {k}, expected a regular file", p.display());
+            }
+            ensure!(p.is_file(), "tokenizer folder {} lacks {f}", tok.display());
         }
     }
     let opts = ConvertOptions {
@@ -51,22 +56,29 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         text_num_heads: a.text_heads,
         ..ConvertOptions::default()
     };
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let report = convert_checkpoint(&a.checkpoint, &a.out, &opts)
+    // Everything is written into a temporary folder, put into place only when complete: a failed
+    // or interrupted conversion leaves nothing behind.
+    let stage = StagedDir::create(&a.out)?;
+    let report = convert_checkpoint(&a.checkpoint, stage.path(), &opts)
         .with_context(|| format!("cannot convert {}", a.checkpoint.display()))?;
-    let tok_out = a.out.join("tokenizer");
+    let tok_out = stage.path().join("tokenizer");
     match &a.tokenizer {
         Some(src) => {
             std::fs::create_dir_all(&tok_out)
                 .with_context(|| format!("cannot create {}", tok_out.display()))?;
-            for f in ["vocab.json", "merges.txt"] {
-                std::fs::copy(src.join(f), tok_out.join(f))
-                    .with_context(|| format!("cannot copy {f} into {}", tok_out.display()))?;
+            for (f, limit) in [
+                ("vocab.json", Limit::VOCAB_JSON),
+                ("merges.txt", Limit::MERGES_TXT),
+            ] {
+                let bytes = read_bounded(&src.join(f), limit)?;
+                std::fs::write(tok_out.join(f), bytes)
+                    .with_context(|| format!("cannot write {}", tok_out.join(f).display()))?;
             }
         }
         None => vi_model::tiny::write_tokenizer(&tok_out)?,
     }
+    let staged = stage.path().to_path_buf();
+    stage.commit(|_| Ok(()))?;
     eprintln!(
         "converted {} in {:.1} s: unet/ {} tensors, text_encoder/ {} tensors ({} dropped: the \
          last block is unused), vae/ {} tensors, {} schedule buffers ignored; tokenizer/ {}",
@@ -84,7 +96,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
     );
     for w in &report.written {
-        eprintln!("    wrote {}", w.display());
+        let w = w.strip_prefix(&staged).map(|r| a.out.join(r));
+        eprintln!(
+            "    wrote {}",
+            w.as_deref().unwrap_or(Path::new("?")).display()
+        );
     }
     eprintln!(
         "    check it with `video-infinity inspect {}`",

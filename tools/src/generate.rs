@@ -17,6 +17,7 @@ use vi_model::sampler::SamplerKind;
 use vi_model::unet::UNetConfig;
 use vi_model::vae::VaeConfig;
 use vi_runtime::{DType, Device};
+use vi_weights::input_file::{read_text_bounded, Limit};
 
 use crate::cli::{DTypeArg, GenerateArgs, PartArgs, SamplerArg, ViArgs};
 use crate::devices::{check_available, parse_devices};
@@ -33,8 +34,7 @@ const TINY_PROMPT: &str = "a lighthouse on a cliff at sunset, waves crashing";
 
 /// Parses a `--prompts` file: `FIRST_FRAME: prompt` per line.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<(usize, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    let text = read_text_bounded(path, Limit::PROMPT_FILE)?;
     let mut out: Vec<(usize, String)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -373,7 +373,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 .to_string(),
         );
     }
-    if pngs.is_some() {
+    if let Some(p) = pngs.take() {
+        p.finish()?;
         written.push(format!(
             "{}/frame_*.png",
             a.frames_dir

@@ -29,6 +29,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
     if p.is_file() {
         return inspect_file(p, a.all);
     }
+    if let Some(k) = vi_weights::input_file::wrong_kind(p, true) {
+        bail!(
+            "{} is {k}: inspect reads a .safetensors file or a folder",
+            p.display()
+        );
+    }
     if !p.is_dir() {
         bail!("{} does not exist", p.display());
     }

@@ -21,12 +21,14 @@ macro_rules! say {
 }
 
 pub mod bench;
+pub mod cleanup;
 pub mod cli;
 pub mod convert;
 pub mod devices;
 pub mod generate;
 pub mod inspect;
 pub mod launch;
+pub mod outputs;
 pub mod verify;
 pub mod video;
 
@@ -68,7 +70,8 @@ pub fn execute(cli: Cli) -> Result<()> {
 }
 
 fn write_tiny(dir: &std::path::Path) -> Result<()> {
-    if dir.exists() {
+    outputs::check_dir_destination(dir)?;
+    if dir.is_dir() {
         let empty = std::fs::read_dir(dir)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
@@ -78,7 +81,10 @@ fn write_tiny(dir: &std::path::Path) -> Result<()> {
             dir.display()
         );
     }
-    vi_model::tiny::write_model_dir(dir)?;
+    // Written into a temporary folder, put into place when complete (nothing left on failure).
+    let stage = outputs::StagedDir::create(dir)?;
+    vi_model::tiny::write_model_dir(stage.path())?;
+    stage.commit(|_| Ok(()))?;
     eprintln!(
         "wrote the tiny model (RANDOM weights) to {}: use `generate --model {}`",
         dir.display(),

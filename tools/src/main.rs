@@ -3,10 +3,24 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use video_infinity::cli::Command;
 use video_infinity::{execute, Cli, VerifyFailed};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Interrupted runs of the commands that write outputs remove their temporaries
+    // (video_infinity::cleanup); `launch` forwards the signals to its workers instead.
+    if matches!(
+        cli.command,
+        Command::Generate(_) | Command::Convert(_) | Command::WriteTiny(_)
+    ) {
+        if let Err(e) = video_infinity::cleanup::install_signal_handler() {
+            eprintln!(
+                "warning: cannot handle SIGINT/SIGTERM ({e}): an interrupted run may leave \
+                 temporary files"
+            );
+        }
+    }
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -205,7 +205,12 @@ pub fn verify_to(a: &VerifyArgs, out: &mut dyn Write) -> Result<Outcome> {
         "golden file {} does not exist",
         path.display()
     );
-    ensure!(path.is_file(), "{} is not a file", path.display());
+    if let Some(k) = vi_weights::input_file::wrong_kind(path, false) {
+        bail!(
+            "golden file {} is {k}, expected a regular file",
+            path.display()
+        );
+    }
     let dev = DeviceChoice::parse(&a.device, a.dtype, a.max_rel_l2)?;
     let override_tol = |t: Tolerance| Tolerance {
         atol: a.atol.unwrap_or(t.atol),
@@ -1121,8 +1126,10 @@ fn verify_tokenizer(cases_path: &Path, dir: &Path, out: &mut dyn Write) -> Resul
         cases_path.display(),
         dir.display()
     )?;
-    let text = std::fs::read_to_string(cases_path)
-        .with_context(|| format!("cannot read {}", cases_path.display()))?;
+    let text = vi_weights::input_file::read_text_bounded(
+        cases_path,
+        vi_weights::input_file::Limit::CASE_FILE,
+    )?;
     let v: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", cases_path.display()))?;
     let cases = v["cases"].as_array().ok_or_else(|| {

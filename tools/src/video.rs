@@ -1,21 +1,24 @@
 //! Writing frames: H.264 in MP4 (openh264 encoder + the `mp4` muxer) and PNG sequences.
 //!
-//! Every output is written to a temporary file in the destination's own folder and renamed over
-//! the destination only when complete, so a failed or interrupted run never leaves a truncated
-//! file under the requested name and never destroys an existing one. The temporary file is
-//! created when the writer is opened, i.e. before any expensive work, so an unwritable
-//! destination is reported at once.
+//! Every output is written under a temporary name in the destination's own folder
+//! ([`crate::outputs`]) and renamed into place only when complete, so a failed or interrupted run
+//! never leaves a truncated file under the requested name and never destroys an existing one.
+//! Opening a writer checks the destination (kind, folder, writability) before any expensive work;
+//! the temporary file or folder itself is created only when the first frame arrives.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use openh264::encoder::{
     BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode, UsageType,
 };
 use openh264::formats::{RgbSliceU8, YUVBuffer};
 use openh264::OpenH264API;
+
+pub use crate::outputs::{check_destination, AtomicFile};
+use crate::outputs::{check_dir_destination, StagedDir};
 
 /// One RGB frame, 8 bits per channel, rows top to bottom, `rgb.len() == width * height * 3`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,99 +40,6 @@ impl Frame {
     }
 }
 
-/// Refuses an existing destination unless `overwrite`, and checks its folder exists.
-pub fn check_destination(path: &Path, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        bail!(
-            "{} already exists (pass --overwrite to replace it)",
-            path.display()
-        );
-    }
-    if path.is_dir() {
-        bail!("{} is a directory, expected a file name", path.display());
-    }
-    let parent = parent_dir(path);
-    ensure!(
-        parent.is_dir(),
-        "cannot write {}: folder {} does not exist",
-        path.display(),
-        parent.display()
-    );
-    Ok(())
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// A temporary file beside `dest`, renamed onto it by [`AtomicFile::commit`]; deleted when
-/// dropped uncommitted.
-pub struct AtomicFile {
-    dest: PathBuf,
-    tmp: tempfile::NamedTempFile,
-    overwrite: bool,
-}
-
-impl AtomicFile {
-    pub fn create(dest: &Path, overwrite: bool) -> Result<AtomicFile> {
-        check_destination(dest, overwrite)?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "out".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .tempfile_in(parent_dir(dest))
-            .with_context(|| format!("cannot write {}", dest.display()))?;
-        Ok(AtomicFile {
-            dest: dest.to_path_buf(),
-            tmp,
-            overwrite,
-        })
-    }
-
-    pub fn file(&mut self) -> &mut File {
-        self.tmp.as_file_mut()
-    }
-
-    /// Flush to disk and rename onto the destination.
-    pub fn commit(self) -> Result<()> {
-        // Temporary files are created private (0600); give the output the permissions of the
-        // file it replaces, or the usual 0644.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let perms = fs::metadata(&self.dest)
-                .map(|m| m.permissions())
-                .unwrap_or_else(|_| fs::Permissions::from_mode(0o644));
-            self.tmp
-                .as_file()
-                .set_permissions(perms)
-                .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        }
-        self.tmp
-            .as_file()
-            .sync_all()
-            .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        let res = if self.overwrite {
-            self.tmp.persist(&self.dest).map(|_| ())
-        } else {
-            // Someone may have created the destination since we checked: never clobber it.
-            self.tmp.persist_noclobber(&self.dest).map(|_| ())
-        };
-        res.map_err(|e| e.error).with_context(|| {
-            format!(
-                "cannot rename the finished output onto {}",
-                self.dest.display()
-            )
-        })
-    }
-}
-
 /// Streams frames into an H.264 MP4 file: `push` each frame, then `finish`.
 ///
 /// Container: `ftyp` (isom, iso2, avc1, mp41), one video track, `avc1` sample entry whose `avcC`
@@ -137,7 +47,10 @@ impl AtomicFile {
 /// (parameter sets removed from the samples). Timescale `1000 * fps`, each sample lasts 1000
 /// ticks, so durations are exact for any integer fps; movie and track durations agree.
 pub struct Mp4Writer {
-    out: AtomicFile,
+    dest: PathBuf,
+    overwrite: bool,
+    /// The temporary file, created with the first frame.
+    out: Option<AtomicFile>,
     width: usize,
     height: usize,
     fps: u32,
@@ -153,7 +66,8 @@ pub struct Mp4Writer {
 const TICKS_PER_FRAME: u32 = 1000;
 
 impl Mp4Writer {
-    /// Opens `<dest>`'s temporary file now (so an unwritable destination fails early).
+    /// Checks `dest` now (so a bad destination fails before any work); the temporary file is
+    /// created by the first [`Mp4Writer::push`].
     /// `width`, `height` must be even (4:2:0 chroma); `fps >= 1`.
     pub fn create(
         dest: &Path,
@@ -171,7 +85,7 @@ impl Mp4Writer {
             "frame size {width}x{height} too large for MP4"
         );
         ensure!(fps >= 1, "output fps must be at least 1");
-        let out = AtomicFile::create(dest, overwrite)?;
+        check_destination(dest, overwrite)?;
         // Rate control off (constant QP, openh264's default 26: good quality for generated
         // video), no frame skipping (every frame we push must come out), one IDR every 2 seconds
         // so players can seek.
@@ -187,7 +101,9 @@ impl Mp4Writer {
         let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .context("cannot start the H.264 encoder")?;
         Ok(Mp4Writer {
-            out,
+            dest: dest.to_path_buf(),
+            overwrite,
+            out: None,
             width,
             height,
             fps,
@@ -280,14 +196,19 @@ impl Mp4Writer {
                 bytes: sample.into(),
             },
         )
-        .context("cannot write MP4 sample")?;
+        .map_err(|e| mp4_error(e, &self.dest))?;
         self.frames += 1;
         Ok(())
     }
 
     fn start_mux(&mut self) -> Result<()> {
         let timescale = TICKS_PER_FRAME * self.fps;
-        let file = self.out.file().try_clone().context("cannot write MP4")?;
+        let out = AtomicFile::create(&self.dest, self.overwrite)?;
+        let file = out
+            .file_ref()
+            .try_clone()
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        self.out = Some(out);
         let config = mp4::Mp4Config {
             major_brand: "isom".parse().expect("fourcc"),
             minor_version: 512,
@@ -298,7 +219,7 @@ impl Mp4Writer {
             timescale,
         };
         let mut mux = mp4::Mp4Writer::write_start(BufWriter::new(file), &config)
-            .context("cannot write MP4 header")?;
+            .map_err(|e| mp4_error(e, &self.dest))?;
         mux.add_track(&mp4::TrackConfig {
             track_type: mp4::TrackType::Video,
             timescale,
@@ -310,7 +231,7 @@ impl Mp4Writer {
                 pic_param_set: self.pps.clone(),
             }),
         })
-        .context("cannot add MP4 video track")?;
+        .map_err(|e| mp4_error(e, &self.dest))?;
         self.mux = Some(mux);
         Ok(())
     }
@@ -322,18 +243,32 @@ impl Mp4Writer {
     /// Writes the index (`moov`), flushes, and renames the file onto its destination.
     pub fn finish(mut self) -> Result<()> {
         ensure!(self.frames > 0, "no frames to write");
+        let cannot = || format!("cannot write {}", self.dest.display());
         let mut mux = self.mux.take().expect("frames > 0 implies started");
-        mux.write_end().context("cannot finish MP4")?;
+        mux.write_end().map_err(|e| mp4_error(e, &self.dest))?;
         let mut w = mux.into_writer();
-        w.flush().context("cannot write MP4")?;
+        w.flush().with_context(cannot)?;
         let mut f = w
             .into_inner()
             .map_err(|e| e.into_error())
-            .context("cannot write MP4")?;
+            .with_context(cannot)?;
         // The muxer seeks back to patch sizes; make sure the file ends where the moov ends.
-        let end = f.stream_position()?;
-        f.set_len(end)?;
-        self.out.commit()
+        let end = f.stream_position().with_context(cannot)?;
+        f.set_len(end).with_context(cannot)?;
+        self.out
+            .take()
+            .expect("started with the first frame")
+            .commit()
+    }
+}
+
+/// An `mp4` crate error as `cannot write DEST: <cause>`, the OS error stated once (the crate's
+/// I/O variant displays its source and also returns it as its source).
+fn mp4_error(e: mp4::Error, dest: &Path) -> anyhow::Error {
+    let cannot = format!("cannot write {}", dest.display());
+    match e {
+        mp4::Error::IoError(io) => anyhow::Error::new(io).context(cannot),
+        other => anyhow::anyhow!("{other}").context(cannot),
     }
 }
 
@@ -352,30 +287,31 @@ pub fn encode_png(frame: &Frame, w: impl Write) -> Result<()> {
     let mut enc = png::Encoder::new(w, frame.width as u32, frame.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().context("cannot write PNG")?;
-    writer
-        .write_image_data(&frame.rgb)
-        .context("cannot write PNG")?;
-    writer.finish().context("cannot write PNG")?;
+    let mut writer = enc.write_header().map_err(png_error)?;
+    writer.write_image_data(&frame.rgb).map_err(png_error)?;
+    writer.finish().map_err(png_error)?;
     Ok(())
 }
 
-/// Writes frames as `DIR/frame_00000.png`, ... : each file atomically.
+/// A `png` crate error, the OS error stated once (its I/O variant displays its source and also
+/// returns it as its source).
+fn png_error(e: png::EncodingError) -> anyhow::Error {
+    match e {
+        png::EncodingError::IoError(io) => io.into(),
+        other => anyhow::anyhow!("PNG encoding failed: {other}"),
+    }
+}
+
+/// Writes frames as `DIR/frame_00000.png`, ... : into a temporary folder (created with the
+/// first frame) that [`PngSequence::finish`] puts into place; with `overwrite`, the
+/// `frame_*.png` files of an earlier run that the new frames do not replace are removed then, so
+/// the folder holds exactly the new frames. Dropped unfinished, nothing is left behind and an
+/// earlier run's frames are untouched.
 pub struct PngSequence {
     dir: PathBuf,
     overwrite: bool,
     next: usize,
-    /// We created `dir`: remove it again if dropped before any frame was written.
-    created: bool,
-}
-
-impl Drop for PngSequence {
-    fn drop(&mut self) {
-        if self.created && self.next == 0 {
-            // Only removes an empty folder: never anything someone else put there.
-            let _ = fs::remove_dir(&self.dir);
-        }
-    }
+    stage: Option<StagedDir>,
 }
 
 /// The file name of frame `i` in a PNG sequence.
@@ -383,54 +319,108 @@ pub fn png_name(i: usize) -> String {
     format!("frame_{i:05}.png")
 }
 
+/// Whether `name` is a frame file name of a PNG sequence (`frame_<digits>.png`).
+fn is_png_name(name: &str) -> bool {
+    name.strip_prefix("frame_")
+        .and_then(|r| r.strip_suffix(".png"))
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl PngSequence {
-    /// Creates `dir` if needed. Refuses a folder that already holds `frame_*.png` files unless
-    /// `overwrite`; checks the folder is writable now.
+    /// Checks `dir` now: absent (created when finished), or a folder that holds no `frame_*.png`
+    /// unless `overwrite` (and then only regular files or links by those names); writable.
     pub fn create(dir: &Path, overwrite: bool) -> Result<PngSequence> {
-        let created = !dir.exists();
-        if !created {
-            ensure!(dir.is_dir(), "{} exists and is not a folder", dir.display());
-            if !overwrite {
-                let existing = fs::read_dir(dir)
-                    .with_context(|| format!("cannot read {}", dir.display()))?
-                    .filter_map(|e| e.ok())
-                    .any(|e| {
-                        let n = e.file_name().to_string_lossy().into_owned();
-                        n.starts_with("frame_") && n.ends_with(".png")
-                    });
+        check_dir_destination(dir)?;
+        if dir.is_dir() {
+            for e in fs::read_dir(dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(|e| e.ok())
+            {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if !is_png_name(&n) {
+                    continue;
+                }
                 ensure!(
-                    !existing,
+                    overwrite,
                     "{} already holds frame_*.png files (pass --overwrite to replace them)",
                     dir.display()
                 );
+                let m = fs::symlink_metadata(e.path())
+                    .with_context(|| format!("cannot check {}", e.path().display()))?;
+                ensure!(
+                    m.is_file() || m.file_type().is_symlink(),
+                    "{} is {}: --overwrite replaces only regular files",
+                    e.path().display(),
+                    vi_weights::input_file::kind_of(&m)
+                );
             }
-        } else {
-            fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create folder {}", dir.display()))?;
         }
-        // Probe writability before any work is done.
-        tempfile::Builder::new()
-            .prefix(".probe.")
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot write into {}", dir.display()))?;
+        // Probe writability (and the folders on the way) before any work.
+        drop(StagedDir::create(dir)?);
         Ok(PngSequence {
             dir: dir.to_path_buf(),
             overwrite,
             next: 0,
-            created,
+            stage: None,
         })
     }
 
+    /// Writes the next frame into the temporary folder; returns its final path.
     pub fn push(&mut self, frame: &Frame) -> Result<PathBuf> {
-        let path = self.dir.join(png_name(self.next));
-        let mut f = AtomicFile::create(&path, self.overwrite)?;
-        let mut w = BufWriter::new(f.file());
-        encode_png(frame, &mut w)?;
-        w.flush()
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        drop(w);
-        f.commit()?;
+        if self.stage.is_none() {
+            self.stage = Some(StagedDir::create(&self.dir)?);
+        }
+        let stage = self.stage.as_ref().expect("created above");
+        let name = png_name(self.next);
+        let final_path = self.dir.join(&name);
+        let cannot = || {
+            format!(
+                "cannot write {} (in the temporary folder {})",
+                final_path.display(),
+                stage.path().display()
+            )
+        };
+        let f = File::create(stage.path().join(&name)).with_context(cannot)?;
+        let mut w = BufWriter::new(f);
+        encode_png(frame, &mut w).with_context(cannot)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(cannot)?;
+        f.sync_all().with_context(cannot)?;
         self.next += 1;
-        Ok(path)
+        Ok(final_path)
+    }
+
+    pub fn frames_written(&self) -> usize {
+        self.next
+    }
+
+    /// Puts the frames into place (see the type's doc). Without frames, nothing is written.
+    pub fn finish(mut self) -> Result<()> {
+        let Some(stage) = self.stage.take() else {
+            return Ok(());
+        };
+        let (n, overwrite) = (self.next, self.overwrite);
+        stage.commit(|dir| {
+            if !overwrite {
+                return Ok(());
+            }
+            // Frames of an earlier, longer run.
+            for e in fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // `frame_<digits>.png` other than the new frames 0..n.
+                let stale = is_png_name(&name)
+                    && !name[6..name.len() - 4]
+                        .parse::<usize>()
+                        .is_ok_and(|i| i < n && png_name(i) == name)
+                    && fs::symlink_metadata(e.path())
+                        .is_ok_and(|m| m.is_file() || m.file_type().is_symlink());
+                if stale {
+                    fs::remove_file(e.path())?;
+                }
+            }
+            Ok(())
+        })
     }
 }

@@ -28,6 +28,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
+pub mod input_file;
+
 /// Largest header accepted, in bytes (the `safetensors` crate's limit).
 pub const MAX_HEADER_SIZE: usize = 100_000_000;
 
@@ -439,14 +441,18 @@ impl WeightStore {
                 path: path.clone(),
                 msg,
             };
-            let file = File::open(path).map_err(|e| ferr(format!("cannot open: {e}")))?;
-            let flen = file
-                .metadata()
-                .map_err(|e| ferr(format!("cannot stat: {e}")))?
-                .len();
+            // Only a regular file is opened (a FIFO would block, a device never end).
+            let (file, flen) = input_file::open_regular(path, "safetensors file").map_err(|e| {
+                WeightsError::File {
+                    path: e.path,
+                    msg: e.msg,
+                }
+            })?;
             // Files too short for the length prefix are not mapped (an empty map is not portable).
             if flen < 8 {
-                let bytes = std::fs::read(path).map_err(|e| ferr(format!("cannot read: {e}")))?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(&file, 8), &mut bytes)
+                    .map_err(|e| ferr(format!("cannot read: {e}")))?;
                 return Err(match parse_header(path, &bytes) {
                     Err(e) => e,
                     Ok(_) => ferr("file too short".into()),

@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -35,7 +34,9 @@ fn err(path: &Path, msg: impl std::fmt::Display) -> String {
 
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint, String> {
-        let file = File::open(path).map_err(|e| err(path, format!("cannot open: {e}")))?;
+        // Only a regular file is opened (a FIFO would block, a device never end).
+        let (file, _) =
+            vi_weights::input_file::open_regular(path, "checkpoint").map_err(|e| e.to_string())?;
         let mut zip = zip::ZipArchive::new(&file)
             .map_err(|e| err(path, format!("not a PyTorch zip checkpoint: {e}")))?;
         // Locate `<prefix>/data.pkl`; every record of interest shares its prefix.

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use serde_json::{json, Value};
+use vi_weights::input_file::{read_bounded, Limit};
 use vi_weights::{write_safetensors, WDType};
 
 use ckpt::{Checkpoint, CkptTensor};
@@ -449,8 +450,15 @@ pub fn convert_checkpoint(
             if !src.exists() && !matches!(f, "vocab.json" | "merges.txt") {
                 continue;
             }
-            std::fs::copy(&src, d.join(f))
-                .map_err(|e| ConvertError(format!("cannot copy {}: {e}", src.display())))?;
+            let limit = match f {
+                "vocab.json" => Limit::VOCAB_JSON,
+                "merges.txt" => Limit::MERGES_TXT,
+                _ => Limit::CONFIG_JSON,
+            };
+            // Bounded, regular files only (a symlink to a device is refused).
+            let bytes = read_bounded(&src, limit).map_err(|e| ConvertError(e.to_string()))?;
+            std::fs::write(d.join(f), bytes)
+                .map_err(|e| ConvertError(format!("{}: cannot write: {e}", d.join(f).display())))?;
             written.push(d.join(f));
         }
     }
