@@ -225,7 +225,12 @@ fn out_overwrites_a_link_to_a_regular_file() {
 fn prompt_file_bounded_and_regular() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("o.mp4");
-    let e = err(&prompts_args("/dev/urandom", s(&out)));
+    let (code, e) = child(
+        t.path(),
+        &prompts_args("/dev/urandom", s(&out)),
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{e}");
     assert!(
         e.contains("/dev/urandom") && e.contains("character device"),
         "{e}"
