@@ -6,6 +6,7 @@ pub mod clip;
 pub mod clip_parallel;
 pub mod convert;
 pub mod distributed;
+pub mod frame_flow;
 pub mod layers;
 pub mod memory_plan;
 pub mod models;

@@ -1,8 +1,11 @@
 //! The text-to-video pipeline: prompts -> text embeddings -> per-rank latents -> clip-parallel
 //! denoising with classifier-free guidance -> per-rank VAE decoding -> RGB8 frames in order.
 //!
-//! Each rank runs [`crate::rank_loop::run_rank`] with the inputs and hooks of a generation; the
-//! models come from [`crate::models`].
+//! [`generate_rank`] is one rank of a generation (the same for ranks that are threads of one
+//! process and for ranks that are processes): it runs [`crate::rank_loop::run_rank`] with the
+//! inputs and hooks of a generation, and its decoded frames flow to rank 0's [`FrameSink`] in
+//! frame order ([`crate::frame_flow`]). [`generate_to`] runs W ranks as threads of one process;
+//! the models come from [`crate::models`].
 //!
 //! Randomness (documented so runs are reproducible): every normal draw is
 //! `rand_distr::StandardNormal` from a `rand_chacha::ChaCha8Rng` whose 32-byte seed is
@@ -13,6 +16,8 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -23,6 +28,8 @@ use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::clip_parallel::ViConfig;
 use crate::distributed::{prompt_for_clip, run_ranks_on_devices, split_frames};
+pub use crate::frame_flow::FrameSink;
+use crate::frame_flow::{FrameSender, FrameWriter, FRAMES_IN_FLIGHT};
 use crate::models::Models;
 use crate::params::{ModelError, Result};
 use crate::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, StepDone};
@@ -58,15 +65,24 @@ pub struct GenerateRequest {
     pub decode: bool,
 }
 
-/// Progress of a generation, reported from the rank threads.
+/// Progress of a generation, reported from the rank threads. A process sees the events of its
+/// own ranks: in-process, every rank's; with one process per rank, rank 0's process sees its own
+/// steps and every frame written.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The text encoder ran on `prompts` distinct prompts (+ the negative one).
+    /// Rank 0 ran the text encoder on `prompts` distinct prompts (+ the negative one).
     TextEncoded { prompts: usize },
-    /// Rank 0 finished denoising step `step` (0-based) of `steps`, at timestep `t`.
-    Step { step: usize, steps: usize, t: i64 },
+    /// Rank `rank` finished denoising step `step` (0-based) of `steps`, at timestep `t`.
+    Step {
+        rank: usize,
+        step: usize,
+        steps: usize,
+        t: i64,
+    },
     /// A rank decoded `frames` more frames.
     Decoded { rank: usize, frames: usize },
+    /// Rank 0 has passed the video's first `frames` frames to its sink.
+    Written { frames: usize },
 }
 
 /// One RGB8 frame, `[height, width, 3]` row-major.
@@ -151,15 +167,15 @@ pub fn check_request(models: &Models, req: &GenerateRequest) -> Result<(usize, u
     ))
 }
 
-/// The inputs of one rank of a generation: its conditioning rows (on rank 0's device) and the
-/// seeded per-frame noise of the module doc.
-struct SeededInputs<'a> {
+/// The inputs of one rank of a generation: its conditioning rows and the seeded per-frame noise
+/// of the module doc.
+struct SeededInputs {
     /// [uncond, cond] text embeddings [2, L, hidden].
-    conditioning: &'a Tensor,
+    conditioning: Tensor,
     seed: u64,
 }
 
-impl RankInputs for SeededInputs<'_> {
+impl RankInputs for SeededInputs {
     fn conditioning(&self, device: Device, dtype: DType) -> Result<Tensor> {
         Ok(self.conditioning.to_device(device)?.to_dtype(dtype)?)
     }
@@ -176,105 +192,263 @@ impl RankInputs for SeededInputs<'_> {
     }
 }
 
-/// A rank of a generation: reports its steps (rank 0) and decoded chunks as [`Event`]s and keeps
-/// its frames as RGB8 in host memory.
-struct CollectFrames<'a> {
-    rank: usize,
-    progress: &'a (dyn Fn(Event) + Sync),
-    frames: RefCell<Vec<Rgb8>>,
+/// Where a rank's decoded frames go (module [`crate::frame_flow`]).
+enum FrameFlow<'a> {
+    /// Rank 0: written in order.
+    Writer(FrameWriter<'a>),
+    /// Other ranks: sent to rank 0 as it grants credit.
+    Sender(FrameSender<'a>),
 }
 
-impl RankHooks for CollectFrames<'_> {
+/// A rank of a generation: reports its steps and decoded chunks as [`Event`]s and passes its
+/// frames, as RGB8 on the host, to the frame flow.
+struct RankReport<'a> {
+    rank: usize,
+    progress: &'a (dyn Fn(Event) + Sync),
+    flow: RefCell<FrameFlow<'a>>,
+}
+
+impl RankHooks for RankReport<'_> {
     fn step(&self, done: &StepDone<'_>) -> Result<()> {
-        if self.rank == 0 {
-            (self.progress)(Event::Step {
-                step: done.step,
-                steps: done.steps,
-                t: done.t,
-            });
-        }
+        (self.progress)(Event::Step {
+            rank: self.rank,
+            step: done.step,
+            steps: done.steps,
+            t: done.t,
+        });
         Ok(())
     }
     fn frames(&self, _first: usize, images: Tensor) -> Result<()> {
         let rgb = unit_to_rgb8(&images)?;
+        drop(images);
         (self.progress)(Event::Decoded {
             rank: self.rank,
             frames: rgb.len(),
         });
-        self.frames.borrow_mut().extend(rgb);
+        match &mut *self.flow.borrow_mut() {
+            FrameFlow::Writer(w) => w.write_own(rgb),
+            FrameFlow::Sender(s) => s.push(rgb),
+        }
+    }
+}
+
+/// One rank of a generation; every rank of the group (`comm`, `req.world` ranks, threads of one
+/// process or processes) calls it with the same `req`. `models` are the models on this rank's
+/// device. Rank 0 encodes the text ([negative, every segment prompt] in one batch, as one
+/// process does) and sends the embeddings to every other rank, so every rank conditions on the
+/// same bytes wherever it runs. Then every rank denoises and decodes its clip; the frames flow to
+/// rank 0, which passes them to `sink` in frame order (module [`crate::frame_flow`]); only rank 0
+/// may have a sink (rank 0 without one drops the frames). `progress` sees this rank's events
+/// (rank 0 also: text encoded, frames written).
+pub fn generate_rank<'a>(
+    models: &Models,
+    comm: &'a dyn Communicator,
+    req: &GenerateRequest,
+    sink: Option<&'a mut dyn FrameSink>,
+    progress: &'a (dyn Fn(Event) + Sync),
+) -> Result<()> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world != req.world {
+        return Err(ModelError::Config(format!(
+            "rank {rank}: the request has {} ranks, the communicator {world}",
+            req.world
+        )));
+    }
+    if rank != 0 && sink.is_some() {
+        return Err(ModelError::Config(format!(
+            "rank {rank}: only rank 0 writes frames (a sink was given)"
+        )));
+    }
+    let latent = check_request(models, req)?;
+    let clips = split_frames(req.frames, world)?;
+    let clip = clips[rank].clone();
+
+    // Text: [negative, segment prompts...] in one encoder call on rank 0's device, sent to
+    // every other rank (point-to-point: apart from the collective sequence).
+    let emb = if rank == 0 {
+        let mut texts: Vec<&str> = vec![req.negative_prompt.as_str()];
+        texts.extend(req.prompts.iter().map(|(_, p)| p.as_str()));
+        let emb = models.encode_prompts(&texts)?;
+        progress(Event::TextEncoded {
+            prompts: req.prompts.len(),
+        });
+        for r in 1..world {
+            comm.send_to(r, &emb)?;
+        }
+        emb
+    } else {
+        let emb = comm.recv_from(0)?;
+        if emb.dims().len() != 3 || emb.dim(0) != req.prompts.len() + 1 {
+            return Err(ModelError::Msg(format!(
+                "rank {rank}: text embeddings from rank 0 have shape {:?}, expected [{}, L, hidden]",
+                emb.shape(),
+                req.prompts.len() + 1
+            )));
+        }
+        emb
+    };
+    let (seq, hidden) = (emb.dim(1), emb.dim(2));
+    let i = prompt_for_clip(&req.prompts, &clip)?;
+    let uncond = ops::narrow(&emb, 0, 0, 1)?;
+    let cond = ops::narrow(&emb, 0, i + 1, 1)?;
+    let conditioning = ops::concat(&[&uncond, &cond], 0)?.reshape(&[2, seq, hidden])?;
+    drop((emb, uncond, cond));
+
+    let sampler = Sampler::new(req.sampler, req.steps)?;
+    let job = RankJob {
+        sampler: &sampler,
+        steps: req.steps,
+        clip: clip.clone(),
+        latent,
+        guidance: req.guidance,
+        fps_cond: req.fps_cond,
+        vi: &req.vi,
+        vae_chunk: req.vae_chunk,
+        decode: req.decode,
+    };
+    let inputs = SeededInputs {
+        conditioning,
+        seed: req.seed,
+    };
+    let flow = if rank == 0 {
+        FrameFlow::Writer(FrameWriter::new(
+            comm,
+            sink,
+            progress,
+            req.vae_chunk,
+            (req.height, req.width),
+            req.rank_timeout,
+        ))
+    } else {
+        FrameFlow::Sender(FrameSender::new(comm, req.vae_chunk, req.height, req.width))
+    };
+    let hooks = RankReport {
+        rank,
+        progress,
+        flow: RefCell::new(flow),
+    };
+    run_rank(&models.rank_models(), comm, &job, &inputs, &hooks)?;
+    drop(inputs);
+    if !req.decode {
+        return Ok(());
+    }
+    // No collective after the last step: a rank that decodes more frames makes no one wait but
+    // rank 0, which writes in frame order.
+    match hooks.flow.into_inner() {
+        FrameFlow::Writer(mut w) => {
+            for (r, c) in clips.iter().enumerate().skip(1) {
+                w.serve(r, c.len())?;
+            }
+            Ok(())
+        }
+        FrameFlow::Sender(mut s) => s.finish(),
+    }
+}
+
+/// Runs the whole pipeline over `req.world` in-process ranks (threads, each running
+/// [`generate_rank`]); `models_of(rank)` gives the models on that rank's device (several ranks
+/// may share them). The frames reach `sink` on the calling thread, in order, through a bounded
+/// channel from rank 0's thread (so the sink need not be `Send`); a sink error stops every rank.
+pub fn generate_to<'m>(
+    models_of: &(dyn Fn(usize) -> &'m Models + Sync),
+    req: &GenerateRequest,
+    sink: Option<&mut dyn FrameSink>,
+    progress: &(dyn Fn(Event) + Sync),
+) -> Result<()> {
+    for r in 0..req.world {
+        check_request(models_of(r), req)?;
+    }
+    // Each rank's device: halos and global tokens from a rank on another GPU are copied over on
+    // arrival (ranks sharing a device exchange without copies).
+    let devices: Vec<Device> = (0..req.world).map(|r| models_of(r).device).collect();
+    let (tx, rx) = sync_channel::<(usize, Rgb8)>(FRAMES_IN_FLIGHT);
+    let tx = Mutex::new(Some(tx));
+    std::thread::scope(|s| {
+        let ranks = s.spawn(|| {
+            run_ranks_on_devices(
+                &devices,
+                req.rank_timeout,
+                |rank, comm: &dyn Communicator| {
+                    let mut fwd = if rank == 0 {
+                        let tx = tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        tx.map(|tx| ChannelSink { tx })
+                    } else {
+                        None
+                    };
+                    generate_rank(
+                        models_of(rank),
+                        comm,
+                        req,
+                        fwd.as_mut().map(|f| f as &mut dyn FrameSink),
+                        progress,
+                    )
+                },
+            )
+        });
+        let mut sink = sink;
+        let mut sink_err = None;
+        for (index, rgb) in rx.iter() {
+            if let Some(s) = sink.as_mut() {
+                if let Err(e) = s.frame(index, rgb) {
+                    sink_err = Some(e);
+                    break;
+                }
+            }
+        }
+        // Closing the channel makes rank 0's next frame fail, which aborts every rank.
+        drop(rx);
+        let ranks = ranks.join().unwrap_or_else(|_| {
+            Err(ModelError::Msg(
+                "the in-process ranks' driver thread panicked".into(),
+            ))
+        });
+        match sink_err {
+            Some(e) => Err(e),
+            None => ranks.map(|_| ()),
+        }
+    })
+}
+
+/// Rank 0's sink in [`generate_to`]: forwards frames to the calling thread.
+struct ChannelSink {
+    tx: SyncSender<(usize, Rgb8)>,
+}
+
+impl FrameSink for ChannelSink {
+    fn frame(&mut self, index: usize, rgb: Rgb8) -> Result<()> {
+        self.tx
+            .send((index, rgb))
+            .map_err(|_| ModelError::Msg("rank 0: the frame writer stopped".into()))
+    }
+}
+
+/// Collects every frame (tests and small runs; a video writer streams through [`generate_to`]).
+#[derive(Default)]
+pub struct CollectFrames(pub Vec<Rgb8>);
+
+impl FrameSink for CollectFrames {
+    fn frame(&mut self, index: usize, rgb: Rgb8) -> Result<()> {
+        if index != self.0.len() {
+            return Err(ModelError::Msg(format!(
+                "frame {index} arrived after {} frames",
+                self.0.len()
+            )));
+        }
+        self.0.push(rgb);
         Ok(())
     }
 }
 
-/// Runs the whole pipeline over `req.world` in-process ranks; `models_of(rank)` gives the models
-/// on that rank's device (several ranks may share them). Returns the video's frames in order.
+/// [`generate_to`] collecting the video's frames in order (for tests and benchmarks: it holds
+/// every frame; a writer streams through [`generate_to`]).
 pub fn generate<'m>(
     models_of: &(dyn Fn(usize) -> &'m Models + Sync),
     req: &GenerateRequest,
     progress: &(dyn Fn(Event) + Sync),
 ) -> Result<Vec<Rgb8>> {
-    let world = req.world;
-    let m0 = models_of(0);
-    let latent = check_request(m0, req)?;
-    for r in 1..world {
-        check_request(models_of(r), req)?;
-    }
-    let clips = split_frames(req.frames, world)?;
-
-    // Text: [negative, segment prompts...] in one encoder call on rank 0's device.
-    let mut texts: Vec<&str> = vec![req.negative_prompt.as_str()];
-    texts.extend(req.prompts.iter().map(|(_, p)| p.as_str()));
-    let emb = m0.encode_prompts(&texts)?;
-    progress(Event::TextEncoded {
-        prompts: req.prompts.len(),
-    });
-    let seq = emb.dim(1);
-    let hidden = emb.dim(2);
-    // Per rank: [uncond, cond] rows.
-    let mut ehs_per_rank = Vec::with_capacity(world);
-    for clip in &clips {
-        let i = prompt_for_clip(&req.prompts, clip)?;
-        let uncond = ops::narrow(&emb, 0, 0, 1)?;
-        let cond = ops::narrow(&emb, 0, i + 1, 1)?;
-        ehs_per_rank.push(ops::concat(&[&uncond, &cond], 0)?.reshape(&[2, seq, hidden])?);
-    }
-
-    let sampler = Sampler::new(req.sampler, req.steps)?;
-
-    // Each rank's device: halos and global tokens from a rank on another GPU are copied over on
-    // arrival (ranks sharing a device exchange without copies).
-    let devices: Vec<Device> = (0..world).map(|r| models_of(r).device).collect();
-    let per_rank = run_ranks_on_devices(
-        &devices,
-        req.rank_timeout,
-        |rank, comm: &dyn Communicator| {
-            let job = RankJob {
-                sampler: &sampler,
-                steps: req.steps,
-                clip: clips[rank].clone(),
-                latent,
-                guidance: req.guidance,
-                fps_cond: req.fps_cond,
-                vi: &req.vi,
-                vae_chunk: req.vae_chunk,
-                decode: req.decode,
-            };
-            let inputs = SeededInputs {
-                conditioning: &ehs_per_rank[rank],
-                seed: req.seed,
-            };
-            let hooks = CollectFrames {
-                rank,
-                progress,
-                frames: RefCell::new(Vec::with_capacity(job.clip.len())),
-            };
-            run_rank(&models_of(rank).rank_models(), comm, &job, &inputs, &hooks)?;
-            // Frames reach the caller in rank (= frame) order through the per-rank results (no
-            // collective after the last step: a rank that decodes more frames makes no one wait).
-            Ok(hooks.frames.into_inner())
-        },
-    )?;
-    Ok(per_rank.into_iter().flatten().collect())
+    let mut all = CollectFrames::default();
+    generate_to(models_of, req, Some(&mut all), progress)?;
+    Ok(all.0)
 }
 
 #[cfg(test)]

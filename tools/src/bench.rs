@@ -56,10 +56,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
     let progress = |e: Event| match e {
-        Event::TextEncoded { .. } | Event::Step { .. } => {
+        Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
             marks.lock().unwrap().push(Instant::now());
         }
-        Event::Decoded { .. } => {}
+        Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
     };
     let models_of = |r: usize| &models[rank_model[r]];
     pipeline::generate(&models_of, &req, &progress)?;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -12,7 +13,7 @@ use vi_model::clip_parallel::{PhaseBias, ViConfig};
 use vi_model::distributed::{reference_prompt_segments, split_frames};
 use vi_model::memory_plan::{self, PlanModels, PlanRequest};
 use vi_model::models::{ModelPaths, Models};
-use vi_model::pipeline::{self, Event, GenerateRequest};
+use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::sampler::SamplerKind;
 use vi_model::unet::UNetConfig;
 use vi_model::vae::VaeConfig;
@@ -277,7 +278,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         eprintln!("    prompt from frame {f}: {p:?}");
     }
 
-    // --- Encode, denoise, decode -------------------------------------------------------------
+    // --- Encode, denoise, decode and write as frames arrive -----------------------------------
     let bar = if a.quiet {
         ProgressBar::hidden()
     } else {
@@ -292,7 +293,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     );
     let t_enc = Instant::now();
     let t_den = std::sync::Mutex::new(None::<Instant>);
-    let decoded = std::sync::atomic::AtomicUsize::new(0);
+    // Steps finished per rank (every rank reports; the bar shows the slowest).
+    let rank_steps: Vec<AtomicUsize> = (0..world).map(|_| AtomicUsize::new(0)).collect();
+    let denoised = std::sync::atomic::AtomicBool::new(false);
     let t_dec = std::sync::Mutex::new(None::<Instant>);
     let progress = |e: Event| match e {
         Event::TextEncoded { prompts } => {
@@ -309,10 +312,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             *t_den.lock().unwrap() = Some(Instant::now());
             bar.reset_elapsed();
         }
-        Event::Step { step, t, .. } => {
-            bar.set_message(format!("t={t}"));
-            bar.set_position(step as u64 + 1);
-            if step + 1 == steps {
+        Event::Step { rank, step, t, .. } => {
+            rank_steps[rank].store(step + 1, Ordering::Relaxed);
+            let done: Vec<usize> = rank_steps
+                .iter()
+                .map(|s| s.load(Ordering::Relaxed))
+                .collect();
+            let slowest = done.iter().copied().min().unwrap_or(0);
+            if rank == 0 {
+                bar.set_message(if done.iter().all(|&d| d == slowest) {
+                    format!("t={t}")
+                } else {
+                    format!("t={t}, steps per rank {done:?}")
+                });
+            }
+            bar.set_position(slowest as u64);
+            if slowest == steps && !denoised.swap(true, Ordering::Relaxed) {
                 bar.finish_and_clear();
                 let el = t_den
                     .lock()
@@ -330,39 +345,46 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 *t_dec.lock().unwrap() = Some(Instant::now());
             }
         }
-        Event::Decoded { frames: n, .. } => {
-            decoded.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        }
+        Event::Decoded { .. } | Event::Written { .. } => {}
+    };
+    let write_bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(frames as u64)
+    };
+    write_bar.set_style(
+        ProgressStyle::with_template("    write [{bar:30}] {pos}/{len} frames  {elapsed_precise}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut sink = Outputs {
+        width,
+        height,
+        mp4: mp4.as_mut(),
+        pngs: pngs.as_mut(),
+        bar: &write_bar,
+        written: 0,
     };
     let models_ref = &models;
     let rank_model_ref = &rank_model;
     let models_of = move |r: usize| &models_ref[rank_model_ref[r]];
-    let out = pipeline::generate(&models_of, &req, &progress);
+    let out = pipeline::generate_to(&models_of, &req, Some(&mut sink), &progress);
+    let n_frames = sink.written;
     bar.finish_and_clear();
-    let out = out.context("generation failed")?;
+    write_bar.finish_and_clear();
+    out.context("generation failed")?;
+    ensure!(
+        n_frames == frames,
+        "the generation ended after {n_frames} of {frames} frames"
+    );
     let dec_el = t_dec
         .lock()
         .unwrap()
         .map(|t| t.elapsed())
         .unwrap_or_default();
-    stage(
-        "decode",
-        format!("{} frames with the VAE in {}", out.len(), secs(dec_el)),
-    );
 
-    // --- Write ----------------------------------------------------------------------------------
-    let t = Instant::now();
+    // --- Finish the outputs -------------------------------------------------------------------
     let mut written = Vec::new();
-    let n_frames = out.len();
-    for rgb in out {
-        let f = Frame::new(width, height, rgb)?;
-        if let Some(w) = mp4.as_mut() {
-            w.push(&f)?;
-        }
-        if let Some(p) = pngs.as_mut() {
-            p.push(&f)?;
-        }
-    }
     if let Some(w) = mp4.take() {
         w.finish()?;
         written.push(
@@ -385,7 +407,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     stage(
         "write",
-        format!("{} in {}", written.join(" and "), secs(t.elapsed())),
+        format!(
+            "{n_frames} frames decoded and written to {} in {} (as they were decoded)",
+            written.join(" and "),
+            secs(dec_el)
+        ),
     );
     let wall = t_all.elapsed();
     eprintln!(
@@ -397,6 +423,44 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         report_cuda_use(p);
     }
     Ok(())
+}
+
+/// Rank 0's frame sink: encodes each frame into the MP4 and/or PNG outputs as it arrives (in
+/// frame order), so no frame is kept.
+struct Outputs<'a> {
+    width: usize,
+    height: usize,
+    mp4: Option<&'a mut Mp4Writer>,
+    pngs: Option<&'a mut PngSequence>,
+    bar: &'a ProgressBar,
+    written: usize,
+}
+
+impl Outputs<'_> {
+    fn write(&mut self, index: usize, rgb: Vec<u8>) -> Result<()> {
+        ensure!(
+            index == self.written,
+            "frame {index} arrived after {} frames",
+            self.written
+        );
+        let f = Frame::new(self.width, self.height, rgb)?;
+        if let Some(w) = self.mp4.as_mut() {
+            w.push(&f)?;
+        }
+        if let Some(p) = self.pngs.as_mut() {
+            p.push(&f)?;
+        }
+        self.written += 1;
+        self.bar.inc(1);
+        Ok(())
+    }
+}
+
+impl FrameSink for Outputs<'_> {
+    fn frame(&mut self, index: usize, rgb: Vec<u8>) -> vi_model::params::Result<()> {
+        self.write(index, rgb)
+            .map_err(|e| vi_model::params::ModelError::Msg(format!("{e:#}")))
+    }
 }
 
 /// A checked memory plan and the free bytes read per device before the run.
