@@ -14,6 +14,7 @@ pub mod params;
 pub mod pipeline;
 pub mod random_full;
 pub mod rank_loop;
+pub mod request_digest;
 pub mod sampler;
 pub mod temporal;
 pub mod tiny;
