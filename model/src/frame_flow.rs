@@ -193,6 +193,8 @@ pub(crate) struct FrameWriter<'a> {
     w: usize,
     /// Index of the next frame to write.
     next: usize,
+    /// The rank whose frames are being written (0: rank 0's own).
+    serving: usize,
     keepalive_every: Duration,
     /// Per rank: when it was last sent a credit or keep-alive.
     last_sent: Vec<Instant>,
@@ -215,6 +217,7 @@ impl<'a> FrameWriter<'a> {
             h,
             w,
             next: 0,
+            serving: 0,
             keepalive_every: rank_timeout / 4,
             last_sent: vec![Instant::now(); comm.world_size()],
         }
@@ -222,10 +225,11 @@ impl<'a> FrameWriter<'a> {
 
     /// Writes rank 0's own frames, as decoded (its clip starts the video).
     pub(crate) fn write_own(&mut self, frames: Vec<Rgb8>) -> Result<()> {
-        self.write(frames)?;
-        self.keep_alive(1)
+        self.keep_alive()?;
+        self.write(frames)
     }
 
+    /// Writes frames in order; a slow sink keeps the waiting ranks alive between frames.
     fn write(&mut self, frames: Vec<Rgb8>) -> Result<()> {
         for rgb in frames {
             if let Some(s) = self.sink.as_mut() {
@@ -233,12 +237,14 @@ impl<'a> FrameWriter<'a> {
             }
             self.next += 1;
             (self.progress)(Event::Written { frames: self.next });
+            self.keep_alive()?;
         }
         Ok(())
     }
 
     /// Receives and writes rank `r`'s `frames` frames, granting credit a window at a time.
     pub(crate) fn serve(&mut self, r: usize, frames: usize) -> Result<()> {
+        self.serving = r;
         let mut left = frames;
         while left > 0 {
             let grant = self.window.min(left);
@@ -251,18 +257,17 @@ impl<'a> FrameWriter<'a> {
                 drop(t);
                 got += batch.len();
                 self.write(batch)?;
-                self.keep_alive(r + 1)?;
             }
             left -= grant;
         }
         Ok(())
     }
 
-    /// Sends a keep-alive to every rank from `first` on (ranks still waiting for their turn; the
-    /// ranks before have sent everything and may be gone) that has not heard from rank 0 for a
-    /// quarter of the rank timeout.
-    fn keep_alive(&mut self, first: usize) -> Result<()> {
-        for q in first..self.last_sent.len() {
+    /// Sends a keep-alive to every rank after the one being served (ranks still waiting for their
+    /// turn; the ranks before have sent everything and may be gone) that has not heard from rank
+    /// 0 for a quarter of the rank timeout.
+    fn keep_alive(&mut self) -> Result<()> {
+        for q in self.serving + 1..self.last_sent.len() {
             if self.last_sent[q].elapsed() >= self.keepalive_every {
                 self.comm.send_to(q, &credit_tensor(0)?)?;
                 self.last_sent[q] = Instant::now();
@@ -282,10 +287,12 @@ mod tests {
         (0..12).map(|k| (i * 7 + k * 31) as u8).collect()
     }
 
-    struct Collect(Vec<Rgb8>);
+    /// Collects the frames, taking `.1` per frame (a slow encoder).
+    struct Collect(Vec<Rgb8>, Duration);
     impl FrameSink for Collect {
         fn frame(&mut self, index: usize, rgb: Rgb8) -> Result<()> {
             assert_eq!(index, self.0.len(), "frames in order");
+            std::thread::sleep(self.1);
             self.0.push(rgb);
             Ok(())
         }
@@ -299,6 +306,7 @@ mod tests {
         clips: &[std::ops::Range<usize>],
         chunk: usize,
         fail: Option<(usize, usize)>,
+        (per_frame, timeout): (Duration, Duration),
     ) -> Result<(Vec<Rgb8>, usize)> {
         let rank = comm.rank();
         let ids: Vec<usize> = clips[rank].clone().collect();
@@ -313,16 +321,9 @@ mod tests {
         };
         let mut done = 0;
         if rank == 0 {
-            let mut sink = Collect(Vec::new());
+            let mut sink = Collect(Vec::new(), per_frame);
             let progress = |_: Event| {};
-            let mut w = FrameWriter::new(
-                comm,
-                Some(&mut sink),
-                &progress,
-                chunk,
-                (2, 2),
-                Duration::from_secs(20),
-            );
+            let mut w = FrameWriter::new(comm, Some(&mut sink), &progress, chunk, (2, 2), timeout);
             for c in chunks {
                 done += c.len();
                 w.write_own(c)?;
@@ -347,12 +348,15 @@ mod tests {
         }
     }
 
+    /// No sink delay, a 20 s group timeout.
+    const FAST: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(20));
+
     #[test]
     fn frames_arrive_in_order_with_bounded_queues() {
         for (frames, world, chunk) in [(157, 4, 3), (10, 3, 1), (64, 2, 20), (5, 5, 2)] {
             let clips = split_frames(frames, world).unwrap();
             let out = run_ranks(world, Duration::from_secs(20), |_, comm| {
-                flow_rank(comm, &clips, chunk, None)
+                flow_rank(comm, &clips, chunk, None, FAST)
             })
             .unwrap();
             let want: Vec<Rgb8> = (0..frames).map(synthetic).collect();
@@ -379,7 +383,7 @@ mod tests {
         let clips = split_frames(157, 4).unwrap();
         for fail in [(2, 20), (0, 10), (3, 1), (1, 39)] {
             let res = run_ranks_detailed(4, Duration::from_secs(20), |_, comm| {
-                flow_rank(comm, &clips, 3, Some(fail))
+                flow_rank(comm, &clips, 3, Some(fail), FAST)
             });
             // Ranks before the failing one (but rank 0) may have sent their whole clip already.
             for (r, out) in res.per_rank.iter().enumerate() {
@@ -397,6 +401,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn waiting_ranks_outlive_the_timeout_through_keep_alives() {
+        // Rank 0 writes 15 ms per frame: rank 3 waits for its turn about 1.35 s (ranks 0..2's 90
+        // frames), past the 1 s timeout; keep-alives every 0.25 s keep it waiting.
+        let (frames, world, timeout) = (120, 4, Duration::from_secs(1));
+        let clips = split_frames(frames, world).unwrap();
+        let out = run_ranks(world, timeout, |_, comm| {
+            flow_rank(comm, &clips, 3, None, (Duration::from_millis(15), timeout))
+        })
+        .unwrap();
+        assert_eq!(out[0].0, (0..frames).map(synthetic).collect::<Vec<_>>());
     }
 
     #[test]
