@@ -197,9 +197,15 @@ impl AtomicFile {
                 if overwrite {
                     fs::rename(tmp, dest)
                 } else {
-                    // Never clobber a destination created since the check.
-                    fs::hard_link(tmp, dest)?;
-                    fs::remove_file(tmp)
+                    // Never clobber a destination created since the check: a hard link fails
+                    // when it exists. Where the file system has no hard links, rename after one
+                    // more check.
+                    match fs::hard_link(tmp, dest) {
+                        Ok(()) => fs::remove_file(tmp),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+                        Err(_) if fs::symlink_metadata(dest).is_err() => fs::rename(tmp, dest),
+                        Err(e) => Err(e),
+                    }
                 }
             })
             .with_context(|| {

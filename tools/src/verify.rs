@@ -497,6 +497,14 @@ impl Golden {
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let wpath = dir.join(file);
+        if let Some(k) = vi_weights::input_file::wrong_kind(&wpath, false) {
+            bail!(
+                "weights file {} (named by the `weights_file` metadata of {}) is {k}, expected a \
+                 regular file",
+                wpath.display(),
+                self.name()
+            );
+        }
         ensure!(
             wpath.is_file(),
             "weights file {} (named by the `weights_file` metadata of {}) not found",
