@@ -34,7 +34,7 @@ pub mod video;
 
 use std::ffi::OsString;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 
 pub use anyhow::Error;
@@ -83,7 +83,9 @@ fn write_tiny(dir: &std::path::Path) -> Result<()> {
     }
     // Written into a temporary folder, put into place when complete (nothing left on failure).
     let stage = outputs::StagedDir::create(dir)?;
-    vi_model::tiny::write_model_dir(stage.path())?;
+    vi_model::tiny::write_model_dir(stage.path())
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
     stage.commit(|_| Ok(()))?;
     eprintln!(
         "wrote the tiny model (RANDOM weights) to {}: use `generate --model {}`",

@@ -195,3 +195,53 @@ pub fn read_text_bounded(path: &Path, limit: Limit) -> Result<String, InputFileE
     String::from_utf8(read_bounded(path, limit)?)
         .map_err(|e| err(path, format!("{} is not UTF-8 text: {e}", limit.what)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limit holds where the reported size is wrong: procfs files report 0 bytes.
+    #[test]
+    fn limit_holds_past_the_reported_size() {
+        let p = Path::new("/proc/self/status");
+        if !p.exists() {
+            eprintln!("SKIPPED: no /proc/self/status");
+            return;
+        }
+        assert_eq!(std::fs::metadata(p).unwrap().len(), 0);
+        let small = Limit {
+            what: "status file",
+            max_bytes: 16,
+        };
+        let e = read_bounded(p, small).unwrap_err().to_string();
+        assert!(
+            e.contains("/proc/self/status") && e.contains("over the limit of 16 bytes"),
+            "{e}"
+        );
+        assert!(read_text_bounded(p, Limit::SYSTEM_FILE)
+            .unwrap()
+            .contains("Name:"));
+    }
+
+    /// A regular file over the limit is refused from its size, without reading it.
+    #[test]
+    fn regular_file_over_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("big.txt");
+        std::fs::write(&p, vec![b'a'; 100]).unwrap();
+        let lim = Limit {
+            what: "prompt file",
+            max_bytes: 99,
+        };
+        let e = read_bounded(&p, lim).unwrap_err().to_string();
+        assert!(
+            e.contains("prompt file of 100 bytes is over the limit of 99 bytes"),
+            "{e}"
+        );
+        let ok = Limit {
+            max_bytes: 100,
+            ..lim
+        };
+        assert_eq!(read_bounded(&p, ok).unwrap().len(), 100);
+    }
+}
