@@ -59,8 +59,13 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     // Everything is written into a temporary folder, put into place only when complete: a failed
     // or interrupted conversion leaves nothing behind.
     let stage = StagedDir::create(&a.out)?;
-    let report = convert_checkpoint(&a.checkpoint, stage.path(), &opts)
-        .with_context(|| format!("cannot convert {}", a.checkpoint.display()))?;
+    let report = convert_checkpoint(&a.checkpoint, stage.path(), &opts).with_context(|| {
+        format!(
+            "cannot convert {} into {}",
+            a.checkpoint.display(),
+            a.out.display()
+        )
+    })?;
     let tok_out = stage.path().join("tokenizer");
     match &a.tokenizer {
         Some(src) => {
