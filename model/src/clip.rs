@@ -99,6 +99,67 @@ impl ClipTextConfig {
             hidden_act,
             layer_norm_eps,
         };
+        {
+            use crate::limits::*;
+            let part = "CLIP text config:";
+            let h = cfg.hidden_size as u128;
+            let layers = cfg.num_hidden_layers as u128;
+            let vocab = cfg.vocab_size as u128;
+            // Parameters per layer: 4 h^2 attention + 2 h x intermediate MLP.
+            let per_layer = |h: u128, i: u128| {
+                h.saturating_mul(h)
+                    .saturating_mul(4)
+                    .saturating_add(h.saturating_mul(i).saturating_mul(2))
+            };
+            let inter = cfg.intermediate_size as u128;
+            config_field(
+                part,
+                "hidden_size",
+                cfg.hidden_size,
+                MAX_CHANNELS,
+                1024,
+                |h| {
+                    per_layer(h, inter)
+                        .saturating_mul(layers)
+                        .saturating_add(h.saturating_mul(vocab))
+                },
+            )?;
+            config_field(
+                part,
+                "num_hidden_layers",
+                cfg.num_hidden_layers,
+                MAX_TEXT_LAYERS,
+                23,
+                |l| l.saturating_mul(per_layer(h, inter)),
+            )?;
+            config_field(
+                part,
+                "num_attention_heads",
+                cfg.num_attention_heads,
+                MAX_TEXT_HEADS,
+                16,
+                |_| 0,
+            )?;
+            config_field(
+                part,
+                "intermediate_size",
+                cfg.intermediate_size,
+                MAX_INTERMEDIATE,
+                4096,
+                |i| layers.saturating_mul(per_layer(h, i)),
+            )?;
+            config_field(
+                part,
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                MAX_POSITIONS,
+                77,
+                |p| p.saturating_mul(h),
+            )?;
+            config_field(part, "vocab_size", cfg.vocab_size, MAX_VOCAB, 49408, |v| {
+                v.saturating_mul(h)
+            })?;
+        }
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(ModelError::Config(format!(
                 "CLIP text config: hidden_size {} is not divisible by num_attention_heads {}",

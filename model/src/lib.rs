@@ -8,6 +8,7 @@ pub mod convert;
 pub mod distributed;
 pub mod frame_flow;
 pub mod layers;
+pub mod limits;
 pub mod memory_plan;
 pub mod models;
 pub mod params;

@@ -795,6 +795,28 @@ fn advice(d: Option<&DevicePlan>, req: &PlanRequest) -> String {
             .into();
     };
     let mut tips: Vec<String> = Vec::new();
+    // A pad of more frames than a clip holds (window >= 3x the clip) makes the clip-parallel windows (zero frames at the
+    // video's ends) outweigh the clip itself: the pad, not the frame count, is the cause.
+    let n = d.rank_frames.iter().copied().max().unwrap_or(0);
+    for (flag, pad) in [
+        ("--attn-pad", req.vi.attn_pad),
+        ("--conv-pad", req.vi.conv_pad),
+    ] {
+        if pad > n {
+            tips.push(format!(
+                "a smaller {flag} (now {pad}: every rank's window holds {n} + 2 x {pad} frames, \
+                 more than its clip of {n})"
+            ));
+        }
+    }
+    if d.weights() > d.activations() {
+        tips.push(format!(
+            "a smaller model: its weights ({}) outweigh the activations, and their sizes come \
+             from the model's config.json files (block_out_channels, layers_per_block, \
+             hidden_size, ...)",
+            fmt_bytes(d.weights())
+        ));
+    }
     if d.ranks.len() > 1 {
         tips.push(format!(
             "fewer ranks per device ({} ranks share {}: their activations add up)",

@@ -192,6 +192,9 @@ pub struct PartCheck {
     pub missing: Vec<String>,
     /// (key, expected shape, shape in the file).
     pub wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// (key, problem) of tensors of the right shape that loading refuses
+    /// ([`crate::params::check_weight`]: a non-float dtype, a non-finite value).
+    pub bad: Vec<(String, String)>,
     /// Tensors in the files that the model does not read (not counting ignored ones).
     pub unexpected: Vec<String>,
     /// Tensors in the files that are known and not needed (VAE encoder, position_ids).
@@ -205,14 +208,19 @@ pub struct PartCheck {
 
 impl PartCheck {
     pub fn ok(&self) -> bool {
-        self.missing.is_empty() && self.wrong_shape.is_empty()
+        self.missing.is_empty() && self.wrong_shape.is_empty() && self.bad.is_empty()
     }
 }
 
-/// Compares a part's files with its expected parameter table (headers only: no data is read).
+/// Compares a part's files with its expected parameter table, and applies to every expected
+/// tensor the checks loading does ([`crate::params::check_weight`]: dtype, shape, finite values;
+/// the data of every used tensor is read).
 pub fn check_part(files: &PartFiles) -> Result<PartCheck> {
     let config = files.read_config()?;
-    let expected = files.kind.expected_table(&config)?;
+    let expected = files
+        .kind
+        .expected_table(&config)
+        .map_err(|e| msg(format!("{}: {e}", files.config.display())))?;
     let store = WeightStore::open_many(&files.weights)?;
     let mut check = PartCheck::default();
     let mut seen = BTreeSet::new();
@@ -234,10 +242,13 @@ pub fn check_part(files: &PartFiles) -> Result<PartCheck> {
                 .push((key.clone(), shape.clone(), info.shape.clone()));
             continue;
         }
-        *check
-            .dtypes
-            .entry(info.dtype.name().to_string())
-            .or_default() += 1;
+        let view = store.view(&name)?;
+        if let Err(problem) =
+            crate::params::check_weight(info.dtype, &info.dtype_name, view.shape, shape, view.data)
+        {
+            check.bad.push((key.clone(), problem));
+        }
+        *check.dtypes.entry(info.dtype_name.clone()).or_default() += 1;
         check.params += shape.iter().product::<usize>() as u64;
         check.bytes += (info.data_offsets.1 - info.data_offsets.0) as u64;
     }
@@ -415,6 +426,17 @@ impl Models {
         let vae = load_part(&parts[2], device, dtype, |c, p| {
             VaeDecoder::load(&VaeConfig::from_json(c)?, p)
         })?;
+        if tokenizer.vocab_size() > clip.config.vocab_size {
+            return Err(msg(format!(
+                "{}: {} tokens, more than the text encoder's vocab_size {} ({}): ids past {} \
+                 would index beyond its embedding table",
+                paths.tokenizer.join("vocab.json").display(),
+                tokenizer.vocab_size(),
+                clip.config.vocab_size,
+                parts[1].config.display(),
+                clip.config.vocab_size - 1
+            )));
+        }
         Models::assemble(unet, clip, vae, tokenizer, device, dtype, false)
     }
 

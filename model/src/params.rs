@@ -4,11 +4,12 @@
 //! code, run on a [`MetaRecorder`], yields the parameter table (names and shapes, no allocation) that
 //! tests compare with the manifests; run on a [`StoreSource`], it loads real weights.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use vi_runtime::{DType, Device, Tensor};
-use vi_weights::WeightStore;
+use vi_weights::{WDType, WeightStore};
 
 /// Error of model construction and running.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +133,56 @@ impl ParamSource for MetaRecorder {
     }
 }
 
+/// The one verdict on a weight tensor, the same for loading (`generate`), `inspect` and
+/// `convert`: a float dtype (F32, F16, BF16, F64), exactly the `expected` shape, every value finite
+/// once converted to f32 (an F64 beyond f32's range is not). Returns the values as f32 (borrowed
+/// for aligned F32). The error is the problem alone; callers name the tensor and its file.
+pub fn check_weight<'a>(
+    dtype: WDType,
+    dtype_name: &str,
+    shape: &[usize],
+    expected: &[usize],
+    data: &'a [u8],
+) -> std::result::Result<Cow<'a, [f32]>, String> {
+    if shape != expected {
+        return Err(format!("shape {shape:?}, expected {expected:?}"));
+    }
+    let values = vi_weights::float_values(dtype, data).ok_or_else(|| {
+        format!("dtype {dtype_name} is not a float type (F32, F16, BF16 or F64 expected)")
+    })?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!("non-finite value {} at element {i}", values[i]));
+    }
+    Ok(values)
+}
+
+/// [`check_weight`] on the tensor `name` of `store`; the error names the tensor and its file.
+pub fn store_weight<'s>(
+    store: &'s WeightStore,
+    name: &str,
+    expected: &[usize],
+) -> Result<Cow<'s, [f32]>> {
+    let info = store.info(name).ok_or_else(|| ModelError::Param {
+        key: name.to_string(),
+        msg: "missing".into(),
+    })?;
+    let view = store.view(name)?;
+    check_weight(
+        info.dtype,
+        &info.dtype_name,
+        view.shape,
+        expected,
+        view.data,
+    )
+    .map_err(|msg| ModelError::Param {
+        key: name.to_string(),
+        msg: match store.file_of(name) {
+            Some(f) => format!("{msg} (in {})", f.display()),
+            None => msg,
+        },
+    })
+}
+
 /// Parameters from a [`WeightStore`], converted to `dtype` and placed on `device`.
 /// The storage dtype of a parameter of `shape` in a model run with `dtype` activations: matrices and
 /// conv kernels take `dtype` (they are GEMM operands); 1-D parameters (biases, norm gamma/beta) stay
@@ -202,13 +253,7 @@ impl ParamSource for StoreSource<'_> {
             ),
         })?;
         // Borrowed from the map for f32 files; converted on the host for f16/bf16 ones.
-        let data = self.store.view_f32(&full, Some(shape))?;
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::Param {
-                key: full,
-                msg: format!("non-finite value {} at element {i}", data[i]),
-            });
-        }
+        let data = store_weight(self.store, &full, shape)?;
         self.used.lock().unwrap().insert(full);
         Ok(Tensor::from_slice_on(
             &data,

@@ -107,6 +107,20 @@ impl ClipTokenizer {
         };
         let encoder: HashMap<String, u32> = serde_json::from_str(vocab_text)
             .map_err(|e| verr(format!("not a JSON object of token -> id: {e}")))?;
+        // Ids index the text encoder's embedding rows: a CLIP vocabulary is dense (ids
+        // 0..len), so an id at or past the entry count points past its table.
+        if let Some((tok, id)) = encoder
+            .iter()
+            .filter(|(_, &id)| id as usize >= encoder.len())
+            .min_by_key(|(t, _)| t.as_str())
+        {
+            return Err(verr(format!(
+                "token `{tok}` has id {id}, out of range for a vocabulary of {} tokens (ids \
+                 0 to {})",
+                encoder.len(),
+                encoder.len() - 1
+            )));
+        }
         let byte_encoder = bytes_to_unicode();
         // Every byte symbol, alone and as a word end, must be in the vocabulary: then every BPE
         // output (a base symbol or a merge result, checked below) has an id.

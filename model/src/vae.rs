@@ -114,6 +114,69 @@ impl VaeConfig {
             block_out_channels,
             scaling_factor,
         };
+        {
+            use crate::limits::*;
+            let part = "VAE config:";
+            let layers = cfg.layers_per_block as u128;
+            let sum_c2: u128 = cfg
+                .block_out_channels
+                .iter()
+                .map(|&c| (c as u128).saturating_mul(c as u128))
+                .fold(0, u128::saturating_add);
+            let last = *cfg.block_out_channels.last().expect("non-empty") as u128;
+            // Parameters: (L + 1) resnets of two 3x3 convs (18 c^2) per level.
+            config_field(
+                part,
+                "block_out_channels (entries)",
+                cfg.block_out_channels.len(),
+                MAX_LEVELS,
+                4,
+                |l| l.saturating_mul(18 * 128 * 128),
+            )?;
+            for &c in &cfg.block_out_channels {
+                config_field(part, "block_out_channels", c, MAX_CHANNELS, 512, |c| {
+                    (layers + 1)
+                        .saturating_mul(18)
+                        .saturating_mul(c.saturating_mul(c))
+                })?;
+            }
+            config_field(
+                part,
+                "layers_per_block",
+                cfg.layers_per_block,
+                MAX_LAYERS_PER_BLOCK,
+                2,
+                |l| {
+                    l.saturating_add(1)
+                        .saturating_mul(18)
+                        .saturating_mul(sum_c2)
+                },
+            )?;
+            config_field(
+                part,
+                "latent_channels",
+                cfg.latent_channels,
+                MAX_IO_CHANNELS,
+                4,
+                |v| v.saturating_mul(9).saturating_mul(last),
+            )?;
+            config_field(
+                part,
+                "out_channels",
+                cfg.out_channels,
+                MAX_IO_CHANNELS,
+                3,
+                |v| v.saturating_mul(9).saturating_mul(last),
+            )?;
+            config_field(
+                part,
+                "norm_num_groups",
+                cfg.norm_num_groups,
+                MAX_GROUPS,
+                32,
+                |_| 0,
+            )?;
+        }
         if let Some(c) = cfg
             .block_out_channels
             .iter()

@@ -8,17 +8,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use vi_model::distributed::split_frames;
+use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
 
 use crate::cli::BenchArgs;
 use crate::devices::{check_available, parse_devices};
-use crate::generate::{describe_ranks, load_models, sampler_kind, vi_config};
+use crate::generate::{describe_ranks, load_models, plan_and_check, sampler_kind, vi_config};
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let tiny = a.model == "tiny";
+    crate::flags::check_bench(&a)?;
     let ranks = parse_devices(&a.devices)?;
     check_available(&ranks)?;
     let world = ranks.len();
+    let tiny = tiny || crate::generate::is_tiny_folder(&a.model, &crate::cli::PartArgs::default());
     let frames = a.frames.unwrap_or(world * if tiny { 16 } else { 24 });
     ensure!(
         frames >= world,
@@ -26,17 +29,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let height = a.height.unwrap_or(if tiny { 64 } else { 320 });
     let width = a.width.unwrap_or(if tiny { 64 } else { 512 });
-    ensure!(a.steps >= 1, "--steps must be at least 1");
+    let total_steps = a.warmup + a.steps;
+    let parts = crate::cli::PartArgs::default();
+    // Planned like `generate` (no decoding, one prompt), before any weight is loaded.
+    let plan_req = PlanRequest {
+        ranks: ranks
+            .iter()
+            .map(|&d| (d, crate::generate::dtype_of(d, a.dtype)))
+            .collect(),
+        frames,
+        height,
+        width,
+        steps: total_steps,
+        sampler: sampler_kind(a.sampler),
+        vi: vi_config(&a.vi),
+        vae_chunk: 1,
+        decode: false,
+        prompts: 1,
+    };
+    plan_and_check(
+        &a.model,
+        &parts,
+        &plan_req,
+        a.assume_free_memory,
+        a.no_memory_check,
+    )?;
     let t = Instant::now();
-    let (models, rank_model) =
-        load_models(&a.model, &crate::cli::PartArgs::default(), &ranks, a.dtype)?;
+    let (models, rank_model) = load_models(&a.model, &parts, &ranks, a.dtype)?;
     eprintln!(
         "loaded {} on {} in {:.1} s",
         a.model,
         describe_ranks(&ranks),
         t.elapsed().as_secs_f64()
     );
-    let total_steps = a.warmup + a.steps;
     let req = GenerateRequest {
         prompts: vec![(0, "a benchmark".to_string())],
         negative_prompt: String::new(),

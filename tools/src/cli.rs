@@ -122,8 +122,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "", value_name = "TEXT")]
     pub negative_prompt: String,
 
-    /// Total number of frames of the video [default: 24 per rank (the reference clip length);
-    /// tiny model: 16 per rank].
+    /// Total number of frames of the video, 1 to 1,000,000 [default: 24 per rank (the reference
+    /// clip length); tiny model, or a folder written by write-tiny: 16 per rank].
     #[arg(long)]
     pub frames: Option<usize>,
 
@@ -132,16 +132,17 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
     pub devices: String,
 
-    /// Denoising steps [default: 30; tiny model: 10].
+    /// Denoising steps, 1 to 1000 [default: 30; tiny model (or its folder): 10].
     #[arg(long)]
     pub steps: Option<usize>,
 
-    /// Classifier-free guidance scale: eps = uncond + g * (cond - uncond).
-    #[arg(long, default_value_t = 12.0)]
+    /// Classifier-free guidance scale: eps = uncond + g * (cond - uncond); finite, 0 to 100 (0:
+    /// the negative prompt alone, 1: the prompt alone; negative values are refused).
+    #[arg(long, default_value_t = 12.0, allow_negative_numbers = true)]
     pub guidance: f32,
 
-    /// Frame-rate conditioning passed to the UNet's fps embedding.
-    #[arg(long, default_value_t = 24.0)]
+    /// Frame-rate conditioning passed to the UNet's fps embedding; finite, 0 to 1000.
+    #[arg(long, default_value_t = 24.0, allow_negative_numbers = true)]
     pub fps_cond: f32,
 
     /// Seed of the initial latents and of the SDE noise. Every frame draws from its own ChaCha8
@@ -154,11 +155,13 @@ pub struct GenerateArgs {
     #[arg(long, value_enum, default_value_t = SamplerArg::DpmSde)]
     pub sampler: SamplerArg,
 
-    /// Video height in pixels, a multiple of 64 [default: 320; tiny model: 64].
+    /// Video height in pixels, a positive multiple of 64, at most 16384 [default: 320; tiny
+    /// model or its folder: 64].
     #[arg(long)]
     pub height: Option<usize>,
 
-    /// Video width in pixels, a multiple of 64 [default: 512; tiny model: 64].
+    /// Video width in pixels, a positive multiple of 64, at most 16384 [default: 512; tiny
+    /// model or its folder: 64].
     #[arg(long)]
     pub width: Option<usize>,
 
@@ -170,7 +173,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub frames_dir: Option<PathBuf>,
 
-    /// Frame rate of the MP4 file.
+    /// Frame rate of the MP4 file, 1 to 1000.
     #[arg(long, default_value_t = 8)]
     pub out_fps: u32,
 
@@ -189,7 +192,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub quiet: bool,
 
-    /// Frames the VAE decodes at a time (its memory grows with this).
+    /// Frames the VAE decodes at a time (its memory grows with this), 1 to 1,000,000.
     #[arg(long, default_value_t = 4)]
     pub vae_chunk: usize,
 
@@ -207,26 +210,29 @@ pub struct GenerateArgs {
 #[derive(Debug, Args, Clone)]
 #[command(next_help_heading = "Video-Infinity options")]
 pub struct ViArgs {
-    /// Global tokens per temporal attention (the first top_k of all ranks' strided frames).
+    /// Global tokens per temporal attention (the first top_k of all ranks' strided frames); 0
+    /// (allowed) turns the global tokens off, leaving the local window. At most 1,000,000.
     #[arg(long, default_value_t = 16)]
     pub top_k: usize,
 
-    /// Neighbour frames on each side of a clip in temporal attention (local window 2p+1).
+    /// Neighbour frames on each side of a clip in temporal attention (local window 2p+1), at most
+    /// 1,000,000 (the memory plan checks what it costs: zero frames pad the video's ends).
     #[arg(long, default_value_t = 8)]
     pub attn_pad: usize,
 
-    /// Neighbour frames on each side of a clip for the temporal conv layers.
+    /// Neighbour frames on each side of a clip for the temporal conv layers, at most 1,000,000
+    /// (checked by the memory plan like --attn-pad).
     #[arg(long, default_value_t = 4)]
     pub conv_pad: usize,
 
     /// Timestep at and above which the global tokens are favoured (global phase); below it the
-    /// local window is.
+    /// local window is; 0 to 1000.
     #[arg(long, default_value_t = 800)]
     pub phase_t: u32,
 
     /// Logit bias added to the favoured token group (the other group gets +0; the reference's
-    /// common +1 on all keys cancels in the softmax).
-    #[arg(long, default_value_t = 10.0)]
+    /// common +1 on all keys cancels in the softmax); finite, -1000 to 1000.
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub phase_bias: f32,
 
     /// Turn off the phase bias (`dynamic_scale: false`).
@@ -327,16 +333,17 @@ pub struct BenchArgs {
     /// Ranks and devices (as for `generate`).
     #[arg(long, default_value = "cpu", value_name = "SPEC")]
     pub devices: String,
-    /// Total frames [default: 24 per rank; tiny model: 16 per rank].
+    /// Total frames, 1 to 1,000,000 [default: 24 per rank; tiny model or its folder: 16 per
+    /// rank].
     #[arg(long)]
     pub frames: Option<usize>,
-    /// Height in pixels [default: 320; tiny model: 64].
+    /// Height in pixels, at most 16384 [default: 320; tiny model or its folder: 64].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Width in pixels [default: 512; tiny model: 64].
+    /// Width in pixels, at most 16384 [default: 512; tiny model or its folder: 64].
     #[arg(long)]
     pub width: Option<usize>,
-    /// Timed denoising steps.
+    /// Timed denoising steps (with --warmup at most 1000 in all).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// Untimed warm-up steps before them.
@@ -350,6 +357,13 @@ pub struct BenchArgs {
     pub dtype: DTypeArg,
     #[command(flatten)]
     pub vi: ViArgs,
+    /// Skip the memory plan check (as for `generate`: the plan runs before any weight is loaded;
+    /// a request whose certain minimum exceeds free memory is refused even so).
+    #[arg(long)]
+    pub no_memory_check: bool,
+    /// Testing: take this many bytes as free on every device and on the host.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    pub assume_free_memory: Option<u64>,
 }
 
 /// Parts taken from other folders than `--model DIR` (e.g. a diffusers VideoCrafter2 UNet with

@@ -116,6 +116,9 @@ fn secs(d: Duration) -> String {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let t_all = Instant::now();
     let tiny = a.model == "tiny";
+    crate::flags::check_generate(&a)?;
+    // Default frames, steps and size: the tiny model's also for a folder that holds it.
+    let tiny_sizes = tiny || is_tiny_folder(&a.model, &a.parts);
 
     // --- Requests that need no model ---------------------------------------------------------
     let ranks = parse_devices(&a.devices)?;
@@ -123,7 +126,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let world = ranks.len();
     let frames = a.frames.unwrap_or(
         world
-            * if tiny {
+            * if tiny_sizes {
                 TINY_FRAMES_PER_RANK
             } else {
                 FRAMES_PER_RANK
@@ -136,10 +139,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
          least one frame",
         a.devices
     );
-    let steps = a.steps.unwrap_or(if tiny { TINY_STEPS } else { 30 });
+    let steps = a.steps.unwrap_or(if tiny_sizes { TINY_STEPS } else { 30 });
     ensure!(steps >= 1, "--steps must be at least 1");
-    let height = a.height.unwrap_or(if tiny { TINY_SIZE } else { 320 });
-    let width = a.width.unwrap_or(if tiny { TINY_SIZE } else { 512 });
+    let height = a.height.unwrap_or(if tiny_sizes { TINY_SIZE } else { 320 });
+    let width = a.width.unwrap_or(if tiny_sizes { TINY_SIZE } else { 512 });
     for (flag, v) in [("--height", height), ("--width", width)] {
         ensure!(
             v > 0 && v % 8 == 0,
@@ -187,24 +190,25 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     // --- Memory plan: before any output is opened or any weight is loaded ---------------------
     let dtype_of = |d: Device| dtype_of(d, a.dtype);
-    let mut planned = None;
-    if a.no_memory_check {
-        stage("memory", "check skipped (--no-memory-check)".into());
-    } else {
-        let req = PlanRequest {
-            ranks: ranks.iter().map(|&d| (d, dtype_of(d))).collect(),
-            frames,
-            height,
-            width,
-            steps,
-            sampler: sampler_kind(a.sampler),
-            vi: vi_config(&a.vi),
-            vae_chunk: a.vae_chunk,
-            decode: true,
-            prompts: segments.len(),
-        };
-        planned = check_memory(&a.model, &a.parts, &req, a.assume_free_memory)?;
-    }
+    let req = PlanRequest {
+        ranks: ranks.iter().map(|&d| (d, dtype_of(d))).collect(),
+        frames,
+        height,
+        width,
+        steps,
+        sampler: sampler_kind(a.sampler),
+        vi: vi_config(&a.vi),
+        vae_chunk: a.vae_chunk,
+        decode: true,
+        prompts: segments.len(),
+    };
+    let planned = plan_and_check(
+        &a.model,
+        &a.parts,
+        &req,
+        a.assume_free_memory,
+        a.no_memory_check,
+    )?;
 
     // --- Outputs: opened now, so a bad destination fails before any work --------------------
     let mut mp4 = match &a.out {
@@ -276,6 +280,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     );
     for (f, p) in &segments {
         eprintln!("    prompt from frame {f}: {p:?}");
+    }
+    for w in truncation_warnings(
+        &models[0].tokenizer,
+        segments
+            .iter()
+            .map(|(_, p)| p.as_str())
+            .chain([a.negative_prompt.as_str()]),
+    ) {
+        eprintln!("    {w}");
     }
 
     // --- Encode, denoise, decode and write as frames arrive -----------------------------------
@@ -464,7 +477,7 @@ impl FrameSink for Outputs<'_> {
 }
 
 /// A checked memory plan and the free bytes read per device before the run.
-type Planned = (memory_plan::MemoryPlan, Vec<(Device, u64)>);
+pub type Planned = (memory_plan::MemoryPlan, Vec<(Device, u64)>);
 
 /// After a run: each CUDA device's planned bytes next to what the run took from it (free memory
 /// before the plan minus free memory now; the memory pool keeps freed blocks, so this is the
@@ -487,6 +500,49 @@ fn report_cuda_use(planned: &Planned) {
     }
     #[cfg(not(feature = "cuda"))]
     let _ = planned;
+}
+
+/// One warning line per distinct prompt longer than the text encoder reads (77 tokens with the
+/// start and end tokens): the rest is dropped, as the reference's tokenizer does.
+pub fn truncation_warnings<'a>(
+    tokenizer: &vi_model::tokenizer::ClipTokenizer,
+    prompts: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
+    let keep = vi_model::tokenizer::CONTEXT_LENGTH - 2;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for p in prompts {
+        if !seen.insert(p) {
+            continue;
+        }
+        let n = tokenizer.tokenize(p).len();
+        if n > keep {
+            let shown: String = p.chars().take(40).collect();
+            let more = if shown.len() < p.len() { "..." } else { "" };
+            out.push(format!(
+                "warning: prompt \"{shown}{more}\" is {n} tokens: truncated to its first {keep} \
+                 (the text encoder reads {} with the start and end tokens)",
+                vi_model::tokenizer::CONTEXT_LENGTH
+            ));
+        }
+    }
+    out
+}
+
+/// Whether `model` is a folder holding the embedded tiny model (as `write-tiny` writes it): its
+/// UNet config is the tiny one. Such a folder takes the tiny model's default frames, steps and size.
+pub fn is_tiny_folder(model: &str, parts: &PartArgs) -> bool {
+    if model == "tiny" || model == RANDOM_FULL {
+        return false;
+    }
+    let dir = parts
+        .unet
+        .clone()
+        .unwrap_or_else(|| Path::new(model).join("unet"));
+    vi_model::models::part_files_in(&dir, vi_model::models::PartKind::Unet)
+        .and_then(|f| f.read_config())
+        .and_then(|c| UNetConfig::from_json(&c))
+        .is_ok_and(|c| c == vi_model::tiny::unet_config())
 }
 
 /// `--model random-full`: VideoCrafter2's full-size architecture with random weights.
@@ -549,7 +605,7 @@ pub fn load_models(
 }
 
 /// The models' storage dtype on `d` (the CPU computes in f32).
-fn dtype_of(d: Device, dtype: DTypeArg) -> DType {
+pub fn dtype_of(d: Device, dtype: DTypeArg) -> DType {
     match (d, dtype) {
         (Device::Cpu, _) | (_, DTypeArg::F32) => DType::F32,
         (_, DTypeArg::Bf16) => DType::BF16,
@@ -557,54 +613,88 @@ fn dtype_of(d: Device, dtype: DTypeArg) -> DType {
     }
 }
 
-/// The three configurations of `model` (no weights read); None when a model folder's configs
-/// cannot be read (loading then reports the problem).
-fn plan_models(model: &str, parts: &PartArgs) -> Option<PlanModels> {
+/// The three configurations of `model` (no weights read); None when a model folder's parts or
+/// config files are missing (loading then reports the problem); an error naming the file when a
+/// config file is there but unreadable or invalid (e.g. a size past `vi_model::limits`).
+fn plan_models(model: &str, parts: &PartArgs) -> Result<Option<PlanModels>> {
     use vi_model::models::{part_files_in, PartKind};
     if model == "tiny" {
-        return Some(PlanModels {
+        return Ok(Some(PlanModels {
             unet: vi_model::tiny::unet_config(),
             clip: vi_model::tiny::clip_config(),
             vae: vi_model::tiny::vae_config(),
-        });
+        }));
     }
     if model == RANDOM_FULL {
-        return Some(PlanModels {
-            unet: vi_model::random_full::unet_config().ok()?,
-            clip: vi_model::random_full::clip_config().ok()?,
-            vae: vi_model::random_full::vae_config().ok()?,
-        });
+        return Ok(Some(PlanModels {
+            unet: vi_model::random_full::unet_config()?,
+            clip: vi_model::random_full::clip_config()?,
+            vae: vi_model::random_full::vae_config()?,
+        }));
     }
-    let paths = ModelPaths::with_overrides(
+    let Ok(paths) = ModelPaths::with_overrides(
         Some(Path::new(model)),
         parts.unet.as_deref(),
         parts.text_encoder.as_deref(),
         parts.vae.as_deref(),
         parts.tokenizer.as_deref(),
-    )
-    .ok()?;
-    let config = |dir: &Path, kind: PartKind| part_files_in(dir, kind).ok()?.read_config().ok();
-    Some(PlanModels {
-        unet: UNetConfig::from_json(&config(&paths.unet, PartKind::Unet)?).ok()?,
-        clip: ClipTextConfig::from_json(&config(&paths.text_encoder, PartKind::TextEncoder)?)
-            .ok()?,
-        vae: VaeConfig::from_json(&config(&paths.vae, PartKind::Vae)?).ok()?,
-    })
+    ) else {
+        return Ok(None);
+    };
+    let config = |dir: &Path, kind: PartKind| -> Result<Option<(std::path::PathBuf, _)>> {
+        let Ok(files) = part_files_in(dir, kind) else {
+            return Ok(None);
+        };
+        Ok(Some((files.config.clone(), files.read_config()?)))
+    };
+    let (Some(u), Some(c), Some(v)) = (
+        config(&paths.unet, PartKind::Unet)?,
+        config(&paths.text_encoder, PartKind::TextEncoder)?,
+        config(&paths.vae, PartKind::Vae)?,
+    ) else {
+        return Ok(None);
+    };
+    let named = |p: &Path| format!("{}", p.display());
+    Ok(Some(PlanModels {
+        unet: UNetConfig::from_json(&u.1).with_context(|| named(&u.0))?,
+        clip: ClipTextConfig::from_json(&c.1).with_context(|| named(&c.0))?,
+        vae: VaeConfig::from_json(&v.1).with_context(|| named(&v.0))?,
+    }))
+}
+
+/// Before any output is opened or any weight loaded: the cheap bound of `vi_model::limits` (always,
+/// even with `no_check`), then the memory plan (unless `no_check`).
+pub fn plan_and_check(
+    model: &str,
+    parts: &PartArgs,
+    req: &PlanRequest,
+    assume_free: Option<u64>,
+    no_check: bool,
+) -> Result<Option<Planned>> {
+    let Some(models) = plan_models(model, parts)? else {
+        return Ok(None);
+    };
+    let free_of = |d: Device| match assume_free {
+        Some(b) => Some(b),
+        None => memory_plan::device_free(d).ok().flatten(),
+    };
+    vi_model::limits::check_lower_bound(&models, req, &free_of)?;
+    if no_check {
+        stage("memory", "check skipped (--no-memory-check)".into());
+        return Ok(None);
+    }
+    check_memory(&models, req, assume_free)
 }
 
 /// Plans the generation's memory on shape-only tensors (`vi_model::memory_plan`), prints the plan
 /// and refuses it when a device's free memory (CUDA: the driver's free bytes; the CPU and the host:
 /// MemAvailable) is below plan + margin. `assume_free` replaces every free-memory reading (tests).
 fn check_memory(
-    model: &str,
-    parts: &PartArgs,
+    models: &PlanModels,
     req: &PlanRequest,
     assume_free: Option<u64>,
 ) -> Result<Option<Planned>> {
-    let Some(models) = plan_models(model, parts) else {
-        return Ok(None);
-    };
-    let plan = match memory_plan::plan(&models, req) {
+    let plan = match memory_plan::plan(models, req) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("    warning: no memory plan ({e}); memory not checked");

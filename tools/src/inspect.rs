@@ -150,8 +150,14 @@ fn inspect_model_dir(dir: &Path) -> Result<()> {
         crate::say!(
             "  {}/: {} — {} of {} expected tensors, {} parameters, {} bytes ({}){}",
             kind.folder(),
-            if check.ok() { "OK" } else { "INCOMPLETE" },
-            check.expected.len() - check.missing.len() - check.wrong_shape.len(),
+            if check.ok() {
+                "OK"
+            } else if check.missing.is_empty() && check.wrong_shape.is_empty() {
+                "NOT USABLE"
+            } else {
+                "INCOMPLETE"
+            },
+            check.expected.len() - check.missing.len() - check.wrong_shape.len() - check.bad.len(),
             check.expected.len(),
             human(check.params).trim_end(),
             human(bytes).trim_end(),
@@ -174,6 +180,12 @@ fn inspect_model_dir(dir: &Path) -> Result<()> {
         for (k, want, got) in check.wrong_shape.iter().take(SHOWN) {
             crate::say!("      wrong shape {k}: {got:?}, expected {want:?}");
         }
+        for (k, problem) in check.bad.iter().take(SHOWN) {
+            crate::say!("      refused {k}: {problem}");
+        }
+        if check.bad.len() > SHOWN {
+            crate::say!("      ... {} more refused", check.bad.len() - SHOWN);
+        }
         for k in check.unexpected.iter().take(SHOWN) {
             crate::say!("      unexpected {k}");
         }
@@ -188,6 +200,15 @@ fn inspect_model_dir(dir: &Path) -> Result<()> {
                 "{}/ lacks {} tensors",
                 kind.folder(),
                 check.missing.len()
+            ));
+        }
+        if !check.bad.is_empty() {
+            problems.push(format!(
+                "{}/ has {} tensors that loading refuses (first: {} {})",
+                kind.folder(),
+                check.bad.len(),
+                check.bad[0].0,
+                check.bad[0].1
             ));
         }
         if !check.wrong_shape.is_empty() {

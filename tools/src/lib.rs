@@ -25,6 +25,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod convert;
 pub mod devices;
+pub mod flags;
 pub mod generate;
 pub mod inspect;
 pub mod launch;

@@ -279,6 +279,13 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<Header> {
         .map_err(|e| ferr(format!("header is not UTF-8: {e}")))?;
     let json: Value =
         serde_json::from_str(text).map_err(|e| ferr(format!("header is not valid JSON: {e}")))?;
+    // A JSON object keeps the last of repeated keys: a repeated tensor name would silently hide
+    // the first entry. Found on a second pass (the first proved the text valid JSON).
+    if let Some(dup) = first_duplicate_key(text) {
+        return Err(ferr(format!(
+            "header is invalid: key `{dup}` appears more than once (a duplicate)"
+        )));
+    }
     let Value::Object(obj) = json else {
         return Err(ferr("header is not a JSON object".into()));
     };
@@ -639,32 +646,11 @@ impl WeightStore {
     pub fn view_f32(&self, name: &str, expect: Option<&[usize]>) -> Result<Cow<'_, [f32]>> {
         let v = self.view(name)?;
         self.check_shape(name, v.shape, expect)?;
-        Ok(match v.dtype {
-            WDType::F32 => cast_or_copy::<f32>(v.data),
-            WDType::F16 => Cow::Owned(
-                v.data
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
-            WDType::BF16 => Cow::Owned(
-                v.data
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
-            WDType::F64 => Cow::Owned(
-                v.data
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                    .collect(),
-            ),
-            _ => {
-                return Err(self.tensor_err(
-                    name,
-                    format!("dtype {} is not a float type", self.dtype_name(name)),
-                ))
-            }
+        float_values(v.dtype, v.data).ok_or_else(|| {
+            self.tensor_err(
+                name,
+                format!("dtype {} is not a float type", self.dtype_name(name)),
+            )
         })
     }
 
@@ -711,6 +697,91 @@ impl WeightStore {
             }
         })
     }
+}
+
+/// The first key that repeats within one object of the JSON `text` (at any depth), if any;
+/// None also where `text` is not valid JSON (the caller has parsed it already).
+fn first_duplicate_key(text: &str) -> Option<String> {
+    use std::cell::RefCell;
+
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// Walks any JSON value; on a repeated key, stores it and fails.
+    #[derive(Clone, Copy)]
+    struct Walk<'a>(&'a RefCell<Option<String>>);
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if !seen.insert(k.clone()) {
+                    *self.0.borrow_mut() = Some(k);
+                    return Err(de::Error::custom("duplicate key"));
+                }
+                map.next_value_seed(self)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            while seq.next_element_seed(self)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> std::result::Result<(), E> {
+            Ok(())
+        }
+    }
+    let found = RefCell::new(None);
+    let mut d = serde_json::Deserializer::from_str(text);
+    let _ = Walk(&found).deserialize(&mut d);
+    found.into_inner()
+}
+
+/// Little-endian bytes of a float dtype (F32, F16, BF16, F64) as f32: borrowed for aligned F32,
+/// converted otherwise; None for any other dtype.
+pub fn float_values(dtype: WDType, data: &[u8]) -> Option<Cow<'_, [f32]>> {
+    Some(match dtype {
+        WDType::F32 => cast_or_copy::<f32>(data),
+        WDType::F16 => Cow::Owned(
+            data.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        WDType::BF16 => Cow::Owned(
+            data.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        WDType::F64 => Cow::Owned(
+            data.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+        ),
+        _ => return None,
+    })
 }
 
 /// Reinterpret little-endian bytes as `T` without copying when aligned (and on a little-endian

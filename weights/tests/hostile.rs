@@ -439,3 +439,23 @@ fn writer_rejects_bad_input() {
     assert!(!p.exists());
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
 }
+
+/// A tensor name repeated in one header (JSON keeps the last): refused as a duplicate, named.
+#[test]
+fn duplicate_key_in_header_is_named_as_a_duplicate() {
+    let d = TempDir::new().unwrap();
+    let hdr = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+    let p = raw(
+        &d,
+        "dup.safetensors",
+        hdr,
+        &f32_bytes(&[1.0, 2.0, 3.0, 4.0]),
+    );
+    let m = expect_err(&p, None, "duplicate key");
+    assert!(m.contains("`a`") && m.contains("duplicate"), "{m}");
+    // Inside an entry too.
+    let hdr = br#"{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let p = raw(&d, "dup2.safetensors", hdr, &f32_bytes(&[1.0, 2.0]));
+    let m = expect_err(&p, None, "duplicate field");
+    assert!(m.contains("`dtype`") && m.contains("duplicate"), "{m}");
+}

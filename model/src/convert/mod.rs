@@ -407,6 +407,35 @@ pub fn convert_checkpoint(
             .map_err(|e| ConvertError(format!("tokenizer: {e}")))?;
     }
 
+    // ---- the checks loading applies (dtype, shape from the written config, finite values),
+    // before anything is written
+    for (kind, tensors, config) in [
+        (crate::models::PartKind::Unet, &unet_out, &unet_config),
+        (
+            crate::models::PartKind::TextEncoder,
+            &text_out,
+            &text_config,
+        ),
+        (crate::models::PartKind::Vae, &vae_out, &vae_config),
+    ] {
+        let expected = kind
+            .expected_table(config)
+            .map_err(|e| cerr(format!("{}/config.json: {e}", kind.folder())))?;
+        for (name, dt, shape, bytes) in tensors.iter() {
+            let bare = kind
+                .alt_prefix()
+                .and_then(|p| name.strip_prefix(p))
+                .unwrap_or(name);
+            let want = expected.get(bare).map_or(shape.as_slice(), Vec::as_slice);
+            crate::params::check_weight(*dt, dt.name(), shape, want, bytes).map_err(|e| {
+                cerr(format!(
+                    "{}/ tensor `{name}`: {e}; nothing was written",
+                    kind.folder()
+                ))
+            })?;
+        }
+    }
+
     // ---- write
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -808,6 +837,44 @@ mod tests {
             text_num_heads: 2,
             ..Default::default()
         }
+    }
+
+    /// A NaN in one weight of the checkpoint: convert refuses with the tensor named (the check
+    /// loading applies, `params::check_weight`) and writes nothing.
+    #[test]
+    fn non_finite_weight_is_refused_before_writing() {
+        let d = scratch("nan");
+        let ck = Checkpoint::open(&golden_ckpt()).unwrap();
+        let mut entries = Vec::new();
+        let mut storages = Vec::new();
+        let victim = "first_stage_model.decoder.conv_in.bias";
+        for t in &ck.tensors {
+            entries.push((t.name.clone(), Ok((storages.len(), t.tensor.shape.clone()))));
+            let mut b = ck.bytes(t).unwrap().into_owned();
+            if t.name == victim {
+                b[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            storages.push(b);
+        }
+        assert!(
+            ck.tensors.iter().any(|t| t.name == victim),
+            "{victim} not in the checkpoint"
+        );
+        let p = d.join("model.ckpt");
+        write_ckpt(&p, &pickle(&entries), &storages);
+        let out = d.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let e = convert_checkpoint(&p, &out, &tiny()).unwrap_err().0;
+        assert!(
+            e.contains("decoder.conv_in.bias") && e.contains("non-finite value NaN at element 1"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            0,
+            "something was written"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -197,6 +197,7 @@ impl UNetConfig {
         if n == 0 {
             return Err(cfg_err("`block_out_channels` is empty"));
         }
+        self.check_sizes()?;
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(cfg_err(format!(
                 "{} block_out_channels, {} down_block_types, {} up_block_types: must be equal",
@@ -238,6 +239,96 @@ impl UNetConfig {
         }
         if self.norm_eps.is_nan() || self.norm_eps < 0.0 || self.mid_block_scale_factor == 0.0 {
             return Err(cfg_err("bad `norm_eps` or `mid_block_scale_factor`"));
+        }
+        Ok(())
+    }
+
+    /// Every size field within [`crate::limits`]' ceilings (before anything is built from them).
+    /// The parameter counts in the messages are lower bounds: (2L + 1) resnets of two 3x3 convs
+    /// per level of width c, 18 c^2 each.
+    fn check_sizes(&self) -> Result<()> {
+        use crate::limits::*;
+        let part = "UNet config:";
+        let layers = self.layers_per_block as u128;
+        let sum_c2: u128 = self
+            .block_out_channels
+            .iter()
+            .map(|&c| (c as u128).saturating_mul(c as u128))
+            .fold(0, u128::saturating_add);
+        let c0 = self.block_out_channels[0] as u128;
+        config_field(
+            part,
+            "block_out_channels (entries)",
+            self.block_out_channels.len(),
+            MAX_LEVELS,
+            4,
+            |l| l.saturating_mul(18 * 320 * 320),
+        )?;
+        for &c in &self.block_out_channels {
+            config_field(part, "block_out_channels", c, MAX_CHANNELS, 1280, |c| {
+                (2 * layers + 1)
+                    .saturating_mul(18)
+                    .saturating_mul(c.saturating_mul(c))
+            })?;
+        }
+        config_field(
+            part,
+            "layers_per_block",
+            self.layers_per_block,
+            MAX_LAYERS_PER_BLOCK,
+            2,
+            |l| {
+                l.saturating_mul(2)
+                    .saturating_add(1)
+                    .saturating_mul(18)
+                    .saturating_mul(sum_c2)
+            },
+        )?;
+        config_field(
+            part,
+            "in_channels",
+            self.in_channels,
+            MAX_IO_CHANNELS,
+            4,
+            |v| v.saturating_mul(9).saturating_mul(c0),
+        )?;
+        config_field(
+            part,
+            "out_channels",
+            self.out_channels,
+            MAX_IO_CHANNELS,
+            4,
+            |v| v.saturating_mul(9).saturating_mul(c0),
+        )?;
+        config_field(
+            part,
+            "attention_head_dim",
+            self.attention_head_dim,
+            MAX_HEAD_DIM,
+            64,
+            |d| {
+                // transformer_in: q, k, v, out projections of 8 heads x d.
+                d.saturating_mul(d).saturating_mul(256)
+            },
+        )?;
+        config_field(
+            part,
+            "cross_attention_dim",
+            self.cross_attention_dim,
+            MAX_CHANNELS,
+            1024,
+            |x| x.saturating_mul(2).saturating_mul(c0),
+        )?;
+        config_field(
+            part,
+            "norm_num_groups",
+            self.norm_num_groups,
+            MAX_GROUPS,
+            32,
+            |_| 0,
+        )?;
+        if let Some(s) = self.sample_size {
+            config_field(part, "sample_size", s, MAX_CHANNELS, 40, |_| 0)?;
         }
         Ok(())
     }
