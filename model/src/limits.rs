@@ -13,7 +13,9 @@
 //!   the UNet's full resolution (the temporal attention's k and v over `n + 2 attn_pad` frames; the
 //!   temporal conv's input over `n + 2 conv_pad` frames; zero frames pad the video's ends). It is a
 //!   lower bound of the memory plan (`memory_plan`), so whatever it refuses, the plan (and the run)
-//!   would too; it applies even with `--no-memory-check`, and names the flag that drives it.
+//!   would too. Above [`MAX_PLAUSIBLE_BYTES`] it refuses before the plan; compared with the free
+//!   memory it replaces the plan under `--no-memory-check` (the plan's refusal, richer, comes
+//!   otherwise). It names the flag that drives it.
 
 use std::fmt;
 
@@ -213,14 +215,25 @@ pub fn lower_bound(models: &PlanModels, req: &PlanRequest) -> Result<Vec<Need>> 
     Ok(out)
 }
 
-/// Refuses `req` when its certain minimum exceeds a device's free memory (`free_of`: None where it
-/// cannot be read; the device is then not checked here).
+/// A certain minimum above this is refused whatever memory is said to be free: no machine holds it,
+/// and the memory plan's dry run (usize byte counts) is kept far from overflow.
+pub const MAX_PLAUSIBLE_BYTES: u128 = 1 << 50;
+
+/// Refuses `req` when its certain minimum exceeds [`MAX_PLAUSIBLE_BYTES`] on a device, or that
+/// device's free memory (`free_of`: None where it is not to be compared).
 pub fn check_lower_bound(
     models: &PlanModels,
     req: &PlanRequest,
     free_of: &dyn Fn(Device) -> Option<u64>,
 ) -> Result<()> {
     for need in lower_bound(models, req)? {
+        if need.bytes > MAX_PLAUSIBLE_BYTES {
+            return Err(ModelError::Msg(format!(
+                "{need}: more than {}, which no machine holds (refused before planning or \
+                 loading anything)",
+                fmt_big_bytes(MAX_PLAUSIBLE_BYTES)
+            )));
+        }
         let Some(free) = free_of(need.device) else {
             continue;
         };

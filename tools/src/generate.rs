@@ -662,8 +662,10 @@ fn plan_models(model: &str, parts: &PartArgs) -> Result<Option<PlanModels>> {
     }))
 }
 
-/// Before any output is opened or any weight loaded: the cheap bound of `vi_model::limits` (always,
-/// even with `no_check`), then the memory plan (unless `no_check`).
+/// Before any output is opened or any weight loaded: the cheap bound of `vi_model::limits` (always
+/// against its absolute ceiling; with `no_check` also against the devices' real free memory, since
+/// a run above a certain minimum can only abort in the allocator), then the memory plan (unless
+/// `no_check`; `assume_free` replaces its free-memory readings).
 pub fn plan_and_check(
     model: &str,
     parts: &PartArgs,
@@ -674,9 +676,12 @@ pub fn plan_and_check(
     let Some(models) = plan_models(model, parts)? else {
         return Ok(None);
     };
-    let free_of = |d: Device| match assume_free {
-        Some(b) => Some(b),
-        None => memory_plan::device_free(d).ok().flatten(),
+    let free_of = |d: Device| {
+        if no_check {
+            memory_plan::device_free(d).ok().flatten()
+        } else {
+            None
+        }
     };
     vi_model::limits::check_lower_bound(&models, req, &free_of)?;
     if no_check {
