@@ -262,7 +262,12 @@ mod tests {
             e.contains("`layers_per_block` 1099511627776 is out of range: at most 16"),
             "{e}"
         );
-        assert!(e.contains("4.4e14 bytes"), "{e}");
+        // 2^40 x 100 parameters x 4 bytes.
+        assert!(e.contains("would need at least 409600.00 GiB"), "{e}");
+        let e = config_field("x", "f", 1 << 60, 16, 2, |v| v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4.6e18 bytes"), "{e}");
         let e = config_field("x", "f", 0, 16, 2, |v| v)
             .unwrap_err()
             .to_string();
