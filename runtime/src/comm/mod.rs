@@ -6,9 +6,9 @@
 //! Every call on every rank returns an error within the configured timeout once any rank has failed
 //! or aborted: never a hang.
 //!
-//! Implementations: [`in_process`] (ranks that are threads of one process). Ranks find each
-//! other through a [`Rendezvous`] store: [`MemoryStore`] in one process, the TCP [`store`] served
-//! by rank 0 between processes; a process learns its rank and the store's address from its
+//! Implementations: [`in_process`] (ranks that are threads of one process) and [`tcp`] (ranks in
+//! any processes, on any machines, over TCP). Ranks find each other through a [`Rendezvous`]
+//! store: [`MemoryStore`] in one process, the TCP [`store`] served by rank 0 between processes; a process learns its rank and the store's address from its
 //! launcher's environment ([`world`]).
 //!
 //! Matching: the n-th collective call of a rank pairs with the n-th call of every other rank; the
@@ -20,11 +20,13 @@
 pub mod in_process;
 pub mod rendezvous;
 pub mod store;
+pub mod tcp;
 pub mod world;
 
 pub use in_process::{InProcessComm, InProcessGroup};
 pub use rendezvous::{MemoryStore, Rendezvous};
 pub use store::{StoreClient, StoreServer};
+pub use tcp::{TcpComm, TcpConfig};
 pub use world::{expand_nodelist, Launcher, WorldEnv};
 
 use crate::{Error, Result, Tensor};
