@@ -201,6 +201,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_memory_check: bool,
 
+    /// Bound in seconds on every wait for another rank (the rendezvous, each exchange): a rank
+    /// that does not answer within it fails the run, naming that rank [default: 630, i.e. 30 s
+    /// past a generous 600 s bound on the slowest step; raise it for the full-size model on CPUs].
+    #[arg(long, value_name = "SECONDS")]
+    pub rank_timeout: Option<f64>,
+
     /// Testing: take this many bytes as free on every device and on the host.
     #[arg(long, hide = true, value_name = "BYTES")]
     pub assume_free_memory: Option<u64>,

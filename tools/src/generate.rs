@@ -17,11 +17,13 @@ use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::sampler::SamplerKind;
 use vi_model::unet::UNetConfig;
 use vi_model::vae::VaeConfig;
+use vi_runtime::comm::WorldEnv;
 use vi_runtime::{DType, Device};
 use vi_weights::input_file::{read_text_bounded, Limit};
 
 use crate::cli::{DTypeArg, GenerateArgs, PartArgs, SamplerArg, ViArgs};
 use crate::devices::{check_available, parse_devices};
+use crate::multiprocess::{self, Placement, DEFAULT_RANK_TIMEOUT};
 use crate::video::{Frame, Mp4Writer, PngSequence};
 
 /// Reference clip length per rank (Video-Infinity's per-GPU clip).
@@ -121,9 +123,34 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let tiny_sizes = tiny || is_tiny_folder(&a.model, &a.parts);
 
     // --- Requests that need no model ---------------------------------------------------------
-    let ranks = parse_devices(&a.devices)?;
+    // One process holds every rank, or a launcher's variables make this one process of a job
+    // holding its share of `--devices` (crate::multiprocess).
+    let world_env = WorldEnv::from_env()?;
+    let node_devices = parse_devices(&a.devices)?;
+    let place = match &world_env {
+        Some(env) => Some(Placement::new(&node_devices, &a.devices, env)?),
+        None => None,
+    };
+    // This process's ranks: their devices, and their logical ranks.
+    let ranks = match &place {
+        Some(p) => p.devices.clone(),
+        None => node_devices,
+    };
     check_available(&ranks)?;
-    let world = ranks.len();
+    let world = place.as_ref().map_or(ranks.len(), |p| p.world);
+    let local = place.as_ref().map_or(0..world, |p| p.ranks());
+    // Only the process of logical rank 0 opens or writes the outputs.
+    let writes = local.start == 0;
+    let rank_timeout = match a.rank_timeout {
+        Some(s) => {
+            ensure!(
+                s.is_finite() && s > 0.0,
+                "--rank-timeout {s}: a number of seconds above 0"
+            );
+            Duration::from_secs_f64(s)
+        }
+        None => DEFAULT_RANK_TIMEOUT,
+    };
     let frames = a.frames.unwrap_or(
         world
             * if tiny_sizes {
@@ -192,7 +219,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let dtype_of = |d: Device| dtype_of(d, a.dtype);
     let req = PlanRequest {
         ranks: ranks.iter().map(|&d| (d, dtype_of(d))).collect(),
-        frames,
+        // This process's clips.
+        frames: clips[local.clone()].iter().map(|c| c.len()).sum(),
         height,
         width,
         steps,
@@ -210,14 +238,46 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         a.no_memory_check,
     )?;
 
-    // --- Outputs: opened now, so a bad destination fails before any work --------------------
-    let mut mp4 = match &a.out {
-        Some(p) => Some(Mp4Writer::create(p, width, height, a.out_fps, a.overwrite)?),
+    let req = GenerateRequest {
+        prompts: segments.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        frames,
+        height,
+        width,
+        steps,
+        sampler: sampler_kind(a.sampler),
+        guidance: a.guidance,
+        fps_cond: a.fps_cond,
+        seed: a.seed,
+        vi: vi_config(&a.vi),
+        world,
+        rank_timeout,
+        vae_chunk: a.vae_chunk,
+        decode: true,
+    };
+
+    // --- Rendezvous: every process runs the same request, before any output or weight ----------
+    let job = match world_env {
+        Some(env) => Some(multiprocess::rendezvous(
+            env,
+            place.as_ref().expect("a placement with a world"),
+            rank_timeout,
+            &req,
+            &a.model,
+            &a.parts,
+            dtype_of(ranks[0]),
+        )?),
         None => None,
     };
+
+    // --- Outputs: opened now, so a bad destination fails before any work --------------------
+    let mut mp4 = match &a.out {
+        Some(p) if writes => Some(Mp4Writer::create(p, width, height, a.out_fps, a.overwrite)?),
+        _ => None,
+    };
     let mut pngs = match &a.frames_dir {
-        Some(d) => Some(PngSequence::create(d, a.overwrite)?),
-        None => None,
+        Some(d) if writes => Some(PngSequence::create(d, a.overwrite)?),
+        _ => None,
     };
 
     // --- Models: one copy per distinct device -------------------------------------------------
@@ -247,23 +307,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
 
-    let req = GenerateRequest {
-        prompts: segments.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        frames,
-        height,
-        width,
-        steps,
-        sampler: sampler_kind(a.sampler),
-        guidance: a.guidance,
-        fps_cond: a.fps_cond,
-        seed: a.seed,
-        vi: vi_config(&a.vi),
-        world,
-        rank_timeout: Duration::from_secs(600),
-        vae_chunk: a.vae_chunk,
-        decode: true,
-    };
     pipeline::check_request(&models[0], &req)?;
     let per_rank: Vec<String> = clips
         .iter()
@@ -305,7 +348,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let t_enc = Instant::now();
-    let t_den = std::sync::Mutex::new(None::<Instant>);
+    // Reset when rank 0 has encoded the text (other processes do not see that event).
+    let t_den = std::sync::Mutex::new(Some(Instant::now()));
     // Steps finished per rank (every rank reports; the bar shows the slowest).
     let rank_steps: Vec<AtomicUsize> = (0..world).map(|_| AtomicUsize::new(0)).collect();
     let denoised = std::sync::atomic::AtomicBool::new(false);
@@ -327,12 +371,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         Event::Step { rank, step, t, .. } => {
             rank_steps[rank].store(step + 1, Ordering::Relaxed);
-            let done: Vec<usize> = rank_steps
+            // The ranks of this process (the others report in their own processes).
+            let done: Vec<usize> = rank_steps[local.clone()]
                 .iter()
                 .map(|s| s.load(Ordering::Relaxed))
                 .collect();
             let slowest = done.iter().copied().min().unwrap_or(0);
-            if rank == 0 {
+            if rank == local.start {
                 bar.set_message(if done.iter().all(|&d| d == slowest) {
                     format!("t={t}")
                 } else {
@@ -380,12 +425,42 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let models_ref = &models;
     let rank_model_ref = &rank_model;
-    let models_of = move |r: usize| &models_ref[rank_model_ref[r]];
-    let out = pipeline::generate_to(&models_of, &req, Some(&mut sink), &progress);
+    // Models by logical rank (rank_model is indexed by this process's ranks).
+    let first = local.start;
+    let models_of = move |r: usize| &models_ref[rank_model_ref[r - first]];
+    let out = match &job {
+        None => pipeline::generate_to(&models_of, &req, Some(&mut sink), &progress)
+            .context("generation failed"),
+        Some(job) => job.run(
+            place.as_ref().expect("a placement with a job"),
+            &models_of,
+            &req,
+            writes.then_some(&mut sink as &mut dyn FrameSink),
+            &progress,
+        ),
+    };
     let n_frames = sink.written;
     bar.finish_and_clear();
     write_bar.finish_and_clear();
     out.context("generation failed")?;
+    if let Some(job) = job {
+        job.finish(world)?;
+    }
+    if !writes {
+        let wall = t_all.elapsed();
+        eprintln!(
+            "    done: rank{} {} of {world} sent {} frames to rank 0 in {}",
+            if local.len() == 1 { "" } else { "s" },
+            if local.len() == 1 {
+                local.start.to_string()
+            } else {
+                format!("{}..{}", local.start, local.end - 1)
+            },
+            clips[local.clone()].iter().map(|c| c.len()).sum::<usize>(),
+            secs(wall)
+        );
+        return Ok(());
+    }
     ensure!(
         n_frames == frames,
         "the generation ended after {n_frames} of {frames} frames"

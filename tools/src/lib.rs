@@ -29,6 +29,7 @@ pub mod flags;
 pub mod generate;
 pub mod inspect;
 pub mod launch;
+pub mod multiprocess;
 pub mod outputs;
 pub mod verify;
 pub mod video;
