@@ -2,25 +2,52 @@
 //! per-step wall time over all ranks and the resulting frame throughput. It runs
 //! `pipeline::generate` without decoding, so every rank runs the generation's own rank loop
 //! (`vi_model::rank_loop::run_rank`); the step times come from its per-step events.
+//!
+//! Under a launcher's variables it is one process of a multi-process bench (as `generate`:
+//! `crate::multiprocess`), and the process holding rank 0 reports. `--processes` runs the same
+//! bench as W processes on this machine through `launch` (ranks exchange over TCP on 127.0.0.1),
+//! to compare with W in-process ranks: the cost of the process data plane.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use clap::ValueEnum;
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
+use vi_runtime::comm::WorldEnv;
 
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, PartArgs};
 use crate::devices::{check_available, parse_devices};
-use crate::generate::{describe_ranks, load_models, plan_and_check, sampler_kind, vi_config};
+use crate::generate::{
+    describe_ranks, dtype_of, load_models, plan_and_check, sampler_kind, vi_config,
+};
+use crate::multiprocess::{self, Placement, DEFAULT_RANK_TIMEOUT};
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let tiny = a.model == "tiny";
     crate::flags::check_bench(&a)?;
-    let ranks = parse_devices(&a.devices)?;
+    let world_env = WorldEnv::from_env()?;
+    if a.processes {
+        ensure!(
+            world_env.is_none(),
+            "bench --processes starts its own processes: run it outside a launcher"
+        );
+        return run_as_processes(&a);
+    }
+    let node_devices = parse_devices(&a.devices)?;
+    let place = match &world_env {
+        Some(env) => Some(Placement::new(&node_devices, &a.devices, env)?),
+        None => None,
+    };
+    let ranks = match &place {
+        Some(p) => p.devices.clone(),
+        None => node_devices,
+    };
     check_available(&ranks)?;
-    let world = ranks.len();
+    let world = place.as_ref().map_or(ranks.len(), |p| p.world);
+    let first = place.as_ref().map_or(0, |p| p.first);
     let tiny = tiny || crate::generate::is_tiny_folder(&a.model, &crate::cli::PartArgs::default());
     let frames = a.frames.unwrap_or(world * if tiny { 16 } else { 24 });
     ensure!(
@@ -37,7 +64,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .iter()
             .map(|&d| (d, crate::generate::dtype_of(d, a.dtype)))
             .collect(),
-        frames,
+        // This process's clips.
+        frames: split_frames(frames, world)?[first..first + ranks.len()]
+            .iter()
+            .map(|c| c.len())
+            .sum(),
         height,
         width,
         steps: total_steps,
@@ -75,7 +106,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         seed: 0,
         vi: vi_config(&a.vi),
         world,
-        rank_timeout: Duration::from_secs(600),
+        rank_timeout: DEFAULT_RANK_TIMEOUT,
         vae_chunk: 1,
         decode: false,
     };
@@ -86,8 +117,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
     };
-    let models_of = |r: usize| &models[rank_model[r]];
-    pipeline::generate(&models_of, &req, &progress)?;
+    // Models by logical rank (rank_model: by this process's ranks).
+    let models_of = |r: usize| &models[rank_model[r - first]];
+    match (world_env, &place) {
+        (Some(env), Some(place)) => {
+            let job = multiprocess::rendezvous(
+                env,
+                place,
+                DEFAULT_RANK_TIMEOUT,
+                &req,
+                &a.model,
+                &PartArgs::default(),
+                dtype_of(ranks[0], a.dtype),
+            )?;
+            job.run(place, &models_of, &req, None, &progress)?;
+            job.finish(world)?;
+            if first != 0 {
+                // The process holding rank 0 reports.
+                return Ok(());
+            }
+        }
+        _ => {
+            pipeline::generate(&models_of, &req, &progress)?;
+        }
+    }
     let marks = marks.into_inner().unwrap();
     // marks[0]: text encoded; marks[k+1]: rank 0 finished step k.
     let step_times: Vec<f64> = marks
@@ -106,7 +159,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
          {per_rank:?}, {:?}, CFG batch 2",
         height / models[0].vae_scale(),
         width / models[0].vae_scale(),
-        describe_ranks(&ranks),
+        match &place {
+            Some(p) => format!(
+                "{world} processes of {} (ranks over TCP)",
+                describe_ranks(&p.devices)
+            ),
+            None => describe_ranks(&ranks),
+        },
         a.sampler
     );
     for (k, s) in step_times.iter().enumerate() {
@@ -120,6 +179,64 @@ pub fn run(a: BenchArgs) -> Result<()> {
          {:.2} video frames per second per step (frames / step time)",
         timed.len(),
         frames as f64 / median
+    );
+    Ok(())
+}
+
+/// `bench --processes`: this bench as W processes through `launch` on this machine (W: the ranks
+/// of `--devices`, split over the processes as `generate` does). Rank 0's report is printed with
+/// the launcher's `[rank 0]` prefix.
+fn run_as_processes(a: &BenchArgs) -> Result<()> {
+    let world = parse_devices(&a.devices)?.len();
+    let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+        v().expect("every value has a name").get_name().to_string()
+    };
+    let mut args: Vec<String> = vec![
+        "launch".into(),
+        "--nproc-per-node".into(),
+        world.to_string(),
+        "--master-port".into(),
+        "0".into(),
+        "--".into(),
+        "bench".into(),
+        "--model".into(),
+        a.model.clone(),
+        "--devices".into(),
+        a.devices.clone(),
+        "--steps".into(),
+        a.steps.to_string(),
+        "--warmup".into(),
+        a.warmup.to_string(),
+        "--sampler".into(),
+        name(&|| a.sampler.to_possible_value()),
+        "--dtype".into(),
+        name(&|| a.dtype.to_possible_value()),
+    ];
+    for (flag, v) in [
+        ("--frames", a.frames),
+        ("--height", a.height),
+        ("--width", a.width),
+    ] {
+        if let Some(v) = v {
+            args.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    if a.no_memory_check {
+        args.push("--no-memory-check".into());
+    }
+    if let Some(b) = a.assume_free_memory {
+        args.extend(["--assume-free-memory".to_string(), b.to_string()]);
+    }
+    args.extend(crate::generate::vi_cli_args(&a.vi));
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    eprintln!("bench: {world} ranks as {world} processes (launch, TCP over 127.0.0.1)");
+    let status = std::process::Command::new(&exe)
+        .args(&args)
+        .status()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    ensure!(
+        status.success(),
+        "the multi-process bench failed ({status})"
     );
     Ok(())
 }

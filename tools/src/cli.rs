@@ -361,6 +361,11 @@ pub struct BenchArgs {
     /// Storage precision on CUDA.
     #[arg(long, value_enum, default_value_t = DTypeArg::Bf16)]
     pub dtype: DTypeArg,
+    /// Run the ranks as processes on this machine (through `launch`; they exchange over TCP on
+    /// 127.0.0.1) instead of threads of this process: compare with the same bench without it
+    /// for the cost of the process data plane.
+    #[arg(long)]
+    pub processes: bool,
     #[command(flatten)]
     pub vi: ViArgs,
     /// Skip the memory plan check (as for `generate`: the plan runs before any weight is loaded;

@@ -97,6 +97,30 @@ pub fn vi_config(a: &ViArgs) -> ViConfig {
     }
 }
 
+/// The command-line flags that give `a` (for a command this one starts).
+pub fn vi_cli_args(a: &ViArgs) -> Vec<String> {
+    let mut v: Vec<String> = [
+        ("--top-k", a.top_k.to_string()),
+        ("--attn-pad", a.attn_pad.to_string()),
+        ("--conv-pad", a.conv_pad.to_string()),
+        ("--phase-t", a.phase_t.to_string()),
+        ("--phase-bias", format!("{:?}", a.phase_bias)),
+    ]
+    .into_iter()
+    .flat_map(|(f, x)| [f.to_string(), x])
+    .collect();
+    for (flag, on) in [
+        ("--no-dynamic-scale", a.no_dynamic_scale),
+        ("--token-num-scale", a.token_num_scale),
+        ("--exact-seam", a.exact_seam),
+    ] {
+        if on {
+            v.push(flag.to_string());
+        }
+    }
+    v
+}
+
 pub fn sampler_kind(s: SamplerArg) -> SamplerKind {
     match s {
         SamplerArg::DpmSde => SamplerKind::DpmSolverSde,
