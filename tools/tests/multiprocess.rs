@@ -89,11 +89,7 @@ fn free_port() -> u16 {
 
 /// `world` processes started directly with torchrun's variables (what a shell loop does);
 /// `args(rank)` gives each its arguments. Returns each process's output, in rank order.
-fn by_hand(
-    world: usize,
-    extra_env: &[(&str, &str)],
-    args: impl Fn(usize) -> Vec<String>,
-) -> Vec<Output> {
+fn by_hand(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
     let port = free_port().to_string();
     let children: Vec<Launched> = (0..world)
         .map(|r| {
@@ -104,8 +100,7 @@ fn by_hand(
                 .env("LOCAL_RANK", r.to_string())
                 .env("LOCAL_WORLD_SIZE", world.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .envs(extra_env.iter().copied());
+                .env("MASTER_PORT", &port);
             Launched::spawn(c)
         })
         .collect();
@@ -236,6 +231,62 @@ fn shell_loop_4_processes_match_in_process() {
     through_shell_loop(4);
 }
 
+/// SLURM's and Open MPI's variables (no torchrun variable set) start the same 2-rank job: srun's
+/// compressed node list gives the store's host, mpirun's needs MASTER_ADDR/MASTER_PORT.
+#[test]
+fn slurm_and_open_mpi_variables_match_in_process() {
+    let t = tempfile::tempdir().unwrap();
+    let want = in_process(2, &t.path().join("in"));
+    let slurm_port = free_port().to_string();
+    let ompi_port = free_port().to_string();
+    for (name, vars) in [
+        (
+            "slurm",
+            vec![
+                ("SLURM_PROCID", "{r}"),
+                ("SLURM_LOCALID", "{r}"),
+                ("SLURM_NTASKS", "2"),
+                ("SLURM_NODEID", "0"),
+                ("SLURM_STEP_TASKS_PER_NODE", "2(x1)"),
+                ("SLURM_STEP_NODELIST", "localhost"),
+                ("MASTER_PORT", slurm_port.as_str()),
+            ],
+        ),
+        (
+            "ompi",
+            vec![
+                ("OMPI_COMM_WORLD_RANK", "{r}"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "{r}"),
+                ("OMPI_COMM_WORLD_SIZE", "2"),
+                ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", ompi_port.as_str()),
+            ],
+        ),
+    ] {
+        let dir = t.path().join(name);
+        let procs: Vec<Launched> = (0..2)
+            .map(|r| {
+                let mut c = Command::new(exe());
+                c.args(gen_args(2, "cpu", &dir))
+                    .args(["--rank-timeout", "60"]);
+                for (k, v) in &vars {
+                    c.env(k, v.replace("{r}", &r.to_string()));
+                }
+                Launched::spawn(c)
+            })
+            .collect();
+        for (r, mut p) in procs.into_iter().enumerate() {
+            let status = p.wait(Duration::from_secs(120));
+            assert!(status.success(), "{name} rank {r}:\n{}", p.text());
+        }
+        assert!(
+            frames(&dir) == want,
+            "{name}: frames differ from the in-process run"
+        );
+    }
+}
+
 /// Each process of a 2-process run where rank 1 was given other settings fails, naming the field;
 /// nothing was written.
 #[test]
@@ -254,7 +305,7 @@ fn mismatched_request_fails_on_every_rank() {
         ("model", &["--model", model.to_str().unwrap()]),
     ];
     for (field, change) in cases {
-        let outs = by_hand(2, &[], |r| {
+        let outs = by_hand(2, |r| {
             let mut a = gen_args(2, "cpu", &out_dir);
             a.extend(["--rank-timeout", "20"].map(String::from));
             if r == 1 {
