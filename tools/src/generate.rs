@@ -372,6 +372,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let t_enc = Instant::now();
+    let lines = !a.quiet && !std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Reset when rank 0 has encoded the text (other processes do not see that event).
     let t_den = std::sync::Mutex::new(Some(Instant::now()));
     // Steps finished per rank (every rank reports; the bar shows the slowest).
@@ -408,7 +409,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     format!("t={t}, steps per rank {done:?}")
                 });
             }
+            let before = bar.position();
             bar.set_position(slowest as u64);
+            // No terminal (a launcher's pipe, a log file): the bar is hidden; a line at every
+            // tenth of the steps instead.
+            if lines && slowest as u64 > before && slowest % (steps / 10).max(1) == 0 {
+                eprintln!("  denoise: step {slowest}/{steps} (t={t})");
+            }
             if slowest == steps && !denoised.swap(true, Ordering::Relaxed) {
                 bar.finish_and_clear();
                 let el = t_den
