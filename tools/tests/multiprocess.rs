@@ -188,7 +188,12 @@ fn through_shell_loop(world: usize) {
     let t = tempfile::tempdir().unwrap();
     let want = in_process(world, &t.path().join("in"));
     let got_dir = t.path().join("loop");
-    let args = gen_args(world, "cpu", &got_dir).join(" ");
+    // Single-quoted for sh (no argument holds a quote).
+    let args: Vec<String> = gen_args(world, "cpu", &got_dir)
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let args = args.join(" ");
     let script = format!(
         "export WORLD_SIZE={world} LOCAL_WORLD_SIZE={world} MASTER_ADDR=127.0.0.1 MASTER_PORT={port}
          pids=
