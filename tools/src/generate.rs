@@ -413,7 +413,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bar.set_position(slowest as u64);
             // No terminal (a launcher's pipe, a log file): the bar is hidden; a line at every
             // tenth of the steps instead.
-            if lines && slowest as u64 > before && slowest % (steps / 10).max(1) == 0 {
+            if lines && slowest as u64 > before && slowest.is_multiple_of((steps / 10).max(1)) {
                 eprintln!("  denoise: step {slowest}/{steps} (t={t})");
             }
             if slowest == steps && !denoised.swap(true, Ordering::Relaxed) {

@@ -59,7 +59,7 @@ impl Placement {
             vec![node_devices[0]]
         } else {
             ensure!(
-                n % procs == 0,
+                n.is_multiple_of(procs),
                 "--devices {spec} lists {n} ranks for the {procs} processes on this node \
                  ({} environment): give one device for all, or a multiple of {procs} (each \
                  process takes an equal share, in order)",
