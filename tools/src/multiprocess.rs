@@ -179,6 +179,12 @@ impl Job {
         let cfg = self.tcp_config()?;
         let run_one = |rank: usize, sink: Option<&mut dyn FrameSink>| -> Result<()> {
             let store = self.client()?;
+            // Received tensors land on the rank's device (a GPU rank's halos, tokens, frames).
+            let mut cfg = cfg.clone();
+            let device = models_of(rank).device;
+            if device != Device::Cpu {
+                cfg.device = Some(device);
+            }
             let comm = TcpComm::connect(rank, place.world, &store, &cfg)
                 .with_context(|| format!("rank {rank} cannot connect to its peers"))?;
             store.mark_done()?;
