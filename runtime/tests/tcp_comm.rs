@@ -3,16 +3,18 @@
 //! every dtype, point-to-point ordering, and failure propagation (abort with its reason, a rank that
 //! dies, panics, leaves or never arrives, a mismatched call, a peer that sends garbage): every rank
 //! gets an error naming the rank within a bounded time, never a hang. Two tests run the ranks as
-//! real processes (this test binary re-executed, a file-backed store), one of them `kill -9`s a rank.
+//! real processes (this test binary re-executed; the TCP rendezvous store served by the test), one
+//! of them `kill -9`s a rank.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vi_runtime::comm::{Communicator, MemoryStore, Rendezvous, TcpComm, TcpConfig};
+use vi_runtime::comm::{
+    Communicator, MemoryStore, Rendezvous, StoreClient, StoreServer, TcpComm, TcpConfig,
+};
 use vi_runtime::{DType, Device, Tensor};
 
 /// Connect `w` ranks (one thread each) and run `f(rank, comm)` on each; results in rank order (a
@@ -615,42 +617,8 @@ fn strangers_are_turned_away_while_the_group_forms() {
 
 // ---- ranks as real processes: this test binary re-executed with CHILD_ENV set ----
 
-/// "rank,world,store_dir,mode" for a child process.
+/// "rank,world,store_port,mode" for a child process.
 const CHILD_ENV: &str = "TCP_COMM_TEST_CHILD";
-
-/// A [`Rendezvous`] over a directory (one file per key, written then renamed): enough for
-/// processes of one machine in these tests.
-struct DirStore(PathBuf);
-
-impl DirStore {
-    fn path(&self, key: &str) -> PathBuf {
-        self.0.join(key.replace('/', "_"))
-    }
-}
-
-impl Rendezvous for DirStore {
-    fn set(&self, key: &str, value: &[u8]) -> vi_runtime::Result<()> {
-        let tmp = self.0.join(format!(".tmp-{}", std::process::id()));
-        std::fs::write(&tmp, value).unwrap();
-        std::fs::rename(&tmp, self.path(key)).unwrap();
-        Ok(())
-    }
-    fn get(&self, key: &str, timeout: Duration) -> vi_runtime::Result<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(v) = std::fs::read(self.path(key)) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                return Err(vi_runtime::Error::Comm(format!("{key} not set")));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    fn add(&self, _: &str, _: i64) -> vi_runtime::Result<i64> {
-        unimplemented!("not used by the TCP communicator")
-    }
-}
 
 /// The body of a child process (a no-op when the test runs normally).
 #[test]
@@ -660,7 +628,8 @@ fn child_process_rank() {
     };
     let parts: Vec<&str> = spec.split(',').collect();
     let (r, w): (usize, usize) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
-    let store = DirStore(PathBuf::from(parts[2]));
+    let port: u16 = parts[2].parse().unwrap();
+    let store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(30)).unwrap();
     let c = TcpComm::connect(r, w, &store, &TcpConfig::loopback(Duration::from_secs(30))).unwrap();
     match parts[3] {
         "collectives" => {
@@ -699,34 +668,27 @@ impl Drop for Children {
     }
 }
 
-fn spawn_ranks(w: usize, mode: &str) -> (Children, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "vi-tcp-comm-{}-{mode}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+/// `w` child processes, one per rank, and the store they meet at (drop it after the children).
+fn spawn_ranks(w: usize, mode: &str) -> (Children, StoreServer) {
+    let server = StoreServer::bind("127.0.0.1:0").unwrap();
     let exe = std::env::current_exe().unwrap();
-    let children = (0..w)
-        .map(|r| {
-            Command::new(&exe)
-                .args([
-                    "child_process_rank",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_ENV, format!("{r},{w},{},{mode}", dir.display()))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    (Children(children), dir)
+    let mut children = Children(Vec::new());
+    for r in 0..w {
+        let child = Command::new(&exe)
+            .args([
+                "child_process_rank",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, format!("{r},{w},{},{mode}", server.port()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.0.push(child);
+    }
+    (children, server)
 }
 
 /// Waits (bounded) for child `i` to exit; its status and stdout + stderr.
@@ -746,7 +708,7 @@ fn wait_output(children: &mut Children, i: usize, deadline: Instant) -> (bool, S
 
 #[test]
 fn ranks_as_processes_run_the_collectives() {
-    let (mut children, dir) = spawn_ranks(3, "collectives");
+    let (mut children, _store) = spawn_ranks(3, "collectives");
     let deadline = Instant::now() + Duration::from_secs(60);
     for r in 0..3 {
         let (ok, out) = wait_output(&mut children, r, deadline);
@@ -755,12 +717,11 @@ fn ranks_as_processes_run_the_collectives() {
             "rank {r}: {out}"
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_process_killed_mid_exchange_is_named_by_every_other_process() {
-    let (mut children, dir) = spawn_ranks(3, "die");
+    let (mut children, _store) = spawn_ranks(3, "die");
     // Wait until rank 1 is past the barrier (so every connection is up), then kill -9 it.
     let mut line = String::new();
     let mut out1 = BufReader::new(children.0[1].stdout.take().unwrap());
@@ -780,7 +741,6 @@ fn a_process_killed_mid_exchange_is_named_by_every_other_process() {
     }
     // Far below the 30 s rank timeout: the closed connections are noticed at once.
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Round-trip latency and bandwidth of `exchange_neighbors` over loopback (2 ranks, both
