@@ -7,12 +7,12 @@
 //! kernels that produced it. [`InProcessGroup::new_on_devices`] gives each rank a device, and a
 //! tensor received from a rank on another device is copied over (through the host).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{sum_in_order, Communicator};
+use super::{sum_in_order, Communicator, Halos, Pending, PendingOp};
 use crate::{Device, Error, Result, Tensor};
 
 /// The kind of a collective call; carried with every message so that mismatched call sequences
@@ -43,6 +43,9 @@ struct State {
     /// Set once: the first failure (abort, panic, timeout), as a message naming the rank.
     aborted: Option<String>,
     mailbox: HashMap<MsgKey, Message>,
+    /// Messages a rank will never receive (its pending handle was dropped without `wait`):
+    /// discarded when they arrive.
+    abandoned: HashSet<MsgKey>,
     /// Ranks whose communicator was dropped: they will never send again.
     departed: Vec<bool>,
 }
@@ -179,71 +182,31 @@ impl InProcessComm {
         if let Some(reason) = &st.aborted {
             return Err(Self::aborted_error(reason, self.rank, &format!("{kind:?}")));
         }
-        st.mailbox.insert(
-            (kind == OpKind::PointToPoint, seq, self.rank, dst),
-            Message { kind, payload },
-        );
+        let key = (kind == OpKind::PointToPoint, seq, self.rank, dst);
+        if st.abandoned.remove(&key) {
+            return Ok(());
+        }
+        st.mailbox.insert(key, Message { kind, payload });
         drop(st);
         self.shared.cv.notify_all();
         Ok(())
     }
 
-    /// Wait for the message of call `seq` from `src`. Fails when the group is aborted, when `src`
-    /// departed without sending it, or after the timeout (which aborts the group).
+    /// Wait for the message of call `seq` from `src` (see [`recv_msg`]).
     fn recv(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
-        let t = self.recv_raw(seq, kind, src)?;
-        match (t, self.device) {
-            (Some(t), Some(d)) if t.device() != d => Ok(Some(t.to_device(d)?)),
-            (t, _) => Ok(t),
-        }
+        recv_msg(&self.shared, self.rank, self.device, seq, kind, src)
     }
 
-    fn recv_raw(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
-        let deadline = Instant::now() + self.shared.timeout;
-        let key = (kind == OpKind::PointToPoint, seq, src, self.rank);
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(reason) = &st.aborted {
-                return Err(Self::aborted_error(reason, self.rank, &format!("{kind:?}")));
-            }
-            if let Some(msg) = st.mailbox.remove(&key) {
-                if msg.kind != kind {
-                    let reason = format!(
-                        "rank {}: collective call #{seq} mismatch: this rank called {kind:?}, \
-                         rank {src} called {:?}",
-                        self.rank, msg.kind
-                    );
-                    drop(st);
-                    self.shared.abort(reason.clone());
-                    return Err(Error::Comm(reason));
-                }
-                return Ok(msg.payload);
-            }
-            if st.departed[src] {
-                let reason = format!(
-                    "rank {}: {kind:?} (call #{seq}): rank {src} left the group without sending",
-                    self.rank
-                );
-                drop(st);
-                self.shared.abort(reason.clone());
-                return Err(Error::Comm(reason));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let reason = format!(
-                    "rank {}: {kind:?} (call #{seq}): timed out after {:?} waiting for rank {src}",
-                    self.rank, self.shared.timeout
-                );
-                drop(st);
-                self.shared.abort(reason.clone());
-                return Err(Error::Comm(reason));
-            }
-            st = self
-                .shared
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+    /// The receiving half of call `seq`, completed later (see [`PendingRecv`]).
+    fn pending_recv(&self, seq: u64, kind: OpKind, srcs: Vec<usize>) -> PendingRecv {
+        PendingRecv {
+            shared: self.shared.clone(),
+            rank: self.rank,
+            device: self.device,
+            seq,
+            kind,
+            srcs,
+            waited: false,
         }
     }
 
@@ -298,7 +261,20 @@ impl Communicator for InProcessComm {
         &self,
         to_left: Option<&Tensor>,
         to_right: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Halos> {
+        self.start_exchange_neighbors(to_left, to_right)?.wait()
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
+        self.start_all_gather(t)?.wait()
+    }
+
+    /// Sends both halos now; the receives happen in `wait`.
+    fn start_exchange_neighbors(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> Result<Pending<Halos>> {
         const K: OpKind = OpKind::Neighbors;
         let seq = self.begin(K)?;
         let (r, w) = (self.rank, self.shared.world);
@@ -308,27 +284,31 @@ impl Communicator for InProcessComm {
         if r + 1 < w {
             self.send(seq, K, r + 1, to_right.cloned())?;
         }
-        let from_left = if r > 0 {
-            self.recv(seq, K, r - 1)?
-        } else {
-            None
-        };
-        let from_right = if r + 1 < w {
-            self.recv(seq, K, r + 1)?
-        } else {
-            None
-        };
-        Ok((from_left, from_right))
+        let mut srcs = Vec::new();
+        if r > 0 {
+            srcs.push(r - 1);
+        }
+        if r + 1 < w {
+            srcs.push(r + 1);
+        }
+        Ok(Pending::from_op(NeighborsOp(
+            self.pending_recv(seq, K, srcs),
+        )))
     }
 
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let all = self.exchange_all(OpKind::AllGather, Some(t))?;
-        all.into_iter()
-            .enumerate()
-            .map(|(src, x)| {
-                x.ok_or_else(|| Error::Comm(format!("all_gather: rank {src} sent nothing")))
-            })
-            .collect()
+    /// Sends `t` to every rank now; the receives happen in `wait`.
+    fn start_all_gather(&self, t: &Tensor) -> Result<Pending<Vec<Tensor>>> {
+        const K: OpKind = OpKind::AllGather;
+        let seq = self.begin(K)?;
+        let w = self.shared.world;
+        for dst in (0..w).filter(|&d| d != self.rank) {
+            self.send(seq, K, dst, Some(t.clone()))?;
+        }
+        let srcs = (0..w).filter(|&s| s != self.rank).collect();
+        Ok(Pending::from_op(GatherOp {
+            recv: self.pending_recv(seq, K, srcs),
+            own: t.clone(),
+        }))
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
@@ -400,5 +380,174 @@ impl Drop for InProcessComm {
         st.departed[self.rank] = true;
         drop(st);
         self.shared.cv.notify_all();
+    }
+}
+
+/// Wait for the message of call `seq` from `src`. Fails when the group is aborted, when `src`
+/// departed without sending it, or after the timeout (which aborts the group).
+fn recv_msg(
+    shared: &Shared,
+    rank: usize,
+    device: Option<Device>,
+    seq: u64,
+    kind: OpKind,
+    src: usize,
+) -> Result<Option<Tensor>> {
+    let t = recv_raw(shared, rank, seq, kind, src)?;
+    match (t, device) {
+        (Some(t), Some(d)) if t.device() != d => Ok(Some(t.to_device(d)?)),
+        (t, _) => Ok(t),
+    }
+}
+
+fn recv_raw(
+    shared: &Shared,
+    rank: usize,
+    seq: u64,
+    kind: OpKind,
+    src: usize,
+) -> Result<Option<Tensor>> {
+    let deadline = Instant::now() + shared.timeout;
+    let key = (kind == OpKind::PointToPoint, seq, src, rank);
+    let mut st = shared.lock();
+    loop {
+        if let Some(reason) = &st.aborted {
+            return Err(InProcessComm::aborted_error(
+                reason,
+                rank,
+                &format!("{kind:?}"),
+            ));
+        }
+        if let Some(msg) = st.mailbox.remove(&key) {
+            if msg.kind != kind {
+                let reason = format!(
+                    "rank {}: collective call #{seq} mismatch: this rank called {kind:?}, \
+                     rank {src} called {:?}",
+                    rank, msg.kind
+                );
+                drop(st);
+                shared.abort(reason.clone());
+                return Err(Error::Comm(reason));
+            }
+            return Ok(msg.payload);
+        }
+        if st.departed[src] {
+            let reason = format!(
+                "rank {}: {kind:?} (call #{seq}): rank {src} left the group without sending",
+                rank
+            );
+            drop(st);
+            shared.abort(reason.clone());
+            return Err(Error::Comm(reason));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let reason = format!(
+                "rank {}: {kind:?} (call #{seq}): timed out after {:?} waiting for rank {src}",
+                rank, shared.timeout
+            );
+            drop(st);
+            shared.abort(reason.clone());
+            return Err(Error::Comm(reason));
+        }
+        st = shared
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// The messages of one started call still to be received, from `srcs` in that order. Dropped
+/// without `wait`, it removes what already arrived and marks the rest abandoned, so a peer's
+/// later message for this call is discarded on arrival (call indices are never reused, so later
+/// calls are unaffected either way; this only keeps the mailbox from growing).
+struct PendingRecv {
+    shared: Arc<Shared>,
+    rank: usize,
+    device: Option<Device>,
+    seq: u64,
+    kind: OpKind,
+    srcs: Vec<usize>,
+    waited: bool,
+}
+
+impl PendingRecv {
+    fn recv_all(&mut self) -> Result<Vec<Option<Tensor>>> {
+        self.waited = true;
+        self.srcs
+            .iter()
+            .map(|&src| {
+                recv_msg(
+                    &self.shared,
+                    self.rank,
+                    self.device,
+                    self.seq,
+                    self.kind,
+                    src,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for PendingRecv {
+    fn drop(&mut self) {
+        if self.waited {
+            return;
+        }
+        let mut st = self.shared.lock();
+        for &src in &self.srcs {
+            let key = (false, self.seq, src, self.rank);
+            if st.mailbox.remove(&key).is_none() {
+                st.abandoned.insert(key);
+            }
+        }
+    }
+}
+
+/// A started neighbour exchange: receives from rank-1 and rank+1 (those that exist).
+struct NeighborsOp(PendingRecv);
+
+impl PendingOp<Halos> for NeighborsOp {
+    fn wait(mut self: Box<Self>) -> Result<Halos> {
+        let r = self.0.rank;
+        let mut got = self.0.recv_all()?.into_iter();
+        let from_left = if r > 0 { got.next().flatten() } else { None };
+        let from_right = if r + 1 < self.0.shared.world {
+            got.next().flatten()
+        } else {
+            None
+        };
+        Ok((from_left, from_right))
+    }
+}
+
+/// A started all-gather: every other rank's tensor, and this rank's own in its place.
+struct GatherOp {
+    recv: PendingRecv,
+    own: Tensor,
+}
+
+impl PendingOp<Vec<Tensor>> for GatherOp {
+    fn wait(mut self: Box<Self>) -> Result<Vec<Tensor>> {
+        let rank = self.recv.rank;
+        let mut got = self
+            .recv
+            .recv_all()?
+            .into_iter()
+            .zip(self.recv.srcs.clone());
+        let world = self.recv.shared.world;
+        let mut out = Vec::with_capacity(world);
+        for src in 0..world {
+            if src == rank {
+                out.push(self.own.clone());
+                continue;
+            }
+            let (t, s) = got.next().expect("one message per other rank");
+            debug_assert_eq!(s, src);
+            out.push(t.ok_or_else(|| Error::Comm(format!("all_gather: rank {src} sent nothing")))?);
+        }
+        Ok(out)
     }
 }
