@@ -38,8 +38,25 @@ fn extent(r: usize, c: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
+/// Depth of one `gemm::gemm` call: every call sees k <= KC, so the crate uses one depth block
+/// (its kc = k) whatever m and n are. The crate's own kc depends on the size class of (m, n)
+/// (min(k, 512) for m, n <= 64, a cache-derived split otherwise): an element's summation order, and
+/// so its rounding, would depend on how many rows the call holds.
+const KC: usize = 512;
+
+/// Fewest rows a `gemm::gemm` call gets: below it (m <= 1, or m * n <= 256) the crate takes its
+/// gemv / horizontal-kernel paths, which sum in another order than its main microkernel.
+fn min_rows(n: usize) -> usize {
+    (256 / n.max(1) + 1).max(2)
+}
+
 /// dst[m, n] (row stride `dst_rs`, contiguous rows) = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n].
 /// `parallel`: let gemm use the rayon pool (only from outside a rayon task).
+///
+/// Batch invariance: row r of the result depends only on row r of lhs, rhs and k, never on m
+/// (the bounded-memory schedules chunk frames and CFG rows and must give the same bits;
+/// tests/batch_invariance.rs): k is cut into fixed KC blocks accumulated in order, and calls
+/// with too few rows for the crate's main kernel are padded with zero rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
     m: usize,
@@ -69,36 +86,93 @@ pub(crate) fn sgemm(
         }
         return;
     }
+    let rows = min_rows(n);
+    if m < rows {
+        // Padded copy: lhs [rows, k] (zero rows below m), dst [rows, n].
+        let mut l = vec![0f32; rows * k];
+        for r in 0..m {
+            for c in 0..k {
+                l[r * k + c] = lhs.data[r * lhs.rs + c * lhs.cs];
+            }
+        }
+        let mut d = vec![0f32; rows * n];
+        if accumulate {
+            for r in 0..m {
+                d[r * n..(r + 1) * n].copy_from_slice(&dst[r * dst_rs..r * dst_rs + n]);
+            }
+        }
+        sgemm_blocks(
+            rows,
+            n,
+            k,
+            &mut d,
+            n,
+            Mat::rows(&l, k),
+            rhs,
+            accumulate,
+            parallel,
+        );
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].copy_from_slice(&d[r * n..(r + 1) * n]);
+        }
+        return;
+    }
+    sgemm_blocks(m, n, k, dst, dst_rs, lhs, rhs, accumulate, parallel);
+}
+
+/// [`sgemm`] over depth blocks of KC (m >= [`min_rows`], k >= 1, operands checked).
+#[allow(clippy::too_many_arguments)]
+fn sgemm_blocks(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+    parallel: bool,
+) {
     let par = if parallel {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
     };
-    // SAFETY: the assert above proves every element gemm reads or writes through these pointers
-    // and strides lies inside the corresponding slice; `dst` is exclusively borrowed and cannot
-    // alias the shared `lhs`/`rhs` slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
+    let mut k0 = 0;
+    while k0 < k {
+        let kb = KC.min(k - k0);
+        let acc = accumulate || k0 > 0;
+        // Offsets of this depth block: lhs columns k0.., rhs rows k0.. (inside the checked
+        // extents: k0 + kb <= k).
+        let (lo, ro) = (k0 * lhs.cs, k0 * rhs.rs);
+        // SAFETY: `sgemm` checked that every element of the m x k lhs, k x n rhs and m x n dst
+        // (with their strides) lies inside the corresponding slice; this call touches the
+        // sub-block of depth k0..k0 + kb only, starting at the offsets above. `dst` is
+        // exclusively borrowed and cannot alias the shared `lhs`/`rhs` slices.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                kb,
+                dst.as_mut_ptr(),
+                1,
+                dst_rs as isize,
+                acc,
+                lhs.data.as_ptr().add(lo),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(ro),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        k0 += kb;
     }
 }
 
