@@ -3,6 +3,7 @@
 //! that does not fit before loading any weights, writes nothing, and `--no-memory-check` skips it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -11,14 +12,15 @@ use std::time::Duration;
 use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::{run_ranks, split_frames};
 use vi_model::memory_plan::{
-    check_fit, fmt_bytes, measure_rank, plan, Margin, MemoryPlan, MetaModels, PlanModels,
-    PlanRequest, RankPeaks, RechargingComm,
+    check_fit, choose_schedule, device_need, fmt_bytes, measure_rank, plan, Margin, MemoryPlan,
+    MetaModels, PlanModels, PlanRequest, RankPeaks, RechargingComm,
 };
 use vi_model::models::PartKind;
 use vi_model::params::param_dtype;
-use vi_model::pipeline::{generate, GenerateRequest};
-use vi_model::rank_loop::{RankJob, RankModels};
+use vi_model::pipeline::{frame_noise, generate, GenerateRequest};
+use vi_model::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, RankModels, StepDone};
 use vi_model::sampler::{Sampler, SamplerKind};
+use vi_model::schedule::{DeviceTurn, Schedule};
 use vi_model::temporal::LocalContext;
 use vi_model::{random_full, tiny};
 use vi_runtime::{meta, DType, Device, Tensor};
@@ -172,6 +174,8 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
                     vi: cfg,
                     vae_chunk: 2,
                     decode: true,
+                    schedule: Schedule::UNCONSTRAINED,
+                    turn: None,
                 };
                 measure_rank(&m, text, &RechargingComm::new(comm), &job)
             })
@@ -226,6 +230,7 @@ fn real_pipeline_heap_peak_is_within_the_plan() {
         rank_timeout: Duration::from_secs(300),
         vae_chunk: 3,
         decode: true,
+        schedule: Schedule::UNCONSTRAINED,
     };
     let mut preq = request(vec![(Device::Cpu, DType::F32); world], frames, hw, hw);
     preq.steps = req.steps;
@@ -279,6 +284,7 @@ fn request(ranks: Vec<(Device, DType)>, frames: usize, h: usize, w: usize) -> Pl
         vae_chunk: 4,
         decode: true,
         prompts: 1,
+        schedule: Schedule::UNCONSTRAINED,
     }
 }
 
@@ -582,4 +588,234 @@ fn memory_check_runs_before_loading_and_can_be_skipped() {
     ])
     .unwrap();
     assert!(out2.is_file());
+}
+
+// ---------------------------------------------------------------- bounded-memory schedules
+
+/// Seeded inputs of the schedule tests: random conditioning rows, per-frame noise.
+struct SeededTestInputs {
+    cond: Tensor,
+    seed: u64,
+}
+
+impl RankInputs for SeededTestInputs {
+    fn conditioning(&self, device: Device, dtype: DType) -> vi_model::params::Result<Tensor> {
+        Ok(self.cond.to_device(device)?.to_dtype(dtype)?)
+    }
+    fn noise(
+        &self,
+        draw: u64,
+        clip: &std::ops::Range<usize>,
+        shape: &[usize],
+        device: Device,
+    ) -> vi_model::params::Result<Tensor> {
+        let v = frame_noise(self.seed, draw, clip.clone(), shape[2], shape[3], shape[4]);
+        Ok(Tensor::from_vec(v, shape)?.to_device(device)?)
+    }
+}
+
+/// What a rank produced, as bits: its latents after every step and its decoded images.
+#[derive(Default)]
+struct CaptureBits {
+    latents: RefCell<Vec<Vec<u32>>>,
+    images: RefCell<Vec<(usize, Vec<u32>)>>,
+}
+
+fn bits_of(t: &Tensor) -> Vec<u32> {
+    t.to_vec_f32()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+impl RankHooks for CaptureBits {
+    fn step(&self, done: &StepDone<'_>) -> vi_model::params::Result<()> {
+        self.latents.borrow_mut().push(bits_of(done.latents));
+        Ok(())
+    }
+    fn frames(&self, first: usize, images: Tensor) -> vi_model::params::Result<()> {
+        self.images.borrow_mut().push((first, bits_of(&images)));
+        Ok(())
+    }
+}
+
+type RankBits = (Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>);
+
+/// The rank loop of every rank of a `world`-rank group on the CPU under `schedule` (ranks take
+/// turns on one shared turn when the schedule says so): each rank's latents after every step and
+/// its decoded images, as bits.
+fn run_schedule(
+    models: &vi_model::models::Models,
+    world: usize,
+    frames: usize,
+    vi: &ViConfig,
+    schedule: Schedule,
+) -> Vec<RankBits> {
+    let clips = split_frames(frames, world).unwrap();
+    let sampler = Sampler::new(SamplerKind::DpmSolverSde, 10).unwrap();
+    let hidden = models.clip.config.hidden_size;
+    let cond = Tensor::from_vec(frame_noise(9, 0, 0..1, 2, 77, hidden), &[2, 77, hidden]).unwrap();
+    let turn = DeviceTurn::new(Duration::from_secs(120));
+    run_ranks(world, Duration::from_secs(120), |rank, comm| {
+        let job = RankJob {
+            sampler: &sampler,
+            steps: 2,
+            clip: clips[rank].clone(),
+            latent: (8, 8),
+            guidance: 7.5,
+            fps_cond: 8.0,
+            vi,
+            vae_chunk: 3,
+            decode: true,
+            schedule,
+            turn: schedule.rank_turns.then_some(&turn),
+        };
+        let inputs = SeededTestInputs {
+            cond: cond.clone(),
+            seed: 3,
+        };
+        let hooks = CaptureBits::default();
+        run_rank(&models.rank_models(), comm, &job, &inputs, &hooks)?;
+        Ok((hooks.latents.into_inner(), hooks.images.into_inner()))
+    })
+    .unwrap()
+}
+
+/// Every schedule the planner may choose (frames in chunks, the CFG rows one after the other,
+/// ranks taking turns, all combined) gives the unconstrained run's latents after every step and
+/// its decoded images bit for bit, on 3 ranks of unequal clips, in the default and the
+/// exact-seam mode.
+#[test]
+fn every_schedule_gives_the_unconstrained_bits() {
+    let _serial = serial();
+    let models = tiny::load(Device::Cpu, DType::F32).unwrap();
+    let vi = ViConfig {
+        conv_pad: 2,
+        attn_pad: 3,
+        top_k: 4,
+        ..ViConfig::default()
+    };
+    let exact = ViConfig {
+        exact_seam: true,
+        ..vi.clone()
+    };
+    let s = |frame_chunk, sequential_cfg, rank_turns| Schedule {
+        frame_chunk,
+        sequential_cfg,
+        rank_turns,
+    };
+    for (cfg, schedules) in [
+        (
+            &vi,
+            vec![
+                s(2, false, false),
+                s(0, true, false),
+                s(0, false, true),
+                s(1, true, true),
+                s(3, true, true),
+            ],
+        ),
+        (&exact, vec![s(1, true, true)]),
+    ] {
+        let (world, frames) = (3, 7);
+        let reference = run_schedule(&models, world, frames, cfg, Schedule::UNCONSTRAINED);
+        assert_eq!(reference[0].0.len(), 2, "two steps");
+        assert_eq!(reference[0].1.len(), 1, "3 frames in one VAE chunk");
+        for schedule in schedules {
+            let got = run_schedule(&models, world, frames, cfg, schedule);
+            for rank in 0..world {
+                assert!(
+                    got[rank] == reference[rank],
+                    "exact_seam {}: {schedule} differs from the unconstrained run on rank {rank}",
+                    cfg.exact_seam
+                );
+            }
+            // The VAE follows the frame chunk: 1-frame chunks decode frame by frame.
+            if schedule.frame_chunk == 1 {
+                assert_eq!(got[0].1.len(), 3);
+            }
+        }
+    }
+}
+
+/// The planner's bound for ranks taking turns: one rank at its peak, every other at its parked
+/// bytes; each constraint lowers the planned activations of 3 ranks sharing the CPU; and the
+/// choice under a budget is the least constraining candidate that fits.
+#[test]
+fn schedules_lower_the_plan_and_the_choice_fits_the_budget() {
+    let _serial = serial();
+    let cpu3 = vec![(Device::Cpu, DType::F32); 3];
+    let mut req = request(cpu3, 24, 128, 128);
+    req.steps = 2;
+    let at = |schedule: Schedule| {
+        plan(
+            &tiny_models(),
+            &PlanRequest {
+                schedule,
+                ..req.clone()
+            },
+        )
+        .unwrap()
+    };
+    let free = at(Schedule::UNCONSTRAINED);
+    let chunked = at(Schedule {
+        frame_chunk: 2,
+        ..Schedule::UNCONSTRAINED
+    });
+    let turns = at(Schedule {
+        frame_chunk: 2,
+        rank_turns: true,
+        sequential_cfg: false,
+    });
+    let all = at(Schedule {
+        frame_chunk: 1,
+        rank_turns: true,
+        sequential_cfg: true,
+    });
+    let act = |p: &MemoryPlan| p.devices[0].activations();
+    eprintln!(
+        "tiny, 3 ranks x 8 frames 128x128: unconstrained {}, chunks of 2 {}, + turns {}, \
+         chunks of 1 + turns + sequential CFG {}",
+        fmt_bytes(act(&free)),
+        fmt_bytes(act(&chunked)),
+        fmt_bytes(act(&turns)),
+        fmt_bytes(act(&all))
+    );
+    assert!(act(&chunked) < act(&free));
+    assert!(act(&turns) < act(&chunked));
+    assert!(act(&all) < act(&turns));
+    // Turns: the worst rank at its peak plus every other rank's parked bytes.
+    let d = &turns.devices[0];
+    assert!(d.rank_turns);
+    let peaks: Vec<u64> = (0..3)
+        .map(|r| d.denoise_peaks[r].max(d.decode_peaks[r]))
+        .collect();
+    let parked: u64 = d.parked.iter().sum();
+    assert!(d.parked.iter().zip(&peaks).all(|(p, k)| p > &0 && p < k));
+    assert_eq!(
+        d.ranks_peak(),
+        (0..3)
+            .map(|r| peaks[r] + parked - d.parked[r])
+            .max()
+            .unwrap()
+    );
+
+    // The choice: no budget -> unconstrained; a budget between two candidates' needs -> the
+    // first candidate within it.
+    let none = choose_schedule(&tiny_models(), &req, &|_| None).unwrap();
+    assert_eq!(none.schedule, Schedule::UNCONSTRAINED);
+    assert!(none.fits);
+    let need = |p: &MemoryPlan| device_need(p, &p.devices[0]);
+    let budget = (need(&turns) + need(&all)) / 2;
+    let c = choose_schedule(&tiny_models(), &req, &|_| Some(budget)).unwrap();
+    assert!(c.fits && need(&c.plan) <= budget, "{}", c.schedule);
+    assert!(
+        c.schedule.sequential_cfg && c.schedule.rank_turns,
+        "{}",
+        c.schedule
+    );
+    let c = choose_schedule(&tiny_models(), &req, &|_| Some(need(&all) / 2)).unwrap();
+    assert!(!c.fits);
+    assert_eq!(c.schedule.frame_chunk, 1, "the most constrained candidate");
 }

@@ -30,6 +30,7 @@ fn request(world: usize, sampler: SamplerKind) -> GenerateRequest {
         rank_timeout: Duration::from_secs(120),
         vae_chunk: 2,
         decode: true,
+        schedule: vi_model::schedule::Schedule::UNCONSTRAINED,
     }
 }
 

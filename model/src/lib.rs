@@ -17,6 +17,7 @@ pub mod random_full;
 pub mod rank_loop;
 pub mod request_digest;
 pub mod sampler;
+pub mod schedule;
 pub mod temporal;
 pub mod tiny;
 pub mod tokenizer;

@@ -36,6 +36,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ use crate::distributed::{run_ranks, split_frames};
 use crate::params::{param_dtype, ModelError, ParamSource, Params, Result};
 use crate::rank_loop::{run_rank, Phase, RankHooks, RankInputs, RankJob, RankModels};
 use crate::sampler::{Sampler, SamplerKind};
+use crate::schedule::Schedule;
 use crate::tokenizer::CONTEXT_LENGTH;
 use crate::unet::{UNet3D, UNetConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
@@ -91,6 +93,8 @@ pub struct PlanRequest {
     pub decode: bool,
     /// Distinct prompts (the text encoder runs on these + the negative prompt).
     pub prompts: usize,
+    /// The bounded-memory schedule to plan for ([`choose_schedule`] tries several).
+    pub schedule: Schedule,
 }
 
 /// The plan of one device.
@@ -115,6 +119,11 @@ pub struct DevicePlan {
     pub denoise_peaks: Vec<u64>,
     /// Per rank: latents kept + one VAE chunk's peak (0 without decoding).
     pub decode_peaks: Vec<u64>,
+    /// Per rank: the most it holds while waiting in a collective call (see [`RankPeaks::parked`]).
+    pub parked: Vec<u64>,
+    /// The ranks of this device take turns ([`Schedule::rank_turns`]): only one holds its
+    /// transients at a time, the others hold at most their parked bytes.
+    pub rank_turns: bool,
     /// Largest fp32 buffer of the CUDA GEMM f32-bias fallback (taken only if cuBLASLt refuses a
     /// bias epilogue; one op at a time per device, since a device's ranks share one stream and
     /// stream-ordered frees precede later allocations). Added to the CUDA margin.
@@ -125,13 +134,25 @@ impl DevicePlan {
     pub fn weights(&self) -> u64 {
         self.unet_weights + self.text_weights + self.vae_weights + self.conv_relayout
     }
-    /// Sum over the device's ranks of max(denoising, decoding) peaks.
+    /// The device's ranks together at their worst moment. Concurrent ranks: the sum over them
+    /// of max(denoising, decoding) peaks (a bound: they do not all peak at once). Ranks taking
+    /// turns: one rank at its peak while every other waits with at most its parked bytes, the
+    /// worst such rank.
     pub fn ranks_peak(&self) -> u64 {
-        self.denoise_peaks
+        let peaks = self
+            .denoise_peaks
             .iter()
             .zip(&self.decode_peaks)
-            .map(|(a, b)| *a.max(b))
-            .sum()
+            .map(|(a, b)| *a.max(b));
+        if !self.rank_turns {
+            return peaks.sum();
+        }
+        let parked: u64 = self.parked.iter().sum();
+        peaks
+            .zip(&self.parked)
+            .map(|(p, own)| p + (parked - own))
+            .max()
+            .unwrap_or(0)
     }
     /// Activation bytes at the device's worst moment.
     pub fn activations(&self) -> u64 {
@@ -171,6 +192,14 @@ impl DevicePlan {
             fmt_bytes(max_den),
             fmt_bytes(max_dec),
         );
+        if self.rank_turns && self.ranks.len() > 1 {
+            let max_parked = self.parked.iter().copied().max().unwrap_or(0);
+            let _ = write!(
+                s,
+                "; ranks take turns, each waiting one holds up to {}",
+                fmt_bytes(max_parked)
+            );
+        }
         if self.text_peak > 0 {
             let _ = write!(s, ", text encoder {}", fmt_bytes(self.text_peak));
         }
@@ -432,6 +461,10 @@ pub struct RankPeaks {
     pub decode: u64,
     /// Largest CUDA GEMM f32-bias fallback buffer of either phase (`meta::Measured::fallback`).
     pub fallback: u64,
+    /// The most the rank holds at the entry to or the return from any call to the group (where
+    /// a rank under [`Schedule::rank_turns`] waits without its device's turn): its state, the
+    /// activations it keeps across the exchange (skips), what it sent and received.
+    pub parked: u64,
 }
 
 /// The dry run's inputs: zeros of the real inputs' shapes, placed on the rank's device (shape-only
@@ -458,15 +491,82 @@ impl RankInputs for ZeroInputs {
     }
 }
 
-/// Hooks that measure each phase of the rank loop (tensor bytes of this rank's thread).
-#[derive(Default)]
-struct MeasurePhases {
-    denoise: Cell<Measured>,
-    decode: Cell<Option<Measured>>,
+/// A communicator that records the rank's live tensor bytes (+ `base`, what an enclosing phase
+/// keeps alive) at the entry to and the return from every call to the group: [`RankPeaks::parked`].
+struct ParkProbe<'a> {
+    inner: &'a dyn Communicator,
+    base: AtomicU64,
+    parked: AtomicU64,
 }
 
-impl RankHooks for MeasurePhases {
+impl ParkProbe<'_> {
+    fn note(&self) {
+        let now = self.base.load(Ordering::SeqCst) + meta::live_bytes() as u64;
+        self.parked.fetch_max(now, Ordering::SeqCst);
+    }
+    fn around<R>(&self, call: impl FnOnce() -> vi_runtime::Result<R>) -> vi_runtime::Result<R> {
+        self.note();
+        let r = call()?;
+        self.note();
+        Ok(r)
+    }
+}
+
+impl Communicator for ParkProbe<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn exchange_neighbors(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> vi_runtime::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.around(|| self.inner.exchange_neighbors(to_left, to_right))
+    }
+    fn all_gather(&self, t: &Tensor) -> vi_runtime::Result<Vec<Tensor>> {
+        self.around(|| self.inner.all_gather(t))
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> vi_runtime::Result<Tensor> {
+        self.around(|| self.inner.all_reduce_sum(t))
+    }
+    fn gather_to_root(&self, t: &Tensor) -> vi_runtime::Result<Option<Vec<Tensor>>> {
+        self.around(|| self.inner.gather_to_root(t))
+    }
+    fn barrier(&self) -> vi_runtime::Result<()> {
+        self.around(|| self.inner.barrier())
+    }
+    fn send_to(&self, dst: usize, t: &Tensor) -> vi_runtime::Result<()> {
+        self.around(|| self.inner.send_to(dst, t))
+    }
+    fn recv_from(&self, src: usize) -> vi_runtime::Result<Tensor> {
+        self.around(|| self.inner.recv_from(src))
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+    fn is_aborted(&self) -> bool {
+        self.inner.is_aborted()
+    }
+}
+
+/// Hooks that measure each phase of the rank loop (tensor bytes of this rank's thread).
+struct MeasurePhases<'a> {
+    denoise: Cell<Measured>,
+    decode: Cell<Option<Measured>>,
+    probe: &'a ParkProbe<'a>,
+}
+
+impl RankHooks for MeasurePhases<'_> {
     fn phase(&self, phase: Phase, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        // The decode phase runs with the latents the denoising phase left alive.
+        let base = match phase {
+            Phase::Denoise => 0,
+            Phase::Decode => self.denoise.get().live_end as u64,
+        };
+        self.probe.base.store(base, Ordering::SeqCst);
         let (r, m) = meta::measure_full(body);
         match phase {
             Phase::Denoise => self.denoise.set(m),
@@ -491,13 +591,23 @@ pub fn measure_rank(
     comm: &dyn Communicator,
     job: &RankJob,
 ) -> Result<RankPeaks> {
-    let hooks = MeasurePhases::default();
-    run_rank(m, comm, job, &ZeroInputs { text }, &hooks)?;
+    let probe = ParkProbe {
+        inner: comm,
+        base: AtomicU64::new(0),
+        parked: AtomicU64::new(0),
+    };
+    let hooks = MeasurePhases {
+        denoise: Cell::new(Measured::default()),
+        decode: Cell::new(None),
+        probe: &probe,
+    };
+    run_rank(m, &probe, job, &ZeroInputs { text }, &hooks)?;
     let den = hooks.denoise.get();
     let mut peaks = RankPeaks {
         denoise: den.peak as u64,
         decode: 0,
         fallback: den.fallback as u64,
+        parked: probe.parked.load(Ordering::SeqCst),
     };
     if let Some(vae) = hooks.decode.get() {
         // The latents the denoising phase left alive + one VAE chunk's peak.
@@ -581,6 +691,10 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             vi: &req.vi,
             vae_chunk: req.vae_chunk,
             decode: req.decode,
+            schedule: req.schedule,
+            // The dry run keeps every exchange in lockstep (RechargingComm); turns enter the
+            // device's sum through the parked bytes (DevicePlan::ranks_peak).
+            turn: None,
         };
         measure_rank(&mm.rank_models(), mm.text_dims(), &comm, &job)
     })?;
@@ -606,6 +720,8 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             text_kept: if i == 0 { text_kept } else { 0 },
             denoise_peaks: ranks.iter().map(|&r| peaks[r].denoise).collect(),
             decode_peaks: ranks.iter().map(|&r| peaks[r].decode).collect(),
+            parked: ranks.iter().map(|&r| peaks[r].parked).collect(),
+            rank_turns: req.schedule.rank_turns,
             gemm_fallback: ranks
                 .iter()
                 .map(|&r| peaks[r].fallback)
@@ -623,6 +739,101 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     Ok(MemoryPlan {
         devices: out,
         host_frames,
+    })
+}
+
+/// The bytes of `d` that a budget bounds: its weights and activations, and on the CPU device
+/// (the host) also the decoded frames kept in host memory.
+pub fn device_need(plan: &MemoryPlan, d: &DevicePlan) -> u64 {
+    d.total()
+        + if d.device == Device::Cpu {
+            plan.host_frames
+        } else {
+            0
+        }
+}
+
+/// What [`choose_schedule`] chose.
+#[derive(Debug, Clone)]
+pub struct ScheduleChoice {
+    /// The least constraining candidate that fits (or the most constraining one when none does).
+    pub schedule: Schedule,
+    /// Its plan.
+    pub plan: MemoryPlan,
+    /// Whether every device's [`device_need`] is within its budget (true when no budget is known).
+    pub fits: bool,
+    /// Candidates planned (each one dry run).
+    pub tried: usize,
+}
+
+/// Picks the least constraining schedule of [`Schedule::ladder`] whose plan fits every device's
+/// budget (`budget_of(device)`: the bytes [`device_need`] may reach; None: unbounded), by one
+/// shape-only dry run per candidate (`req.schedule` is ignored). With no budget anywhere, the
+/// unconstrained schedule.
+pub fn choose_schedule(
+    models: &PlanModels,
+    req: &PlanRequest,
+    budget_of: &dyn Fn(Device) -> Option<u64>,
+) -> Result<ScheduleChoice> {
+    let clips = split_frames(req.frames, req.ranks.len())?;
+    let longest = clips.iter().map(|c| c.len()).max().unwrap_or(1);
+    let shared = req
+        .ranks
+        .iter()
+        .any(|(d, _)| req.ranks.iter().filter(|(x, _)| x == d).count() > 1);
+    let ladder = Schedule::ladder(longest, shared);
+    let bounded = req.ranks.iter().any(|(d, _)| budget_of(*d).is_some());
+    let run = |schedule: Schedule| -> Result<(MemoryPlan, bool)> {
+        let p = plan(
+            models,
+            &PlanRequest {
+                schedule,
+                ..req.clone()
+            },
+        )?;
+        let fits = p
+            .devices
+            .iter()
+            .all(|d| budget_of(d.device).is_none_or(|b| device_need(&p, d) <= b));
+        Ok((p, fits))
+    };
+    if !bounded {
+        let (plan, _) = run(ladder[0])?;
+        return Ok(ScheduleChoice {
+            schedule: ladder[0],
+            plan,
+            fits: true,
+            tried: 1,
+        });
+    }
+    // The most constraining candidate first: when even it does not fit, no other does (one dry
+    // run to refuse a hopeless request).
+    let last = *ladder.last().expect("the ladder is never empty");
+    let (last_plan, last_fits) = run(last)?;
+    if !last_fits {
+        return Ok(ScheduleChoice {
+            schedule: last,
+            plan: last_plan,
+            fits: false,
+            tried: 1,
+        });
+    }
+    for (i, &schedule) in ladder[..ladder.len() - 1].iter().enumerate() {
+        let (plan, fits) = run(schedule)?;
+        if fits {
+            return Ok(ScheduleChoice {
+                schedule,
+                plan,
+                fits: true,
+                tried: i + 2,
+            });
+        }
+    }
+    Ok(ScheduleChoice {
+        schedule: last,
+        plan: last_plan,
+        fits: true,
+        tried: ladder.len(),
     })
 }
 
@@ -655,6 +866,17 @@ impl Margin {
     };
     pub fn of(self, planned: u64) -> u64 {
         self.fixed + (planned as f64 * self.fraction) as u64
+    }
+    /// The largest plan that fits `free` bytes with this margin: planned + of(planned) <= free.
+    pub fn budget_from_free(self, free: u64) -> u64 {
+        (free.saturating_sub(self.fixed) as f64 / (1.0 + self.fraction)) as u64
+    }
+    /// The margin of `device`'s kind.
+    pub fn for_device(device: Device) -> Margin {
+        match device {
+            Device::Cpu => Margin::CPU,
+            _ => Margin::CUDA,
+        }
     }
 }
 

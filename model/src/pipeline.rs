@@ -34,6 +34,7 @@ use crate::models::Models;
 use crate::params::{ModelError, Result};
 use crate::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, StepDone};
 use crate::sampler::{Sampler, SamplerKind};
+use crate::schedule::{DeviceTurn, Schedule, TurnComm};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -63,6 +64,8 @@ pub struct GenerateRequest {
     pub vae_chunk: usize,
     /// Run the VAE (false: denoising only, no frames returned; for benchmarks).
     pub decode: bool,
+    /// Bounded-memory schedule (`memory_plan::choose_schedule`); the video is the same for all.
+    pub schedule: Schedule,
 }
 
 /// Progress of a generation, reported from the rank threads. A process sees the events of its
@@ -247,6 +250,40 @@ pub fn generate_rank<'a>(
     sink: Option<&'a mut dyn FrameSink>,
     progress: &'a (dyn Fn(Event) + Sync),
 ) -> Result<()> {
+    generate_rank_with_turn(models, comm, req, sink, progress, None)
+}
+
+/// [`generate_rank`] for a rank whose device is shared with other ranks of this process under
+/// [`Schedule::rank_turns`]: the rank holds `turn` whenever it computes and hands it on for the
+/// duration of every call to the group, the frame flow's included ([`TurnComm`]). None: as
+/// [`generate_rank`].
+pub fn generate_rank_with_turn<'a>(
+    models: &Models,
+    comm: &'a dyn Communicator,
+    req: &GenerateRequest,
+    sink: Option<&'a mut dyn FrameSink>,
+    progress: &'a (dyn Fn(Event) + Sync),
+    turn: Option<&'a DeviceTurn>,
+) -> Result<()> {
+    let turn_comm = match turn {
+        Some(t) => Some(TurnComm::start(comm, t)?),
+        None => None,
+    };
+    let comm: &dyn Communicator = match &turn_comm {
+        Some(t) => t,
+        None => comm,
+    };
+    rank_body(models, comm, req, sink, progress)
+}
+
+/// The body of [`generate_rank`] over `comm` (the group's, or its [`TurnComm`]).
+fn rank_body<'a: 'b, 'b>(
+    models: &Models,
+    comm: &'b dyn Communicator,
+    req: &GenerateRequest,
+    sink: Option<&'b mut (dyn FrameSink + 'a)>,
+    progress: &'b (dyn Fn(Event) + Sync),
+) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.world_size());
     if world != req.world {
         return Err(ModelError::Config(format!(
@@ -305,6 +342,9 @@ pub fn generate_rank<'a>(
         vi: &req.vi,
         vae_chunk: req.vae_chunk,
         decode: req.decode,
+        schedule: req.schedule,
+        // Turns, if any, are in `comm` already (generate_rank_with_turn).
+        turn: None,
     };
     let inputs = SeededInputs {
         conditioning,
@@ -313,7 +353,7 @@ pub fn generate_rank<'a>(
     let flow = if rank == 0 {
         FrameFlow::Writer(FrameWriter::new(
             comm,
-            sink,
+            sink.map(|s| s as &'b mut (dyn FrameSink + 'b)),
             progress,
             req.vae_chunk,
             (req.height, req.width),
@@ -361,6 +401,15 @@ pub fn generate_to<'m>(
     // Each rank's device: halos and global tokens from a rank on another GPU are copied over on
     // arrival (ranks sharing a device exchange without copies).
     let devices: Vec<Device> = (0..req.world).map(|r| models_of(r).device).collect();
+    // Under rank turns: one turn per distinct device, shared by the ranks on it.
+    let mut turns: Vec<(Device, DeviceTurn)> = Vec::new();
+    if req.schedule.rank_turns {
+        for &d in &devices {
+            if !turns.iter().any(|(x, _)| *x == d) {
+                turns.push((d, DeviceTurn::new(req.rank_timeout)));
+            }
+        }
+    }
     let (tx, rx) = sync_channel::<(usize, Rgb8)>(FRAMES_IN_FLIGHT);
     let tx = Mutex::new(Some(tx));
     std::thread::scope(|s| {
@@ -375,12 +424,17 @@ pub fn generate_to<'m>(
                     } else {
                         None
                     };
-                    generate_rank(
+                    let turn = turns
+                        .iter()
+                        .find(|(d, _)| *d == devices[rank])
+                        .map(|(_, t)| t);
+                    generate_rank_with_turn(
                         models_of(rank),
                         comm,
                         req,
                         fwd.as_mut().map(|f| f as &mut dyn FrameSink),
                         progress,
+                        turn,
                     )
                 },
             )

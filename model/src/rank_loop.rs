@@ -26,6 +26,7 @@ use vi_runtime::{ops, DType, Device, Tensor};
 use crate::clip_parallel::{ClipParallelContext, ViConfig};
 use crate::params::{ModelError, Result};
 use crate::sampler::{Sampler, SamplerState};
+use crate::schedule::{DeviceTurn, Schedule, TurnComm};
 use crate::unet::UNet3D;
 use crate::vae::{to_unit_range, VaeDecoder};
 
@@ -60,6 +61,11 @@ pub struct RankJob<'a> {
     pub vae_chunk: usize,
     /// Run the VAE (false: denoising only).
     pub decode: bool,
+    /// The bounded-memory schedule (the memory plan's choice; same result for every schedule).
+    pub schedule: Schedule,
+    /// The turn of this rank's device, shared by the ranks on it, under
+    /// [`Schedule::rank_turns`] (None: the rank computes whenever it can).
+    pub turn: Option<&'a DeviceTurn>,
 }
 
 /// Where a rank's inputs come from.
@@ -128,6 +134,16 @@ pub fn run_rank(
     inputs: &dyn RankInputs,
     hooks: &dyn RankHooks,
 ) -> Result<()> {
+    // Under rank turns the rank holds its device's turn from here to its end, except inside
+    // collective calls.
+    let turn_comm = match job.turn {
+        Some(turn) => Some(TurnComm::start(comm, turn)?),
+        None => None,
+    };
+    let comm: &dyn Communicator = match &turn_comm {
+        Some(t) => t,
+        None => comm,
+    };
     let mut latents = None;
     hooks.phase(Phase::Denoise, &mut || {
         latents = Some(denoise(m, comm, job, inputs, hooks)?);
@@ -137,10 +153,11 @@ pub fn run_rank(
         .ok_or_else(|| ModelError::Msg("rank loop: the denoising phase did not run".into()))?;
     if job.decode {
         hooks.phase(Phase::Decode, &mut || {
-            m.vae
-                .decode_frames_with(&latents, job.vae_chunk.max(1), |first, images| {
-                    hooks.frames(first, to_unit_range(&images)?)
-                })
+            m.vae.decode_frames_with(
+                &latents,
+                job.schedule.vae_chunk(job.vae_chunk),
+                |first, images| hooks.frames(first, to_unit_range(&images)?),
+            )
         })?;
     }
     Ok(())
@@ -172,13 +189,27 @@ fn denoise(
     let mut state = SamplerState::default();
     for (k, &t) in timesteps.iter().enumerate().take(steps) {
         let ctx = ClipParallelContext::new(comm, job.vi, t);
-        let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
-        let eps = m
-            .unet
-            .forward(&input, t as f32, job.fps_cond, &ehs, &ctx)?
-            .to_dtype(DType::F32)?;
-        let uncond = ops::narrow(&eps, 0, 0, 1)?;
-        let cond = ops::narrow(&eps, 0, 1, 1)?;
+        let chunk = job.schedule.frame_chunk;
+        let (uncond, cond) = if job.schedule.sequential_cfg {
+            // Two passes of batch 1 (uncond, then cond): every rank runs them in this order, so
+            // the exchanges pair up; per-row arithmetic equals the batch-2 pass.
+            let input = x.to_dtype(dt)?;
+            let pass = |row: usize| -> Result<Tensor> {
+                let ehs_row = ops::narrow(&ehs, 0, row, 1)?;
+                Ok(m.unet
+                    .forward_chunked(&input, t as f32, job.fps_cond, &ehs_row, &ctx, chunk)?
+                    .to_dtype(DType::F32)?)
+            };
+            let uncond = pass(0)?;
+            (uncond, pass(1)?)
+        } else {
+            let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
+            let eps = m
+                .unet
+                .forward_chunked(&input, t as f32, job.fps_cond, &ehs, &ctx, chunk)?
+                .to_dtype(DType::F32)?;
+            (ops::narrow(&eps, 0, 0, 1)?, ops::narrow(&eps, 0, 1, 1)?)
+        };
         let guided = ops::add(
             &uncond,
             &ops::scale(&ops::sub(&cond, &uncond)?, job.guidance)?,

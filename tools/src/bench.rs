@@ -77,14 +77,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vae_chunk: 1,
         decode: false,
         prompts: 1,
+        schedule: vi_model::schedule::Schedule::UNCONSTRAINED,
     };
-    plan_and_check(
+    let schedule = plan_and_check(
         &a.model,
         &parts,
         &plan_req,
         a.assume_free_memory,
         a.no_memory_check,
-    )?;
+    )?
+    .map_or(vi_model::schedule::Schedule::UNCONSTRAINED, |(_, s)| s);
     let t = Instant::now();
     let (models, rank_model) = load_models(&a.model, &parts, &ranks, a.dtype)?;
     eprintln!(
@@ -109,6 +111,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rank_timeout: DEFAULT_RANK_TIMEOUT,
         vae_chunk: 1,
         decode: false,
+        schedule,
     };
     let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
     let progress = |e: Event| match e {

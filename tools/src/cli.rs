@@ -210,6 +210,61 @@ pub struct GenerateArgs {
     /// Testing: take this many bytes as free on every device and on the host.
     #[arg(long, hide = true, value_name = "BYTES")]
     pub assume_free_memory: Option<u64>,
+
+    /// Plan only: print the memory plan and the schedule chosen for the budget, then exit. Loads
+    /// no weights, writes nothing and opens no GPU (CUDA devices need --memory-budget or
+    /// --device-memory for a budget).
+    #[arg(long)]
+    pub plan_only: bool,
+
+    /// Memory the plan may take on each device: weights + activations (on the CPU also the
+    /// decoded frames), e.g. `20G`, `512MiB`, `80GB` (K/M/G/T and KiB..TiB are powers of 1024,
+    /// KB..TB of 1000). The planner picks the least constraining schedule that fits (frames in
+    /// chunks, CFG rows one after the other, ranks of a device taking turns) [default: each
+    /// device's free memory less the margin].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+
+    /// Take SIZE as the free memory of every device of --devices instead of asking the device
+    /// (plan for a card that is not at hand, or --plan-only without a GPU); the default budget is
+    /// then SIZE less the margin. Same units as --memory-budget.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub device_memory: Option<u64>,
+}
+
+/// A byte size: a number (decimals allowed) with an optional unit: B; K, M, G, T or KiB, MiB,
+/// GiB, TiB (powers of 1024); KB, MB, GB, TB (powers of 1000). Case-insensitive.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 80G, 512MiB, 20GB, 1000000)"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let scale: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (B, K, M, G, T, KiB..TiB, KB..TB)"
+            ))
+        }
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{text}` is not a usable size (at least 1 byte)"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Video-Infinity knobs (defaults: the reference's plugin configuration).
@@ -431,6 +486,25 @@ mod random_full_tests {
         match b.command {
             Command::Bench(a) => assert_eq!(a.model, crate::generate::RANDOM_FULL),
             other => panic!("parsed as {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1000000"), Ok(1_000_000));
+        assert_eq!(parse_size("80G"), Ok(80 << 30));
+        assert_eq!(parse_size("80GiB"), Ok(80 << 30));
+        assert_eq!(parse_size("80GB"), Ok(80_000_000_000));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5K"), Ok(1536));
+        assert_eq!(parse_size("2 MB"), Ok(2_000_000));
+        for bad in ["", "G", "80X", "-1G", "0", "1..2G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }
 }

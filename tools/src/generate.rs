@@ -15,6 +15,7 @@ use vi_model::memory_plan::{self, PlanModels, PlanRequest};
 use vi_model::models::{ModelPaths, Models};
 use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::sampler::SamplerKind;
+use vi_model::schedule::Schedule;
 use vi_model::unet::UNetConfig;
 use vi_model::vae::VaeConfig;
 use vi_runtime::comm::WorldEnv;
@@ -160,7 +161,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Some(p) => p.devices.clone(),
         None => node_devices,
     };
-    check_available(&ranks)?;
+    if !a.plan_only {
+        // A plan-only run opens no device.
+        check_available(&ranks)?;
+    }
     let world = place.as_ref().map_or(ranks.len(), |p| p.world);
     let local = place.as_ref().map_or(0..world, |p| p.ranks());
     // Only the process of logical rank 0 opens or writes the outputs.
@@ -209,7 +213,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     ensure!(a.guidance.is_finite(), "--guidance must be a finite number");
     ensure!(a.fps_cond.is_finite(), "--fps-cond must be a finite number");
     ensure!(a.out_fps >= 1, "--out-fps must be at least 1");
-    if a.out.is_none() && a.frames_dir.is_none() {
+    if a.out.is_none() && a.frames_dir.is_none() && !a.plan_only {
         bail!("nothing to write: pass --out FILE.mp4 and/or --frames-dir DIR");
     }
     let clips = split_frames(frames, world)?;
@@ -253,14 +257,32 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         vae_chunk: a.vae_chunk,
         decode: true,
         prompts: segments.len(),
+        schedule: Schedule::UNCONSTRAINED,
     };
-    let planned = plan_and_check(
+    let memory = MemoryArgs {
+        assume_free: a.assume_free_memory,
+        device_memory: a.device_memory,
+        budget: a.memory_budget,
+        plan_only: a.plan_only,
+        devices: &ranks,
+    };
+    let (planned, schedule) = match plan_and_choose(
         &a.model,
         &a.parts,
         &req,
-        a.assume_free_memory,
-        a.no_memory_check,
-    )?;
+        &memory,
+        a.no_memory_check && !a.plan_only,
+    )? {
+        Some((p, s)) => (Some(p), s),
+        None => (None, Schedule::UNCONSTRAINED),
+    };
+    if a.plan_only {
+        stage(
+            "plan",
+            "--plan-only: no weights loaded, nothing written".into(),
+        );
+        return Ok(());
+    }
 
     let req = GenerateRequest {
         prompts: segments.clone(),
@@ -278,6 +300,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         rank_timeout,
         vae_chunk: a.vae_chunk,
         decode: true,
+        schedule,
     };
 
     // --- Rendezvous: every process runs the same request, before any output or weight ----------
@@ -778,7 +801,26 @@ pub fn plan_and_check(
     req: &PlanRequest,
     assume_free: Option<u64>,
     no_check: bool,
-) -> Result<Option<Planned>> {
+) -> Result<Option<(Planned, Schedule)>> {
+    let mem = MemoryArgs {
+        assume_free,
+        device_memory: None,
+        budget: None,
+        plan_only: false,
+        devices: &[],
+    };
+    plan_and_choose(model, parts, req, &mem, no_check)
+}
+
+/// [`plan_and_check`] with the budget's sources (`generate`'s --memory-budget, --device-memory,
+/// --plan-only): the checked plan and the schedule chosen for the budget.
+fn plan_and_choose(
+    model: &str,
+    parts: &PartArgs,
+    req: &PlanRequest,
+    mem: &MemoryArgs,
+    no_check: bool,
+) -> Result<Option<(Planned, Schedule)>> {
     let Some(models) = plan_models(model, parts)? else {
         return Ok(None);
     };
@@ -794,24 +836,66 @@ pub fn plan_and_check(
         stage("memory", "check skipped (--no-memory-check)".into());
         return Ok(None);
     }
-    check_memory(&models, req, assume_free)
+    check_memory(&models, req, mem)
 }
 
-/// Plans the generation's memory on shape-only tensors (`vi_model::memory_plan`), prints the plan
-/// and refuses it when a device's free memory (CUDA: the driver's free bytes; the CPU and the host:
-/// MemAvailable) is below plan + margin. `assume_free` replaces every free-memory reading (tests).
+/// Where the memory budget of each device comes from.
+struct MemoryArgs<'a> {
+    /// Hidden testing flag: free bytes of every device and of the host.
+    assume_free: Option<u64>,
+    /// `--device-memory`: free bytes of every device of --devices.
+    device_memory: Option<u64>,
+    /// `--memory-budget`: the budget itself, every device.
+    budget: Option<u64>,
+    /// No device is opened (CUDA free memory is not read).
+    plan_only: bool,
+    devices: &'a [Device],
+}
+
+impl MemoryArgs<'_> {
+    /// Free bytes of `d` as stated or read (None: unknown; Err: the device could not say).
+    fn free(&self, d: Device) -> std::result::Result<Option<u64>, String> {
+        if let Some(b) = self.assume_free {
+            return Ok(Some(b));
+        }
+        if let (Some(b), true) = (self.device_memory, self.devices.contains(&d)) {
+            return Ok(Some(b));
+        }
+        if self.plan_only && matches!(d, Device::Cuda(_)) {
+            return Ok(None);
+        }
+        memory_plan::device_free(d)
+    }
+
+    /// The budget of `d`: --memory-budget, or its free memory less the margin.
+    fn budget(&self, d: Device) -> Option<u64> {
+        self.budget.or_else(|| {
+            self.free(d)
+                .ok()
+                .flatten()
+                .map(|f| memory_plan::Margin::for_device(d).budget_from_free(f))
+        })
+    }
+}
+
+/// Plans the generation's memory on shape-only tensors (`vi_model::memory_plan`): picks the
+/// least constraining schedule whose plan fits every device's budget, prints the plan and the
+/// schedule, and refuses the run when no schedule fits or a device's free memory (CUDA: the
+/// driver's free bytes; the CPU and the host: MemAvailable) is below plan + margin.
 fn check_memory(
     models: &PlanModels,
     req: &PlanRequest,
-    assume_free: Option<u64>,
-) -> Result<Option<Planned>> {
-    let plan = match memory_plan::plan(models, req) {
-        Ok(p) => p,
+    mem: &MemoryArgs,
+) -> Result<Option<(Planned, Schedule)>> {
+    let budget_of = |d: Device| mem.budget(d);
+    let choice = match memory_plan::choose_schedule(models, req, &budget_of) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("    warning: no memory plan ({e}); memory not checked");
             return Ok(None);
         }
     };
+    let plan = choice.plan;
     // One line per device (the largest only beyond two devices).
     let mut shown: Vec<&memory_plan::DevicePlan> = plan.devices.iter().collect();
     if shown.len() > 2 {
@@ -828,21 +912,92 @@ fn check_memory(
             memory_plan::fmt_bytes(plan.host_frames)
         );
     }
+    // The schedule line: what was chosen and the planned peak of the device nearest its budget.
+    let worst = plan
+        .devices
+        .iter()
+        .max_by_key(|d| {
+            let need = memory_plan::device_need(&plan, d);
+            match budget_of(d.device) {
+                Some(b) => (need as f64 / b.max(1) as f64 * 1e6) as u64,
+                None => need,
+            }
+        })
+        .expect("a plan has a device");
+    let need = memory_plan::device_need(&plan, worst);
+    let budget_text = match budget_of(worst.device) {
+        Some(b) => format!("budget {}", memory_plan::fmt_bytes(b)),
+        None => "no budget known: pass --memory-budget or --device-memory".to_string(),
+    };
+    stage(
+        "schedule",
+        format!(
+            "{}: planned peak {} on {} ({budget_text}; {} candidate{} planned)",
+            choice.schedule,
+            memory_plan::fmt_bytes(need),
+            memory_plan::device_name(worst.device),
+            choice.tried,
+            if choice.tried == 1 { "" } else { "s" },
+        ),
+    );
     let readings = std::sync::Mutex::new(Vec::new());
     let free_of = |d: Device| -> std::result::Result<Option<u64>, String> {
-        let f = match assume_free {
-            Some(b) => Ok(Some(b)),
-            None => memory_plan::device_free(d),
-        };
+        let f = mem.free(d);
         if let Ok(Some(b)) = f {
             readings.lock().unwrap().push((d, b));
         }
         f
     };
-    match memory_plan::check_fit(&plan, req, &free_of) {
+    let req = PlanRequest {
+        schedule: choice.schedule,
+        ..req.clone()
+    };
+    let fit = memory_plan::check_fit(&plan, &req, &free_of);
+    if !choice.fits && mem.budget.is_none() {
+        // The budget is the free memory less the margin: say it in those terms.
+        if let Err(short) = &fit {
+            let texts: Vec<&str> = short.iter().map(|s| s.text.as_str()).collect();
+            bail!(
+                "the memory plan does not fit, even under the most constrained schedule ({}) \
+                 (checked before loading any weights; nothing was written):\n  {}",
+                choice.schedule,
+                texts.join("\n  ")
+            )
+        }
+    }
+    if !choice.fits {
+        let over: Vec<String> = plan
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let b = budget_of(d.device)?;
+                let need = memory_plan::device_need(&plan, d);
+                (need > b).then(|| {
+                    format!(
+                        "{}: needs {} under the most constrained schedule, budget {}\n    {}",
+                        memory_plan::device_name(d.device),
+                        memory_plan::fmt_bytes(need),
+                        memory_plan::fmt_bytes(b),
+                        d.describe()
+                    )
+                })
+            })
+            .collect();
+        bail!(
+            "the memory plan does not fit the memory budget under any schedule (checked before \
+             loading any weights; nothing was written):\n  {}\n  to fit: a larger \
+             --memory-budget, more GPUs in --devices, fewer --frames or a smaller \
+             --height/--width; or --no-memory-check to run anyway",
+            over.join("\n  ")
+        );
+    }
+    match fit {
         Ok(notes) => {
             eprintln!("    {}", notes.join("; "));
-            Ok(Some((plan, readings.into_inner().unwrap())))
+            Ok(Some((
+                (plan, readings.into_inner().unwrap()),
+                choice.schedule,
+            )))
         }
         Err(short) => {
             let texts: Vec<String> = short.into_iter().map(|s| s.text).collect();

@@ -2,7 +2,7 @@
 //! `UNetMidBlock3DCrossAttn`, `CrossAttnUpBlock3D`, `UpBlock3D`). Activations are per frame
 //! [B*F, H, W, C] (row b*F + f); the temporal parts view them as [B, F, H*W, C].
 
-use vi_runtime::Tensor;
+use vi_runtime::{ops, Tensor};
 
 use super::config::UNetConfig;
 use super::temporal_transformer::TransformerTemporal;
@@ -25,6 +25,9 @@ pub(crate) struct Fwd<'a> {
     pub ehs: &'a Tensor,
     pub ctx: &'a dyn TemporalContext,
     pub trace: Option<Trace<'a>>,
+    /// Per-frame blocks run over chunks of this many frames of one batch row (0: all rows in one
+    /// call); the result is the same (every op of those blocks is per frame).
+    pub frame_chunk: usize,
 }
 
 impl Fwd<'_> {
@@ -47,20 +50,46 @@ impl Fwd<'_> {
         Ok(y)
     }
 
+    /// A per-frame block `f(part, ehs of its batch row)` on x [B*F, H, W, C] (row b*F + f):
+    /// whole, or over chunks of `frame_chunk` frames of one batch row, concatenated in row order.
+    fn per_frame(
+        &self,
+        x: &Tensor,
+        f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let frames = x.dim(0) / self.batch;
+        let chunk = self.frame_chunk;
+        if chunk == 0 || (chunk >= frames && self.batch == 1) {
+            return f(x, self.ehs);
+        }
+        let mut parts = Vec::new();
+        for b in 0..self.batch {
+            let ehs = ops::narrow(self.ehs, 0, b, 1)?;
+            let mut s = 0;
+            while s < frames {
+                let len = chunk.min(frames - s);
+                parts.push(f(&ops::narrow(x, 0, b * frames + s, len)?, &ehs)?);
+                s += len;
+            }
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Ok(ops::concat(&refs, 0)?)
+    }
+
     pub fn resnet(&self, r: &ResnetBlock, x: &Tensor, name: &str) -> Result<Tensor> {
-        let y = r.forward(x, Some(self.emb_silu))?;
+        let y = self.per_frame(x, &|p, _| r.forward(p, Some(self.emb_silu)))?;
         self.trace(|| format!("{name}/out"), &y);
         Ok(y)
     }
 
     pub fn attn(&self, a: &Transformer2D, x: &Tensor, name: &str) -> Result<Tensor> {
-        let y = a.forward(x, self.ehs)?;
+        let y = self.per_frame(x, &|p, ehs| a.forward(p, ehs))?;
         self.trace(|| format!("{name}/out"), &y);
         Ok(y)
     }
 
     pub fn temp_attn(&self, a: &TransformerTemporal, x: &Tensor, name: &str) -> Result<Tensor> {
-        let y = a.forward(x, self.batch, self.ctx, name, self.trace)?;
+        let y = a.forward(x, self.batch, self.ctx, name, self.trace, self.frame_chunk)?;
         self.trace(|| format!("{name}/out"), &y);
         Ok(y)
     }
@@ -139,8 +168,11 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, fw: &Fwd, prefix: &str, idx: usize) -> Result<Tensor> {
-        let h = fw.resnet(&self.resnet, x, &format!("{prefix}.resnets.{idx}"))?;
+    /// Takes its input by value: it is dropped once the ResNet has read it (an up block's
+    /// [hidden, skip] concatenation is not kept across the layer's exchanges).
+    fn forward(&self, x: Tensor, fw: &Fwd, prefix: &str, idx: usize) -> Result<Tensor> {
+        let h = fw.resnet(&self.resnet, &x, &format!("{prefix}.resnets.{idx}"))?;
+        drop(x);
         let mut h = fw.temp_conv(&self.temp_conv, &h, &format!("{prefix}.temp_convs.{idx}"))?;
         if let Some(a) = &self.attn {
             h = fw.attn(&a.attn, &h, &format!("{prefix}.attentions.{idx}"))?;
@@ -178,14 +210,14 @@ impl DownBlock {
     /// Appends every layer's output (and the downsampled output) to `skips`; returns the last.
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         fw: &Fwd,
         prefix: &str,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
-        let mut h = x.clone();
+        let mut h = x;
         for (l, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, fw, prefix, l)?;
+            h = layer.forward(h, fw, prefix, l)?;
             skips.push(h.clone());
         }
         if let Some(d) = &self.downsampler {
@@ -300,19 +332,20 @@ impl UpBlock {
     /// skip that the next block will pop first.
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         fw: &Fwd,
         prefix: &str,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
-        let mut h = x.clone();
+        let mut h = x;
         for (j, layer) in self.layers.iter().enumerate() {
             let skip = skips.pop().ok_or_else(|| {
                 crate::params::ModelError::Msg(format!("{prefix}: ran out of skip connections"))
             })?;
             // Channel concat with the skip last: [hidden, skip].
             h = vi_runtime::ops::concat(&[&h, &skip], 3)?;
-            h = layer.forward(&h, fw, prefix, j)?;
+            drop(skip);
+            h = layer.forward(h, fw, prefix, j)?;
         }
         if let Some(u) = &self.upsampler {
             let next = skips.last().ok_or_else(|| {

@@ -175,7 +175,30 @@ impl UNet3D {
         encoder_hidden_states: &Tensor,
         ctx: &dyn TemporalContext,
     ) -> Result<Tensor> {
-        self.forward_traced(sample, timestep, fps, encoder_hidden_states, ctx, None)
+        self.forward_inner(sample, timestep, fps, encoder_hidden_states, ctx, None, 0)
+    }
+
+    /// [`UNet3D::forward`] with the per-frame blocks (ResNets, spatial transformers) run over
+    /// chunks of `frame_chunk` frames of one batch row (0: whole): the same result, smaller
+    /// transients (`crate::schedule::Schedule::frame_chunk`).
+    pub fn forward_chunked(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        fps: f32,
+        encoder_hidden_states: &Tensor,
+        ctx: &dyn TemporalContext,
+        frame_chunk: usize,
+    ) -> Result<Tensor> {
+        self.forward_inner(
+            sample,
+            timestep,
+            fps,
+            encoder_hidden_states,
+            ctx,
+            None,
+            frame_chunk,
+        )
     }
 
     /// [`UNet3D::forward`] reporting intermediate tensors to `trace` (see [`Trace`]).
@@ -187,6 +210,20 @@ impl UNet3D {
         encoder_hidden_states: &Tensor,
         ctx: &dyn TemporalContext,
         trace: Option<Trace>,
+    ) -> Result<Tensor> {
+        self.forward_inner(sample, timestep, fps, encoder_hidden_states, ctx, trace, 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_inner(
+        &self,
+        sample: &Tensor,
+        timestep: f32,
+        fps: f32,
+        encoder_hidden_states: &Tensor,
+        ctx: &dyn TemporalContext,
+        trace: Option<Trace>,
+        frame_chunk: usize,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let ehs = encoder_hidden_states;
@@ -226,26 +263,30 @@ impl UNet3D {
             ehs,
             ctx,
             trace,
+            frame_chunk,
         };
 
         let x = sample.reshape(&[b * f, hh, ww, cfg.in_channels])?;
         // Precision policy: the residual stream (block inputs/outputs, skips) is `stream_dtype` (f32)
         // whatever the weights' dtype; each branch (norm -> GEMM/conv/attention) runs in the
         // weights' dtype and every block returns its input's dtype.
-        let h = self.conv_in.forward(&x)?.to_dtype(self.stream_dtype)?;
-        tr("conv_in/out", &h);
-        let mut h = self
-            .transformer_in
-            .forward(&h, b, ctx, "transformer_in", trace)?;
+        // Every block takes its input by value, so no activation outlives its last reader (what a
+        // rank holds while it waits in an exchange: docs/design.md section 7).
+        let mut h = {
+            let c = self.conv_in.forward(&x)?.to_dtype(self.stream_dtype)?;
+            tr("conv_in/out", &c);
+            self.transformer_in
+                .forward(&c, b, ctx, "transformer_in", trace, frame_chunk)?
+        };
         tr("transformer_in/out", &h);
 
         let mut skips = vec![h.clone()];
         for (i, blk) in self.down_blocks.iter().enumerate() {
-            h = blk.forward(&h, &fw, &format!("down_blocks.{i}"), &mut skips)?;
+            h = blk.forward(h, &fw, &format!("down_blocks.{i}"), &mut skips)?;
         }
         h = self.mid_block.forward(&h, &fw)?;
         for (i, blk) in self.up_blocks.iter().enumerate() {
-            h = blk.forward(&h, &fw, &format!("up_blocks.{i}"), &mut skips)?;
+            h = blk.forward(h, &fw, &format!("up_blocks.{i}"), &mut skips)?;
         }
         if !skips.is_empty() {
             return Err(ModelError::Msg(format!(

@@ -52,7 +52,8 @@ impl TransformerTemporal {
     }
 
     /// x [B*F, H, W, C] (row b*F + f) -> same. `batch` = B. `name` (the module path) and `trace`
-    /// report the first block's attn1 input/output ([B*S, F, inner]).
+    /// report the first block's attn1 input/output ([B*S, F, inner]). `frame_chunk` > 0: the
+    /// feed-forward runs over chunks of frame_chunk x H x W tokens.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -60,6 +61,7 @@ impl TransformerTemporal {
         ctx: &dyn TemporalContext,
         name: &str,
         trace: Option<Trace>,
+        frame_chunk: usize,
     ) -> Result<Tensor> {
         let (nf, hh, ww, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let (b, f, s) = (batch, nf / batch, hh * ww);
@@ -67,18 +69,24 @@ impl TransformerTemporal {
         let blk = &parts.block;
         let dt = blk.dtype();
         // GroupNorm over the 5-D [B, C, F, H, W] tensor = per batch element over F*S positions.
-        let h = ctx.temporal_group_norm(
-            &x.reshape(&[b, f * s, c])?,
-            parts.norm.groups,
-            &parts.norm.gamma,
-            &parts.norm.beta,
-            parts.norm.eps,
-            dt,
-        )?;
-        // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
-        let h = ops::permute(&h.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?.reshape(&[b * s, f, c])?;
-        // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default); branches `dt`.
-        let h = parts.proj_in.forward_to(&h, x.dtype())?;
+        // (The norm and the permuted copy are dropped once proj_in has read them.)
+        let h = {
+            let g = ctx.temporal_group_norm(
+                &x.reshape(&[b, f * s, c])?,
+                parts.norm.groups,
+                &parts.norm.gamma,
+                &parts.norm.beta,
+                parts.norm.eps,
+                dt,
+            )?;
+            // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
+            let g = ops::permute(&g.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?;
+            // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default);
+            // branches `dt`.
+            parts
+                .proj_in
+                .forward_to(&g.reshape(&[b * s, f, c])?, x.dtype())?
+        };
         let n1 = blk.ln(&h, &blk.norm1)?;
         // Traced runs materialise attn1's output for the trace; the others fuse to_out with the add.
         let h = match trace {
@@ -92,7 +100,7 @@ impl TransformerTemporal {
         };
         let n2 = blk.ln(&h, &blk.norm2)?;
         let h = self.attend_add(&blk.attn2, &n2, ctx, &h)?;
-        let h = blk.ff_residual(&h)?;
+        let h = blk.ff_residual_chunked(&h, frame_chunk * s)?;
         let h = parts.proj_out.forward(&h.to_dtype(dt)?)?; // [B*S, F, C]
         let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
         Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, x.dtype())?)

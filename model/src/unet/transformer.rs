@@ -1,7 +1,7 @@
 //! The spatial transformer (diffusers `Transformer2DModel` with linear projections, one
 //! `BasicTransformerBlock`), and the block it shares with the temporal transformer.
 
-use vi_runtime::{DType, Tensor};
+use vi_runtime::{ops, DType, Tensor};
 
 use crate::layers::attention::{Attention, AttentionKeys, FeedForward, FfActivation};
 use crate::layers::{GroupNorm, LayerNorm, Linear};
@@ -65,6 +65,27 @@ impl BasicTransformerBlock {
     pub fn ff_residual(&self, h: &Tensor) -> Result<Tensor> {
         let n = self.ln(h, &self.norm3)?;
         self.ff.forward_add(&n, h)
+    }
+
+    /// [`BasicTransformerBlock::ff_residual`] over chunks of `rows` tokens (0: all at once): the
+    /// norm and the feed-forward work per token, so the result is the same with the transients
+    /// (the GEGLU's 8x-wide projection) of one chunk alive at a time. h [..., C].
+    pub fn ff_residual_chunked(&self, h: &Tensor, rows: usize) -> Result<Tensor> {
+        let c = h.dim(h.rank() - 1);
+        let total = h.elem_count() / c.max(1);
+        if rows == 0 || rows >= total {
+            return self.ff_residual(h);
+        }
+        let flat = h.reshape(&[total, c])?;
+        let mut parts = Vec::new();
+        let mut s = 0;
+        while s < total {
+            let len = rows.min(total - s);
+            parts.push(self.ff_residual(&ops::narrow(&flat, 0, s, len)?)?);
+            s += len;
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Ok(ops::concat(&refs, 0)?.reshape(h.shape())?)
     }
 }
 
