@@ -112,6 +112,10 @@ pub struct DevicePlan {
     pub vae_weights: u64,
     /// CUDA's cached re-layout copies of the kxk / temporal conv kernels (0 elsewhere).
     pub conv_relayout: u64,
+    /// CPU backend scratch that is not a tensor, for the ranks computing at once (0 elsewhere):
+    /// per rank an im2col block (8 MiB), the re-ordered kernel of the largest kxk convolution
+    /// and attention score blocks ([`cpu_scratch_per_rank`]). Part of [`device_need`].
+    pub scratch: u64,
     /// Text phase peak (rank 0's device only) and the embeddings it leaves on the device.
     pub text_peak: u64,
     pub text_kept: u64,
@@ -317,6 +321,22 @@ impl MetaModels {
     /// Weight bytes (UNet, text encoder, VAE).
     pub fn weight_bytes(&self) -> (u64, u64, u64) {
         (self.unet_w.bytes(), self.clip_w.bytes(), self.vae_w.bytes())
+    }
+    /// The largest kxk conv kernel in f32 (what the CPU backend re-orders per call).
+    pub fn largest_conv_kernel_f32(&self) -> u64 {
+        [&self.unet_w, &self.clip_w, &self.vae_w]
+            .iter()
+            .flat_map(|w| {
+                w.table
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|(s, _)| s.len() == 4 && s[2] * s[3] > 1)
+                    .map(|(s, _)| (s.iter().product::<usize>() * 4) as u64)
+                    .collect::<Vec<_>>()
+            })
+            .max()
+            .unwrap_or(0)
     }
     /// Bytes of the CUDA backend's cached conv kernel re-layouts (all three models).
     pub fn relayout_bytes(&self) -> u64 {
@@ -716,6 +736,16 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             } else {
                 0
             },
+            scratch: if d == Device::Cpu {
+                let computing = if req.schedule.rank_turns {
+                    1
+                } else {
+                    ranks.len()
+                };
+                computing as u64 * cpu_scratch_per_rank(m.largest_conv_kernel_f32())
+            } else {
+                0
+            },
             text_peak: if i == 0 { text_peak } else { 0 },
             text_kept: if i == 0 { text_kept } else { 0 },
             denoise_peaks: ranks.iter().map(|&r| peaks[r].denoise).collect(),
@@ -743,14 +773,22 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
 }
 
 /// The bytes of `d` that a budget bounds: its weights and activations, and on the CPU device
-/// (the host) also the decoded frames kept in host memory.
+/// (the host) also the decoded frames kept in host memory and the backend's scratch.
 pub fn device_need(plan: &MemoryPlan, d: &DevicePlan) -> u64 {
     d.total()
+        + d.scratch
         + if d.device == Device::Cpu {
             plan.host_frames
         } else {
             0
         }
+}
+
+/// CPU backend scratch of one computing rank (not tensors, so not in the dry run): an im2col
+/// block (at most 8 MiB, `cpu/conv.rs`), the f32 re-ordered kernel of a kxk convolution
+/// (`largest_kernel`), 1 MiB of attention score blocks and GEMM packing.
+pub fn cpu_scratch_per_rank(largest_kernel: u64) -> u64 {
+    (8 << 20) + largest_kernel + (1 << 20)
 }
 
 /// What [`choose_schedule`] chose.
