@@ -105,6 +105,7 @@ fn request(frames: usize, world: usize) -> GenerateRequest {
         rank_timeout: Duration::from_secs(300),
         vae_chunk: 4,
         decode: true,
+        schedule: vi_model::schedule::Schedule::UNCONSTRAINED,
     }
 }
 
