@@ -147,6 +147,9 @@ impl RequestDigest {
         d.push("negative_prompt", format!("{:?}", req.negative_prompt));
         d.push("vi", format!("{:?}", req.vi));
         d.push("decode", req.decode.to_string());
+        // Sequential CFG rows double the passes, so the exchange sequence: every rank must agree
+        // (frame chunks and rank turns change no exchange).
+        d.push("sequential_cfg", req.schedule.sequential_cfg.to_string());
         d.push("dtype", format!("{dtype:?}"));
         d.push("world", format!("{} ranks", req.world));
         d.push("version", format!("vi-model {}", env!("CARGO_PKG_VERSION")));
@@ -277,6 +280,7 @@ mod tests {
             rank_timeout: Duration::from_secs(30),
             vae_chunk: 4,
             decode: true,
+            schedule: crate::schedule::Schedule::UNCONSTRAINED,
         }
     }
 
