@@ -121,3 +121,28 @@ fn pipeline_matches_reference_loop_two_ranks_sde() {
 fn pipeline_matches_reference_loop_one_rank_ddim() {
     check(1, SamplerKind::Ddim);
 }
+
+/// The overlapped exchange schedule (the default) and the synchronous one make the same video,
+/// bit for bit, in the reference and the exact-seam modes.
+#[test]
+fn overlapped_and_synchronous_schedules_make_the_same_video() {
+    let m = tiny::load(Device::Cpu, DType::F32).unwrap();
+    for exact_seam in [false, true] {
+        let video = |overlap: bool| {
+            let mut req = request(3, SamplerKind::DpmSolverSde);
+            req.frames = 9;
+            req.steps = 2;
+            req.vi = ViConfig {
+                exact_seam,
+                overlap,
+                attn_pad: 2,
+                top_k: 4,
+                ..ViConfig::default()
+            };
+            generate(&|_| &m, &req, &|_| {}).unwrap()
+        };
+        let (sync, overlapped) = (video(false), video(true));
+        assert_eq!(sync.len(), 9);
+        assert!(sync == overlapped, "exact_seam={exact_seam}: videos differ");
+    }
+}

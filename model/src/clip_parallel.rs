@@ -18,6 +18,24 @@
 //! rounding, for equal and unequal clips -- except the temporal attention, which stays dual-scope
 //! by design.
 //!
+//! Schedules (`ViConfig::overlap`; both give the same values bit for bit on the CPU, a test
+//! checks it): the synchronous one completes each exchange where its result is needed. The
+//! overlapped one (default) starts exchanges early and computes meanwhile what does not depend
+//! on them, never splitting an op (a split changes rounding):
+//! * temporal attention: k and v are projected first; the global tokens' all-gather and the
+//!   local windows' halo exchange start (in that order, as in the synchronous schedule); q is
+//!   projected while both fly;
+//! * exact-seam conv layers, per block: the GroupNorm statistics' all-gather and the halo
+//!   exchange of the block's raw (unnormalised) edge frames start together, so their round
+//!   trips overlap; the clip is normalised while the halo flies and the received frames are
+//!   normalised on arrival with the same statistics (elementwise: the values the neighbour
+//!   would have sent);
+//! * not overlapped: the reference conv layer's halo (the layer's GroupNorm over the padded
+//!   window needs it at once; producing the edge frames of the ResNet before it first would
+//!   split that ResNet's GEMMs by rows, which the CPU GEMM rounds differently: measured 1.5e-6)
+//!   and the exact-seam GroupNorm of the temporal transformers (nothing before its use is
+//!   independent of it).
+//!
 //! Rules where the reference is undefined (it crashes or is wrong; our own choice, stated):
 //! * conv halo when a neighbour holds fewer than `conv_pad` frames (reference: wrong for n < 4):
 //!   the halo is clamped to what the neighbour has (its whole clip); frames are never fetched from
@@ -31,7 +49,7 @@
 //!   computes its global-token stride from its own n.
 
 use serde_json::Value;
-use vi_runtime::comm::Communicator;
+use vi_runtime::comm::{CommDelay, Communicator, DelayComm, Halos, Pending};
 use vi_runtime::ops::{self, DualScopeParams};
 use vi_runtime::{DType, Tensor};
 
@@ -71,6 +89,14 @@ pub struct ViConfig {
     pub token_num_scale: bool,
     /// Exact-seam mode (see the module doc). Off in the reference.
     pub exact_seam: bool,
+    /// The overlapped schedule (default): every exchange starts as soon as its data exists and
+    /// what does not depend on it is computed while it flies (see "Schedules" in the module
+    /// doc); bit-identical results on the CPU. false: the synchronous schedule (each exchange
+    /// completes where its result is needed), kept for comparison (`--sync-exchange`).
+    pub overlap: bool,
+    /// Benchmarks and tests: a latency / bandwidth injected into every message of the
+    /// clip-parallel exchange ([`DelayComm`] over the rank's communicator, one per UNet call).
+    pub comm_delay: Option<CommDelay>,
 }
 
 impl Default for ViConfig {
@@ -96,6 +122,8 @@ impl Default for ViConfig {
             attn_scale: 1.0,
             token_num_scale: false,
             exact_seam: false,
+            overlap: true,
+            comm_delay: None,
         }
     }
 }
@@ -259,6 +287,8 @@ pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> 
 /// that their calls pair up, and one rank calls its context from one thread at a time.
 pub struct ClipParallelContext<'a> {
     comm: &'a dyn Communicator,
+    /// `comm` behind the configured delay (`cfg.comm_delay`).
+    delayed: Option<DelayComm<&'a dyn Communicator>>,
     cfg: ViConfig,
     timestep: i64,
 }
@@ -267,8 +297,17 @@ impl<'a> ClipParallelContext<'a> {
     pub fn new(comm: &'a dyn Communicator, cfg: &ViConfig, timestep: i64) -> Self {
         ClipParallelContext {
             comm,
+            delayed: cfg.comm_delay.map(|d| DelayComm::new(comm, d)),
             cfg: cfg.clone(),
             timestep,
+        }
+    }
+
+    /// The communicator every exchange goes through.
+    fn comm(&self) -> &dyn Communicator {
+        match &self.delayed {
+            Some(d) => d,
+            None => self.comm,
         }
     }
 
@@ -276,20 +315,21 @@ impl<'a> ClipParallelContext<'a> {
         &self.cfg
     }
 
-    /// The halo exchange: sends the first min(p, n) frames of `edges` to the left neighbour and
-    /// the last min(p, n) to the right one; returns what the neighbours sent (None at the video's
-    /// ends). Nothing is exchanged when min(p, n) = 0 (every rank then skips the call alike).
-    fn exchange<const N: usize>(
+    /// The halo exchange, started: sends the first min(p, n) frames of `edges` to the left
+    /// neighbour and the last min(p, n) to the right one. None when min(p, n) = 0: nothing is
+    /// exchanged (every rank then skips the call alike).
+    fn start_exchange<const N: usize>(
         &self,
         edges: &Edges<N>,
         p: usize,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Option<Pending<Halos>>> {
         let n = edges.frames();
         let m = p.min(n);
         if m == 0 {
-            return Ok((None, None));
+            return Ok(None);
         }
-        let (r, w) = (self.comm.rank(), self.comm.world_size());
+        let comm = self.comm();
+        let (r, w) = (comm.rank(), comm.world_size());
         let to_left = if r > 0 {
             Some(edges.message(0, m)?)
         } else {
@@ -300,9 +340,23 @@ impl<'a> ClipParallelContext<'a> {
         } else {
             None
         };
-        Ok(self
-            .comm
-            .exchange_neighbors(to_left.as_ref(), to_right.as_ref())?)
+        Ok(Some(comm.start_exchange_neighbors(
+            to_left.as_ref(),
+            to_right.as_ref(),
+        )?))
+    }
+
+    /// What the neighbours sent (None at the video's ends or when nothing was exchanged).
+    fn finish_exchange(pending: Option<Pending<Halos>>) -> Result<Halos> {
+        Ok(match pending {
+            Some(p) => p.wait()?,
+            None => (None, None),
+        })
+    }
+
+    /// The halo exchange, blocking ([`Self::start_exchange`] + wait).
+    fn exchange<const N: usize>(&self, edges: &Edges<N>, p: usize) -> Result<Halos> {
+        Self::finish_exchange(self.start_exchange(edges, p)?)
     }
 
     /// GroupNorm of x [N, S, C] (+ SiLU) with statistics over every rank's x (Chan's parallel
@@ -319,51 +373,47 @@ impl<'a> ClipParallelContext<'a> {
         silu: bool,
         out: DType,
     ) -> Result<Tensor> {
-        let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
-        let all = self.comm.all_gather(&local)?;
-        let (n, g) = (local.dim(0), local.dim(1));
-        let mut acc: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); n * g];
-        for (src, t) in all.iter().enumerate() {
-            if t.shape() != local.shape() {
-                return Err(ModelError::Msg(format!(
-                    "exact-seam GroupNorm: rank {src} has statistics {:?}, this rank {:?} \
-                     (batch, channels and groups must agree)",
-                    t.shape(),
-                    local.shape()
-                )));
-            }
-            let v = t.to_vec_f32()?;
-            for (i, a) in acc.iter_mut().enumerate() {
-                let (cb, mb, m2b) = (v[3 * i] as f64, v[3 * i + 1] as f64, v[3 * i + 2] as f64);
-                let (ca, ma, m2a) = *a;
-                let c = ca + cb;
-                if c == 0.0 {
-                    continue;
-                }
-                let d = mb - ma;
-                *a = (c, ma + d * cb / c, m2a + m2b + d * d * ca * cb / c);
-            }
-        }
-        let mut stats = Vec::with_capacity(n * g * 2);
-        for &(c, m, m2) in &acc {
-            stats.push(m as f32);
-            stats.push(if c > 0.0 { (m2 / c) as f32 } else { 0.0 });
-        }
-        let stats = Tensor::from_slice_on(&stats, &[n, g, 2], x.device(), DType::F32)?;
+        let stats = self.start_global_stats(x, groups)?.wait()?;
         Ok(ops::group_norm_apply_to(
             x, &stats, gamma, beta, eps, silu, out,
         )?)
     }
 
+    /// The whole-video GroupNorm statistics of x [N, S, C], started: this rank's (count, mean,
+    /// M2) per (n, group) are all-gathered; `wait` merges them into [N, G, 2] = (mean, biased var)
+    /// f32 on x's device, bit-identical on every rank.
+    fn start_global_stats(&self, x: &Tensor, groups: usize) -> Result<Pending<Tensor>> {
+        let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
+        let shape = local.shape().to_vec();
+        let device = x.device();
+        Ok(self.comm().start_all_gather(&local)?.map(move |all| {
+            merge_stats(&all, &shape, device).map_err(|e| match e {
+                ModelError::Runtime(e) => e,
+                other => vi_runtime::Error::Msg(other.to_string()),
+            })
+        }))
+    }
+
     /// Reference ConvLayerPlugin: halo of P frames of the input, body on the padded window.
     fn conv_layer_reference(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
-        let n = x.dim(1);
         let p = self.cfg.conv_pad;
         if p == 0 {
             return Ok(ops::add_to(x, &layer.body(x)?, x.dtype())?);
         }
         let edges = Edges::new([x], 1);
-        let (l, r) = self.exchange(&edges, p)?;
+        let received = self.exchange(&edges, p)?;
+        self.conv_layer_reference_body(layer, x, received)
+    }
+
+    /// The rest of [`Self::conv_layer_reference`] once the halos `(l, r)` are there.
+    fn conv_layer_reference_body(
+        &self,
+        layer: &TemporalConvLayer,
+        x: &Tensor,
+        (l, r): Halos,
+    ) -> Result<Tensor> {
+        let (n, p) = (x.dim(1), self.cfg.conv_pad);
+        let edges = Edges::new([x], 1);
         let left = edges.halo(l, p, Side::Left, ShortHalo::Keep)?;
         let right = edges.halo(r, p, Side::Right, ShortHalo::Keep)?;
         let [window] = edges.windows(&left, &right)?;
@@ -375,26 +425,65 @@ impl<'a> ClipParallelContext<'a> {
     /// Exact-seam temporal conv layer: per block, GroupNorm with whole-video statistics + SiLU,
     /// then the Conv3d on [1 halo frame | clip | 1 halo frame] (zero frames at the video's ends =
     /// the Conv3d's own zero padding); = the whole-video layer restricted to this clip.
+    ///
+    /// Overlapped schedule, per block: the statistics' all-gather and the exchange of the edge
+    /// frames of the block's raw input start together (one round trip instead of two in a row);
+    /// the clip is normalised while the halo flies, and the received halo frames are normalised
+    /// here with the same statistics (an elementwise op: the same values the neighbour would
+    /// have sent).
     fn conv_layer_exact(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor> {
         let (b, f, s, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         let mut h = x.clone();
         for (norm, conv) in layer.norms.iter().zip(&layer.convs) {
-            let hn = self
-                .global_group_norm(
-                    &h.reshape(&[b, f * s, c])?,
-                    norm.groups,
+            let flat = h.reshape(&[b, f * s, c])?;
+            let apply = |t: &Tensor, stats: &Tensor| -> Result<Tensor> {
+                let n = t.dim(1);
+                Ok(ops::group_norm_apply_to(
+                    &t.reshape(&[b, n * s, c])?,
+                    stats,
                     &norm.gamma,
                     &norm.beta,
                     norm.eps,
                     true,
                     layer.dtype(),
                 )?
-                .reshape(&[b, f, s, c])?;
-            let edges = Edges::new([&hn], 1);
-            let (l, r) = self.exchange(&edges, 1)?;
-            let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
-            let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
-            let [window] = edges.windows(&left, &right)?;
+                .reshape(&[b, n, s, c])?)
+            };
+            let (hn, left, right) = if self.cfg.overlap {
+                let stats = self.start_global_stats(&flat, norm.groups)?;
+                let raw = Edges::new([&h], 1);
+                let halos = self.start_exchange(&raw, 1)?;
+                let stats = stats.wait()?;
+                // Overlaps the halo exchange.
+                let hn = apply(&h, &stats)?;
+                let (l, r) = Self::finish_exchange(halos)?;
+                let (l, r) = (
+                    l.map(|t| apply(&t, &stats)).transpose()?,
+                    r.map(|t| apply(&t, &stats)).transpose()?,
+                );
+                let edges = Edges::new([&hn], 1);
+                let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
+                let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
+                (hn, left, right)
+            } else {
+                let hn = self
+                    .global_group_norm(
+                        &flat,
+                        norm.groups,
+                        &norm.gamma,
+                        &norm.beta,
+                        norm.eps,
+                        true,
+                        layer.dtype(),
+                    )?
+                    .reshape(&[b, f, s, c])?;
+                let edges = Edges::new([&hn], 1);
+                let (l, r) = self.exchange(&edges, 1)?;
+                let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
+                let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
+                (hn, left, right)
+            };
+            let [window] = Edges::new([&hn], 1).windows(&left, &right)?;
             let y = conv.forward(&window)?;
             h = ops::narrow(&y, 1, 1, f)?;
         }
@@ -404,13 +493,31 @@ impl<'a> ClipParallelContext<'a> {
     /// Local attention windows of k, v [b, n, H, D] -> each [b, n + 2p, H, D]: [p frames of
     /// rank-1 | own n | p frames of rank+1], zero frames at the video's ends and, where a neighbour
     /// has fewer than p frames, on the outer side. The k and v halos travel together as
-    /// [2b, min(p, n), H, D] (only the halo frames are copied for the exchange).
-    fn local_windows(&self, k: &Tensor, v: &Tensor, p: usize) -> Result<(Tensor, Tensor)> {
+    /// [2b, min(p, n), H, D] (only the halo frames are copied for the exchange). Started here;
+    /// [`Self::finish_local_windows`] completes it (p = 0: no exchange).
+    fn start_local_windows(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        p: usize,
+    ) -> Result<Option<Pending<Halos>>> {
+        if p == 0 {
+            return Ok(None);
+        }
+        self.start_exchange(&Edges::new([k, v], 1), p)
+    }
+
+    fn finish_local_windows(
+        k: &Tensor,
+        v: &Tensor,
+        p: usize,
+        pending: Option<Pending<Halos>>,
+    ) -> Result<(Tensor, Tensor)> {
         if p == 0 {
             return Ok((k.clone(), v.clone()));
         }
         let edges = Edges::new([k, v], 1);
-        let (l, r) = self.exchange(&edges, p)?;
+        let (l, r) = Self::finish_exchange(pending)?;
         let left = edges.halo(l, p, Side::Left, ShortHalo::ZeroFill)?;
         let right = edges.halo(r, p, Side::Right, ShortHalo::ZeroFill)?;
         let b2 = 2 * k.dim(0);
@@ -425,6 +532,101 @@ impl<'a> ClipParallelContext<'a> {
         let [k_local, v_local] = edges.windows(&left, &right)?;
         Ok((k_local, v_local))
     }
+
+    /// The global tokens, started: this rank's k/v at frames 0, stride, ... (k and v together as
+    /// [2b, g, H, D]) all-gathered; [`Self::finish_global_tokens`] keeps the first top_k frames of
+    /// all ranks' in rank order.
+    fn start_global_tokens(&self, k: &Tensor, v: &Tensor) -> Result<Pending<Vec<Tensor>>> {
+        let idx = global_token_indices(k.dim(1), self.cfg.top_k, self.comm().world_size());
+        let mine = ops::concat(
+            &[
+                &ops::index_select(k, 1, &idx)?,
+                &ops::index_select(v, 1, &idx)?,
+            ],
+            0,
+        )?;
+        Ok(self.comm().start_all_gather(&mine)?)
+    }
+
+    /// (k_glob, v_glob), each [b, min(top_k, all), H, D].
+    fn finish_global_tokens(&self, b: usize, gathered: Vec<Tensor>) -> Result<(Tensor, Tensor)> {
+        let refs: Vec<&Tensor> = gathered.iter().collect();
+        let all = ops::concat(&refs, 1)?;
+        let g = self.cfg.top_k.min(all.dim(1));
+        let glob = ops::narrow(&all, 1, 0, g)?;
+        Ok((ops::narrow(&glob, 0, 0, b)?, ops::narrow(&glob, 0, b, b)?))
+    }
+
+    /// The dual-scope attention of q over the local windows and the global tokens.
+    fn dual_scope(
+        &self,
+        q: &Tensor,
+        (k_local, v_local): (Tensor, Tensor),
+        (k_glob, v_glob): (Tensor, Tensor),
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (local_bias, global_bias) = self.cfg.phase_biases(self.timestep);
+        let params = DualScopeParams {
+            pad: self.cfg.attn_pad,
+            scale: scale * self.cfg.attn_scale,
+            local_bias,
+            global_bias,
+            token_num_scale: self.cfg.token_num_scale,
+        };
+        Ok(ops::dual_scope_attention(
+            q, &k_local, &v_local, &k_glob, &v_glob, &params,
+        )?)
+    }
+}
+
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    if q.rank() != 4 || k.shape() != q.shape() || v.shape() != q.shape() {
+        return Err(ModelError::Msg(format!(
+            "clip-parallel attention: q, k, v must be equal [b, n, H, D], got {:?} {:?} {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// Chan's merge, in rank order, of every rank's GroupNorm statistics `all` ([N, G, 3] each,
+/// `shape`) -> [N, G, 2] (mean, biased var) in f32 on `device`.
+fn merge_stats(all: &[Tensor], shape: &[usize], device: vi_runtime::Device) -> Result<Tensor> {
+    let (n, g) = (shape[0], shape[1]);
+    let mut acc: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); n * g];
+    for (src, t) in all.iter().enumerate() {
+        if t.shape() != shape {
+            return Err(ModelError::Msg(format!(
+                "exact-seam GroupNorm: rank {src} has statistics {:?}, this rank {shape:?} \
+                 (batch, channels and groups must agree)",
+                t.shape(),
+            )));
+        }
+        let v = t.to_vec_f32()?;
+        for (i, a) in acc.iter_mut().enumerate() {
+            let (cb, mb, m2b) = (v[3 * i] as f64, v[3 * i + 1] as f64, v[3 * i + 2] as f64);
+            let (ca, ma, m2a) = *a;
+            let c = ca + cb;
+            if c == 0.0 {
+                continue;
+            }
+            let d = mb - ma;
+            *a = (c, ma + d * cb / c, m2a + m2b + d * d * ca * cb / c);
+        }
+    }
+    let mut stats = Vec::with_capacity(n * g * 2);
+    for &(c, m, m2) in &acc {
+        stats.push(m as f32);
+        stats.push(if c > 0.0 { (m2 / c) as f32 } else { 0.0 });
+    }
+    Ok(Tensor::from_slice_on(
+        &stats,
+        &[n, g, 2],
+        device,
+        DType::F32,
+    )?)
 }
 
 /// Which side of a clip a halo sits on; its outer side faces away from the clip.
@@ -562,51 +764,40 @@ impl TemporalContext for ClipParallelContext<'_> {
         }
     }
 
+    /// Synchronous: global tokens gathered, then the local windows exchanged, then attention.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-        if q.rank() != 4 || k.shape() != q.shape() || v.shape() != q.shape() {
-            return Err(ModelError::Msg(format!(
-                "clip-parallel attention: q, k, v must be equal [b, n, H, D], got {:?} {:?} {:?}",
-                q.shape(),
-                k.shape(),
-                v.shape()
-            )));
-        }
-        let (b, n) = (q.dim(0), q.dim(1));
-        let w = self.comm.world_size();
-        let top_k = self.cfg.top_k;
-
-        // Global tokens: this rank's k/v at frames 0, stride, ... ; all ranks' in rank order,
-        // first top_k kept. k and v travel together as [2b, g, H, D].
-        let idx = global_token_indices(n, top_k, w);
-        let mine = ops::concat(
-            &[
-                &ops::index_select(k, 1, &idx)?,
-                &ops::index_select(v, 1, &idx)?,
-            ],
-            0,
-        )?;
-        let gathered = self.comm.all_gather(&mine)?;
-        let refs: Vec<&Tensor> = gathered.iter().collect();
-        let all = ops::concat(&refs, 1)?;
-        let g = top_k.min(all.dim(1));
-        let glob = ops::narrow(&all, 1, 0, g)?;
-        let k_glob = ops::narrow(&glob, 0, 0, b)?;
-        let v_glob = ops::narrow(&glob, 0, b, b)?;
-
-        // Local window.
+        check_qkv(q, k, v)?;
+        let glob = self.start_global_tokens(k, v)?.wait()?;
+        let glob = self.finish_global_tokens(q.dim(0), glob)?;
         let p = self.cfg.attn_pad;
-        let (k_local, v_local) = self.local_windows(k, v, p)?;
+        let local = Self::finish_local_windows(k, v, p, self.start_local_windows(k, v, p)?)?;
+        self.dual_scope(q, local, glob, scale)
+    }
 
-        let (local_bias, global_bias) = self.cfg.phase_biases(self.timestep);
-        let params = DualScopeParams {
-            pad: p,
-            scale: scale * self.cfg.attn_scale,
-            local_bias,
-            global_bias,
-            token_num_scale: self.cfg.token_num_scale,
-        };
-        Ok(ops::dual_scope_attention(
-            q, &k_local, &v_local, &k_glob, &v_glob, &params,
-        )?)
+    /// Overlapped (same calls in the same order as [`Self::attention`]): k and v are projected
+    /// first, the global tokens' all-gather and the local windows' exchange start, and q is
+    /// projected while both fly.
+    fn attention_from(
+        &self,
+        q: &dyn Fn() -> Result<Tensor>,
+        kv: &dyn Fn() -> Result<(Tensor, Tensor)>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        if !self.cfg.overlap {
+            let q = q()?;
+            let (k, v) = kv()?;
+            return self.attention(&q, &k, &v, scale);
+        }
+        let (k, v) = kv()?;
+        check_qkv(&k, &k, &v)?;
+        let glob = self.start_global_tokens(&k, &v)?;
+        let p = self.cfg.attn_pad;
+        let local = self.start_local_windows(&k, &v, p)?;
+        // Overlaps both exchanges.
+        let q = q()?;
+        check_qkv(&q, &k, &v)?;
+        let glob = self.finish_global_tokens(q.dim(0), glob.wait()?)?;
+        let local = Self::finish_local_windows(&k, &v, p, local)?;
+        self.dual_scope(&q, local, glob, scale)
     }
 }

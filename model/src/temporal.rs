@@ -79,6 +79,19 @@ pub trait TemporalContext: Sync {
     /// Self-attention over frames (attn1 and attn2 of every temporal transformer and of
     /// `transformer_in`): q, k, v [b, n, H, D] after projection -> [b, n, H, D] before to_out.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor>;
+    /// [`TemporalContext::attention`] given the projections: `q()` and `kv()` compute q and
+    /// (k, v). A context may run them in any order (the clip-parallel one projects k, v first and
+    /// exchanges them while q is projected); the result is the same. Default: q, k, v, attention.
+    fn attention_from(
+        &self,
+        q: &dyn Fn() -> Result<Tensor>,
+        kv: &dyn Fn() -> Result<(Tensor, Tensor)>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let q = q()?;
+        let (k, v) = kv()?;
+        self.attention(&q, &k, &v, scale)
+    }
 }
 
 /// The plain model: this clip is the whole video (diffusers `UNet3DConditionModel` semantics).

@@ -7,16 +7,21 @@
 //! `crate::multiprocess`), and the process holding rank 0 reports. `--processes` runs the same
 //! bench as W processes on this machine through `launch` (ranks exchange over TCP on 127.0.0.1),
 //! to compare with W in-process ranks: the cost of the process data plane.
+//!
+//! `--comm-delay` (in-process ranks) times both exchange schedules (overlapped, synchronous),
+//! each without and with the injected delay, interleaved over `--rounds` rounds, and prints how
+//! much step time the delay adds to each.
 
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::ValueEnum;
+use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
-use vi_runtime::comm::WorldEnv;
+use vi_runtime::comm::{CommDelay, WorldEnv};
 
 use crate::cli::{BenchArgs, PartArgs};
 use crate::devices::{check_available, parse_devices};
@@ -29,6 +34,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let tiny = a.model == "tiny";
     crate::flags::check_bench(&a)?;
     let world_env = WorldEnv::from_env()?;
+    let comm_delay = a
+        .comm_delay
+        .as_deref()
+        .map(|spec| CommDelay::parse(spec).with_context(|| format!("--comm-delay {spec}")))
+        .transpose()?;
+    ensure!(
+        comm_delay.is_none() || (!a.processes && world_env.is_none()),
+        "--comm-delay times in-process ranks: not with --processes or under a launcher"
+    );
     if a.processes {
         ensure!(
             world_env.is_none(),
@@ -113,6 +127,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         decode: false,
         schedule,
     };
+    // Models by logical rank (rank_model: by this process's ranks).
+    let models_of = |r: usize| &models[rank_model[r - first]];
+    if let Some(delay) = comm_delay {
+        let clips = split_frames(frames, world)?;
+        let per_rank: Vec<usize> = clips.iter().map(|c| c.len()).collect();
+        say!(
+            "bench: {frames} frames {width}x{height} (latent {}x{}) on {}, frames per rank \
+             {per_rank:?}, {:?}, CFG batch 2",
+            height / models[0].vae_scale(),
+            width / models[0].vae_scale(),
+            describe_ranks(&ranks),
+            a.sampler
+        );
+        return compare_schedules(&a, &models_of, &req, delay);
+    }
     let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
     let progress = |e: Event| match e {
         Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
@@ -120,8 +149,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
     };
-    // Models by logical rank (rank_model: by this process's ranks).
-    let models_of = |r: usize| &models[rank_model[r - first]];
     match (world_env, &place) {
         (Some(env), Some(place)) => {
             let job = multiprocess::rendezvous(
@@ -178,10 +205,102 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     say!(
-        "bench: denoising step median {median:.3} s, mean {mean:.3} s over {} timed steps; \
-         {:.2} video frames per second per step (frames / step time)",
+        "bench: denoising step median {median:.3} s, mean {mean:.3} s over {} timed steps \
+         ({} schedule); {:.2} video frames per second per step (frames / step time)",
         timed.len(),
+        if req.vi.overlap {
+            "overlapped"
+        } else {
+            "synchronous"
+        },
         frames as f64 / median
+    );
+    Ok(())
+}
+
+/// `bench --comm-delay`: both schedules, without and with the injected delay, interleaved over
+/// `a.rounds` rounds (so that a change of background load hits every configuration alike); per
+/// configuration, the median of all its timed steps.
+fn compare_schedules<'m>(
+    a: &BenchArgs,
+    models_of: &(dyn Fn(usize) -> &'m vi_model::models::Models + Sync),
+    req: &GenerateRequest,
+    delay: CommDelay,
+) -> Result<()> {
+    // Rank 0's timed step times of one run.
+    let time_run = |vi: ViConfig| -> Result<Vec<f64>> {
+        let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+        let progress = |e: Event| match e {
+            Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
+                marks.lock().unwrap().push(Instant::now());
+            }
+            Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
+        };
+        let run_req = GenerateRequest {
+            vi,
+            ..req.clone()
+        };
+        pipeline::generate(models_of, &run_req, &progress)?;
+        let marks = marks.into_inner().unwrap();
+        // marks[0]: text encoded; marks[k+1]: rank 0 finished step k.
+        let times: Vec<f64> = marks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        Ok(times[a.warmup.min(times.len())..].to_vec())
+    };
+    say!(
+        "bench: injected delay {delay} (every clip-parallel message), {} rounds of the 4 runs",
+        a.rounds.max(1)
+    );
+    // [schedule: overlapped, synchronous][no delay, delay]
+    let mut steps = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for _ in 0..a.rounds.max(1) {
+        for (si, overlap) in [true, false].into_iter().enumerate() {
+            for (di, d) in [None, Some(delay)].into_iter().enumerate() {
+                let vi = ViConfig {
+                    overlap,
+                    comm_delay: d,
+                    ..req.vi.clone()
+                };
+                steps[si][di].extend(time_run(vi)?);
+            }
+        }
+    }
+    let mut median = [[0.0f64; 2]; 2];
+    for si in 0..2 {
+        for di in 0..2 {
+            let mut sorted = steps[si][di].clone();
+            sorted.sort_by(f64::total_cmp);
+            let m = sorted[sorted.len() / 2];
+            let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+            median[si][di] = m;
+            say!(
+                "  {:<12} {:<10} step median {m:.3} s, mean {mean:.3} s over {} timed steps",
+                if si == 0 { "overlapped" } else { "synchronous" },
+                if di == 1 { "delayed" } else { "no delay" },
+                sorted.len()
+            );
+        }
+    }
+    let grow = |si: usize| median[si][1] - median[si][0];
+    let share = |si: usize| (grow(si) / median[si][1]).max(0.0) * 100.0;
+    say!(
+        "bench: comm share of a delayed step (step time added by the delay / delayed step): \
+         synchronous {:.1} %, overlapped {:.1} %",
+        share(1),
+        share(0)
+    );
+    say!(
+        "bench: the delay adds {:.3} s per step to the synchronous schedule and {:.3} s to the \
+         overlapped one: {:.0} % of the synchronous growth (bar: at most 20 %)",
+        grow(1),
+        grow(0),
+        if grow(1) > 0.0 {
+            grow(0) / grow(1) * 100.0
+        } else {
+            f64::NAN
+        }
     );
     Ok(())
 }

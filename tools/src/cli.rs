@@ -310,6 +310,12 @@ pub struct ViArgs {
     /// dual-scope attention.
     #[arg(long)]
     pub exact_seam: bool,
+
+    /// The synchronous exchange schedule (each exchange completes where its result is needed)
+    /// instead of the overlapped one (exchanges started early, independent work meanwhile); the
+    /// video is the same bit for bit on the CPU. For comparisons.
+    #[arg(long)]
+    pub sync_exchange: bool,
 }
 
 #[derive(Debug, Args)]
@@ -421,6 +427,15 @@ pub struct BenchArgs {
     /// for the cost of the process data plane.
     #[arg(long)]
     pub processes: bool,
+    /// Inject LATENCY per message (and a BANDWIDTH limit per rank's incoming link) into the
+    /// clip-parallel exchange, e.g. `2ms` or `500us,1GB/s`, and time both schedules (overlapped,
+    /// synchronous) with and without it (threads only, not with --processes): how much of the
+    /// exchange the overlap hides.
+    #[arg(long, value_name = "LATENCY[,BANDWIDTH]")]
+    pub comm_delay: Option<String>,
+    /// With --comm-delay: rounds of the four runs, interleaved (each run: warm-up + timed steps).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     #[command(flatten)]
     pub vi: ViArgs,
     /// Skip the memory plan check (as for `generate`: the plan runs before any weight is loaded;

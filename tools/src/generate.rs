@@ -94,6 +94,7 @@ pub fn vi_config(a: &ViArgs) -> ViConfig {
         dynamic_scale: !a.no_dynamic_scale,
         token_num_scale: a.token_num_scale,
         exact_seam: a.exact_seam,
+        overlap: !a.sync_exchange,
         ..ViConfig::default()
     }
 }
@@ -114,6 +115,7 @@ pub fn vi_cli_args(a: &ViArgs) -> Vec<String> {
         ("--no-dynamic-scale", a.no_dynamic_scale),
         ("--token-num-scale", a.token_num_scale),
         ("--exact-seam", a.exact_seam),
+        ("--sync-exchange", a.sync_exchange),
     ] {
         if on {
             v.push(flag.to_string());

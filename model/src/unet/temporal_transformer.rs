@@ -29,11 +29,9 @@ impl TransformerTemporal {
         )?))
     }
 
-    /// Self-attention over frames: x [b, n, inner] -> to_q/k/v -> ctx.attention -> to_out.
+    /// Self-attention over frames: x [b, n, inner] -> to_q/k/v -> ctx.attention_from -> to_out.
     fn attend(&self, a: &Attention, x: &Tensor, ctx: &dyn TemporalContext) -> Result<Tensor> {
-        let q = a.q(x)?;
-        let (k, v) = a.kv(x)?;
-        let o = ctx.attention(&q, &k, &v, a.scale())?;
+        let o = ctx.attention_from(&|| a.q(x), &|| a.kv(x), a.scale())?;
         a.out(&o)
     }
 
@@ -45,9 +43,8 @@ impl TransformerTemporal {
         ctx: &dyn TemporalContext,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        let q = a.q(x)?;
-        let (k, v) = a.kv(x)?;
-        let o = ctx.attention(&q, &k, &v, a.scale())?;
+        // The context decides the order of the projections (it may exchange k, v while q runs).
+        let o = ctx.attention_from(&|| a.q(x), &|| a.kv(x), a.scale())?;
         a.out_add(&o, residual)
     }
 
