@@ -236,10 +236,7 @@ fn compare_schedules<'m>(
             }
             Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
         };
-        let run_req = GenerateRequest {
-            vi,
-            ..req.clone()
-        };
+        let run_req = GenerateRequest { vi, ..req.clone() };
         pipeline::generate(models_of, &run_req, &progress)?;
         let marks = marks.into_inner().unwrap();
         // marks[0]: text encoded; marks[k+1]: rank 0 finished step k.
