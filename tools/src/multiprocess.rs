@@ -23,6 +23,7 @@ use std::path::Path;
 use vi_model::models::{ModelPaths, Models};
 use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::request_digest::{check_same_request, ModelSource, RequestDigest};
+use vi_model::schedule::DeviceTurn;
 use vi_runtime::comm::{
     Communicator, Rendezvous, StoreClient, StoreServer, TcpComm, TcpConfig, WorldEnv,
 };
@@ -177,6 +178,18 @@ impl Job {
             place.world
         );
         let cfg = self.tcp_config()?;
+        // Under rank turns (the plan counted on them): one turn per distinct device of this
+        // process, shared by its logical ranks on that device (ranks in other processes hold
+        // their own device memory, or are planned by their own process).
+        let mut turns: Vec<(Device, DeviceTurn)> = Vec::new();
+        if req.schedule.rank_turns {
+            for rank in place.ranks() {
+                let d = models_of(rank).device;
+                if !turns.iter().any(|(x, _)| *x == d) {
+                    turns.push((d, DeviceTurn::new(req.rank_timeout)));
+                }
+            }
+        }
         let run_one = |rank: usize, sink: Option<&mut dyn FrameSink>| -> Result<()> {
             let store = self.client()?;
             // Received tensors land on the rank's device (a GPU rank's halos, tokens, frames).
@@ -190,7 +203,15 @@ impl Job {
             store.mark_done()?;
             drop(store);
             let sink = sink.map(|s| s as &mut dyn FrameSink);
-            let r = pipeline::generate_rank(models_of(rank), &comm, req, sink, progress);
+            let turn = turns.iter().find(|(d, _)| *d == device).map(|(_, t)| t);
+            let r = pipeline::generate_rank_with_turn(
+                models_of(rank),
+                &comm,
+                req,
+                sink,
+                progress,
+                turn,
+            );
             if let Err(e) = &r {
                 // Every peer fails at once, with this reason.
                 comm.abort(&format!("rank {rank} failed: {e}"));

@@ -183,6 +183,42 @@ fn processes_holding_two_ranks_each_match_in_process() {
     );
 }
 
+/// Two processes of two logical ranks each under a budget whose schedule makes the ranks of a
+/// device take turns (each process plans its own two ranks: unconstrained about 80 MiB, with
+/// turns about 45 MiB): the turns are shared by the process's ranks over the TCP exchanges
+/// (no rank waits for a turn held by a rank blocked in a collective) and the video is the
+/// 4-rank in-process one.
+#[test]
+fn processes_whose_ranks_take_turns_match_in_process() {
+    let t = tempfile::tempdir().unwrap();
+    let want = in_process(4, &t.path().join("in"));
+    let got_dir = t.path().join("launch");
+    let out = Command::new(exe())
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "0",
+            "--",
+        ])
+        .args(gen_args(4, "cpu:4", &got_dir))
+        .args(["--memory-budget", "50M", "--rank-timeout", "60"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("schedule: ranks of a device take turns")),
+        "the budget no longer selects rank turns (re-derive it from the plan):\n{log}"
+    );
+    assert!(
+        frames(&got_dir) == want,
+        "frames differ from the in-process run"
+    );
+}
+
 /// The README's shell loop: `RANK=$r ... video-infinity generate ... &` for each rank, then wait.
 fn through_shell_loop(world: usize) {
     let t = tempfile::tempdir().unwrap();
