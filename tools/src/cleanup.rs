@@ -48,7 +48,18 @@ fn lock() -> MutexGuard<'static, Registry> {
 fn remove(path: &Path, kind: Kind) -> io::Result<()> {
     match kind {
         Kind::File => std::fs::remove_file(path),
-        Kind::Tree => std::fs::remove_dir_all(path),
+        Kind::Tree => {
+            // Moved aside first: a writer still creating entries by their path (a frame being
+            // written while a signal arrives) then fails instead of racing `remove_dir_all`
+            // (which fails with "directory not empty" when an entry appears behind it).
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".removing");
+            let aside = PathBuf::from(aside);
+            match std::fs::rename(path, &aside) {
+                Ok(()) => std::fs::remove_dir_all(&aside),
+                Err(_) => std::fs::remove_dir_all(path),
+            }
+        }
         Kind::EmptyDir => std::fs::remove_dir(path),
     }
 }
