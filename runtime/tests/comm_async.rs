@@ -1,8 +1,6 @@
-//! The asynchronous forms of the communicator (start + wait) and the delay-injecting wrapper:
-//! results equal the blocking calls', calls started in program order pair up however their waits
-//! interleave, a handle dropped without `wait` leaves later calls intact, the in-process start
-//! does not wait for the peers, and the delay wrapper delivers after its latency / bandwidth
-//! without blocking the sender.
+//! The delay-injecting wrapper: it delivers after its latency / bandwidth without blocking the
+//! sender (a started exchange's delay runs while the rank computes). The asynchronous forms of
+//! the communicators themselves are tested in `comm_semantics.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -55,113 +53,6 @@ fn exchange_tagged<C: Communicator>(c: &C, tag: usize) -> (Option<Tensor>, Optio
     let (l, rt) = (msg(tag, r, 0), msg(tag, r, 1));
     c.exchange_neighbors((r > 0).then_some(&l), (r + 1 < w).then_some(&rt))
         .unwrap()
-}
-
-/// Start two exchanges and an all-gather, run a blocking call in between, wait in another order.
-fn interleaved<C: Communicator>(r: usize, c: &C) {
-    let w = c.world_size();
-    let (l, rt) = (msg(1, r, 0), msg(1, r, 1));
-    let p1 = c
-        .start_exchange_neighbors((r > 0).then_some(&l), (r + 1 < w).then_some(&rt))
-        .unwrap();
-    drop((l, rt)); // handed over at start
-    let g = c.start_all_gather(&msg(2, r, 9)).unwrap();
-    let mid = exchange_tagged(c, 3);
-    let (l, rt) = (msg(4, r, 0), msg(4, r, 1));
-    let p4 = c
-        .start_exchange_neighbors((r > 0).then_some(&l), (r + 1 < w).then_some(&rt))
-        .unwrap();
-    // Waits in reverse order of starts.
-    check_halos(4, r, w, &p4.wait().unwrap());
-    let all = g.wait().unwrap();
-    assert_eq!(all.len(), w);
-    for (src, t) in all.iter().enumerate() {
-        assert_eq!(data(t), vec![2.0, src as f32, 9.0]);
-    }
-    check_halos(3, r, w, &mid);
-    check_halos(1, r, w, &p1.wait().unwrap());
-}
-
-#[test]
-fn started_exchanges_pair_in_program_order_for_1_to_4_ranks() {
-    for w in 1..=4usize {
-        run(InProcessGroup::new(w, Duration::from_secs(10)), interleaved);
-        let delayed = InProcessGroup::new(w, Duration::from_secs(10))
-            .into_iter()
-            .map(|c| DelayComm::new(c, CommDelay::parse("1ms").unwrap()))
-            .collect();
-        run(delayed, interleaved);
-    }
-}
-
-#[test]
-fn in_process_start_returns_before_the_peer_arrives() {
-    let late = Duration::from_millis(400);
-    let times = run(InProcessGroup::new(2, Duration::from_secs(10)), |r, c| {
-        if r == 1 {
-            std::thread::sleep(late);
-        }
-        let t0 = Instant::now();
-        let p = c.start_all_gather(&msg(0, r, 0)).unwrap();
-        let started = t0.elapsed();
-        let all = p.wait().unwrap();
-        assert_eq!(data(&all[1 - r]), vec![0.0, (1 - r) as f32, 0.0]);
-        (started, t0.elapsed())
-    });
-    // Rank 0 started at once and waited for rank 1 in `wait`.
-    assert!(times[0].0 < late / 2, "{times:?}");
-    assert!(times[0].1 >= late / 2, "{times:?}");
-}
-
-#[test]
-fn a_dropped_pending_exchange_leaves_later_calls_intact() {
-    for w in 2..=3usize {
-        run(InProcessGroup::new(w, Duration::from_secs(10)), |r, c| {
-            let (l, rt) = (msg(1, r, 0), msg(1, r, 1));
-            let halos = ((r > 0).then_some(&l), (r + 1 < w).then_some(&rt));
-            if r == 0 {
-                // Dropped before the peers send (they start late) ...
-                drop(c.start_exchange_neighbors(halos.0, halos.1).unwrap());
-                drop(c.start_all_gather(&msg(2, r, 9)).unwrap());
-            } else {
-                std::thread::sleep(Duration::from_millis(50));
-                let p = c.start_exchange_neighbors(halos.0, halos.1).unwrap();
-                check_halos(1, r, w, &p.wait().unwrap());
-                c.all_gather(&msg(2, r, 9)).unwrap();
-            }
-            // ... or after they sent.
-            let p = c.start_exchange_neighbors(None, None);
-            let last = c.world_size() - 1;
-            if r == last {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            drop(p);
-            // The next calls get the next calls' tensors.
-            check_halos(3, r, w, &exchange_tagged(c, 3));
-            let all = c.all_gather(&msg(4, r, 9)).unwrap();
-            for (src, t) in all.iter().enumerate() {
-                assert_eq!(data(t), vec![4.0, src as f32, 9.0]);
-            }
-        });
-    }
-}
-
-#[test]
-fn errors_and_aborts_reach_pending_handles() {
-    let res = run(InProcessGroup::new(2, Duration::from_secs(30)), |r, c| {
-        let t0 = Instant::now();
-        let p = c.start_all_gather(&msg(0, r, 0))?;
-        if r == 1 {
-            c.abort("stop");
-            return Ok(t0.elapsed());
-        }
-        // Rank 0's wait (or, if it got there first, its next call) fails naming the abort.
-        p.wait()?;
-        let p = c.start_all_gather(&msg(1, r, 0));
-        p.and_then(|p| p.wait()).map(|_| t0.elapsed())
-    });
-    let err = res[0].as_ref().unwrap_err().to_string();
-    assert!(err.contains("rank 1 aborted: stop"), "{err}");
 }
 
 #[test]

@@ -17,9 +17,10 @@
 //! call index is taken then, in program order, like a blocking call's) and return a [`Pending`]
 //! handle; `Pending::wait` completes it. A blocking call is start + wait. Between start and wait
 //! the rank may compute and issue further calls (they take the next indices). The default forms
-//! complete eagerly at start, so every implementation has them (the TCP one uses them today);
-//! the in-process one sends at start and receives at wait. A pending handle dropped without
-//! `wait` does not disturb later calls.
+//! complete eagerly at start, so every implementation has them; the in-process and TCP ones send
+//! at start (TCP: queued for a writer thread per peer) and receive at wait, through the mailbox
+//! they share ([`mailbox`]). A pending handle dropped without `wait` does not disturb later
+//! calls.
 //!
 //! Matching: the n-th collective call of a rank pairs with the n-th call of every other rank; the
 //! call kind travels with each message, and a mismatch is an error (and aborts the group).
@@ -29,6 +30,7 @@
 
 pub mod delay;
 pub mod in_process;
+mod mailbox;
 pub mod pending;
 pub mod rendezvous;
 pub mod store;

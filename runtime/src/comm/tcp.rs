@@ -6,11 +6,15 @@
 //! a magic number, the group's identity (a nonce rank 0 publishes as `{prefix}/group`), the world
 //! size, and the two ranks. Setup is bounded by the configured timeout.
 //!
-//! Data plane: one socket per peer (TCP_NODELAY). Writes hold that peer's writer lock for a whole
-//! frame; a reader thread per peer reads frames into this rank's mailbox as they arrive, so a send
-//! never waits for the receiver to call its receive (a start/wait form is "send now, take from the
-//! mailbox later"). Messages are matched like [`super::InProcessComm`]'s: collective calls by the
-//! rank's call index, point-to-point messages by their index on the (source, destination) pair.
+//! Data plane: one socket per peer (TCP_NODELAY), with a writer thread and a reader thread per
+//! peer. A send (every start form, every blocking call's sending half) queues the frame for the
+//! peer's writer thread and returns: the caller never blocks on a slow or full socket, so a
+//! started exchange crosses the wire while the rank computes (a synchronous write would hold the
+//! caller for the whole transfer of a large halo on a real network: bytes / link bandwidth). The
+//! reader thread reads frames into this rank's [`Mailbox`] as they arrive, and `Pending::wait` (or
+//! a blocking call) takes them from there. Messages are matched like [`super::InProcessComm`]'s:
+//! collective calls by the rank's call index, point-to-point messages by their index on the
+//! (source, destination) pair; frames to one peer leave in the order they were sent.
 //!
 //! Wire format (little-endian). Frame header, 24 bytes then the shape:
 //! `u32 FRAME_MAGIC | u8 kind | u8 flags | u8 dtype | u8 ndim | u64 call index | u64 payload bytes |
@@ -20,27 +24,30 @@
 //! ends, `barrier` nothing), bit 1 = the tensor is shape-only (`Device::Meta`, dry runs). The
 //! header is validated before anything is allocated (kind, dtype, ndim <= [`MAX_NDIM`], payload =
 //! elements x dtype size, at most [`TcpConfig::max_payload_bytes`]), and a payload buffer grows only
-//! as its bytes arrive. CUDA tensors go through the host; received tensors are placed on
-//! [`TcpConfig::device`] when it is set.
+//! as its bytes arrive. CUDA tensors go through the host (copied at send, on the caller's thread);
+//! received tensors are placed on [`TcpConfig::device`] when it is set.
 //!
 //! Failures: a connection that ends without a goodbye means the peer died: the group is aborted
-//! with "rank r died (connection closed)" and every pending and future call fails. A local abort
-//! (an explicit [`Communicator::abort`], a timeout, a mismatch, a bad frame, a dead peer) is sent to
-//! every peer (best effort), who report its reason. Dropping the communicator after a normal run
-//! sends a goodbye: a peer waiting for a message the departed rank never sent fails at once.
+//! with "rank r died (connection closed)" and every pending and future call fails (a write that
+//! fails, or blocks past the timeout, aborts it too, naming the peer). A local abort (an explicit
+//! [`Communicator::abort`], a timeout, a mismatch, a bad frame, a dead peer) is sent to every peer
+//! (best effort, ahead of queued frames), who report its reason. Dropping the communicator after a
+//! normal run flushes the queued frames, then sends a goodbye: a peer waiting for a message the
+//! departed rank never sent fails at once.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 
-use super::{sum_in_order, Communicator, Rendezvous};
+use super::mailbox::{forward_communicator, Endpoint, Mailbox, OpKind, Transport};
+use super::Rendezvous;
 use crate::{DType, Device, Error, Result, Storage, Tensor};
 
 /// First bytes of every handshake ("VITCPv01").
@@ -62,49 +69,33 @@ const GROW_BYTES: usize = 16 << 20;
 const FLAG_TENSOR: u8 = 1;
 const FLAG_META: u8 = 2;
 
-/// The kind of a frame: a collective call, a point-to-point message, or a control message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
-    Neighbors,
-    AllGather,
-    AllReduce,
-    Gather,
-    Barrier,
-    /// A `send_to` / `recv_from` pair (its own index space, per ordered pair of ranks).
-    PointToPoint,
-    /// The sender aborted; the payload is its reason.
-    Abort,
-    /// The sender's communicator was dropped after a normal run: nothing more will come.
-    Goodbye,
+/// Frame kind codes: 1-6 the calls ([`op_code`]), then the control frames.
+/// The sender aborted; the payload is its reason.
+const KIND_ABORT: u8 = 7;
+/// The sender's communicator was dropped after a normal run: nothing more will come.
+const KIND_GOODBYE: u8 = 8;
+
+fn op_code(k: OpKind) -> u8 {
+    match k {
+        OpKind::Neighbors => 1,
+        OpKind::AllGather => 2,
+        OpKind::AllReduce => 3,
+        OpKind::Gather => 4,
+        OpKind::Barrier => 5,
+        OpKind::PointToPoint => 6,
+    }
 }
 
-impl Kind {
-    fn code(self) -> u8 {
-        match self {
-            Kind::Neighbors => 1,
-            Kind::AllGather => 2,
-            Kind::AllReduce => 3,
-            Kind::Gather => 4,
-            Kind::Barrier => 5,
-            Kind::PointToPoint => 6,
-            Kind::Abort => 7,
-            Kind::Goodbye => 8,
-        }
-    }
-
-    fn from_code(c: u8) -> Option<Kind> {
-        Some(match c {
-            1 => Kind::Neighbors,
-            2 => Kind::AllGather,
-            3 => Kind::AllReduce,
-            4 => Kind::Gather,
-            5 => Kind::Barrier,
-            6 => Kind::PointToPoint,
-            7 => Kind::Abort,
-            8 => Kind::Goodbye,
-            _ => return None,
-        })
-    }
+fn op_from_code(c: u8) -> Option<OpKind> {
+    Some(match c {
+        1 => OpKind::Neighbors,
+        2 => OpKind::AllGather,
+        3 => OpKind::AllReduce,
+        4 => OpKind::Gather,
+        5 => OpKind::Barrier,
+        6 => OpKind::PointToPoint,
+        _ => return None,
+    })
 }
 
 fn dtype_code(d: DType) -> u8 {
@@ -161,79 +152,105 @@ impl TcpConfig {
     }
 }
 
-/// One message in the mailbox.
-struct Message {
-    kind: Kind,
+/// A frame waiting for its peer's writer thread: the payload is a host or shape-only tensor
+/// (shared with the caller, not copied).
+struct OutFrame {
+    kind: OpKind,
+    seq: u64,
     payload: Option<Tensor>,
-}
-
-/// Mailbox key: (point-to-point, call index, source rank). The destination is this rank.
-type MsgKey = (bool, u64, usize);
-
-struct State {
-    /// Set once: the first failure (abort, death, timeout, bad frame), as a message naming the rank.
-    aborted: Option<String>,
-    mailbox: HashMap<MsgKey, Message>,
-    /// Peers that said goodbye: nothing more will come from them.
-    departed: Vec<bool>,
 }
 
 /// One connection to a peer.
 struct Peer {
-    /// Frames are written whole under this lock.
+    /// Frames are written whole under this lock (by the writer thread; an abort or a goodbye
+    /// directly).
     writer: Mutex<TcpStream>,
     /// A handle on the same socket for shutting it down without the writer lock.
     ctl: TcpStream,
+    /// The writer thread's queue (None once closed: the thread then ends after the queued frames).
+    queue: Mutex<Option<mpsc::Sender<OutFrame>>>,
 }
 
-/// What the reader threads share with the communicator.
-struct Inner {
+/// The TCP transport: the connections of one rank (index = peer rank; None for this rank).
+pub(crate) struct Wires {
     rank: usize,
     timeout: Duration,
     max_payload: u64,
-    /// Index = peer rank; None for this rank.
     peers: Vec<Option<Peer>>,
-    state: Mutex<State>,
-    cv: Condvar,
-    /// Mirror of `state.aborted.is_some()` readable without the lock.
-    aborted_flag: AtomicBool,
-    /// Held while an abort is being sent to the peers (see [`Inner::abort`]).
-    telling: Mutex<()>,
-    /// Set when this rank closes its sockets on purpose (drop, simulated death): the readers then
-    /// treat the end of a connection as expected.
+    /// Set when this rank closes its sockets on purpose (drop, simulated death): readers and
+    /// writers then treat a failing connection as expected.
     closing: AtomicBool,
 }
 
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is a plain map and flags, never left half-updated: a poisoned lock is usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+impl Wires {
+    fn peer(&self, r: usize) -> &Peer {
+        self.peers[r].as_ref().expect("a peer, not this rank")
     }
 
-    /// Marks the group aborted with `reason` (the first reason wins), wakes every waiter, and
-    /// (the first time) tells every peer, then ends this rank's side of every connection.
-    fn abort(&self, reason: String) {
-        // Held until the peers are told, so that closing this rank's sockets (drop) waits for it:
-        // a peer then reads the reason before the end of the connection, never "died" instead.
-        let _telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
-        let mut st = self.lock();
-        if st.aborted.is_some() {
-            return;
+    /// Shuts every connection (both directions): blocked reads and writes return at once.
+    fn shut_all(&self) {
+        for p in self.peers.iter().flatten() {
+            let _ = p.ctl.shutdown(Shutdown::Both);
         }
-        st.aborted = Some(reason.clone());
-        self.aborted_flag.store(true, Ordering::SeqCst);
-        drop(st);
-        self.cv.notify_all();
-        self.broadcast_abort(&reason);
     }
 
-    /// Best effort: an abort frame to every peer, then this side's write half is shut (the peer
-    /// reads the reason, then the end of the stream). A writer lock held by a stuck send is waited
-    /// for briefly; after that the socket is shut without the frame.
-    fn broadcast_abort(&self, reason: &str) {
+    /// Closes every writer thread's queue (the threads end after the frames already queued).
+    fn close_queues(&self) {
+        for p in self.peers.iter().flatten() {
+            p.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
+impl Transport for Wires {
+    /// Queues the frame for `dst`'s writer thread. A CUDA tensor is copied to the host here (on the
+    /// caller's thread, ordered after the kernels that made it); a CPU tensor is shared, not copied.
+    fn send(
+        &self,
+        _mb: &Mailbox<Self>,
+        src: usize,
+        dst: usize,
+        kind: OpKind,
+        seq: u64,
+        payload: Option<&Tensor>,
+    ) -> Result<()> {
+        debug_assert_eq!(src, self.rank);
+        if let Some(t) = payload {
+            if t.shape().len() > MAX_NDIM {
+                return Err(Error::Comm(format!(
+                    "rank {src}: {kind:?}: a tensor of {} dimensions (at most {MAX_NDIM} travel)",
+                    t.shape().len()
+                )));
+            }
+        }
+        let payload = match payload {
+            Some(t) if matches!(t.device(), Device::Cuda(_)) => Some(t.to_device(Device::Cpu)?),
+            p => p.cloned(),
+        };
+        let queue = self
+            .peer(dst)
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let sent = queue
+            .as_ref()
+            .map(|q| q.send(OutFrame { kind, seq, payload }));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(Error::Comm(format!(
+                "rank {src}: {kind:?} (call #{seq}): the connection to rank {dst} is closed"
+            ))),
+        }
+    }
+
+    /// Best effort: an abort frame to every peer (ahead of the frames still queued), then this
+    /// side's write half is shut (the peer reads the reason, then the end of the stream). A writer
+    /// lock held by a stuck write is waited for briefly; after that the socket is shut without
+    /// the frame.
+    fn tell_abort(&self, reason: &str) {
         let bytes = reason.as_bytes();
         let bytes = &bytes[..bytes.len().min(MAX_REASON_BYTES as usize)];
-        let mut frame = header(Kind::Abort, 0, 0, DType::F32, &[], bytes.len() as u64);
+        let mut frame = header(KIND_ABORT, 0, 0, DType::F32, &[], bytes.len() as u64);
         frame.extend_from_slice(bytes);
         for p in self.peers.iter().flatten() {
             let deadline = Instant::now() + Duration::from_millis(500);
@@ -257,146 +274,100 @@ impl Inner {
         }
     }
 
-    fn aborted_error(&self, what: &str) -> Error {
-        let reason = self.lock().aborted.clone().unwrap_or_default();
-        Error::Comm(format!(
-            "rank {}: {what}: group aborted: {reason}",
-            self.rank
-        ))
-    }
-
-    /// Writes one frame to `dst`. A failed write means the peer is gone (or stuck past the
-    /// timeout): the group is aborted naming it.
-    fn send(&self, dst: usize, kind: Kind, seq: u64, payload: Option<&Tensor>) -> Result<()> {
-        if self.aborted_flag.load(Ordering::SeqCst) {
-            return Err(self.aborted_error(&format!("{kind:?}")));
-        }
-        let peer = self.peers[dst]
-            .as_ref()
-            .expect("send to a peer, not to self");
-        // A CUDA tensor travels through the host (its dtype kept: the bytes are exact).
-        let host;
-        let payload = match payload {
-            Some(t) if matches!(t.device(), Device::Cuda(_)) => {
-                host = t.to_device(Device::Cpu)?;
-                Some(&host)
-            }
-            p => p,
+    fn place(&self, t: Tensor, device: Option<Device>) -> Result<Tensor> {
+        // A shape-only tensor is charged to this thread's measurement, like every tensor this
+        // rank makes.
+        let t = if t.device() == Device::Meta {
+            crate::meta::tracked(t.shape(), t.dtype())
+        } else {
+            t
         };
-        let (flags, dtype, shape, bytes): (u8, DType, &[usize], std::borrow::Cow<'_, [u8]>) =
-            match payload {
-                None => (0, DType::F32, &[], (&[][..]).into()),
-                Some(t) if t.device() == Device::Meta => (
-                    FLAG_TENSOR | FLAG_META,
-                    t.dtype(),
-                    t.shape(),
-                    (&[][..]).into(),
-                ),
-                Some(t) => (FLAG_TENSOR, t.dtype(), t.shape(), le_bytes(t)?),
-            };
-        if shape.len() > MAX_NDIM {
-            return Err(Error::Comm(format!(
-                "rank {}: {kind:?}: a tensor of {} dimensions (at most {MAX_NDIM} travel)",
-                self.rank,
-                shape.len()
-            )));
-        }
-        let mut frame = header(kind, flags, seq, dtype, shape, bytes.len() as u64);
-        // Small payloads go out in the header's write (one segment with TCP_NODELAY).
-        let small = bytes.len() <= 64 << 10;
-        if small {
-            frame.extend_from_slice(&bytes);
-        }
-        let res = {
-            let mut w = peer.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.write_all(&frame)
-                .and_then(|_| if small { Ok(()) } else { w.write_all(&bytes) })
-        };
-        if let Err(e) = res {
-            let reason = if self.lock().departed[dst] {
-                format!(
-                    "rank {}: {kind:?} (call #{seq}): rank {dst} left the group",
-                    self.rank
-                )
-            } else if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                format!(
-                    "rank {}: {kind:?} (call #{seq}): timed out after {:?} sending to rank {dst}",
-                    self.rank, self.timeout
-                )
-            } else {
-                format!(
-                    "rank {dst} died (connection lost while rank {} sent: {e})",
-                    self.rank
-                )
-            };
-            // A frame may be half-written: the stream cannot be used any more.
-            self.abort(reason);
-            return Err(self.aborted_error(&format!("{kind:?}")));
-        }
-        Ok(())
-    }
-
-    /// Waits for the message of call `seq` (`p2p`: index on the pair) from `src`. Fails when the
-    /// group is aborted, when `src` departed without sending it, on a kind mismatch, or after the
-    /// timeout; the last three abort the group.
-    fn recv(&self, p2p: bool, seq: u64, kind: Kind, src: usize) -> Result<Option<Tensor>> {
-        let deadline = Instant::now() + self.timeout;
-        let key = (p2p, seq, src);
-        let mut st = self.lock();
-        loop {
-            if st.aborted.is_some() {
-                drop(st);
-                return Err(self.aborted_error(&format!("{kind:?}")));
-            }
-            if let Some(msg) = st.mailbox.remove(&key) {
-                if msg.kind != kind {
-                    let reason = format!(
-                        "rank {}: collective call #{seq} mismatch: this rank called {kind:?}, \
-                         rank {src} called {:?}",
-                        self.rank, msg.kind
-                    );
-                    drop(st);
-                    self.abort(reason.clone());
-                    return Err(Error::Comm(reason));
-                }
-                return Ok(msg.payload);
-            }
-            let reason = if st.departed[src] {
-                Some(format!(
-                    "rank {}: {kind:?} (call #{seq}): rank {src} left the group without sending",
-                    self.rank
-                ))
-            } else if Instant::now() >= deadline {
-                Some(format!(
-                    "rank {}: {kind:?} (call #{seq}): timed out after {:?} waiting for rank {src}",
-                    self.rank, self.timeout
-                ))
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                drop(st);
-                self.abort(reason.clone());
-                return Err(Error::Comm(reason));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            st = self
-                .cv
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        match device {
+            Some(d) if t.device() != d => t.to_device(d),
+            _ => Ok(t),
         }
     }
 }
 
+/// Writes one frame to `w`: header and shape, then the payload (small payloads in the header's
+/// write: one segment with TCP_NODELAY).
+fn write_frame(w: &mut impl Write, f: &OutFrame) -> io::Result<()> {
+    let (flags, dtype, shape, bytes): (u8, DType, &[usize], std::borrow::Cow<'_, [u8]>) =
+        match &f.payload {
+            None => (0, DType::F32, &[], (&[][..]).into()),
+            Some(t) if t.device() == Device::Meta => (
+                FLAG_TENSOR | FLAG_META,
+                t.dtype(),
+                t.shape(),
+                (&[][..]).into(),
+            ),
+            Some(t) => (
+                FLAG_TENSOR,
+                t.dtype(),
+                t.shape(),
+                le_bytes(t).map_err(|e| io::Error::other(e.to_string()))?,
+            ),
+        };
+    let mut frame = header(
+        op_code(f.kind),
+        flags,
+        f.seq,
+        dtype,
+        shape,
+        bytes.len() as u64,
+    );
+    let small = bytes.len() <= 64 << 10;
+    if small {
+        frame.extend_from_slice(&bytes);
+    }
+    w.write_all(&frame)?;
+    if !small {
+        w.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// The writer of the connection to `dst`: queued frames onto the socket, in order, until the
+/// queue is closed. After a failure (this rank's or the group's) queued frames are dropped.
+fn writer_loop(mb: Arc<Mailbox<Wires>>, dst: usize, queue: mpsc::Receiver<OutFrame>) {
+    let wires = &mb.transport;
+    let peer = wires.peer(dst);
+    for f in queue {
+        if mb.is_aborted() || wires.closing.load(Ordering::SeqCst) {
+            continue;
+        }
+        let res = {
+            let mut w = peer.writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_frame(&mut *w, &f)
+        };
+        let Err(e) = res else { continue };
+        if mb.is_aborted() || wires.closing.load(Ordering::SeqCst) {
+            continue;
+        }
+        let (rank, kind, seq) = (wires.rank, f.kind, f.seq);
+        let reason = if mb.has_departed(dst) {
+            format!("rank {rank}: {kind:?} (call #{seq}): rank {dst} left the group")
+        } else if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            format!(
+                "rank {rank}: {kind:?} (call #{seq}): timed out after {:?} sending to rank {dst}",
+                wires.timeout
+            )
+        } else {
+            format!("rank {dst} died (connection lost while rank {rank} sent: {e})")
+        };
+        // A frame may be half-written: the stream cannot be used any more.
+        mb.abort(reason);
+    }
+}
 /// The fixed header followed by the shape.
-fn header(kind: Kind, flags: u8, seq: u64, dtype: DType, shape: &[usize], len: u64) -> Vec<u8> {
+/// `kind`: a frame kind code ([`op_code`], [`KIND_ABORT`], [`KIND_GOODBYE`]).
+fn header(kind: u8, flags: u8, seq: u64, dtype: DType, shape: &[usize], len: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN + 8 * shape.len());
     h.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-    h.extend_from_slice(&[kind.code(), flags, dtype_code(dtype), shape.len() as u8]);
+    h.extend_from_slice(&[kind, flags, dtype_code(dtype), shape.len() as u8]);
     h.extend_from_slice(&seq.to_le_bytes());
     h.extend_from_slice(&len.to_le_bytes());
     for &d in shape {
@@ -475,7 +446,7 @@ fn from_le_storage(s: Storage) -> Storage {
 /// A frame as read from the wire.
 enum Frame {
     Data {
-        kind: Kind,
+        kind: OpKind,
         seq: u64,
         payload: Option<Tensor>,
     },
@@ -527,8 +498,10 @@ fn read_frame(r: &mut impl Read, max_payload: u64) -> std::result::Result<Frame,
         )));
     }
     r.read_exact(&mut h[4..])?;
-    let kind = Kind::from_code(h[4])
-        .ok_or_else(|| ReadError::Invalid(format!("unknown frame kind {}", h[4])))?;
+    let code = h[4];
+    if op_from_code(code).is_none() && code != KIND_ABORT && code != KIND_GOODBYE {
+        return Err(ReadError::Invalid(format!("unknown frame kind {code}")));
+    }
     let flags = h[5];
     let dtype = dtype_from_code(h[6])
         .ok_or_else(|| ReadError::Invalid(format!("unknown dtype code {}", h[6])))?;
@@ -543,8 +516,8 @@ fn read_frame(r: &mut impl Read, max_payload: u64) -> std::result::Result<Frame,
     let mut sb = [0u8; 8 * MAX_NDIM];
     r.read_exact(&mut sb[..8 * ndim])?;
     let shape: Vec<u64> = (0..ndim).map(|i| u64_at(&sb, 8 * i)).collect();
-    match kind {
-        Kind::Goodbye => {
+    match code {
+        KIND_GOODBYE => {
             if len != 0 {
                 return Err(ReadError::Invalid(format!(
                     "goodbye with {len} payload bytes"
@@ -552,7 +525,7 @@ fn read_frame(r: &mut impl Read, max_payload: u64) -> std::result::Result<Frame,
             }
             return Ok(Frame::Goodbye);
         }
-        Kind::Abort => {
+        KIND_ABORT => {
             if len > MAX_REASON_BYTES {
                 return Err(ReadError::Invalid(format!(
                     "abort reason of {len} bytes (at most {MAX_REASON_BYTES})"
@@ -564,6 +537,7 @@ fn read_frame(r: &mut impl Read, max_payload: u64) -> std::result::Result<Frame,
         }
         _ => {}
     }
+    let kind = op_from_code(code).expect("checked above");
     if flags & !(FLAG_TENSOR | FLAG_META) != 0 {
         return Err(ReadError::Invalid(format!("unknown flags {flags:#04x}")));
     }
@@ -626,51 +600,41 @@ fn read_frame(r: &mut impl Read, max_payload: u64) -> std::result::Result<Frame,
 }
 
 /// The reader of the connection from `src`: frames into the mailbox until the connection ends.
-fn reader_loop(inner: Arc<Inner>, src: usize, stream: TcpStream) {
+fn reader_loop(mb: Arc<Mailbox<Wires>>, src: usize, stream: TcpStream) {
+    let rank = mb.transport.rank;
     let mut r = BufReader::with_capacity(64 << 10, stream);
     loop {
-        let frame = read_frame(&mut r, inner.max_payload);
-        let quiet =
-            inner.closing.load(Ordering::SeqCst) || inner.aborted_flag.load(Ordering::SeqCst);
+        let frame = read_frame(&mut r, mb.transport.max_payload);
+        let quiet = mb.transport.closing.load(Ordering::SeqCst) || mb.is_aborted();
         match frame {
             Ok(Frame::Data { kind, seq, payload }) => {
-                let p2p = kind == Kind::PointToPoint;
-                let mut st = inner.lock();
-                if st.mailbox.contains_key(&(p2p, seq, src)) {
-                    drop(st);
-                    inner.abort(format!(
-                        "rank {}: rank {src} sent {kind:?} #{seq} twice (protocol error)",
-                        inner.rank
+                if !mb.deliver(src, rank, kind, seq, payload) {
+                    mb.abort(format!(
+                        "rank {rank}: rank {src} sent {kind:?} #{seq} twice (protocol error)"
                     ));
                     return;
                 }
-                st.mailbox
-                    .insert((p2p, seq, src), Message { kind, payload });
-                drop(st);
-                inner.cv.notify_all();
             }
             Ok(Frame::Abort(reason)) => {
-                inner.abort(reason);
+                mb.abort(reason);
                 return;
             }
             Ok(Frame::Goodbye) => {
-                inner.lock().departed[src] = true;
-                inner.cv.notify_all();
+                mb.depart(src);
                 return;
             }
             Err(_) if quiet => return,
             Err(ReadError::Closed) => {
-                inner.abort(format!("rank {src} died (connection closed)"));
+                mb.abort(format!("rank {src} died (connection closed)"));
                 return;
             }
             Err(ReadError::Io(e)) => {
-                inner.abort(format!("rank {src} died (connection lost: {e})"));
+                mb.abort(format!("rank {src} died (connection lost: {e})"));
                 return;
             }
             Err(ReadError::Invalid(what)) => {
-                inner.abort(format!(
-                    "rank {}: invalid frame from rank {src}: {what}",
-                    inner.rank
+                mb.abort(format!(
+                    "rank {rank}: invalid frame from rank {src}: {what}"
                 ));
                 return;
             }
@@ -743,18 +707,12 @@ fn remaining(deadline: Instant) -> Duration {
 ///
 /// Dropping it while its thread unwinds from a panic aborts the group ("rank r panicked");
 /// dropping it otherwise sends a goodbye, so a peer waiting for a message it never sent fails at
-/// once. Either way the connections are closed and the reader threads joined.
+/// once (after the frames still queued are written). Either way the connections are closed and
+/// the reader and writer threads joined.
 pub struct TcpComm {
-    rank: usize,
-    world: usize,
-    inner: Arc<Inner>,
-    device: Option<Device>,
-    /// Index of the next collective call of this rank.
-    seq: AtomicU64,
-    /// Per peer: point-to-point messages sent to it / received from it so far.
-    p2p_sent: Mutex<Vec<u64>>,
-    p2p_received: Mutex<Vec<u64>>,
+    ep: Endpoint<Wires>,
     readers: Vec<JoinHandle<()>>,
+    writers: Vec<JoinHandle<()>>,
 }
 
 impl TcpComm {
@@ -819,6 +777,7 @@ impl TcpComm {
         }
         let mut peers = Vec::with_capacity(world);
         let mut readers_in = Vec::new();
+        let mut writers_in = Vec::new();
         for (peer, s) in streams.into_iter().enumerate() {
             let Some(s) = s else {
                 peers.push(None);
@@ -832,142 +791,74 @@ impl TcpComm {
                 Ok((s.try_clone()?, s.try_clone()?))
             };
             let (ctl, rd) = setup(&s).map_err(|e| err(format!("socket to rank {peer}: {e}")))?;
+            let (tx, rx) = mpsc::channel();
             peers.push(Some(Peer {
                 writer: Mutex::new(s),
                 ctl,
+                queue: Mutex::new(Some(tx)),
             }));
             readers_in.push((peer, rd));
+            writers_in.push((peer, rx));
         }
-        let inner = Arc::new(Inner {
+        let wires = Wires {
             rank,
             timeout: config.timeout,
             max_payload: config.max_payload_bytes,
             peers,
-            state: Mutex::new(State {
-                aborted: None,
-                mailbox: HashMap::new(),
-                departed: vec![false; world],
-            }),
-            cv: Condvar::new(),
-            aborted_flag: AtomicBool::new(false),
-            telling: Mutex::new(()),
             closing: AtomicBool::new(false),
-        });
-        let mut readers = Vec::new();
+        };
+        let mb = Arc::new(Mailbox::new(world, config.timeout, wires));
+        let mut comm = TcpComm {
+            ep: Endpoint::new(rank, mb.clone(), config.device),
+            readers: Vec::new(),
+            writers: Vec::new(),
+        };
         for (peer, rd) in readers_in {
-            let inner2 = inner.clone();
+            let mb = mb.clone();
             let h = std::thread::Builder::new()
                 .name(format!("tcp-comm-{rank}<-{peer}"))
-                .spawn(move || reader_loop(inner2, peer, rd));
-            match h {
-                Ok(h) => readers.push(h),
-                Err(e) => {
-                    // Readers already started end when the sockets close (dropping `inner`'s peers
-                    // closes nothing while they hold clones, so shut them explicitly).
-                    inner.closing.store(true, Ordering::SeqCst);
-                    for p in inner.peers.iter().flatten() {
-                        let _ = p.ctl.shutdown(Shutdown::Both);
-                    }
-                    for h in readers {
-                        let _ = h.join();
-                    }
-                    return Err(err(format!("cannot start a reader thread: {e}")));
-                }
-            }
+                .spawn(move || reader_loop(mb, peer, rd))
+                .map_err(|e| err(format!("cannot start a reader thread: {e}")))?;
+            comm.readers.push(h);
         }
-        Ok(TcpComm {
-            rank,
-            world,
-            inner,
-            device: config.device,
-            seq: AtomicU64::new(0),
-            p2p_sent: Mutex::new(vec![0; world]),
-            p2p_received: Mutex::new(vec![0; world]),
-            readers,
-        })
+        for (peer, rx) in writers_in {
+            let mb = mb.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("tcp-comm-{rank}->{peer}"))
+                .spawn(move || writer_loop(mb, peer, rx))
+                .map_err(|e| err(format!("cannot start a writer thread: {e}")))?;
+            comm.writers.push(h);
+        }
+        // (On an error above, dropping `comm` ends and joins the threads already started.)
+        Ok(comm)
     }
 
     /// The bound on every wait of this communicator.
     pub fn timeout(&self) -> Duration {
-        self.inner.timeout
+        self.ep.mb.timeout
     }
 
     /// The reason the group was aborted, if it was.
     pub fn abort_reason(&self) -> Option<String> {
-        self.inner.lock().aborted.clone()
+        self.ep.mb.abort_reason()
+    }
+
+    /// Messages received for this rank that no call has taken yet (tests: a pending handle
+    /// dropped without `wait` must not leave its messages behind).
+    #[doc(hidden)]
+    pub fn held_messages(&self) -> usize {
+        self.ep.mb.held_for(self.ep.rank)
     }
 
     /// Simulates this rank's death (tests): every connection is closed without a goodbye or an
     /// abort frame, as when the process is killed.
     #[doc(hidden)]
     pub fn simulate_death(self) {
-        self.inner.closing.store(true, Ordering::SeqCst);
-        for p in self.inner.peers.iter().flatten() {
-            let _ = p.ctl.shutdown(Shutdown::Both);
-        }
-        // Drop joins the readers and sends nothing more (`closing` is set).
-    }
-
-    /// Start a call: check the group is alive and take the call index.
-    fn begin(&self, kind: Kind) -> Result<u64> {
-        if self.inner.aborted_flag.load(Ordering::SeqCst) {
-            return Err(self.inner.aborted_error(&format!("{kind:?}")));
-        }
-        Ok(self.seq.fetch_add(1, Ordering::SeqCst))
-    }
-
-    fn recv(&self, p2p: bool, seq: u64, kind: Kind, src: usize) -> Result<Option<Tensor>> {
-        let t = self.inner.recv(p2p, seq, kind, src)?;
-        let t = match t {
-            // Charged to this thread's measurement, like every tensor this rank makes.
-            Some(t) if t.device() == Device::Meta => {
-                Some(crate::meta::tracked(t.shape(), t.dtype()))
-            }
-            t => t,
-        };
-        match (t, self.device) {
-            (Some(t), Some(d)) if t.device() != d => Ok(Some(t.to_device(d)?)),
-            (t, _) => Ok(t),
-        }
-    }
-
-    /// The index of the next point-to-point message with `peer` in `counters` (and count it).
-    fn p2p_index(&self, counters: &Mutex<Vec<u64>>, peer: usize, what: &str) -> Result<u64> {
-        if peer == self.rank || peer >= self.world {
-            return Err(Error::Comm(format!(
-                "rank {}: {what}: rank {peer} is not a peer in a group of {}",
-                self.rank, self.world
-            )));
-        }
-        if self.inner.aborted_flag.load(Ordering::SeqCst) {
-            return Err(self.inner.aborted_error(what));
-        }
-        let mut c = counters.lock().unwrap_or_else(|e| e.into_inner());
-        let i = c[peer];
-        c[peer] += 1;
-        Ok(i)
-    }
-
-    /// Send `t` to every other rank and receive every rank's tensor, in rank order.
-    fn exchange_all(&self, kind: Kind, t: Option<&Tensor>) -> Result<Vec<Option<Tensor>>> {
-        let seq = self.begin(kind)?;
-        for dst in 0..self.world {
-            if dst != self.rank {
-                self.inner.send(dst, kind, seq, t)?;
-            }
-        }
-        let mut out = Vec::with_capacity(self.world);
-        for src in 0..self.world {
-            if src == self.rank {
-                out.push(t.cloned());
-            } else {
-                out.push(self.recv(false, seq, kind, src)?);
-            }
-        }
-        Ok(out)
+        self.ep.mb.transport.closing.store(true, Ordering::SeqCst);
+        self.ep.mb.transport.shut_all();
+        // Drop joins the threads and sends nothing more (`closing` is set).
     }
 }
-
 /// Connects to rank `peer` (lower than `rank`) at the address it published, and handshakes.
 fn connect_to(
     rank: usize,
@@ -1110,121 +1001,24 @@ fn accept_from(
     Ok(())
 }
 
-impl Communicator for TcpComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-
-    fn exchange_neighbors(
-        &self,
-        to_left: Option<&Tensor>,
-        to_right: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        const K: Kind = Kind::Neighbors;
-        let seq = self.begin(K)?;
-        let (r, w) = (self.rank, self.world);
-        if r > 0 {
-            self.inner.send(r - 1, K, seq, to_left)?;
-        }
-        if r + 1 < w {
-            self.inner.send(r + 1, K, seq, to_right)?;
-        }
-        let from_left = if r > 0 {
-            self.recv(false, seq, K, r - 1)?
-        } else {
-            None
-        };
-        let from_right = if r + 1 < w {
-            self.recv(false, seq, K, r + 1)?
-        } else {
-            None
-        };
-        Ok((from_left, from_right))
-    }
-
-    fn all_gather(&self, t: &Tensor) -> Result<Vec<Tensor>> {
-        let all = self.exchange_all(Kind::AllGather, Some(t))?;
-        all.into_iter()
-            .enumerate()
-            .map(|(src, x)| {
-                x.ok_or_else(|| Error::Comm(format!("all_gather: rank {src} sent nothing")))
-            })
-            .collect()
-    }
-
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let all = self.exchange_all(Kind::AllReduce, Some(t))?;
-        let all: Vec<Tensor> = all
-            .into_iter()
-            .enumerate()
-            .map(|(src, x)| {
-                x.ok_or_else(|| Error::Comm(format!("all_reduce_sum: rank {src} sent nothing")))
-            })
-            .collect::<Result<_>>()?;
-        sum_in_order(&all)
-    }
-
-    fn gather_to_root(&self, t: &Tensor) -> Result<Option<Vec<Tensor>>> {
-        const K: Kind = Kind::Gather;
-        let seq = self.begin(K)?;
-        if self.rank != 0 {
-            self.inner.send(0, K, seq, Some(t))?;
-            return Ok(None);
-        }
-        let mut out = Vec::with_capacity(self.world);
-        out.push(t.clone());
-        for src in 1..self.world {
-            let x = self
-                .recv(false, seq, K, src)?
-                .ok_or_else(|| Error::Comm(format!("gather_to_root: rank {src} sent nothing")))?;
-            out.push(x);
-        }
-        Ok(Some(out))
-    }
-
-    fn barrier(&self) -> Result<()> {
-        self.exchange_all(Kind::Barrier, None).map(|_| ())
-    }
-
-    fn send_to(&self, dst: usize, t: &Tensor) -> Result<()> {
-        let seq = self.p2p_index(&self.p2p_sent, dst, "send_to")?;
-        self.inner.send(dst, Kind::PointToPoint, seq, Some(t))
-    }
-
-    fn recv_from(&self, src: usize) -> Result<Tensor> {
-        let seq = self.p2p_index(&self.p2p_received, src, "recv_from")?;
-        self.recv(true, seq, Kind::PointToPoint, src)?
-            .ok_or_else(|| {
-                Error::Comm(format!(
-                    "rank {}: recv_from: rank {src} sent nothing",
-                    self.rank
-                ))
-            })
-    }
-
-    fn abort(&self, reason: &str) {
-        self.inner
-            .abort(format!("rank {} aborted: {reason}", self.rank));
-    }
-
-    fn is_aborted(&self) -> bool {
-        self.inner.aborted_flag.load(Ordering::SeqCst)
-    }
-}
+forward_communicator!(TcpComm, ep);
 
 impl Drop for TcpComm {
     fn drop(&mut self) {
-        let inner = &self.inner;
+        let mb = &self.ep.mb;
+        let wires = &mb.transport;
         if std::thread::panicking() {
-            inner.abort(format!("rank {} panicked", self.rank));
-        } else if !inner.closing.load(Ordering::SeqCst)
-            && !inner.aborted_flag.load(Ordering::SeqCst)
-        {
-            let bye = header(Kind::Goodbye, 0, 0, DType::F32, &[], 0);
-            for p in inner.peers.iter().flatten() {
+            mb.abort(format!("rank {} panicked", self.ep.rank));
+        }
+        // The writers end once their queues are written (or dropped after a failure; each write
+        // is bounded by the timeout).
+        wires.close_queues();
+        for h in self.writers.drain(..) {
+            let _ = h.join();
+        }
+        if !wires.closing.load(Ordering::SeqCst) && !mb.is_aborted() {
+            let bye = header(KIND_GOODBYE, 0, 0, DType::F32, &[], 0);
+            for p in wires.peers.iter().flatten() {
                 let _ = p
                     .writer
                     .lock()
@@ -1232,13 +1026,11 @@ impl Drop for TcpComm {
                     .write_all(&bye);
             }
         }
-        // Wait for an abort being sent by a reader thread to reach the peers before closing.
-        drop(inner.telling.lock().unwrap_or_else(|e| e.into_inner()));
-        inner.closing.store(true, Ordering::SeqCst);
+        // Wait for an abort being told by another thread to reach the peers before closing.
+        mb.wait_told();
+        wires.closing.store(true, Ordering::SeqCst);
         // Ends the readers too (a read on a shut socket returns at once).
-        for p in inner.peers.iter().flatten() {
-            let _ = p.ctl.shutdown(Shutdown::Both);
-        }
+        wires.shut_all();
         for h in self.readers.drain(..) {
             let _ = h.join();
         }
@@ -1263,7 +1055,7 @@ mod tests {
                 .unwrap();
             let bytes = le_bytes(&t).unwrap();
             let mut wire = header(
-                Kind::AllGather,
+                op_code(OpKind::AllGather),
                 FLAG_TENSOR,
                 9,
                 dtype,
@@ -1277,12 +1069,12 @@ mod tests {
             let p = payload.unwrap();
             assert_eq!(
                 (kind, seq, p.shape(), p.dtype()),
-                (Kind::AllGather, 9, &[2usize, 3][..], dtype)
+                (OpKind::AllGather, 9, &[2usize, 3][..], dtype)
             );
             assert_eq!(le_bytes(&p).unwrap(), bytes, "bit-exact in {dtype:?}");
         }
         let wire = header(
-            Kind::Neighbors,
+            op_code(OpKind::Neighbors),
             FLAG_TENSOR | FLAG_META,
             1,
             DType::BF16,
@@ -1314,7 +1106,7 @@ mod tests {
     fn bad_headers_are_refused_before_allocating() {
         // A huge claimed payload (2^50 f32) with no bytes behind it: refused by the limit.
         let h = header(
-            Kind::AllGather,
+            op_code(OpKind::AllGather),
             FLAG_TENSOR,
             0,
             DType::F32,
@@ -1327,11 +1119,18 @@ mod tests {
             invalid(&h, 1 << 30)
         );
         // Length disagreeing with the shape.
-        let h = header(Kind::AllGather, FLAG_TENSOR, 0, DType::F32, &[3], 8);
+        let h = header(
+            op_code(OpKind::AllGather),
+            FLAG_TENSOR,
+            0,
+            DType::F32,
+            &[3],
+            8,
+        );
         assert!(invalid(&h, 1 << 30).contains("payload of 8 bytes"));
         // Shape whose element count overflows.
         let h = header(
-            Kind::AllGather,
+            op_code(OpKind::AllGather),
             FLAG_TENSOR,
             0,
             DType::F32,
@@ -1339,13 +1138,27 @@ mod tests {
             0,
         );
         assert!(invalid(&h, u64::MAX).contains("overflows"));
-        let mut h = header(Kind::AllGather, FLAG_TENSOR, 0, DType::F32, &[3], 12);
+        let mut h = header(
+            op_code(OpKind::AllGather),
+            FLAG_TENSOR,
+            0,
+            DType::F32,
+            &[3],
+            12,
+        );
         h[0] ^= 1;
         assert!(invalid(&h, 1 << 30).contains("magic"));
-        let mut h = header(Kind::AllGather, FLAG_TENSOR, 0, DType::F32, &[3], 12);
+        let mut h = header(
+            op_code(OpKind::AllGather),
+            FLAG_TENSOR,
+            0,
+            DType::F32,
+            &[3],
+            12,
+        );
         h[4] = 99;
         assert!(invalid(&h, 1 << 30).contains("kind"));
-        h[4] = Kind::AllGather.code();
+        h[4] = op_code(OpKind::AllGather);
         h[6] = 7;
         assert!(invalid(&h, 1 << 30).contains("dtype"));
         h[6] = 0;
@@ -1353,7 +1166,7 @@ mod tests {
         assert!(invalid(&h, 1 << 30).contains("dimensions"));
         // Within the limit, but the bytes never come: the buffer grows only with what arrives.
         let h = header(
-            Kind::AllGather,
+            op_code(OpKind::AllGather),
             FLAG_TENSOR,
             0,
             DType::F32,
@@ -1361,7 +1174,7 @@ mod tests {
             1 << 30,
         );
         assert!(invalid(&h, 1 << 31).starts_with("io:"));
-        let h = header(Kind::Abort, 0, 0, DType::F32, &[], 1 << 40);
+        let h = header(KIND_ABORT, 0, 0, DType::F32, &[], 1 << 40);
         assert!(invalid(&h, u64::MAX).contains("abort reason"));
         assert_eq!(invalid(&[], 1), "closed");
     }
