@@ -1,10 +1,10 @@
 //! `generate` as one process per rank (the built binary, real processes over 127.0.0.1, the tiny
 //! model on the CPU): through `launch` and through a plain shell loop that sets torchrun's
-//! variables, the decoded frames are bit-identical to the in-process run with the same number of
-//! ranks; a mismatched request fails on every rank naming the field; an unreachable store fails
-//! within the timeout naming host:port; a port in use is a clear error; `kill -9` of a worker
-//! mid-step makes every other process exit non-zero naming the dead rank, leaving no partial
-//! output.
+//! variables, the decoded frames (overlapped exchange schedule, the default) are bit-identical to
+//! the in-process run with the same number of ranks and the synchronous schedule; a mismatched
+//! request fails on every rank naming the field; an unreachable store fails within the timeout
+//! naming host:port; a port in use is a clear error; `kill -9` of a worker mid-step makes every
+//! other process exit non-zero naming the dead rank, leaving no partial output.
 
 mod support;
 
@@ -57,9 +57,19 @@ fn frames(dir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The reference: the same request as one process, with the synchronous exchange schedule
+/// (`--sync-exchange`), so that the processes' overlapped schedule (the default: TCP exchanges
+/// started early and waited later) is checked against the blocking one, bit for bit.
 fn in_process(world: usize, dir: &Path) -> Vec<Vec<u8>> {
+    in_process_with(world, dir, &[])
+}
+
+/// [`in_process`] with `extra` arguments.
+fn in_process_with(world: usize, dir: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
     let out = Command::new(exe())
         .args(gen_args(world, &format!("cpu:{world}"), dir))
+        .args(extra)
+        .arg("--sync-exchange")
         .output()
         .unwrap();
     assert!(
@@ -117,10 +127,11 @@ fn by_hand(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
         .collect()
 }
 
-/// Runs `launch --nproc-per-node N -- generate ... --devices cpu` for W = N and checks the frames.
-fn through_launch(world: usize) {
+/// Runs `launch --nproc-per-node N -- generate ... --devices cpu EXTRA` for W = N and checks the
+/// frames.
+fn through_launch(world: usize, extra: &[&str]) {
     let t = tempfile::tempdir().unwrap();
-    let want = in_process(world, &t.path().join("in"));
+    let want = in_process_with(world, &t.path().join("in"), extra);
     assert_eq!(want.len(), 2 * world);
     let got_dir = t.path().join("launch");
     let out = Command::new(exe())
@@ -133,28 +144,36 @@ fn through_launch(world: usize) {
             "--",
         ])
         .args(gen_args(world, "cpu", &got_dir))
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         frames(&got_dir) == want,
-        "W={world}: frames differ from the in-process run"
+        "W={world} {extra:?}: frames differ from the in-process run"
     );
 }
 
 #[test]
 fn launch_2_workers_match_in_process() {
-    through_launch(2);
+    through_launch(2, &[]);
 }
 
 #[test]
 fn launch_3_workers_match_in_process() {
-    through_launch(3);
+    through_launch(3, &[]);
+}
+
+/// Exact-seam GroupNorm: the overlapped schedule also has a statistics all-gather and a raw-edge
+/// halo exchange in flight together (over TCP here).
+#[test]
+fn launch_3_workers_with_exact_seam_match_in_process() {
+    through_launch(3, &["--exact-seam"]);
 }
 
 #[test]
 fn launch_4_workers_match_in_process() {
-    through_launch(4);
+    through_launch(4, &[]);
 }
 
 /// Two processes of two logical ranks each (`--devices cpu:4` split over the node's processes)

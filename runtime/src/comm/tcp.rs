@@ -1040,7 +1040,7 @@ impl Drop for TcpComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::MemoryStore;
+    use crate::comm::{Communicator, MemoryStore};
 
     fn vals(len: usize) -> Tensor {
         Tensor::from_vec((0..len).map(|i| i as f32).collect(), &[len]).unwrap()
