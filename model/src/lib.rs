@@ -2,6 +2,7 @@
 //! decoder), the samplers, and Video-Infinity's clip parallelism. One model code path over the op
 //! vocabulary of `vi-runtime`; the model never branches on the device.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_parallel;
 pub mod convert;

@@ -26,13 +26,14 @@ use rand_distr::{Distribution, StandardNormal};
 use vi_runtime::comm::Communicator;
 use vi_runtime::{ops, DType, Device, Tensor};
 
+use crate::checkpoint::{Checkpointing, RankFile};
 use crate::clip_parallel::ViConfig;
 use crate::distributed::{prompt_for_clip, run_ranks_on_devices, split_frames};
 pub use crate::frame_flow::FrameSink;
 use crate::frame_flow::{FrameSender, FrameWriter, FRAMES_IN_FLIGHT};
 use crate::models::Models;
 use crate::params::{ModelError, Result};
-use crate::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, StepDone};
+use crate::rank_loop::{run_rank, RankHooks, RankInputs, RankJob, Resume, StepDone};
 use crate::sampler::{Sampler, SamplerKind};
 use crate::schedule::{DeviceTurn, Schedule, TurnComm};
 
@@ -86,6 +87,8 @@ pub enum Event {
     Decoded { rank: usize, frames: usize },
     /// Rank 0 has passed the video's first `frames` frames to its sink.
     Written { frames: usize },
+    /// Rank 0 has put a checkpoint in place (every rank's file and the manifest).
+    Checkpointed(crate::checkpoint::Saved),
 }
 
 /// One RGB8 frame, `[height, width, 3]` row-major.
@@ -172,13 +175,15 @@ pub fn check_request(models: &Models, req: &GenerateRequest) -> Result<(usize, u
 
 /// The inputs of one rank of a generation: its conditioning rows and the seeded per-frame noise
 /// of the module doc.
-struct SeededInputs {
+struct SeededInputs<'a> {
     /// [uncond, cond] text embeddings [2, L, hidden].
     conditioning: Tensor,
     seed: u64,
+    /// The rank's checkpoint when resuming.
+    resume: Option<&'a RankFile>,
 }
 
-impl RankInputs for SeededInputs {
+impl RankInputs for SeededInputs<'_> {
     fn conditioning(&self, device: Device, dtype: DType) -> Result<Tensor> {
         Ok(self.conditioning.to_device(device)?.to_dtype(dtype)?)
     }
@@ -192,6 +197,9 @@ impl RankInputs for SeededInputs {
         let (h, w, c) = (shape[2], shape[3], shape[4]);
         let v = frame_noise(self.seed, draw, clip.clone(), h, w, c);
         Ok(Tensor::from_vec(v, shape)?.to_device(device)?)
+    }
+    fn resume(&self, device: Device) -> Result<Option<Resume>> {
+        self.resume.map(|f| f.to_resume(device)).transpose()
     }
 }
 
@@ -209,10 +217,33 @@ struct RankReport<'a> {
     rank: usize,
     progress: &'a (dyn Fn(Event) + Sync),
     flow: RefCell<FrameFlow<'a>>,
+    /// Checkpoints after the due steps: the settings, the group, the rank's clip and sampler.
+    ckpt: Option<(
+        &'a Checkpointing<'a>,
+        &'a dyn Communicator,
+        Range<usize>,
+        SamplerKind,
+    )>,
 }
 
 impl RankHooks for RankReport<'_> {
     fn step(&self, done: &StepDone<'_>) -> Result<()> {
+        if let Some((c, comm, clip, kind)) = &self.ckpt {
+            if c.due(done.step, done.steps) {
+                let saved = c.save(
+                    *comm,
+                    clip,
+                    done.step,
+                    done.steps,
+                    *kind,
+                    done.latents,
+                    done.state,
+                )?;
+                if let Some(s) = saved {
+                    (self.progress)(Event::Checkpointed(s));
+                }
+            }
+        }
         (self.progress)(Event::Step {
             rank: self.rank,
             step: done.step,
@@ -250,13 +281,14 @@ pub fn generate_rank<'a>(
     sink: Option<&'a mut dyn FrameSink>,
     progress: &'a (dyn Fn(Event) + Sync),
 ) -> Result<()> {
-    generate_rank_with_turn(models, comm, req, sink, progress, None)
+    generate_rank_with_turn(models, comm, req, sink, progress, None, None)
 }
 
 /// [`generate_rank`] for a rank whose device is shared with other ranks of this process under
 /// [`Schedule::rank_turns`]: the rank holds `turn` whenever it computes and hands it on for the
 /// duration of every call to the group, the frame flow's included ([`TurnComm`]). None: as
-/// [`generate_rank`].
+/// [`generate_rank`]. `ckpt`: checkpoints after the due steps, and the checkpoint to resume from
+/// ([`crate::checkpoint`]; every rank of the group passes the same settings).
 pub fn generate_rank_with_turn<'a>(
     models: &Models,
     comm: &'a dyn Communicator,
@@ -264,6 +296,7 @@ pub fn generate_rank_with_turn<'a>(
     sink: Option<&'a mut dyn FrameSink>,
     progress: &'a (dyn Fn(Event) + Sync),
     turn: Option<&'a DeviceTurn>,
+    ckpt: Option<&'a Checkpointing<'a>>,
 ) -> Result<()> {
     let turn_comm = match turn {
         Some(t) => Some(TurnComm::start(comm, t)?),
@@ -273,7 +306,7 @@ pub fn generate_rank_with_turn<'a>(
         Some(t) => t,
         None => comm,
     };
-    rank_body(models, comm, req, sink, progress)
+    rank_body(models, comm, req, sink, progress, ckpt)
 }
 
 /// The body of [`generate_rank`] over `comm` (the group's, or its [`TurnComm`]).
@@ -283,6 +316,7 @@ fn rank_body<'a: 'b, 'b>(
     req: &GenerateRequest,
     sink: Option<&'b mut (dyn FrameSink + 'a)>,
     progress: &'b (dyn Fn(Event) + Sync),
+    ckpt: Option<&'b Checkpointing<'b>>,
 ) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.world_size());
     if world != req.world {
@@ -346,9 +380,18 @@ fn rank_body<'a: 'b, 'b>(
         // Turns, if any, are in `comm` already (generate_rank_with_turn).
         turn: None,
     };
+    let resume = match ckpt {
+        Some(c) if !c.resume.is_empty() => Some(c.resume.get(&rank).ok_or_else(|| {
+            ModelError::Msg(format!(
+                "rank {rank}: resuming, but no checkpoint file was loaded for it"
+            ))
+        })?),
+        _ => None,
+    };
     let inputs = SeededInputs {
         conditioning,
         seed: req.seed,
+        resume,
     };
     let flow = if rank == 0 {
         FrameFlow::Writer(FrameWriter::new(
@@ -366,6 +409,7 @@ fn rank_body<'a: 'b, 'b>(
         rank,
         progress,
         flow: RefCell::new(flow),
+        ckpt: ckpt.map(|c| (c, comm, clip.clone(), req.sampler)),
     };
     run_rank(&models.rank_models(), comm, &job, &inputs, &hooks)?;
     drop(inputs);
@@ -392,6 +436,17 @@ fn rank_body<'a: 'b, 'b>(
 pub fn generate_to<'m>(
     models_of: &(dyn Fn(usize) -> &'m Models + Sync),
     req: &GenerateRequest,
+    sink: Option<&mut dyn FrameSink>,
+    progress: &(dyn Fn(Event) + Sync),
+) -> Result<()> {
+    generate_to_checkpointed(models_of, req, None, sink, progress)
+}
+
+/// [`generate_to`] with checkpoints (and a resume) as `ckpt` says ([`crate::checkpoint`]).
+pub fn generate_to_checkpointed<'m>(
+    models_of: &(dyn Fn(usize) -> &'m Models + Sync),
+    req: &GenerateRequest,
+    ckpt: Option<&Checkpointing<'_>>,
     sink: Option<&mut dyn FrameSink>,
     progress: &(dyn Fn(Event) + Sync),
 ) -> Result<()> {
@@ -435,6 +490,7 @@ pub fn generate_to<'m>(
                         fwd.as_mut().map(|f| f as &mut dyn FrameSink),
                         progress,
                         turn,
+                        ckpt,
                     )
                 },
             )

@@ -3,8 +3,12 @@
 //! the sampler step with its noise) and then the VAE decode of its frames in chunks.
 //!
 //! Everything that differs between its callers is injected:
-//! * [`RankInputs`]: the text conditioning and the noise. `pipeline::generate` draws the seeded
-//!   per-frame noise; the memory plan passes zeros (shape-only tensors on `Device::Meta`).
+//! * [`RankInputs`]: the text conditioning, the noise and where the loop starts.
+//!   `pipeline::generate` draws the seeded per-frame noise, and on a resume hands over the latents
+//!   and sampler state of a checkpoint ([`Resume`]); the memory plan passes zeros (shape-only
+//!   tensors on `Device::Meta`) and starts at step 0 (a resumed run holds no more than a fresh one:
+//!   the loaded latents and state stand in for the initial noise and the state the skipped steps
+//!   would have made).
 //! * [`RankHooks`]: `phase` wraps each phase (the memory plan measures each phase's peak there),
 //!   `step` sees the latents and sampler state after every step (progress; the place for a
 //!   checkpoint), `frames` receives each decoded chunk (collected in memory today; the place for a
@@ -81,6 +85,21 @@ pub trait RankInputs {
         shape: &[usize],
         device: Device,
     ) -> Result<Tensor>;
+    /// Where the loop starts on `device`: None (the default) at step 0 from the initial noise
+    /// (draw 0); Some after `completed` steps from a checkpoint's latents and sampler state (draw
+    /// 0 is then not drawn; the SDE noise of step k is draw k + 1 either way).
+    fn resume(&self, _device: Device) -> Result<Option<Resume>> {
+        Ok(None)
+    }
+}
+
+/// A rank's loop state after `completed` steps, as a checkpoint restores it.
+pub struct Resume {
+    /// Steps done (0..=steps): the loop continues at step index `completed`.
+    pub completed: usize,
+    /// The clip's latents after those steps, [1, n, h, w, c] f32 on the rank's device.
+    pub latents: Tensor,
+    pub state: SamplerState,
 }
 
 /// The two phases of a rank.
@@ -181,13 +200,29 @@ fn denoise(
     let steps = job.steps.min(timesteps.len());
 
     let ehs = inputs.conditioning(dev, dt)?;
-    let mut x = inputs.noise(0, &job.clip, &shape, dev)?;
-    let sigma = sampler.init_noise_sigma();
-    if sigma != 1.0 {
-        x = ops::scale(&x, sigma)?;
-    }
-    let mut state = SamplerState::default();
-    for (k, &t) in timesteps.iter().enumerate().take(steps) {
+    let (mut x, mut state, start) = match inputs.resume(dev)? {
+        Some(r) => {
+            if r.latents.shape() != shape || r.completed > steps {
+                return Err(ModelError::Msg(format!(
+                    "rank loop: resumed latents {:?} after {} steps do not fit the clip {:?} of \
+                     {steps} steps",
+                    r.latents.shape(),
+                    r.completed,
+                    shape
+                )));
+            }
+            (r.latents, r.state, r.completed)
+        }
+        None => {
+            let mut x = inputs.noise(0, &job.clip, &shape, dev)?;
+            let sigma = sampler.init_noise_sigma();
+            if sigma != 1.0 {
+                x = ops::scale(&x, sigma)?;
+            }
+            (x, SamplerState::default(), 0)
+        }
+    };
+    for (k, &t) in timesteps.iter().enumerate().take(steps).skip(start) {
         let ctx = ClipParallelContext::new(comm, job.vi, t);
         let chunk = job.schedule.frame_chunk;
         let (uncond, cond) = if job.schedule.sequential_cfg {

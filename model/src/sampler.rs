@@ -76,10 +76,24 @@ pub struct Sampler {
     sigmas: Vec<f64>,
 }
 
-/// Per-rank sampler state carried between steps (the previous x0 prediction and its lambda).
+/// Per-rank sampler state carried between steps: the previous step's x0 prediction (f32, the
+/// latents' shape), kept by the DPM samplers (second order from the second step on); DDIM keeps
+/// nothing. A checkpoint saves it with the latents ([`crate::checkpoint`]).
 #[derive(Default, Clone)]
 pub struct SamplerState {
     prev_x0: Option<Tensor>,
+}
+
+impl SamplerState {
+    /// The state as a checkpoint restores it.
+    pub fn from_prev_x0(prev_x0: Option<Tensor>) -> Self {
+        SamplerState { prev_x0 }
+    }
+
+    /// The previous step's x0 prediction (None before the first DPM step and for DDIM).
+    pub fn prev_x0(&self) -> Option<&Tensor> {
+        self.prev_x0.as_ref()
+    }
 }
 
 impl Sampler {

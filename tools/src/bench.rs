@@ -147,7 +147,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
             marks.lock().unwrap().push(Instant::now());
         }
-        Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
+        Event::Step { .. }
+        | Event::Decoded { .. }
+        | Event::Written { .. }
+        | Event::Checkpointed(_) => {}
     };
     match (world_env, &place) {
         (Some(env), Some(place)) => {
@@ -160,7 +163,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 &PartArgs::default(),
                 dtype_of(ranks[0], a.dtype),
             )?;
-            job.run(place, &models_of, &req, None, &progress)?;
+            job.run(place, &models_of, &req, None, &progress, None)?;
             job.finish(world)?;
             if first != 0 {
                 // The process holding rank 0 reports.
@@ -234,7 +237,10 @@ fn compare_schedules<'m>(
             Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
                 marks.lock().unwrap().push(Instant::now());
             }
-            Event::Step { .. } | Event::Decoded { .. } | Event::Written { .. } => {}
+            Event::Step { .. }
+            | Event::Decoded { .. }
+            | Event::Written { .. }
+            | Event::Checkpointed(_) => {}
         };
         let run_req = GenerateRequest { vi, ..req.clone() };
         pipeline::generate(models_of, &run_req, &progress)?;

@@ -201,6 +201,36 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_memory_check: bool,
 
+    /// Save a checkpoint into DIR (created if missing) after every --checkpoint-every steps and
+    /// after the last step: per rank `rank-R-step-S.ckpt` (its clip's latents and sampler state,
+    /// f32, with a SHA-256), then `manifest.json` (the request, the world size, S, each file's
+    /// size and SHA-256), each written to a temporary name and renamed; the previous checkpoint
+    /// is removed only once the new manifest is in place. Its size is stated before the run and
+    /// checked against DIR's free space (twice a checkpoint: old and new coexist). With several
+    /// processes DIR must be the same folder for all (a shared file system across nodes). A
+    /// folder that already holds a checkpoint is refused: continue it with --resume.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+
+    /// Steps between checkpoints, 1 to 1000 (the last step is always checkpointed).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub checkpoint_every: usize,
+
+    /// Continue the generation checkpointed in DIR (and keep checkpointing there): the request
+    /// (every flag that changes the video: model files, frames, size, steps, seed, sampler,
+    /// prompts, ...) and the world size must equal the checkpoint's (an error names each field
+    /// that differs), and each rank file must match the manifest's size and SHA-256 (an error
+    /// names the file); nothing is ever silently restarted. The completed steps are skipped; the
+    /// video is bit-identical to an uninterrupted run. Frames are decoded only after the last
+    /// step, so the output files are written anew from the saved latents (a run stopped while
+    /// decoding resumes from the checkpoint after the last step: decoding only).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+
+    /// Testing: take this many bytes as free in the checkpoint folder's file system.
+    #[arg(long, hide = true, value_name = "BYTES")]
+    pub assume_free_disk: Option<u64>,
+
     /// Bound in seconds on every wait for another rank (the rendezvous, each exchange): a rank
     /// that does not answer within it fails the run, naming that rank [default: 630, i.e. 30 s
     /// past a generous 600 s bound on the slowest step; raise it for the full-size model on CPUs].

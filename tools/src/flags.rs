@@ -98,6 +98,11 @@ pub fn check_generate(a: &GenerateArgs) -> Result<()> {
     );
     ensure!(a.vae_chunk >= 1, "--vae-chunk must be at least 1");
     at_most("--vae-chunk", a.vae_chunk, MAX_FRAME_COUNT_KNOB, "frames")?;
+    ensure!(
+        a.checkpoint_every >= 1,
+        "--checkpoint-every must be at least 1"
+    );
+    at_most("--checkpoint-every", a.checkpoint_every, MAX_STEPS, "steps")?;
     check_vi(&a.vi)
 }
 

@@ -22,6 +22,7 @@ use vi_runtime::comm::WorldEnv;
 use vi_runtime::{DType, Device};
 use vi_weights::input_file::{read_text_bounded, Limit};
 
+use crate::checkpoints;
 use crate::cli::{DTypeArg, GenerateArgs, PartArgs, SamplerArg, ViArgs};
 use crate::devices::{check_available, parse_devices};
 use crate::multiprocess::{self, Placement, DEFAULT_RANK_TIMEOUT};
@@ -319,6 +320,32 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => None,
     };
 
+    // --- Checkpoints: the folder, its size against the free space, a resume's files ------------
+    let prepared = if a.checkpoint_dir.is_some() || a.resume.is_some() {
+        let digest = multiprocess::request_digest(&req, &a.model, &a.parts, dtype_of(ranks[0]))?;
+        let channels = plan_models(&a.model, &a.parts)?.map_or(4, |m| m.unet.in_channels);
+        let layout = checkpoints::Layout {
+            clips: &clips,
+            local: local.clone(),
+            // The VAE's 8x8 pixel blocks (height and width are checked multiples of 64).
+            latent: (height / 8, width / 8),
+            channels,
+            sampler: sampler_kind(a.sampler),
+            steps,
+        };
+        let args = checkpoints::CheckpointArgs {
+            checkpoint_dir: a.checkpoint_dir.as_deref(),
+            every: a.checkpoint_every,
+            resume: a.resume.as_deref(),
+            assume_free_disk: a.assume_free_disk,
+        };
+        checkpoints::prepare(&args, digest, &layout, writes)?
+    } else {
+        None
+    };
+    let checkpointing = prepared.as_ref().map(|p| p.checkpointing());
+    let resumed = prepared.as_ref().map_or(0, |p| p.completed);
+
     // --- Outputs: opened now, so a bad destination fails before any work --------------------
     let mut mp4 = match &a.out {
         Some(p) if writes => Some(Mp4Writer::create(p, width, height, a.out_fps, a.overwrite)?),
@@ -404,6 +431,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let rank_steps: Vec<AtomicUsize> = (0..world).map(|_| AtomicUsize::new(0)).collect();
     let denoised = std::sync::atomic::AtomicBool::new(false);
     let t_dec = std::sync::Mutex::new(None::<Instant>);
+    // Checkpoints rank 0 put in place: count, bytes, seconds.
+    let saved = std::sync::Mutex::new((0usize, 0u64, 0f64));
     let progress = |e: Event| match e {
         Event::TextEncoded { prompts } => {
             bar.suspend(|| {
@@ -448,16 +477,28 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     .unwrap()
                     .map(|t| t.elapsed())
                     .unwrap_or_default();
+                let ran = steps - resumed;
                 stage(
                     "denoise",
                     format!(
-                        "{steps} steps in {} ({:.2} s/step)",
+                        "{ran} steps in {} ({:.2} s/step){}",
                         secs(el),
-                        el.as_secs_f64() / steps as f64
+                        el.as_secs_f64() / ran.max(1) as f64,
+                        if resumed > 0 {
+                            format!(" after the {resumed} resumed")
+                        } else {
+                            String::new()
+                        }
                     ),
                 );
                 *t_dec.lock().unwrap() = Some(Instant::now());
             }
+        }
+        Event::Checkpointed(c) => {
+            let mut s = saved.lock().unwrap();
+            s.0 += 1;
+            s.1 = c.bytes;
+            s.2 += c.elapsed.as_secs_f64();
         }
         Event::Decoded { .. } | Event::Written { .. } => {}
     };
@@ -485,14 +526,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let first = local.start;
     let models_of = move |r: usize| &models_ref[rank_model_ref[r - first]];
     let out = match &job {
-        None => pipeline::generate_to(&models_of, &req, Some(&mut sink), &progress)
-            .context("generation failed"),
+        None => pipeline::generate_to_checkpointed(
+            &models_of,
+            &req,
+            checkpointing.as_ref(),
+            Some(&mut sink),
+            &progress,
+        )
+        .context("generation failed"),
         Some(job) => job.run(
             place.as_ref().expect("a placement with a job"),
             &models_of,
             &req,
             writes.then_some(&mut sink as &mut dyn FrameSink),
             &progress,
+            checkpointing.as_ref(),
         ),
     };
     let n_frames = sink.written;
@@ -557,6 +605,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             secs(dec_el)
         ),
     );
+    let (n_ckpt, ckpt_bytes, ckpt_secs) = *saved.lock().unwrap();
+    if let Some(p) = &prepared {
+        stage(
+            "ckpt",
+            format!(
+                "{n_ckpt} checkpoint{} of {} in {} ({:.3} s each) in {}",
+                if n_ckpt == 1 { "" } else { "s" },
+                memory_plan::fmt_bytes(ckpt_bytes),
+                secs(Duration::from_secs_f64(ckpt_secs)),
+                ckpt_secs / n_ckpt.max(1) as f64,
+                p.dir.display()
+            ),
+        );
+    }
     let wall = t_all.elapsed();
     eprintln!(
         "    done: {n_frames} frames {width}x{height} in {} ({:.2} frames/s)",

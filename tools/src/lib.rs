@@ -21,6 +21,7 @@ macro_rules! say {
 }
 
 pub mod bench;
+pub mod checkpoints;
 pub mod cleanup;
 pub mod cli;
 pub mod convert;

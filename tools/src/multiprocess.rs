@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 
+use vi_model::checkpoint::Checkpointing;
 use vi_model::models::{ModelPaths, Models};
 use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::request_digest::{check_same_request, ModelSource, RequestDigest};
@@ -170,6 +171,7 @@ impl Job {
         req: &GenerateRequest,
         sink: Option<&mut dyn FrameSink>,
         progress: &(dyn Fn(Event) + Sync),
+        ckpt: Option<&Checkpointing<'_>>,
     ) -> Result<()> {
         ensure!(
             req.world == place.world,
@@ -211,6 +213,7 @@ impl Job {
                 sink,
                 progress,
                 turn,
+                ckpt,
             );
             if let Err(e) = &r {
                 // Every peer fails at once, with this reason.
@@ -251,18 +254,14 @@ impl Job {
     }
 }
 
-/// Starts this process's part of the rendezvous (`model`, `parts`: as given to `generate`;
-/// `dtype`: the models' storage dtype here) and checks that every process runs the same request;
-/// prints where this process stands.
-pub fn rendezvous(
-    env: WorldEnv,
-    place: &Placement,
-    timeout: Duration,
+/// The digest of `req` run with `model` (`parts`: as given to `generate`) in `dtype`: what the
+/// processes of a job, and a checkpoint and its resume, must agree on.
+pub fn request_digest(
     req: &GenerateRequest,
     model: &str,
     parts: &PartArgs,
     dtype: DType,
-) -> Result<Job> {
+) -> Result<RequestDigest> {
     let paths;
     let source = if model == "tiny" || model == crate::generate::RANDOM_FULL {
         ModelSource::Embedded(model)
@@ -277,7 +276,22 @@ pub fn rendezvous(
         .with_context(|| format!("cannot load model {model}"))?;
         ModelSource::Files(&paths)
     };
-    let digest = RequestDigest::new(req, source, dtype)?;
+    Ok(RequestDigest::new(req, source, dtype)?)
+}
+
+/// Starts this process's part of the rendezvous (`model`, `parts`: as given to `generate`;
+/// `dtype`: the models' storage dtype here) and checks that every process runs the same request;
+/// prints where this process stands.
+pub fn rendezvous(
+    env: WorldEnv,
+    place: &Placement,
+    timeout: Duration,
+    req: &GenerateRequest,
+    model: &str,
+    parts: &PartArgs,
+    dtype: DType,
+) -> Result<Job> {
+    let digest = request_digest(req, model, parts, dtype)?;
     let job = Job::start(env, timeout)?;
     let store = job.client()?;
     let checked = job.check_request(&store, &digest);
