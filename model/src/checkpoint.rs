@@ -679,6 +679,52 @@ mod tests {
         assert!(e.contains("checksum mismatch"), "{e}");
     }
 
+    /// Timing, not a check (BENCHMARKS.md): one full-size rank file (288 frames of a 40x64x4
+    /// latent, with the DPM state: the largest rank of 2,300 frames over 8 ranks) encoded with its
+    /// SHA-256, written (synced, renamed) into `VI_CKPT_BENCH_DIR` (default: the temp folder), read
+    /// back and verified. `cargo test -p vi-model --release --lib checkpoint -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn time_a_full_size_rank_file() {
+        let dir = std::env::var_os("VI_CKPT_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let shape = vec![1, 288, 40, 64, 4];
+        let n: usize = shape.iter().product();
+        let f = RankFile {
+            rank: 0,
+            world: 8,
+            clip: 0..288,
+            completed: 1,
+            steps: 30,
+            sampler: SamplerKind::DpmSolverSde,
+            shape,
+            latents: (0..n).map(|i| (i as f32).sin()).collect(),
+            prev_x0: Some((0..n).map(|i| (i as f32).cos()).collect()),
+        };
+        let path = dir.join(format!("vi-ckpt-bench-{}.ckpt", std::process::id()));
+        for round in 0..3 {
+            let t = Instant::now();
+            let bytes = f.encode();
+            let t_enc = t.elapsed();
+            write_atomic(&path, &bytes).unwrap();
+            let t_write = t.elapsed() - t_enc;
+            let back = std::fs::read(&path).unwrap();
+            let g = RankFile::decode(&path, &back).unwrap();
+            let t_read = t.elapsed() - t_enc - t_write;
+            assert!(g == f);
+            eprintln!(
+                "round {round}: {} bytes: encode + SHA-256 {:.3} s, write + fsync + rename {:.3} \
+                 s, read + verify {:.3} s",
+                bytes.len(),
+                t_enc.as_secs_f64(),
+                t_write.as_secs_f64(),
+                t_read.as_secs_f64()
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn names_parse_and_due_steps() {
         assert_eq!(parse_rank_file_name(&rank_file_name(3, 17)), Some((3, 17)));

@@ -114,6 +114,40 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
+/// A checkpoint's size: the bytes DIR needs (the new checkpoint beside the previous one: every
+/// rank's file lands in DIR, and the previous checkpoint stays until the new manifest is in
+/// place) and a description of one checkpoint.
+pub fn size(layout: &Layout) -> (u64, String) {
+    let file = |c: &Range<usize>| {
+        checkpoint::file_bound(c.len(), layout.latent, layout.channels, layout.sampler)
+    };
+    let per_checkpoint: u64 = layout.clips.iter().map(file).sum();
+    let largest = layout.clips.iter().map(file).max().unwrap_or(0);
+    let what = format!(
+        "at most {} per checkpoint ({} rank file{}, the largest {}: latents{} f32)",
+        fmt_bytes(per_checkpoint),
+        layout.clips.len(),
+        if layout.clips.len() == 1 { "" } else { "s" },
+        fmt_bytes(largest),
+        if checkpoint::has_state(layout.sampler) {
+            " + the sampler's previous x0,"
+        } else {
+            ","
+        },
+    );
+    (2 * per_checkpoint, what)
+}
+
+/// `--plan-only` with checkpoints: states their size (no folder is created or checked).
+pub fn state_size(layout: &Layout) {
+    let (need, what) = size(layout);
+    eprintln!(
+        "{:>8}: {what}; needs {} with the previous one (free space not checked: --plan-only)",
+        "ckpt",
+        fmt_bytes(need)
+    );
+}
+
 /// Prepares the checkpoint folder (see the module doc); None without `--checkpoint-dir` and
 /// `--resume`. `digest`: this run's request digest; `writes`: this process holds rank 0 (it
 /// tidies DIR and states the size).
@@ -168,29 +202,11 @@ pub fn prepare(
             );
         }
     }
-    // Size: every rank's file lands in DIR; old and new coexist until the new manifest is in place.
-    let file = |c: &Range<usize>| {
-        checkpoint::file_bound(c.len(), layout.latent, layout.channels, layout.sampler)
-    };
-    let per_checkpoint: u64 = layout.clips.iter().map(file).sum();
-    let largest = layout.clips.iter().map(file).max().unwrap_or(0);
-    let need = 2 * per_checkpoint;
+    let (need, what) = size(layout);
     let free = match a.assume_free_disk {
         Some(b) => b,
         None => free_bytes(&dir)?,
     };
-    let what = format!(
-        "at most {} per checkpoint ({} rank file{}, the largest {}: latents{} f32)",
-        fmt_bytes(per_checkpoint),
-        layout.clips.len(),
-        if layout.clips.len() == 1 { "" } else { "s" },
-        fmt_bytes(largest),
-        if checkpoint::has_state(layout.sampler) {
-            " + the sampler's previous x0,"
-        } else {
-            ","
-        },
-    );
     ensure!(
         free >= need,
         "--checkpoint-dir {}: a checkpoint takes {what}, and the previous one is kept until the \

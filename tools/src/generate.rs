@@ -245,6 +245,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
 
     ensure!(a.vae_chunk >= 1, "--vae-chunk must be at least 1");
+    let checkpointed = a.checkpoint_dir.is_some() || a.resume.is_some();
+    let ckpt_layout = checkpoints::Layout {
+        clips: &clips,
+        local: local.clone(),
+        // The VAE's 8x8 pixel blocks (height and width are checked multiples of 64).
+        latent: (height / 8, width / 8),
+        channels: if checkpointed {
+            plan_models(&a.model, &a.parts)?.map_or(4, |m| m.unet.in_channels)
+        } else {
+            4
+        },
+        sampler: sampler_kind(a.sampler),
+        steps,
+    };
 
     // --- Memory plan: before any output is opened or any weight is loaded ---------------------
     let dtype_of = |d: Device| dtype_of(d, a.dtype);
@@ -280,6 +294,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => (None, Schedule::UNCONSTRAINED),
     };
     if a.plan_only {
+        if checkpointed {
+            checkpoints::state_size(&ckpt_layout);
+        }
         stage(
             "plan",
             "--plan-only: no weights loaded, nothing written".into(),
@@ -321,25 +338,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
 
     // --- Checkpoints: the folder, its size against the free space, a resume's files ------------
-    let prepared = if a.checkpoint_dir.is_some() || a.resume.is_some() {
+    let prepared = if checkpointed {
         let digest = multiprocess::request_digest(&req, &a.model, &a.parts, dtype_of(ranks[0]))?;
-        let channels = plan_models(&a.model, &a.parts)?.map_or(4, |m| m.unet.in_channels);
-        let layout = checkpoints::Layout {
-            clips: &clips,
-            local: local.clone(),
-            // The VAE's 8x8 pixel blocks (height and width are checked multiples of 64).
-            latent: (height / 8, width / 8),
-            channels,
-            sampler: sampler_kind(a.sampler),
-            steps,
-        };
         let args = checkpoints::CheckpointArgs {
             checkpoint_dir: a.checkpoint_dir.as_deref(),
             every: a.checkpoint_every,
             resume: a.resume.as_deref(),
             assume_free_disk: a.assume_free_disk,
         };
-        checkpoints::prepare(&args, digest, &layout, writes)?
+        checkpoints::prepare(&args, digest, &ckpt_layout, writes)?
     } else {
         None
     };

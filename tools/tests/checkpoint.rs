@@ -88,6 +88,29 @@ fn completed(dir: &Path) -> usize {
     m["completed"].as_u64().unwrap() as usize
 }
 
+/// The names in the checkpoint folder `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// What a checkpoint folder holds after the checkpoint of `completed` steps: the manifest and
+/// the two ranks' files of that step; no older file, no temporary.
+fn only_checkpoint(dir: &Path, completed: usize) {
+    assert_eq!(
+        listing(dir),
+        vec![
+            "manifest.json".to_string(),
+            format!("rank-0-step-{completed}.ckpt"),
+            format!("rank-1-step-{completed}.ckpt"),
+        ]
+    );
+}
+
 /// `cmd` with the pause after step k; returns once rank 0 sleeps there.
 fn start_paused(mut cmd: Command, k: usize) -> Launched {
     cmd.env("VI_TEST_PAUSE_AFTER_STEP", k.to_string());
@@ -125,6 +148,7 @@ fn stop_and_resume(sampler: &str) {
         assert_eq!(st.code(), Some(143), "{}", l.text());
         assert!(!out.exists(), "an interrupted run left {}", out.display());
         assert_eq!(completed(&ck), k + 1);
+        only_checkpoint(&ck, k + 1);
         let text = run_ok(&gen_args(sampler, "cpu:2", &out, &["--resume", ck_s]));
         assert!(
             text.contains(&format!("resume: {} of {STEPS} steps done", k + 1)),
@@ -135,6 +159,7 @@ fn stop_and_resume(sampler: &str) {
             "{sampler}: stopped by SIGTERM after step {k} and resumed: frames differ from the \
              uninterrupted run"
         );
+        only_checkpoint(&ck, STEPS);
 
         // Two processes under launch, worker 1 killed with SIGKILL after step k.
         let ck = t.path().join(format!("ck-kill-{k}"));
@@ -164,6 +189,7 @@ fn stop_and_resume(sampler: &str) {
         assert!(text.contains("rank 1 was killed by signal 9"), "{text}");
         assert!(!out.exists(), "an interrupted run left {}", out.display());
         assert_eq!(completed(&ck), k + 1);
+        only_checkpoint(&ck, k + 1);
         let mut l = Launched::spawn(launch(&["--resume", ck_s]));
         let st = l.wait(LIMIT);
         assert!(st.success(), "{}", l.text());
