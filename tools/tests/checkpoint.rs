@@ -389,7 +389,24 @@ fn resume_refuses_another_request_or_a_damaged_file() {
     );
     assert!(!out.exists());
 
-    // The intact checkpoint still resumes (decoding only: all steps were done).
+    // The intact checkpoint still resumes (decoding only: all steps were done); a temporary left
+    // by a killed process is removed, one of a running process is kept.
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let stale = format!(".rank-1-step-{STEPS}.ckpt.{dead}.0.partial");
+    let live = format!(
+        ".manifest.json.{}.0.partial",
+        std::os::unix::process::parent_id()
+    );
+    for n in [&stale, &live] {
+        std::fs::write(ck.join(n), b"partial").unwrap();
+    }
     run(&resume).unwrap();
     assert_eq!(frames(&out).len(), 4);
+    let l = listing(&ck);
+    assert!(!l.contains(&stale) && l.contains(&live), "{l:?}");
 }
