@@ -5,7 +5,8 @@
 //! process and for ranks that are processes): it runs [`crate::rank_loop::run_rank`] with the
 //! inputs and hooks of a generation, and its decoded frames flow to rank 0's [`FrameSink`] in
 //! frame order ([`crate::frame_flow`]). [`generate_to`] runs W ranks as threads of one process;
-//! the models come from [`crate::models`].
+//! the models come from [`crate::models`]. With [`Checkpointing`] every rank saves its latents and
+//! sampler state after the due steps, and a resumed rank starts from them ([`crate::checkpoint`]).
 //!
 //! Randomness (documented so runs are reproducible): every normal draw is
 //! `rand_distr::StandardNormal` from a `rand_chacha::ChaCha8Rng` whose 32-byte seed is

@@ -10,8 +10,8 @@
 //!   the loaded latents and state stand in for the initial noise and the state the skipped steps
 //!   would have made).
 //! * [`RankHooks`]: `phase` wraps each phase (the memory plan measures each phase's peak there),
-//!   `step` sees the latents and sampler state after every step (progress; the place for a
-//!   checkpoint), `frames` receives each decoded chunk (collected in memory today; the place for a
+//!   `step` sees the latents and sampler state after every step (progress, and the checkpoints
+//!   of [`crate::checkpoint`]), `frames` receives each decoded chunk (collected in memory today; the place for a
 //!   streaming writer).
 //!
 //! Order of operations (the memory plan's byte counts depend on it, and they are tested against

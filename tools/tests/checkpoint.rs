@@ -216,6 +216,51 @@ fn ddim_stopped_after_each_step_resumes_bit_identical() {
     stop_and_resume("ddim");
 }
 
+/// `--checkpoint-every 2` of 3 steps: checkpoints after step 2 and after the last (no pause
+/// after step 0: no checkpoint there); stopped after step 2 and resumed, the frames are the
+/// uninterrupted run's.
+#[test]
+fn checkpoint_every_second_step_and_the_last() {
+    let t = tempfile::tempdir().unwrap();
+    let reference = t.path().join("reference");
+    run_ok(&gen_args("dpm2m", "cpu:2", &reference, &[]));
+    let ck = t.path().join("ck");
+    let ck_s = ck.to_str().unwrap();
+    let out = t.path().join("out");
+    let every = ["--checkpoint-every", "2"];
+    let mut cmd = Command::new(exe());
+    cmd.args(gen_args(
+        "dpm2m",
+        "cpu:2",
+        &out,
+        &[&every[..], &["--checkpoint-dir", ck_s]].concat(),
+    ));
+    let mut l = start_paused(cmd, 1);
+    assert_eq!(completed(&ck), 2);
+    support::signal(l.pid(), libc::SIGTERM);
+    assert_eq!(l.wait(LIMIT).code(), Some(143), "{}", l.text());
+    only_checkpoint(&ck, 2);
+    let text = run_ok(&gen_args(
+        "dpm2m",
+        "cpu:2",
+        &out,
+        &[&every[..], &["--resume", ck_s]].concat(),
+    ));
+    assert!(text.contains("ckpt: 1 checkpoint of "), "{text}");
+    assert!(frames(&out) == frames(&reference));
+    only_checkpoint(&ck, STEPS);
+    // A whole run: checkpoints after steps 2 and 3 only.
+    let ck2 = t.path().join("ck2");
+    let out2 = t.path().join("out2");
+    let text = run_ok(&gen_args(
+        "dpm2m",
+        "cpu:2",
+        &out2,
+        &[&every[..], &["--checkpoint-dir", ck2.to_str().unwrap()]].concat(),
+    ));
+    assert!(text.contains("ckpt: 2 checkpoints of "), "{text}");
+}
+
 fn run(args: &[String]) -> Result<(), video_infinity::Error> {
     let mut v = vec!["video-infinity".to_string()];
     v.extend_from_slice(args);
