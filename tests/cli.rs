@@ -351,6 +351,18 @@ fn generate_rejects_bad_requests_before_writing() {
     );
     let e = err_of(base(&["--devices", "gpu"]));
     assert!(e.contains("--devices `gpu`"), "{e}");
+    // NCCL needs a GPU per rank: refused before anything is loaded or written.
+    let e = err_of(base(&[
+        "--frames",
+        "4",
+        "--devices",
+        "cpu:2",
+        "--comm",
+        "nccl",
+    ]));
+    assert!(e.contains("--comm nccl"), "{e}");
+    let e = err_of(base(&["--comm", "mpi"]));
+    assert!(e.contains("auto, host or nccl"), "{e}");
     let e = err(&["generate", "--model", "tiny", "--prompt", "p"]);
     assert!(e.contains("nothing to write"), "{e}");
     let e = err(&["generate", "--model", "/no/such/model", "--out", o]);

@@ -103,6 +103,7 @@ fn request(frames: usize, world: usize) -> GenerateRequest {
         vi: ViConfig::default(),
         world,
         rank_timeout: Duration::from_secs(300),
+        comm: Default::default(),
         vae_chunk: 4,
         decode: true,
         schedule: vi_model::schedule::Schedule::UNCONSTRAINED,

@@ -228,6 +228,7 @@ fn real_pipeline_heap_peak_is_within_the_plan() {
         vi: ViConfig::default(),
         world,
         rank_timeout: Duration::from_secs(300),
+        comm: Default::default(),
         vae_chunk: 3,
         decode: true,
         schedule: Schedule::UNCONSTRAINED,

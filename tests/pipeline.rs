@@ -28,6 +28,7 @@ fn request(world: usize, sampler: SamplerKind) -> GenerateRequest {
         vi: ViConfig::default(),
         world,
         rank_timeout: Duration::from_secs(120),
+        comm: Default::default(),
         vae_chunk: 2,
         decode: true,
         schedule: vi_model::schedule::Schedule::UNCONSTRAINED,

@@ -19,7 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vi_runtime::comm::{Communicator, InProcessComm, InProcessGroup};
+use vi_runtime::comm::{nccl_in_process, CommChoice, Communicator, InProcessComm, InProcessGroup};
 use vi_runtime::{ops, Device, Tensor};
 
 use crate::clip_parallel::{ClipParallelContext, ViConfig};
@@ -135,24 +135,57 @@ pub fn run_ranks_detailed<T: Send>(
     timeout: Duration,
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> RankResults<T> {
-    run_group(InProcessGroup::new(world, timeout), f)
+    run_group(
+        InProcessGroup::new(world, timeout),
+        InProcessComm::abort_reason,
+        f,
+    )
 }
 
 /// [`run_ranks`] with one rank per entry of `devices` (several entries may name the same device):
-/// tensors a rank receives from a rank on another device are copied to its own device.
+/// tensors a rank receives from a rank on another device are copied to its own device (through
+/// the host). [`run_ranks_on_devices_with`] can use NCCL instead.
 pub fn run_ranks_on_devices<T: Send>(
     devices: &[Device],
     timeout: Duration,
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
+    run_ranks_on_devices_with(devices, timeout, CommChoice::Host, f)
+}
+
+/// [`run_ranks_on_devices`] on the data plane `choice` selects (`comm::nccl_in_process`): with
+/// NCCL, one communicator per GPU from one `ncclCommInitAll`, the ranks' threads exchanging
+/// GPU to GPU; else the in-process communicator.
+pub fn run_ranks_on_devices_with<T: Send>(
+    devices: &[Device],
+    timeout: Duration,
+    choice: CommChoice,
+    f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    if nccl_in_process(devices, choice)? {
+        #[cfg(feature = "cuda")]
+        return collect_results(run_group(
+            vi_runtime::comm::nccl::NcclComm::group_in_process(devices, timeout)?,
+            vi_runtime::comm::nccl::NcclComm::abort_reason,
+            f,
+        ));
+        #[cfg(not(feature = "cuda"))]
+        return Err(ModelError::Msg(
+            "NCCL was selected but vi-model was built without its `cuda` feature".into(),
+        ));
+    }
     collect_results(run_group(
         InProcessGroup::new_on_devices(devices, timeout),
+        InProcessComm::abort_reason,
         f,
     ))
 }
 
-fn run_group<T: Send>(
-    comms: Vec<InProcessComm>,
+/// Runs `f` on one thread per communicator of `comms`; `abort_reason` reads the group's first
+/// failure from a member.
+fn run_group<C: Communicator, T: Send>(
+    comms: Vec<C>,
+    abort_reason: impl Fn(&C) -> Option<String> + Sync,
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> RankResults<T> {
     let first_failure: Mutex<Option<String>> = Mutex::new(None);
@@ -163,6 +196,7 @@ fn run_group<T: Send>(
             .map(|(rank, comm)| {
                 let f = &f;
                 let first_failure = &first_failure;
+                let abort_reason = &abort_reason;
                 std::thread::Builder::new()
                     .name(format!("vi-rank-{rank}"))
                     .spawn_scoped(s, move || {
@@ -181,7 +215,7 @@ fn run_group<T: Send>(
                         // The group's first abort reason names the rank that failed first.
                         let mut ff = first_failure.lock().unwrap_or_else(|e| e.into_inner());
                         if ff.is_none() {
-                            *ff = comm.abort_reason();
+                            *ff = abort_reason(&comm);
                         }
                         out
                     })

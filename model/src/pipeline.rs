@@ -24,12 +24,12 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use vi_runtime::comm::Communicator;
+use vi_runtime::comm::{CommChoice, Communicator};
 use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::checkpoint::{Checkpointing, RankFile};
 use crate::clip_parallel::ViConfig;
-use crate::distributed::{prompt_for_clip, run_ranks_on_devices, split_frames};
+use crate::distributed::{prompt_for_clip, run_ranks_on_devices_with, split_frames};
 pub use crate::frame_flow::FrameSink;
 use crate::frame_flow::{FrameSender, FrameWriter, FRAMES_IN_FLIGHT};
 use crate::models::Models;
@@ -62,6 +62,8 @@ pub struct GenerateRequest {
     pub world: usize,
     /// A collective call waiting longer than this for a peer fails (hung-rank bound).
     pub rank_timeout: Duration,
+    /// The data plane between ranks (`--comm`): NCCL between GPUs, or the host path.
+    pub comm: CommChoice,
     /// Frames decoded by the VAE at a time (memory bound).
     pub vae_chunk: usize,
     /// Run the VAE (false: denoising only, no frames returned; for benchmarks).
@@ -470,9 +472,10 @@ pub fn generate_to_checkpointed<'m>(
     let tx = Mutex::new(Some(tx));
     std::thread::scope(|s| {
         let ranks = s.spawn(|| {
-            run_ranks_on_devices(
+            run_ranks_on_devices_with(
                 &devices,
                 req.rank_timeout,
+                req.comm,
                 |rank, comm: &dyn Communicator| {
                     let mut fwd = if rank == 0 {
                         let tx = tx.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -278,6 +278,7 @@ mod tests {
             vi: ViConfig::default(),
             world: 4,
             rank_timeout: Duration::from_secs(30),
+            comm: Default::default(),
             vae_chunk: 4,
             decode: true,
             schedule: crate::schedule::Schedule::UNCONSTRAINED,

@@ -123,6 +123,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vi: vi_config(&a.vi),
         world,
         rank_timeout: DEFAULT_RANK_TIMEOUT,
+        comm: Default::default(),
         vae_chunk: 1,
         decode: false,
         schedule,

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use vi_runtime::comm::CommChoice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -237,6 +238,14 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "SECONDS")]
     pub rank_timeout: Option<f64>,
 
+    /// How ranks exchange tensors: `nccl` (GPU to GPU through NCCL: every rank needs a CUDA
+    /// device of its own and the NCCL library, found as libnccl.so.2 or at VI_NCCL_LIBRARY; an
+    /// error otherwise), `host` (in-process hand-over or TCP, copies through the host between
+    /// GPUs), or `auto` (NCCL where every rank can use it, else the host path). The video is the
+    /// same on both.
+    #[arg(long, default_value = "auto", value_name = "auto|host|nccl", value_parser = parse_comm)]
+    pub comm: CommChoice,
+
     /// Testing: take this many bytes as free on every device and on the host.
     #[arg(long, hide = true, value_name = "BYTES")]
     pub assume_free_memory: Option<u64>,
@@ -264,6 +273,11 @@ pub struct GenerateArgs {
 
 /// A byte size: a number (decimals allowed) with an optional unit: B; K, M, G, T or KiB, MiB,
 /// GiB, TiB (powers of 1024); KB, MB, GB, TB (powers of 1000). Case-insensitive.
+/// `--comm`: auto | host | nccl.
+pub fn parse_comm(text: &str) -> Result<CommChoice, String> {
+    text.parse()
+}
+
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t

@@ -167,6 +167,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if !a.plan_only {
         // A plan-only run opens no device.
         check_available(&ranks)?;
+        if place.is_none() {
+            // `--comm nccl` that cannot be served fails here, before any weight or output
+            // (a multi-process job decides with its peers at the rendezvous).
+            vi_runtime::comm::nccl_in_process(&ranks, a.comm)?;
+        }
     }
     let world = place.as_ref().map_or(ranks.len(), |p| p.world);
     let local = place.as_ref().map_or(0..world, |p| p.ranks());
@@ -318,6 +323,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         vi: vi_config(&a.vi),
         world,
         rank_timeout,
+        comm: a.comm,
         vae_chunk: a.vae_chunk,
         decode: true,
         schedule,

@@ -10,6 +10,10 @@
 //!   a client. Each publishes its request digest and compares it with every other's before any
 //!   weight is loaded.
 //! * Data plane: each logical rank connects its own [`TcpComm`]; ranks of one process are threads.
+//!   Under `--comm nccl` (or `auto`, when every rank has a GPU of its own and the NCCL library),
+//!   the ranks first agree through the store, then each joins one NCCL communicator (rank 0
+//!   publishes its unique id in the store) and tensors move GPU to GPU; the TCP links carry the
+//!   control plane only.
 //!   Logical rank 0 (in the process of global rank 0) runs on the calling thread and writes the
 //!   video; no other process touches the outputs.
 //! * Every wait (store, connections, each message) is bounded by `--rank-timeout`.
@@ -26,7 +30,8 @@ use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::request_digest::{check_same_request, ModelSource, RequestDigest};
 use vi_model::schedule::DeviceTurn;
 use vi_runtime::comm::{
-    Communicator, Rendezvous, StoreClient, StoreServer, TcpComm, TcpConfig, WorldEnv,
+    agree_on_nccl, connect_nccl, Communicator, Rendezvous, StoreClient, StoreServer, TcpComm,
+    TcpConfig, WorldEnv,
 };
 use vi_runtime::{DType, Device};
 
@@ -194,21 +199,40 @@ impl Job {
         }
         let run_one = |rank: usize, sink: Option<&mut dyn FrameSink>| -> Result<()> {
             let store = self.client()?;
-            // Received tensors land on the rank's device (a GPU rank's halos, tokens, frames).
-            let mut cfg = cfg.clone();
             let device = models_of(rank).device;
-            if device != Device::Cpu {
+            // The data plane, decided identically by every rank (`--comm`).
+            let nccl = agree_on_nccl(
+                &store,
+                "nccl/ready",
+                rank,
+                place.world,
+                device,
+                req.comm,
+                self.timeout,
+            )
+            .with_context(|| format!("rank {rank}: choosing the data plane"))?;
+            // Received tensors land on the rank's device (a GPU rank's halos, tokens, frames);
+            // under NCCL the TCP links carry only the control plane, whose tensors stay on the
+            // host (NCCL's communicator moves what it passes on to the device itself).
+            let mut cfg = cfg.clone();
+            if device != Device::Cpu && !nccl {
                 cfg.device = Some(device);
             }
-            let comm = TcpComm::connect(rank, place.world, &store, &cfg)
+            let tcp = TcpComm::connect(rank, place.world, &store, &cfg)
                 .with_context(|| format!("rank {rank} cannot connect to its peers"))?;
+            let comm: Box<dyn Communicator> = if nccl {
+                connect_nccl(Box::new(tcp), device, &store, "nccl/id", self.timeout)
+                    .with_context(|| format!("rank {rank} cannot join the NCCL communicator"))?
+            } else {
+                Box::new(tcp)
+            };
             store.mark_done()?;
             drop(store);
             let sink = sink.map(|s| s as &mut dyn FrameSink);
             let turn = turns.iter().find(|(d, _)| *d == device).map(|(_, t)| t);
             let r = pipeline::generate_rank_with_turn(
                 models_of(rank),
-                &comm,
+                &*comm,
                 req,
                 sink,
                 progress,
