@@ -7,7 +7,8 @@
 # * nvcc: taken from CUDA_PATH / PATH, else installed by tools/install-cuda-toolchain.sh.
 # * Separate target dir (target/gpu) and the release profile, so the shared dev target is untouched;
 #   kernels for sm_90 only, no PTX (VI_CUDA_ARCHS=90 VI_CUDA_PTX=0): the H100 / H200 are sm_90.
-# * Executables: cuda_ops + cuda_kernels (runtime/tests), gpu_golden (tests/), the unet bench
+# * Executables: cuda_ops + cuda_kernels + nccl_comm + nccl_library (runtime/tests), gpu_golden
+#   (tests/), the unet bench
 #   (benches/), the video-infinity CLI. Their golden/manifest paths are compiled in as
 #   /work/main/...; gpu-check.sh links that path to its checkout when it differs.
 # Prints, last, the carry list and the device command.
@@ -23,7 +24,8 @@ json=$(mktemp)
 trap 'rm -f "$json"' EXIT
 
 echo "== building GPU executables (release, target/gpu, sm_90) ==" >&2
-cargo test --release --features cuda -p vi-runtime --test cuda_ops --test cuda_kernels --no-run \
+cargo test --release --features cuda -p vi-runtime --test cuda_ops --test cuda_kernels \
+  --test nccl_comm --test nccl_library --no-run \
   --message-format=json-render-diagnostics >>"$json"
 cargo test --release --features cuda -p vi-suite --test gpu_golden --no-run \
   --message-format=json-render-diagnostics >>"$json"
@@ -36,7 +38,7 @@ rm -rf .gpu/bin
 mkdir -p .gpu/bin
 python3 - "$json" <<'EOF'
 import json, shutil, sys
-want = {"cuda_ops", "cuda_kernels", "gpu_golden", "unet", "video-infinity"}
+want = {"cuda_ops", "cuda_kernels", "nccl_comm", "nccl_library", "gpu_golden", "unet", "video-infinity"}
 found = {}
 for line in open(sys.argv[1]):
     try:

@@ -4,14 +4,16 @@
 # Needs the executables built here by tools/gpu-build.sh (.gpu/bin/*.xz) and, for the PyTorch peer,
 # the wheels in .whl/ (diffusers + importlib_metadata): carry [".gpu", ".whl"].
 #
-# Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend) and the
+# Runs: nvidia-smi; the cuda_ops and cuda_kernels tests (every CUDA op vs the CPU backend), the NCCL
+# data plane's tests (nccl_comm, nccl_library), and the
 # fused-vs-bridged mixed-dtype op bench; the gpu_golden test (tiny golden UNet, plain and
 # Video-Infinity ranks, bf16 and f16 on the GPU); generate and verify on cuda:0; the full-size UNet
 # bench (16 and 24 frames), again at 16 frames with VI_CONV=im2col and with VI_RESIDUAL=bf16 (the
 # residual stream in bf16: what the f32 stream of docs/precision.md costs); the diffusers
 # UNet3DConditionModel peer (same shapes, fp16, SDPA; VI_PEER_COMPILE=1 adds torch.compile).
 # Logs go to $OUT (default .gpu/out, at most 8 files); a short table is printed last.
-# Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3).
+# Environment: VI_BENCH_FRAMES (default 16,24), VI_BENCH_ITERS (default 3), VI_COMM_BENCH=1 (also
+# time a full-size step over the host path and over NCCL: see below).
 # Transfer limit: the device tool sends the tracked tree + carried paths, 64 MiB in all. The tracked tree
 # is ~55 MB (tests/golden), so the GPU sessions so far dropped the largest part no GPU stage reads
 # (tests/golden/convert, 15 MB) from the index for the call only, and added it back right after:
@@ -78,6 +80,12 @@ run() {
 : >"$OUT/unit_tests.log"
 LOG=unit_tests run cuda_ops 60 env CUBLASLT_LOG_LEVEL=1 "$bin/cuda_ops" --nocapture
 LOG=unit_tests run cuda_kernels 75 "$bin/cuda_kernels" --nocapture
+# The NCCL data plane (design.md section 5.7): NcclComm against the in-process communicator bit for
+# bit (one rank always; several ranks on several GPUs, or on GPU 0 when NCCL >= 2.30 allows it with
+# NCCL_MULTI_RANK_GPU_ENABLE=1), and the library loader. libnccl.so.2 comes from LD_LIBRARY_PATH above
+# (the nvidia-nccl wheel of the PyTorch python) or VI_NCCL_LIBRARY; a test that skips says why.
+LOG=unit_tests run nccl_library 30 "$bin/nccl_library" --nocapture
+LOG=unit_tests run nccl_comm 90 env NCCL_MULTI_RANK_GPU_ENABLE=1 NCCL_DEBUG=WARN "$bin/nccl_comm" --nocapture
 # Fused vs bridged mixed-dtype ops (f32 stream / f32 bias next to bf16) at UNet sizes.
 LOG=unit_tests run cuda_ops_mixed_bench 45 "$bin/cuda_ops" --ignored --nocapture mixed_throughput
 # One process per golden case (a crash in one does not hide the others), one log file.
@@ -109,6 +117,24 @@ run unet_bench 120 env VI_BENCH_FRAMES="${VI_BENCH_FRAMES:-16,24}" VI_BENCH_ITER
 : >"$OUT/unet_bench_variants.log"
 LOG=unet_bench_variants run unet_bench_im2col 45 env VI_CONV=im2col VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
 LOG=unet_bench_variants run unet_bench_bf16_stream 45 env VI_RESIDUAL=bf16 VI_BENCH_FRAMES=16 VI_BENCH_ITERS=3 "$bin/unet"
+# VI_COMM_BENCH=1: what the exchange costs on a full-size step (random-full weights, 2 ranks x 24
+# frames, 320x512, CFG 2, overlapped schedule): the same bench over the host path and over NCCL, on 2
+# GPUs when there are (then also one rank on one GPU: comm share = (2-rank step - 1-rank step) / 2-rank
+# step), else both ranks on GPU 0 (NCCL's multi-rank mode, NCCL >= 2.30; host = zero-copy hand-over,
+# so the difference is NCCL's own cost). `bench: data plane ...` names the path taken. Off by default
+# (up to ~6 minutes more); same log as the variants ($OUT: 8 files at most).
+if [ "${VI_COMM_BENCH:-0}" = 1 ] && "$vi" bench --help 2>/dev/null | grep -q -- "--comm"; then
+  ngpu=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+  pair=cuda:0x2
+  [ "$ngpu" -ge 2 ] && pair=cuda:0-1
+  for comm in host nccl; do
+    LOG=unet_bench_variants run "comm_${comm}_${pair}" 120 env NCCL_MULTI_RANK_GPU_ENABLE=1 \
+      "$vi" bench --model random-full --devices "$pair" --comm "$comm" --steps 2 --warmup 1
+  done
+  [ "$ngpu" -ge 2 ] &&
+    LOG=unet_bench_variants run comm_one_rank 120 "$vi" bench --model random-full --devices cuda:0 \
+      --steps 2 --warmup 1
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

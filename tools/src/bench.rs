@@ -21,7 +21,7 @@ use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
-use vi_runtime::comm::{CommDelay, WorldEnv};
+use vi_runtime::comm::{CommChoice, CommDelay, WorldEnv};
 
 use crate::cli::{BenchArgs, PartArgs};
 use crate::devices::{check_available, parse_devices};
@@ -60,6 +60,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         None => node_devices,
     };
     check_available(&ranks)?;
+    if place.is_none() {
+        let nccl = vi_runtime::comm::nccl_in_process(&ranks, a.comm)?;
+        eprintln!(
+            "bench: data plane {}",
+            if nccl { "NCCL" } else { "host (in-process)" }
+        );
+    }
     let world = place.as_ref().map_or(ranks.len(), |p| p.world);
     let first = place.as_ref().map_or(0, |p| p.first);
     let tiny = tiny || crate::generate::is_tiny_folder(&a.model, &crate::cli::PartArgs::default());
@@ -123,7 +130,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vi: vi_config(&a.vi),
         world,
         rank_timeout: DEFAULT_RANK_TIMEOUT,
-        comm: Default::default(),
+        comm: a.comm,
         vae_chunk: 1,
         decode: false,
         schedule,
@@ -350,6 +357,12 @@ fn run_as_processes(a: &BenchArgs) -> Result<()> {
     if a.no_memory_check {
         args.push("--no-memory-check".into());
     }
+    let comm = match a.comm {
+        CommChoice::Auto => "auto",
+        CommChoice::Host => "host",
+        CommChoice::Nccl => "nccl",
+    };
+    args.extend(["--comm".to_string(), comm.to_string()]);
     if let Some(b) = a.assume_free_memory {
         args.extend(["--assume-free-memory".to_string(), b.to_string()]);
     }

@@ -477,6 +477,10 @@ pub struct BenchArgs {
     /// exchange the overlap hides.
     #[arg(long, value_name = "LATENCY[,BANDWIDTH]")]
     pub comm_delay: Option<String>,
+    /// The data plane between ranks (as for `generate`): compare `--comm nccl` with `--comm host`
+    /// for what NCCL saves on a step.
+    #[arg(long, default_value = "auto", value_name = "auto|host|nccl", value_parser = parse_comm)]
+    pub comm: CommChoice,
     /// With --comm-delay: rounds of the four runs, interleaved (each run: warm-up + timed steps).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
