@@ -7,8 +7,8 @@
 //! * Construction: one process driving several GPUs ([`NcclComm::group_in_process`],
 //!   `ncclCommInitAll`, then one thread per rank) or one communicator per process or rank
 //!   ([`NcclComm::connect`]: rank 0 publishes the 128-byte unique id in the rendezvous store).
-//! * Streams: each rank has a communication stream of its own beside its device's compute stream
-//!   (the one stream all kernels of that device run on). A `start_*` call records an event on the
+//! * Streams: each rank has a communication stream of its own (highest priority) beside its
+//!   device's compute stream (the one stream all kernels of that device run on). A `start_*` call records an event on the
 //!   compute stream, makes the communication stream wait for it, and enqueues the sends and
 //!   receives of the exchange there inside one `ncclGroupStart` / `ncclGroupEnd`; `Pending::wait`
 //!   makes the compute stream wait for an event recorded after them. Neither blocks the host: the
@@ -26,10 +26,13 @@
 //! * Reductions: `all_reduce_sum` is an all-gather then a sum in rank order, so every rank gets
 //!   the bit-identical result (no NCCL all-reduce, whose summation order is its own).
 //! * Failures: a host-side abort or an NCCL error marks the communicator failed; later calls fail
-//!   at once. On drop the communication stream is given the group timeout to drain, then the
-//!   communicator is aborted (`ncclCommAbort`), never destroyed collectively.
+//!   at once. A watchdog thread per rank aborts the NCCL communicator (`ncclCommAbort`) as soon as
+//!   the group is aborted, which ends a transfer whose peer will never take part and so frees a
+//!   host thread blocked reading the GPU. On drop the communication stream is given the group
+//!   timeout to drain, then the communicator is aborted, never destroyed collectively.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -192,18 +195,21 @@ pub struct NcclComm {
     rank: usize,
     world: usize,
     api: &'static Api,
-    /// The NCCL handle; locked for each group of calls (one thread at a time).
-    raw: Mutex<RawComm>,
+    /// The NCCL handle; locked for each group of calls (one thread at a time). Null once the
+    /// watchdog has aborted it.
+    raw: Arc<Mutex<RawComm>>,
     dev: Arc<CudaDevice>,
     /// The communication stream of this rank (on `dev`).
     comm_stream: Arc<CudaStream>,
-    host: Host,
+    host: Arc<Host>,
     timeout: Duration,
     /// Set once by the first NCCL error: the communicator is not used again.
-    failed: Mutex<Option<String>>,
+    failed: Arc<Mutex<Option<String>>>,
     /// Another rank of this process shares the device, hence its compute stream (the one stream
     /// of a `CudaDevice`): see `enqueue_exchange`.
     shares_stream: bool,
+    /// Stops the watchdog (see [`watchdog`]); joined on drop.
+    watchdog: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -353,21 +359,42 @@ impl NcclComm {
         timeout: Duration,
         shares_stream: bool,
     ) -> Result<NcclComm> {
+        // The highest priority: when the compute kernels fill the GPU, the blocks of a transfer
+        // that became ready are scheduled first, so the exchange is not queued behind them.
+        dev.ctx()
+            .bind_to_thread()
+            .map_err(|e| cuda_err("bind context", e))?;
+        let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(|e| cuda_err("stream priority range", e))?;
         let comm_stream = dev
             .ctx()
-            .new_stream()
+            .new_stream_with_priority(greatest)
             .map_err(|e| cuda_err("creating the NCCL communication stream", e))?;
+        let api = raw.api;
+        let raw = Arc::new(Mutex::new(raw));
+        let host = Arc::new(host);
+        let failed = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (raw, host, failed, stop) =
+                (raw.clone(), host.clone(), failed.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("vi-nccl-watchdog-{rank}"))
+                .spawn(move || watchdog(rank, &raw, &host, &failed, &stop))
+                .map_err(|e| Error::Comm(format!("starting the NCCL watchdog thread: {e}")))?
+        };
         Ok(NcclComm {
             rank,
             world,
-            api: raw.api,
-            raw: Mutex::new(raw),
+            api,
+            raw,
             dev,
             comm_stream,
             host,
             timeout,
-            failed: Mutex::new(None),
+            failed,
             shares_stream,
+            watchdog: Some((stop, handle)),
         })
     }
 
@@ -383,7 +410,7 @@ impl NcclComm {
 
     /// The reason the group was aborted (in-process groups), if it was.
     pub fn abort_reason(&self) -> Option<String> {
-        match &self.host {
+        match &*self.host {
             Host::InProcess(c) => c.abort_reason(),
             Host::Other(_) => self.lock_failed().clone(),
         }
@@ -429,6 +456,12 @@ impl NcclComm {
             )));
         }
         let raw = self.lock_raw();
+        if raw.comm.is_null() {
+            return Err(Error::Comm(format!(
+                "rank {}: {what}: the NCCL communicator was aborted",
+                self.rank
+            )));
+        }
         let mut async_err: c_int = 0;
         // SAFETY: queries a live communicator; writes one int.
         let r = unsafe { (self.api.comm_get_async_error)(raw.comm, &mut async_err) };
@@ -502,6 +535,12 @@ impl NcclComm {
         send_ops.retain(|op| op.2 > 0);
         recv_ops.retain(|op| op.2 > 0);
         let raw = self.lock_raw();
+        if raw.comm.is_null() {
+            return Err(Error::Comm(format!(
+                "rank {}: the NCCL communicator was aborted",
+                self.rank
+            )));
+        }
         // SAFETY: group calls of this thread on a live communicator; each address is that of a
         // live buffer of `bytes` bytes on this communicator's device, kept alive by the returned
         // `InFlight` until the compute stream has waited for the transfer.
@@ -782,6 +821,39 @@ impl PendingOp<Vec<Tensor>> for GatherOp {
     }
 }
 
+/// How often the watchdog looks at the group.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
+
+/// Runs beside each rank until `stop`: once the group is aborted (by any rank, a timeout or this
+/// communicator's own failure) it aborts the NCCL communicator, so that a transfer whose peer will
+/// never take part (a rank that failed after announcing it) ends instead of holding the GPU, and
+/// the host thread waiting on it (a read to the host) returns. Later calls then fail at once.
+fn watchdog(
+    rank: usize,
+    raw: &Mutex<RawComm>,
+    host: &Host,
+    failed: &Mutex<Option<String>>,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let failed = failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        if failed || host.comm().is_aborted() {
+            let mut raw = raw.lock().unwrap_or_else(|e| e.into_inner());
+            let comm = std::mem::replace(&mut raw.comm, std::ptr::null_mut());
+            if !comm.is_null() {
+                // SAFETY: the live communicator, taken out of `raw` under its lock (no other call
+                // can use it now or later); aborted once.
+                let r = unsafe { (raw.api.comm_abort)(comm) };
+                if let Err(e) = raw.api.check(r, "ncclCommAbort") {
+                    eprintln!("vi-runtime: rank {rank}: {e}");
+                }
+            }
+            return;
+        }
+        std::thread::sleep(WATCHDOG_PERIOD);
+    }
+}
+
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -860,6 +932,10 @@ impl Drop for NcclComm {
     /// Gives the communication stream up to the group timeout to drain (unless the group
     /// failed), then the communicator is aborted by `RawComm`'s drop.
     fn drop(&mut self) {
+        if let Some((stop, handle)) = self.watchdog.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = handle.join();
+        }
         if self.is_aborted() || std::thread::panicking() {
             return;
         }
