@@ -205,8 +205,8 @@ pub struct NcclComm {
     timeout: Duration,
     /// Set once by the first NCCL error: the communicator is not used again.
     failed: Arc<Mutex<Option<String>>>,
-    /// Another rank of this process shares the device, hence its compute stream (the one stream
-    /// of a `CudaDevice`): see `enqueue_exchange`.
+    /// Some ranks of this group share a device, hence its compute stream (the one stream of a
+    /// `CudaDevice`): see `enqueue_exchange`. The same on every rank of the group.
     shares_stream: bool,
     /// Stops the watchdog (see [`watchdog`]); joined on drop.
     watchdog: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
@@ -259,12 +259,13 @@ impl NcclComm {
             .map(|comm| RawComm { api, comm })
             .collect();
         let hosts = InProcessGroup::new(devs.len(), timeout);
+        // Group-wide (the barrier it implies is a collective call of every rank).
+        let shares = (1..devices.len()).any(|i| devices[..i].contains(&devices[i]));
         raws.into_iter()
             .zip(hosts)
             .zip(devs)
             .enumerate()
             .map(|(rank, ((raw, host), dev))| {
-                let shares = devices.iter().filter(|&&d| d == devices[rank]).count() > 1;
                 Self::assemble(
                     rank,
                     devices.len(),
@@ -324,9 +325,20 @@ impl NcclComm {
             }
             id
         };
-        // Every rank is alive and has the id before any blocks in ncclCommInitRank (which has no
-        // timeout of its own): the host barrier is bounded by the host communicator's timeout.
-        host.barrier()?;
+        // Every rank's GPU (UUID), gathered over the host: also the barrier that makes every rank
+        // alive and holding the id before any blocks in ncclCommInitRank (which has no timeout of
+        // its own), bounded by the host communicator's timeout.
+        let uuid = dev.ctx().uuid().map_err(|e| cuda_err("device UUID", e))?;
+        let mine: Vec<f32> = uuid.bytes.iter().map(|&b| b as u8 as f32).collect();
+        let gpus = host
+            .all_gather(&Tensor::from_vec(mine, &[16])?)?
+            .iter()
+            .map(|t| t.to_vec_f32())
+            .collect::<Result<Vec<_>>>()?;
+        // Ranks on one GPU may be threads of one process, sharing its compute stream (one CUDA
+        // context per device and process): assumed whenever a GPU serves two ranks. Group-wide,
+        // as the barrier it implies is a collective call.
+        let shares = (1..gpus.len()).any(|i| gpus[..i].contains(&gpus[i]));
         dev.ctx()
             .bind_to_thread()
             .map_err(|e| cuda_err("bind context", e))?;
@@ -337,8 +349,6 @@ impl NcclComm {
             r,
             &format!("ncclCommInitRank (rank {rank} of {world}, cuda:{ordinal})"),
         )?;
-        // A process holds one CUDA context per device: ranks in other processes never share
-        // this rank's compute stream.
         Self::assemble(
             rank,
             world,
@@ -346,7 +356,7 @@ impl NcclComm {
             dev,
             Host::Other(host),
             timeout,
-            false,
+            shares,
         )
     }
 
