@@ -8,8 +8,9 @@
 //!   `ncclCommInitAll`, then one thread per rank) or one communicator per process or rank
 //!   ([`NcclComm::connect`]: rank 0 publishes the 128-byte unique id in the rendezvous store).
 //! * Streams: each rank has a communication stream of its own (highest priority) beside its
-//!   device's compute stream (the one stream all kernels of that device run on). A `start_*` call records an event on the
-//!   compute stream, makes the communication stream wait for it, and enqueues the sends and
+//!   device's compute stream (the one stream all kernels of that device run on). A `start_*` call
+//!   records an event on the compute stream, makes the communication stream wait for it, and
+//!   enqueues the sends and
 //!   receives of the exchange there inside one `ncclGroupStart` / `ncclGroupEnd`; `Pending::wait`
 //!   makes the compute stream wait for an event recorded after them. Neither blocks the host: the
 //!   kernels issued between start and wait overlap the transfer on the GPU. No device-wide
@@ -436,12 +437,15 @@ impl NcclComm {
 
     /// Records `e` as this communicator's failure and aborts the group (every peer's next host
     /// call fails).
+    /// An error already recorded, or raised while the group is already aborted (a peer failed
+    /// first, the host call timed out), is returned as it is.
     fn fail(&self, e: Error) -> Error {
-        let msg = format!("rank {}: {e}", self.rank);
         let mut f = self.lock_failed();
-        if f.is_none() {
-            *f = Some(msg.clone());
+        if f.is_some() || self.host.comm().is_aborted() {
+            return e;
         }
+        let msg = format!("rank {}: {e}", self.rank);
+        *f = Some(msg.clone());
         drop(f);
         self.host.comm().abort(&msg);
         Error::Comm(msg)
@@ -621,6 +625,16 @@ impl NcclComm {
         to_right: Option<&Tensor>,
     ) -> Result<NeighborsOp> {
         self.check_usable("exchange_neighbors")?;
+        // Any failure from here on leaves peers expecting this rank's half: abort the group.
+        self.try_neighbours(to_left, to_right)
+            .map_err(|e| self.fail(e))
+    }
+
+    fn try_neighbours(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> Result<NeighborsOp> {
         let (r, w) = (self.rank, self.world);
         // Only what has a peer to go to is sent (as the host communicators do).
         let to_left = if r > 0 { to_left } else { None };
@@ -662,6 +676,11 @@ impl NcclComm {
 
     fn gather(&self, t: &Tensor) -> Result<GatherOp> {
         self.check_usable("all_gather")?;
+        // Any failure from here on leaves peers expecting this rank's half: abort the group.
+        self.try_gather(t).map_err(|e| self.fail(e))
+    }
+
+    fn try_gather(&self, t: &Tensor) -> Result<GatherOp> {
         let meta = Meta::of(t)?;
         let metas = self.host.comm().all_gather(&meta.host)?;
         if metas.len() != self.world {
@@ -998,4 +1017,37 @@ pub(crate) fn readiness(device: Device, choice: CommChoice) -> (Vec<u8>, Option<
     let mut v = vec![c, u8::from(why.is_none()), multi];
     v.extend_from_slice(&uuid);
     (v, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_round_trip_and_malformed_ones_are_refused() {
+        for (shape, dtype) in [
+            (vec![4, 1, 40, 64], DType::BF16),
+            (vec![2, 3], DType::F32),
+            (vec![], DType::F16),
+        ] {
+            let t = Tensor::zeros(&shape, Device::Cpu, dtype).unwrap();
+            let p = Meta::parse(&Meta::of(&t).unwrap().host, 3).unwrap();
+            assert_eq!((p.dtype, p.shape), (dtype, shape));
+        }
+        let bad = |v: Vec<f32>| {
+            let n = v.len();
+            Meta::parse(&Tensor::from_vec(v, &[n]).unwrap(), 5)
+                .err()
+                .map(|e| e.to_string())
+        };
+        for v in [vec![0.0], vec![0.0, 2.0, 4.0], vec![7.0, 1.0, 4.0]] {
+            let e = bad(v.clone()).unwrap_or_else(|| panic!("{v:?} accepted"));
+            assert!(e.contains("from rank 5"), "{e}");
+        }
+        let huge = Tensor::zeros(&[1 << 24, 0], Device::Cpu, DType::F32).unwrap();
+        assert!(
+            Meta::of(&huge).is_err(),
+            "dims from 2^24 are not exact in f32"
+        );
+    }
 }
