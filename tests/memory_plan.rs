@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::{run_ranks, split_frames};
+use vi_model::frame_flow::FRAMES_IN_FLIGHT;
 use vi_model::memory_plan::{
     check_fit, choose_schedule, device_need, fmt_bytes, measure_rank, plan, Margin, MemoryPlan,
     MetaModels, PlanModels, PlanRequest, RankPeaks, RechargingComm,
@@ -275,6 +276,7 @@ fn real_pipeline_heap_peak_is_within_the_plan() {
 
 fn request(ranks: Vec<(Device, DType)>, frames: usize, h: usize, w: usize) -> PlanRequest {
     PlanRequest {
+        local: 0..ranks.len(),
         ranks,
         frames,
         height: h,
@@ -317,7 +319,11 @@ fn planner_numbers_are_consistent() {
         assert_eq!(bytes, table_bytes(kind, &json, DType::F32), "{kind:?}");
     }
     assert_eq!(d.conv_relayout, 0, "no re-layout cache on the CPU");
-    assert_eq!(p.host_frames, 8 * 64 * 64 * 3);
+    // One rank: its VAE chunk (4 frames) in RGB8 + the writer's channel and frame in hand.
+    assert_eq!(
+        p.host_frames,
+        (4 + FRAMES_IN_FLIGHT as u64 + 1) * 64 * 64 * 3
+    );
     assert_eq!(d.total(), d.weights() + d.activations());
 
     // More frames, more pixels: more activations; same weights.
@@ -354,6 +360,53 @@ fn planner_numbers_are_consistent() {
     );
     assert!(gd.unet_weights < d.unet_weights && gd.unet_weights * 2 > d.unet_weights);
     assert!(gd.conv_relayout > 0 && gd.conv_relayout < gd.weights());
+}
+
+/// One process of a multi-process job plans its own ranks as the one-process plan of the whole
+/// job plans them: the dry run runs every rank, so a rank next to another process's still
+/// receives its halos and tokens; the text phase is counted only where rank 0 is.
+#[test]
+fn a_process_plans_its_ranks_with_their_neighbours_elsewhere() {
+    let _serial = serial();
+    let cpu = |n: usize| vec![(Device::Cpu, DType::F32); n];
+    // 11 frames on 4 ranks: clips of 3, 3, 3, 2; processes of 2 ranks.
+    let mut whole = request(cpu(4), 11, 64, 64);
+    whole.steps = 2;
+    let all = plan(&tiny_models(), &whole).unwrap();
+    let a = &all.devices[0];
+    for local in [0..2, 2..4, 1..3] {
+        let mut req = whole.clone();
+        // The other processes' ranks: placeholders, as `generate` gives them.
+        for r in (0..4).filter(|r| !local.contains(r)) {
+            req.ranks[r].0 = Device::Meta;
+        }
+        req.local = local.clone();
+        let p = plan(&tiny_models(), &req).unwrap();
+        assert_eq!(p.devices.len(), 1, "{local:?}: only this process's device");
+        let d = &p.devices[0];
+        assert_eq!(d.ranks, local.clone().collect::<Vec<_>>());
+        assert_eq!(
+            d.rank_frames,
+            local.clone().map(|r| [3, 3, 3, 2][r]).collect::<Vec<_>>()
+        );
+        for (i, r) in local.clone().enumerate() {
+            assert_eq!(
+                d.denoise_peaks[i], a.denoise_peaks[r],
+                "{local:?}: rank {r}"
+            );
+            assert_eq!(d.decode_peaks[i], a.decode_peaks[r], "{local:?}: rank {r}");
+            assert_eq!(d.parked[i], a.parked[r], "{local:?}: rank {r}");
+        }
+        assert_eq!(d.text_peak > 0, local.start == 0, "{local:?}");
+        assert!(
+            p.host_frames > 0 && p.host_frames < all.host_frames,
+            "{local:?}"
+        );
+    }
+    let mut bad = whole.clone();
+    bad.local = 3..5;
+    let e = plan(&tiny_models(), &bad).unwrap_err().to_string();
+    assert!(e.contains("3..5") && e.contains("4 ranks"), "{e}");
 }
 
 #[test]

@@ -15,8 +15,9 @@
 //! that every process of the job sees (a shared file system across nodes).
 //!
 //! Resuming: the manifest's digest must equal this run's field by field (a difference is an
-//! error naming each field; `sequential_cfg` is not compared: the schedule may change with the
-//! free memory and the video does not); each rank's file must have the manifest's size and
+//! error naming each field; `schedule` (and `sequential_cfg`, its name in checkpoints written
+//! before the whole schedule was a field) is not compared: the schedule may change with the free
+//! memory and the video does not); each rank's file must have the manifest's size and
 //! checksum (an error names the file: never a silent restart from scratch). The loop continues at
 //! step S from the saved latents and state; the SDE noise of step k is keyed by (seed, k + 1,
 //! frame), so the remaining steps draw what an uninterrupted run draws. Frames are decoded only
@@ -54,7 +55,7 @@ const FIXED_BYTES: u64 = 8 + 4 + 8 + 32;
 /// A bound on a rank file's header (its JSON stays far below: a few hundred bytes).
 pub const HEADER_BOUND: u64 = 4096;
 /// Digest fields a resume does not compare (module doc).
-const NOT_COMPARED: &[&str] = &["sequential_cfg"];
+const NOT_COMPARED: &[&str] = &["schedule", "sequential_cfg"];
 
 fn msg(s: impl Into<String>) -> ModelError {
     ModelError::Msg(s.into())
@@ -383,7 +384,7 @@ impl Manifest {
     }
 
     /// Refuses a resume whose request differs from the checkpoint's: the error names every
-    /// differing field with both values (module doc: `sequential_cfg` is not compared).
+    /// differing field with both values (module doc: the schedule is not compared).
     pub fn check(&self, dir: &Path, digest: &RequestDigest) -> Result<()> {
         let mut names: Vec<&str> = self.digest.fields.iter().map(|(n, _)| n.as_str()).collect();
         for (n, _) in &digest.fields {

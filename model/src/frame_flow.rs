@@ -53,6 +53,47 @@ pub fn window(vae_chunk: usize) -> usize {
     vae_chunk.max(FRAMES_IN_FLIGHT)
 }
 
+/// The most bytes of decoded frames alive on the host at once for the ranks `local` of a video
+/// split into `clips` (frames of `pixels` pixels; the VAE decodes `vae_chunk` at a time), frames
+/// in flight and the writer's buffer included (the module doc's flow; tensors on the ranks'
+/// devices, such as the VAE's output chunk, are the memory plan's):
+/// * each rank r > 0 here: its queue, at most `window + vae_chunk - 1` RGB8 frames (a chunk
+///   converted to RGB8 and pushed onto a queue just below the window), at most its clip;
+/// * one grant at a time (rank 0 serves one rank): a message of at most `window` frames packed
+///   as f32 (4 bytes a pixel), in the mailbox or being sent; on rank 0's process also the RGB8
+///   frames unpacked from it;
+/// * rank 0 here: its own chunk in RGB8 while it writes it, or the message above; and the sink's
+///   buffer: [`FRAMES_IN_FLIGHT`] frames in the channel of `pipeline::generate_to` + the one the
+///   writer holds.
+///
+/// Flat in the video's length: linear in the ranks held, the window and the frame size.
+pub fn frames_alive_bytes(
+    clips: &[std::ops::Range<usize>],
+    local: std::ops::Range<usize>,
+    vae_chunk: usize,
+    pixels: usize,
+) -> u64 {
+    let (chunk, window) = (vae_chunk.max(1), window(vae_chunk));
+    let rgb = 3 * pixels as u64;
+    let packed = 4 * pixels as u64;
+    let longest_other = clips.iter().skip(1).map(|c| c.len()).max().unwrap_or(0);
+    let grant = window.min(longest_other) as u64;
+    let queues: u64 = local
+        .clone()
+        .filter(|&r| r > 0)
+        .map(|r| clips[r].len().min(window + chunk - 1) as u64 * rgb)
+        .sum();
+    if local.contains(&0) {
+        let own = clips[0].len().min(chunk) as u64 * rgb;
+        let sink = (FRAMES_IN_FLIGHT + 1) as u64 * rgb;
+        queues + own.max(grant * (packed + rgb)) + sink
+    } else if local.is_empty() {
+        0
+    } else {
+        queues + grant * packed
+    }
+}
+
 fn credit_tensor(n: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(vec![n as f32], &[1])?)
 }

@@ -116,7 +116,7 @@ fn product(parts: &[usize], culprit: &str) -> Result<u128> {
 /// its largest part. Pure arithmetic: cost independent of the sizes asked for.
 pub fn lower_bound(models: &PlanModels, req: &PlanRequest) -> Result<Vec<Need>> {
     let world = req.ranks.len();
-    if world == 0 || req.frames < world {
+    if world == 0 || req.frames < world || req.local.end > world {
         return Ok(Vec::new());
     }
     // Levels are at most MAX_LEVELS (checked when the config is parsed).
@@ -134,8 +134,9 @@ pub fn lower_bound(models: &PlanModels, req: &PlanRequest) -> Result<Vec<Need>> 
     let inner = 8 * models.unet.attention_head_dim;
     // Frames of each rank (split_frames' sizes: the first `frames % world` ranks get one more).
     let n_of = |r: usize| req.frames / world + usize::from(r < req.frames % world);
+    // This process's devices (a multi-process job's other ranks are checked by their own).
     let mut devices: Vec<(Device, DType)> = Vec::new();
-    for &(d, dt) in &req.ranks {
+    for &(d, dt) in &req.ranks[req.local.clone()] {
         if !devices.iter().any(|(x, _)| *x == d) {
             devices.push((d, dt));
         }
@@ -150,7 +151,7 @@ pub fn lower_bound(models: &PlanModels, req: &PlanRequest) -> Result<Vec<Need>> 
         let mut latents = 0u128;
         // (bytes, culprit, what) of the largest window among the device's ranks.
         let mut window: (u128, String, String) = (0, String::new(), String::new());
-        for r in (0..world).filter(|&r| req.ranks[r].0 == d) {
+        for r in req.local.clone().filter(|&r| req.ranks[r].0 == d) {
             let n = n_of(r);
             latents += product(&[n, lat_c, lh, lw, 4], &size)?;
             let (ap, cp) = (req.vi.attn_pad, req.vi.conv_pad);
@@ -196,7 +197,8 @@ pub fn lower_bound(models: &PlanModels, req: &PlanRequest) -> Result<Vec<Need>> 
                 format!(
                     "the f32 latents of its {} frames, {lh}x{lw} x {lat_c} channels each, plus \
                      one UNet window",
-                    (0..world)
+                    req.local
+                        .clone()
                         .filter(|&r| req.ranks[r].0 == d)
                         .map(n_of)
                         .sum::<usize>()

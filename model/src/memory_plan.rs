@@ -79,8 +79,15 @@ pub struct PlanModels {
 /// What a generation will do, as far as memory is concerned.
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
-    /// Per rank (index = rank): its device and the models' storage dtype there.
+    /// Per rank of the whole job (index = logical rank): its device and the models' storage
+    /// dtype there. Only the entries of `local` name this process's devices.
     pub ranks: Vec<(Device, DType)>,
+    /// The ranks this process holds and plans (`0..ranks.len()` for one process). The dry run
+    /// runs every rank, so that these receive the halos and tokens of their neighbours in other
+    /// processes, but plans only these: the others are planned by their own processes (their
+    /// entries in `ranks` give the dtype; their devices are not this process's).
+    pub local: Range<usize>,
+    /// Frames of the whole video.
     pub frames: usize,
     /// Pixel size.
     pub height: usize,
@@ -223,7 +230,9 @@ impl DevicePlan {
 #[derive(Debug, Clone)]
 pub struct MemoryPlan {
     pub devices: Vec<DevicePlan>,
-    /// RGB8 frames collected in host memory before writing (frames x H x W x 3).
+    /// Decoded frames alive in host memory at once: the frame flow's queues and message in
+    /// flight and the writer's buffer ([`crate::frame_flow::frames_alive_bytes`]): flat in the
+    /// video's length.
     pub host_frames: u64,
 }
 
@@ -664,10 +673,16 @@ const SIM_STEPS: usize = 3;
 /// Plans `req`: one meta dry run of the whole generation (all ranks, as threads).
 pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     let world = req.ranks.len();
+    if req.local.is_empty() || req.local.end > world {
+        return Err(ModelError::Config(format!(
+            "the planned ranks {:?} are not a part of the {world} ranks",
+            req.local
+        )));
+    }
     let clips = split_frames(req.frames, world)?;
-    // Devices in order of first appearance, with their dtype.
+    // This process's devices in order of first appearance, with their dtype.
     let mut devs: Vec<(Device, DType)> = Vec::new();
-    for &(d, dt) in &req.ranks {
+    for &(d, dt) in &req.ranks[req.local.clone()] {
         match devs.iter().find(|(x, _)| *x == d) {
             Some((_, t)) if *t != dt => {
                 return Err(ModelError::Config(format!(
@@ -680,7 +695,7 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
         }
     }
     let mut built: Vec<(DType, MetaModels)> = Vec::new();
-    for &(_, dt) in &devs {
+    for &(_, dt) in &req.ranks {
         if !built.iter().any(|(t, _)| *t == dt) {
             built.push((dt, MetaModels::build(models, dt)?));
         }
@@ -696,7 +711,9 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     }
     let (lh, lw) = (req.height / scale, req.width / scale);
     let sampler = Sampler::new(req.sampler, req.steps)?;
-    let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, world)?;
+    // Rank 0 encodes the text; its process keeps a conditioning per rank it holds.
+    let text_here = req.local.start == 0;
+    let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, req.local.len())?;
 
     let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
         let comm = RechargingComm::new(comm);
@@ -722,7 +739,7 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     let mut out = Vec::new();
     for (i, &(d, dt)) in devs.iter().enumerate() {
         let m = of(dt);
-        let ranks: Vec<usize> = (0..world).filter(|&r| req.ranks[r].0 == d).collect();
+        let ranks: Vec<usize> = req.local.clone().filter(|&r| req.ranks[r].0 == d).collect();
         let (u, c, v) = m.weight_bytes();
         out.push(DevicePlan {
             device: d,
@@ -746,8 +763,8 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             } else {
                 0
             },
-            text_peak: if i == 0 { text_peak } else { 0 },
-            text_kept: if i == 0 { text_kept } else { 0 },
+            text_peak: if i == 0 && text_here { text_peak } else { 0 },
+            text_kept: if i == 0 && text_here { text_kept } else { 0 },
             denoise_peaks: ranks.iter().map(|&r| peaks[r].denoise).collect(),
             decode_peaks: ranks.iter().map(|&r| peaks[r].decode).collect(),
             parked: ranks.iter().map(|&r| peaks[r].parked).collect(),
@@ -755,14 +772,19 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             gemm_fallback: ranks
                 .iter()
                 .map(|&r| peaks[r].fallback)
-                .chain((i == 0).then_some(text_fallback))
+                .chain((i == 0 && text_here).then_some(text_fallback))
                 .max()
                 .unwrap_or(0),
             ranks,
         });
     }
     let host_frames = if req.decode {
-        (req.frames * req.height * req.width * 3) as u64
+        crate::frame_flow::frames_alive_bytes(
+            &clips,
+            req.local.clone(),
+            req.vae_chunk,
+            req.height * req.width,
+        )
     } else {
         0
     };
@@ -813,28 +835,18 @@ pub fn choose_schedule(
     req: &PlanRequest,
     budget_of: &dyn Fn(Device) -> Option<u64>,
 ) -> Result<ScheduleChoice> {
+    // The whole job's longest clip: every process of a job walks the same ladder (but for
+    // turns, which only a process with a shared device tries), so their choices merge into one
+    // of its rungs ([`Schedule::merge`]).
     let clips = split_frames(req.frames, req.ranks.len())?;
     let longest = clips.iter().map(|c| c.len()).max().unwrap_or(1);
-    let shared = req
-        .ranks
+    let local = &req.ranks[req.local.clone()];
+    let shared = local
         .iter()
-        .any(|(d, _)| req.ranks.iter().filter(|(x, _)| x == d).count() > 1);
+        .any(|(d, _)| local.iter().filter(|(x, _)| x == d).count() > 1);
     let ladder = Schedule::ladder(longest, shared);
-    let bounded = req.ranks.iter().any(|(d, _)| budget_of(*d).is_some());
-    let run = |schedule: Schedule| -> Result<(MemoryPlan, bool)> {
-        let p = plan(
-            models,
-            &PlanRequest {
-                schedule,
-                ..req.clone()
-            },
-        )?;
-        let fits = p
-            .devices
-            .iter()
-            .all(|d| budget_of(d.device).is_none_or(|b| device_need(&p, d) <= b));
-        Ok((p, fits))
-    };
+    let bounded = local.iter().any(|(d, _)| budget_of(*d).is_some());
+    let run = |schedule: Schedule| plan_fits(models, req, schedule, budget_of);
     if !bounded {
         let (plan, _) = run(ladder[0])?;
         return Ok(ScheduleChoice {
@@ -873,6 +885,28 @@ pub fn choose_schedule(
         fits: true,
         tried: ladder.len(),
     })
+}
+
+/// The plan of `req` under `schedule` (`req.schedule` is ignored) and whether every device's
+/// [`device_need`] is within its budget (`budget_of`, None: unbounded).
+pub fn plan_fits(
+    models: &PlanModels,
+    req: &PlanRequest,
+    schedule: Schedule,
+    budget_of: &dyn Fn(Device) -> Option<u64>,
+) -> Result<(MemoryPlan, bool)> {
+    let p = plan(
+        models,
+        &PlanRequest {
+            schedule,
+            ..req.clone()
+        },
+    )?;
+    let fits = p
+        .devices
+        .iter()
+        .all(|d| budget_of(d.device).is_none_or(|b| device_need(&p, d) <= b));
+    Ok((p, fits))
 }
 
 /// Headroom the fit check keeps on top of the plan, for what tensors do not show.
@@ -1027,7 +1061,7 @@ pub fn check_fit(
         if device == Device::Cpu && plan.host_frames > 0 {
             let _ = write!(
                 text,
-                "\n    decoded frames kept in host memory: {}",
+                "\n    decoded frames kept in host memory (in flight to the writer): {}",
                 fmt_bytes(plan.host_frames)
             );
         }
@@ -1050,8 +1084,8 @@ pub fn check_fit(
 /// What to change, from the biggest part of a device's plan.
 fn advice(d: Option<&DevicePlan>, req: &PlanRequest) -> String {
     let Some(d) = d else {
-        return "to fit: fewer --frames or a smaller --height/--width (every decoded frame is kept \
-                in host memory until written)"
+        return "to fit: a smaller --height/--width or --vae-chunk (the decoded frames in flight \
+                to the writer are held in host memory)"
             .into();
     };
     let mut tips: Vec<String> = Vec::new();

@@ -147,9 +147,11 @@ impl RequestDigest {
         d.push("negative_prompt", format!("{:?}", req.negative_prompt));
         d.push("vi", format!("{:?}", req.vi));
         d.push("decode", req.decode.to_string());
-        // Sequential CFG rows double the passes, so the exchange sequence: every rank must agree
-        // (frame chunks and rank turns change no exchange).
-        d.push("sequential_cfg", req.schedule.sequential_cfg.to_string());
+        // The job's schedule, agreed before the digest (multiprocess: the merge of every
+        // process's choice). Sequential CFG rows double the passes, so the exchange sequence;
+        // frame chunks and turns change no exchange, but a process whose ranks ignored the
+        // agreed bound could outgrow its plan: every rank runs the same schedule.
+        d.push("schedule", req.schedule.spec());
         d.push("dtype", format!("{dtype:?}"));
         d.push("world", format!("{} ranks", req.world));
         d.push("version", format!("vi-model {}", env!("CARGO_PKG_VERSION")));

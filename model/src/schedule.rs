@@ -89,6 +89,68 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The schedule at least as constrained as `self` and `other` in every part: the smaller
+    /// frame chunk (0, the whole clip, is the largest), sequential CFG rows if either has them,
+    /// turns if either takes them. The processes of a job run the merge of their choices: each
+    /// planned its own ranks against its own budget, and a more constrained schedule needs no
+    /// more memory (the ladder is a chain in every part), so the merge fits every process.
+    pub fn merge(self, other: Schedule) -> Schedule {
+        Schedule {
+            frame_chunk: match (self.frame_chunk, other.frame_chunk) {
+                (0, c) | (c, 0) => c,
+                (a, b) => a.min(b),
+            },
+            sequential_cfg: self.sequential_cfg || other.sequential_cfg,
+            rank_turns: self.rank_turns || other.rank_turns,
+        }
+    }
+
+    /// The text [`Schedule::parse`] reads back: `unconstrained`, or e.g. `chunk=2,sequential-cfg`.
+    pub fn spec(&self) -> String {
+        let mut parts = Vec::new();
+        if self.frame_chunk > 0 {
+            parts.push(format!("chunk={}", self.frame_chunk));
+        }
+        if self.sequential_cfg {
+            parts.push("sequential-cfg".to_string());
+        }
+        if self.rank_turns {
+            parts.push("turns".to_string());
+        }
+        if parts.is_empty() {
+            "unconstrained".to_string()
+        } else {
+            parts.join(",")
+        }
+    }
+
+    /// Parses `unconstrained`, or comma-separated parts `chunk=N`, `sequential-cfg`, `turns`
+    /// (generate's hidden `--schedule`: a pinned schedule for tests and benchmarks).
+    pub fn parse(spec: &str) -> Result<Schedule, String> {
+        let mut s = Schedule::UNCONSTRAINED;
+        if spec.trim() == "unconstrained" {
+            return Ok(s);
+        }
+        for part in spec.split(',').map(str::trim) {
+            match part {
+                "sequential-cfg" => s.sequential_cfg = true,
+                "turns" => s.rank_turns = true,
+                _ => match part.strip_prefix("chunk=").map(str::parse::<usize>) {
+                    Some(Ok(n)) => s.frame_chunk = n,
+                    _ => {
+                        return Err(format!(
+                            "`{part}` in schedule `{spec}`: expected `unconstrained` or \
+                             comma-separated `chunk=N`, `sequential-cfg`, `turns`"
+                        ))
+                    }
+                },
+            }
+        }
+        Ok(s)
+    }
+}
+
 impl fmt::Display for Schedule {
     /// `unconstrained`, or e.g. `frames in chunks of 8, CFG rows sequential, ranks take turns`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -274,5 +336,46 @@ mod tests {
         };
         assert_eq!(s.vae_chunk(4), 2);
         assert!(s.to_string().contains("chunks of 2"));
+    }
+
+    #[test]
+    fn merge_takes_the_most_constrained_part_and_parse_reads_every_part() {
+        let a = Schedule {
+            frame_chunk: 8,
+            sequential_cfg: false,
+            rank_turns: true,
+        };
+        let b = Schedule {
+            frame_chunk: 2,
+            sequential_cfg: true,
+            rank_turns: false,
+        };
+        let m = Schedule {
+            frame_chunk: 2,
+            sequential_cfg: true,
+            rank_turns: true,
+        };
+        assert_eq!(a.merge(b), m);
+        assert_eq!(b.merge(a), m);
+        // A whole clip (0) is the least constrained chunk.
+        assert_eq!(Schedule::UNCONSTRAINED.merge(a), a);
+        assert_eq!(a.merge(Schedule::UNCONSTRAINED), a);
+        // The ladder is a chain: merging two of its rungs gives the later one.
+        let l = Schedule::ladder(24, true);
+        for (i, x) in l.iter().enumerate() {
+            for y in &l[i..] {
+                assert_eq!(x.merge(*y), *y);
+            }
+        }
+        assert_eq!(Schedule::parse("chunk=2,sequential-cfg,turns"), Ok(m));
+        for x in Schedule::ladder(24, true) {
+            assert_eq!(Schedule::parse(&x.spec()), Ok(x));
+        }
+        assert_eq!(
+            Schedule::parse("unconstrained"),
+            Ok(Schedule::UNCONSTRAINED)
+        );
+        let e = Schedule::parse("chunk=x").unwrap_err();
+        assert!(e.contains("`chunk=x`"), "{e}");
     }
 }

@@ -81,15 +81,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let parts = crate::cli::PartArgs::default();
     // Planned like `generate` (no decoding, one prompt), before any weight is loaded.
     let plan_req = PlanRequest {
-        ranks: ranks
-            .iter()
-            .map(|&d| (d, crate::generate::dtype_of(d, a.dtype)))
-            .collect(),
-        // This process's clips.
-        frames: split_frames(frames, world)?[first..first + ranks.len()]
-            .iter()
-            .map(|c| c.len())
-            .sum(),
+        ranks: crate::generate::plan_ranks(&ranks, world, first, a.dtype),
+        local: first..first + ranks.len(),
+        frames,
         height,
         width,
         steps: total_steps,
@@ -107,7 +101,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.assume_free_memory,
         a.no_memory_check,
     )?
-    .map_or(vi_model::schedule::Schedule::UNCONSTRAINED, |(_, s)| s);
+    .map(|(_, s)| s);
+    let planned = schedule.is_some();
+    let schedule = schedule.unwrap_or(vi_model::schedule::Schedule::UNCONSTRAINED);
     let t = Instant::now();
     let (models, rank_model) = load_models(&a.model, &parts, &ranks, a.dtype)?;
     eprintln!(
@@ -116,7 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         describe_ranks(&ranks),
         t.elapsed().as_secs_f64()
     );
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompts: vec![(0, "a benchmark".to_string())],
         negative_prompt: String::new(),
         frames,
@@ -162,11 +158,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     match (world_env, &place) {
         (Some(env), Some(place)) => {
+            let replan = |job_schedule| {
+                crate::generate::replan_assuming_free(
+                    &a.model,
+                    &parts,
+                    &plan_req,
+                    a.assume_free_memory,
+                    (schedule, job_schedule),
+                    planned,
+                )
+            };
             let job = multiprocess::rendezvous(
                 env,
                 place,
                 DEFAULT_RANK_TIMEOUT,
-                &req,
+                &mut req,
+                &replan,
                 &a.model,
                 &PartArgs::default(),
                 dtype_of(ranks[0], a.dtype),

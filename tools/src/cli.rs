@@ -250,6 +250,12 @@ pub struct GenerateArgs {
     #[arg(long, hide = true, value_name = "BYTES")]
     pub assume_free_memory: Option<u64>,
 
+    /// Testing and benchmarks: run this schedule instead of the planner's choice (still planned
+    /// and checked against the budget): `unconstrained`, or comma-separated `chunk=N`,
+    /// `sequential-cfg`, `turns`.
+    #[arg(long, hide = true, value_name = "SPEC", value_parser = parse_schedule)]
+    pub schedule: Option<vi_model::schedule::Schedule>,
+
     /// Plan only: print the memory plan and the schedule chosen for the budget, then exit. Loads
     /// no weights, writes nothing and opens no GPU (CUDA devices need --memory-budget or
     /// --device-memory for a budget).
@@ -269,6 +275,11 @@ pub struct GenerateArgs {
     /// then SIZE less the margin. Same units as --memory-budget.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub device_memory: Option<u64>,
+}
+
+/// A `--schedule` spec ([`vi_model::schedule::Schedule::parse`]).
+fn parse_schedule(text: &str) -> Result<vi_model::schedule::Schedule, String> {
+    vi_model::schedule::Schedule::parse(text)
 }
 
 /// A byte size: a number (decimals allowed) with an optional unit: B; K, M, G, T or KiB, MiB,

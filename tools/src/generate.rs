@@ -268,9 +268,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // --- Memory plan: before any output is opened or any weight is loaded ---------------------
     let dtype_of = |d: Device| dtype_of(d, a.dtype);
     let req = PlanRequest {
-        ranks: ranks.iter().map(|&d| (d, dtype_of(d))).collect(),
-        // This process's clips.
-        frames: clips[local.clone()].iter().map(|c| c.len()).sum(),
+        ranks: plan_ranks(&ranks, world, local.start, a.dtype),
+        local: local.clone(),
+        frames,
         height,
         width,
         steps,
@@ -287,6 +287,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         budget: a.memory_budget,
         plan_only: a.plan_only,
         devices: &ranks,
+        pinned: a.schedule,
     };
     let (planned, schedule) = match plan_and_choose(
         &a.model,
@@ -296,7 +297,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         a.no_memory_check && !a.plan_only,
     )? {
         Some((p, s)) => (Some(p), s),
-        None => (None, Schedule::UNCONSTRAINED),
+        None => (None, a.schedule.unwrap_or(Schedule::UNCONSTRAINED)),
     };
     if a.plan_only {
         if checkpointed {
@@ -309,7 +310,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return Ok(());
     }
 
-    let req = GenerateRequest {
+    let plan_req = req;
+    let mut req = GenerateRequest {
         prompts: segments.clone(),
         negative_prompt: a.negative_prompt.clone(),
         frames,
@@ -330,12 +332,26 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
 
     // --- Rendezvous: every process runs the same request, before any output or weight ----------
+    // The job's schedule is the merge of every process's choice (each planned its own ranks
+    // against its own budget); a process whose choice it is not re-plans under it.
+    let replan = |world_schedule: Schedule| {
+        replan_for_job(
+            &a.model,
+            &a.parts,
+            &plan_req,
+            &memory,
+            schedule,
+            world_schedule,
+            planned.is_some(),
+        )
+    };
     let job = match world_env {
         Some(env) => Some(multiprocess::rendezvous(
             env,
             place.as_ref().expect("a placement with a world"),
             rank_timeout,
-            &req,
+            &mut req,
+            &replan,
             &a.model,
             &a.parts,
             dtype_of(ranks[0]),
@@ -885,6 +901,7 @@ pub fn plan_and_check(
         budget: None,
         plan_only: false,
         devices: &[],
+        pinned: None,
     };
     plan_and_choose(model, parts, req, &mem, no_check)
 }
@@ -927,6 +944,8 @@ struct MemoryArgs<'a> {
     /// No device is opened (CUDA free memory is not read).
     plan_only: bool,
     devices: &'a [Device],
+    /// Hidden `--schedule`: the schedule to run instead of the planner's choice.
+    pinned: Option<Schedule>,
 }
 
 impl MemoryArgs<'_> {
@@ -965,7 +984,20 @@ fn check_memory(
     mem: &MemoryArgs,
 ) -> Result<Option<(Planned, Schedule)>> {
     let budget_of = |d: Device| mem.budget(d);
-    let choice = match memory_plan::choose_schedule(models, req, &budget_of) {
+    let chosen = match mem.pinned {
+        Some(schedule) => {
+            memory_plan::plan_fits(models, req, schedule, &budget_of).map(|(plan, fits)| {
+                memory_plan::ScheduleChoice {
+                    schedule,
+                    plan,
+                    fits,
+                    tried: 1,
+                }
+            })
+        }
+        None => memory_plan::choose_schedule(models, req, &budget_of),
+    };
+    let choice = match chosen {
         Ok(c) => c,
         Err(e) => {
             eprintln!("    warning: no memory plan ({e}); memory not checked");
@@ -1009,12 +1041,19 @@ fn check_memory(
     stage(
         "schedule",
         format!(
-            "{}: planned peak {} on {} ({budget_text}; {} candidate{} planned)",
+            "{}: planned peak {} on {} ({budget_text}; {})",
             choice.schedule,
             memory_plan::fmt_bytes(need),
             memory_plan::device_name(worst.device),
-            choice.tried,
-            if choice.tried == 1 { "" } else { "s" },
+            if mem.pinned.is_some() {
+                "pinned by --schedule".to_string()
+            } else {
+                format!(
+                    "{} candidate{} planned",
+                    choice.tried,
+                    if choice.tried == 1 { "" } else { "s" }
+                )
+            },
         ),
     );
     let readings = std::sync::Mutex::new(Vec::new());
@@ -1085,6 +1124,96 @@ fn check_memory(
             )
         }
     }
+}
+
+/// The plan's ranks of a job of `world` logical ranks of which this process holds `devices`, from
+/// logical rank `first`: the other processes' ranks (planned by their own processes; the dry run
+/// runs them for their exchanges with these) are placeholders on [`Device::Meta`] in this
+/// process's dtype.
+pub fn plan_ranks(
+    devices: &[Device],
+    world: usize,
+    first: usize,
+    dtype: DTypeArg,
+) -> Vec<(Device, DType)> {
+    let here = dtype_of(devices[0], dtype);
+    (0..world)
+        .map(
+            |r| match r.checked_sub(first).and_then(|i| devices.get(i)) {
+                Some(&d) => (d, dtype_of(d, dtype)),
+                None => (Device::Meta, here),
+            },
+        )
+        .collect()
+}
+
+/// A process of a job whose agreed schedule (`job`, the merge of every process's choice) is more
+/// constrained than its own choice (`mine`): re-plans its ranks under it and says so; an error
+/// when it does not fit this process's budget (a more constrained schedule needing more memory:
+/// not seen, but checked). Nothing to do without a plan (`planned`: false, e.g.
+/// `--no-memory-check`).
+fn replan_for_job(
+    model: &str,
+    parts: &PartArgs,
+    req: &PlanRequest,
+    mem: &MemoryArgs,
+    mine: Schedule,
+    job: Schedule,
+    planned: bool,
+) -> Result<()> {
+    if job == mine || !planned {
+        return Ok(());
+    }
+    let Some(models) = plan_models(model, parts)? else {
+        return Ok(());
+    };
+    let budget_of = |d: Device| mem.budget(d);
+    let (plan, fits) = memory_plan::plan_fits(&models, req, job, &budget_of)?;
+    let worst = plan
+        .devices
+        .iter()
+        .max_by_key(|d| memory_plan::device_need(&plan, d))
+        .expect("a plan has a device");
+    let need = memory_plan::device_need(&plan, worst);
+    ensure!(
+        fits,
+        "the job's schedule ({job}, the most constrained of its processes' choices) does not \
+         fit this process's budget: {} on {} ({})",
+        memory_plan::fmt_bytes(need),
+        memory_plan::device_name(worst.device),
+        worst.describe()
+    );
+    stage(
+        "schedule",
+        format!(
+            "the job's: {job} (another process needs it; this one chose {mine}): planned peak \
+             {} on {}",
+            memory_plan::fmt_bytes(need),
+            memory_plan::device_name(worst.device)
+        ),
+    );
+    Ok(())
+}
+
+/// [`replan_for_job`] for `bench`, whose budget is `--assume-free-memory` alone (`schedules`:
+/// this process's choice and the job's).
+pub fn replan_assuming_free(
+    model: &str,
+    parts: &PartArgs,
+    req: &PlanRequest,
+    assume_free: Option<u64>,
+    (mine, job): (Schedule, Schedule),
+    planned: bool,
+) -> Result<()> {
+    let mem = MemoryArgs {
+        assume_free,
+        device_memory: None,
+        budget: None,
+        plan_only: false,
+        devices: &[],
+        pinned: None,
+    };
+    replan_for_job(model, parts, req, &mem, mine, job, planned)
 }
 
 /// `4 ranks on cpu`, `8 ranks on cuda:0..7`, ...

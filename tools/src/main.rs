@@ -6,7 +6,19 @@ use clap::Parser;
 use video_infinity::cli::Command;
 use video_infinity::{execute, Cli, VerifyFailed};
 
+mod heap_peak;
+
+#[global_allocator]
+static HEAP: heap_peak::Counting = heap_peak::Counting;
+
 fn main() -> ExitCode {
+    heap_peak::start_from_env();
+    let code = run();
+    heap_peak::report();
+    code
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     // Interrupted runs of the commands that write outputs remove their temporaries
     // (video_infinity::cleanup); `launch` forwards the signals to its workers instead.

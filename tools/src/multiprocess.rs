@@ -7,8 +7,9 @@
 //!   ranks `p*k..(p+1)*k` of `W = processes x k` (p: the process's global rank). Every node must
 //!   list the same number of entries per process (the request digest compares W).
 //! * Rendezvous: the process of global rank 0 serves the store on `MASTER_PORT`; every process is
-//!   a client. Each publishes its request digest and compares it with every other's before any
-//!   weight is loaded.
+//!   a client. Each publishes the schedule it chose for its own ranks and budget, and the job runs
+//!   their merge ([`agree_schedule`]); then each publishes its request digest (the job's schedule
+//!   in it) and compares it with every other's, before any weight is loaded.
 //! * Data plane: each logical rank connects its own [`TcpComm`]; ranks of one process are threads.
 //!   Under `--comm nccl` (or `auto`, when every rank has a GPU of its own and the NCCL library),
 //!   the ranks first agree through the store, then each joins one NCCL communicator (rank 0
@@ -28,7 +29,7 @@ use vi_model::checkpoint::Checkpointing;
 use vi_model::models::{ModelPaths, Models};
 use vi_model::pipeline::{self, Event, FrameSink, GenerateRequest};
 use vi_model::request_digest::{check_same_request, ModelSource, RequestDigest};
-use vi_model::schedule::DeviceTurn;
+use vi_model::schedule::{DeviceTurn, Schedule};
 use vi_runtime::comm::{
     agree_on_nccl, connect_nccl, Communicator, Rendezvous, StoreClient, StoreServer, TcpComm,
     TcpConfig, WorldEnv,
@@ -303,21 +304,67 @@ pub fn request_digest(
     Ok(RequestDigest::new(req, source, dtype)?)
 }
 
+/// The store key of the schedule process `rank` chose.
+fn schedule_key(rank: usize) -> String {
+    format!("schedule/{rank}")
+}
+
+/// Every process publishes the schedule it chose (`mine`: for its own ranks, clips and budget)
+/// and reads every other's; the job's schedule is their merge ([`Schedule::merge`]: the most
+/// constrained in every part, hence at least as constrained as each process needs), the same on
+/// every process. Why not rank 0's choice alone: each process's budget is its own devices' free
+/// memory, which rank 0 does not know. Each wait is bounded by `timeout`.
+pub fn agree_schedule(
+    store: &dyn Rendezvous,
+    rank: usize,
+    world: usize,
+    mine: Schedule,
+    timeout: Duration,
+) -> Result<Schedule> {
+    store.set(&schedule_key(rank), mine.spec().as_bytes())?;
+    let mut job = mine;
+    for r in (0..world).filter(|&r| r != rank) {
+        let bytes = store.get(&schedule_key(r), timeout).with_context(|| {
+            format!("process {r} did not publish its schedule within {timeout:?}")
+        })?;
+        let spec = String::from_utf8_lossy(&bytes);
+        let theirs = Schedule::parse(&spec)
+            .map_err(|e| anyhow::anyhow!("process {r} published a bad schedule: {e}"))?;
+        job = job.merge(theirs);
+    }
+    Ok(job)
+}
+
 /// Starts this process's part of the rendezvous (`model`, `parts`: as given to `generate`;
-/// `dtype`: the models' storage dtype here) and checks that every process runs the same request;
-/// prints where this process stands.
+/// `dtype`: the models' storage dtype here): agrees on the job's schedule (`req.schedule`: this
+/// process's choice on entry, the job's on return; `replan(job's)` re-plans this process under
+/// it) and checks that every process runs the same request; prints where this process stands.
+#[allow(clippy::too_many_arguments)]
 pub fn rendezvous(
     env: WorldEnv,
     place: &Placement,
     timeout: Duration,
-    req: &GenerateRequest,
+    req: &mut GenerateRequest,
+    replan: &dyn Fn(Schedule) -> Result<()>,
     model: &str,
     parts: &PartArgs,
     dtype: DType,
 ) -> Result<Job> {
-    let digest = request_digest(req, model, parts, dtype)?;
     let job = Job::start(env, timeout)?;
     let store = job.client()?;
+    let agreed = agree_schedule(
+        &store,
+        job.env.rank,
+        job.env.world_size,
+        req.schedule,
+        timeout,
+    )?;
+    // A process the job's schedule does not fit says so in its digest, so that every process
+    // fails at once (rather than waiting for its digest until the timeout).
+    let fit = replan(agreed);
+    req.schedule = agreed;
+    let mut digest = request_digest(req, model, parts, dtype)?;
+    digest.push("schedule_fits", if fit.is_ok() { "yes" } else { "no" });
     let checked = job.check_request(&store, &digest);
     // Rank 0's store must outlive every process's reading of the digests, also when they differ
     // (each process then reports the difference itself): each says it has read them, and rank 0
@@ -329,6 +376,7 @@ pub fn rendezvous(
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let _ = store.wait(&keys, timeout.min(DIGEST_READ_WAIT));
     }
+    fit?;
     checked?;
     let r = place.ranks();
     eprintln!(

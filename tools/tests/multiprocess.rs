@@ -105,6 +105,7 @@ fn by_hand(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec<Output> {
         .map(|r| {
             let mut c = Command::new(exe());
             c.args(args(r))
+                .env("VI_HEAP_PEAK", "1")
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", r.to_string())
@@ -234,6 +235,117 @@ fn processes_whose_ranks_take_turns_match_in_process() {
     );
     assert!(
         frames(&got_dir) == want,
+        "frames differ from the in-process run"
+    );
+}
+
+/// The peak of the live heap a process printed (`VI_HEAP_PEAK=1`: `heap peak: N bytes`).
+fn heap_peak(o: &Output) -> u64 {
+    let t = text(o);
+    t.lines()
+        .find_map(|l| {
+            l.strip_prefix("heap peak: ")?
+                .strip_suffix(" bytes")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no heap peak printed:\n{t}"))
+}
+
+/// Two processes of two logical ranks each (`--devices cpu:4`), each run under a schedule pinned
+/// with and without turns, each process reporting its heap peak (`VI_HEAP_PEAK`): with turns,
+/// only one of a process's two ranks holds its transients at a time, so each process's peak is
+/// lower by a good part of a rank's transients; a process that ignored the turns would peak as
+/// high as without them. The videos are the same.
+#[test]
+fn processes_taking_turns_hold_less_than_without_turns() {
+    let t = tempfile::tempdir().unwrap();
+    let run = |schedule: &str, dir: &Path| -> Vec<u64> {
+        let outs = by_hand(2, |_| {
+            let mut a = gen_args(4, "cpu:4", dir);
+            set_flag(&mut a, "--frames", "16");
+            a.extend(
+                [
+                    "--height",
+                    "128",
+                    "--width",
+                    "128",
+                    "--schedule",
+                    schedule,
+                    "--rank-timeout",
+                    "60",
+                ]
+                .map(String::from),
+            );
+            a
+        });
+        outs.iter()
+            .enumerate()
+            .map(|(r, o)| {
+                assert!(o.status.success(), "process {r}, {schedule}:\n{}", text(o));
+                heap_peak(o)
+            })
+            .collect()
+    };
+    // Chunks of 1 frame and sequential CFG rows: a rank's transients are small, so what turns
+    // save (the other rank's pass) is what separates the two runs.
+    let (with_dir, without_dir) = (t.path().join("turns"), t.path().join("concurrent"));
+    let with = run("chunk=1,sequential-cfg,turns", &with_dir);
+    let without = run("chunk=1,sequential-cfg", &without_dir);
+    eprintln!("heap peaks per process: with turns {with:?}, without {without:?}");
+    for p in 0..2 {
+        assert!(
+            with[p] * 10 < without[p] * 9,
+            "process {p}: with turns {} B, without {} B: the turns save less than 10 %",
+            with[p],
+            without[p]
+        );
+    }
+    assert!(
+        frames(&with_dir) == frames(&without_dir),
+        "the videos differ"
+    );
+}
+
+/// Unequal clips (5 frames over 2 processes: 3 and 2) under a budget where the process of the
+/// 3-frame clip needs frames in chunks and sequential CFG rows and the other needs nothing: the
+/// job runs the merge of the two choices on both (before, each ran its own choice and the
+/// digests differed: `request differs between ranks: field sequential_cfg`), and the video is
+/// the in-process one.
+#[test]
+fn processes_with_unequal_clips_run_one_schedule() {
+    let t = tempfile::tempdir().unwrap();
+    let (want_dir, got_dir) = (t.path().join("in"), t.path().join("by-hand"));
+    let mut a = gen_args(2, "cpu:2", &want_dir);
+    set_flag(&mut a, "--frames", "5");
+    let o = Command::new(exe()).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let outs = by_hand(2, |_| {
+        let mut a = gen_args(2, "cpu", &got_dir);
+        set_flag(&mut a, "--frames", "5");
+        a.extend(["--memory-budget", "45M", "--rank-timeout", "60"].map(String::from));
+        a
+    });
+    let logs: Vec<String> = outs.iter().map(text).collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "process {r}:\n{}", logs[r]);
+    }
+    let chosen = "frames in chunks of 2, CFG rows sequential";
+    assert!(
+        logs[0].contains(&format!("schedule: {chosen}: planned peak")),
+        "process 0 (3 frames) no longer needs {chosen} under 45M (re-derive the budget from \
+         `--plan-only` with RANK=0/1):\n{}",
+        logs[0]
+    );
+    assert!(
+        logs[1].contains(&format!(
+            "the job's: {chosen} (another process needs it; this one chose unconstrained"
+        )),
+        "process 1 (2 frames) does not run the job's schedule:\n{}",
+        logs[1]
+    );
+    assert!(
+        frames(&got_dir) == frames(&want_dir),
         "frames differ from the in-process run"
     );
 }
