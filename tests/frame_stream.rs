@@ -2,7 +2,9 @@
 //! length. Measured with a counting allocator (bytes, not time): the heap peak of the decode and
 //! write phase of a tiny-model generation at 512 frames exceeds the one at 64 frames by no more
 //! than the extra frames' latents and a small allowance; a writer that kept every frame (or a
-//! rank that queued its whole clip) would add 12 KiB per extra frame.
+//! rank that queued its whole clip) would add 12 KiB per extra frame. The memory plan's count of
+//! decoded frames alive on the host is checked against the frames really held when the writer
+//! stalls.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,7 +12,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vi_model::clip_parallel::ViConfig;
-use vi_model::frame_flow::FRAMES_IN_FLIGHT;
+use vi_model::distributed::split_frames;
+use vi_model::frame_flow::{window, FRAMES_IN_FLIGHT};
+use vi_model::memory_plan::{plan, PlanModels, PlanRequest};
 use vi_model::params::{ModelError, Result};
 use vi_model::pipeline::{generate_to, Event, FrameSink, GenerateRequest, Rgb8};
 use vi_model::sampler::SamplerKind;
@@ -190,4 +194,123 @@ fn a_failing_sink_stops_every_rank() {
             .to_string();
         assert_eq!(e, format!("disk full at frame {at}"));
     }
+}
+
+/// Stalls at frame `at` until no rank has decoded a frame for `quiet`, then records the live heap.
+struct StallAt<'a> {
+    at: usize,
+    decoded: &'a AtomicUsize,
+    quiet: Duration,
+    live: Option<usize>,
+    next: usize,
+}
+
+impl FrameSink for StallAt<'_> {
+    fn frame(&mut self, index: usize, _rgb: Rgb8) -> Result<()> {
+        if index == self.at {
+            let mut seen = self.decoded.load(Ordering::SeqCst);
+            let mut still = std::time::Instant::now();
+            while still.elapsed() < self.quiet {
+                std::thread::sleep(Duration::from_millis(20));
+                let now = self.decoded.load(Ordering::SeqCst);
+                if now != seen {
+                    (seen, still) = (now, std::time::Instant::now());
+                }
+            }
+            self.live = Some(LIVE.load(Ordering::SeqCst));
+        }
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// The memory plan's decoded frames on the host (`MemoryPlan::host_frames`) against the frames
+/// really alive when the writer stalls at rank 1's first frame, once every rank has stopped
+/// decoding: rank 1 has sent a window of frames that fill the writer's channel and rank 0's hand,
+/// and every rank > 0 waits with a full queue. The plan covers what is held and is not loose
+/// (the count of every decoded frame it made before would be 4 times what is held here).
+#[test]
+fn plan_counts_the_decoded_frames_really_alive() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let models = tiny::load(Device::Cpu, DType::F32).unwrap();
+    let (world, frames) = (4, 4 * 96);
+    let mut req = request(frames, world);
+    // Chunks of 3: a queue stops one chunk past a window of 16 (18 frames), the most it holds.
+    req.vae_chunk = 3;
+    let clips = split_frames(frames, world).unwrap();
+    let p = plan(
+        &PlanModels {
+            unet: tiny::unet_config(),
+            clip: tiny::clip_config(),
+            vae: tiny::vae_config(),
+        },
+        &PlanRequest {
+            ranks: vec![(Device::Cpu, DType::F32); world],
+            local: 0..world,
+            frames,
+            height: req.height,
+            width: req.width,
+            steps: req.steps,
+            sampler: req.sampler,
+            vi: req.vi.clone(),
+            vae_chunk: req.vae_chunk,
+            decode: true,
+            prompts: 1,
+            schedule: req.schedule,
+        },
+    )
+    .unwrap();
+
+    let decoded = AtomicUsize::new(0);
+    let progress = |e: Event| {
+        if let Event::Decoded { frames, .. } = e {
+            decoded.fetch_add(frames, Ordering::SeqCst);
+        }
+    };
+    let mut sink = StallAt {
+        at: clips[1].start,
+        decoded: &decoded,
+        quiet: Duration::from_millis(500),
+        live: None,
+        next: 0,
+    };
+    // A first run creates what the models keep after a run (caches): the base counts it.
+    generate_to(&|_| &models, &request(world, world), None, &|_| {}).unwrap();
+    let base = LIVE.load(Ordering::SeqCst);
+    generate_to(&|_| &models, &req, Some(&mut sink), &progress).unwrap();
+    assert_eq!(sink.next, frames);
+    let held = sink.live.expect("the sink stalled") as i64 - base as i64;
+    // What else is alive at the stall: each rank > 0 is inside its VAE callback with its clip's
+    // latents, the chunk's latents and decoded images (f32), and its text conditioning.
+    let (lh, lw, c) = (req.height / 8, req.width / 8, 4);
+    let cond = 2 * 77 * tiny::clip_config().hidden_size * 4;
+    let others: usize = clips[1..]
+        .iter()
+        .map(|cl| {
+            (cl.len() + req.vae_chunk) * lh * lw * c * 4
+                + req.vae_chunk * req.height * req.width * 3 * 4
+                + cond
+        })
+        .sum();
+    let frames_held = held - others as i64;
+    let frame = (req.height * req.width * 3) as i64;
+    eprintln!(
+        "stalled writer: heap above the models {held} B, of which frames {frames_held} B ({:.1} \
+         frames); plan's host frames {} B ({:.1} frames); every frame {} B; window {}",
+        frames_held as f64 / frame as f64,
+        p.host_frames,
+        p.host_frames as f64 / frame as f64,
+        frames as i64 * frame,
+        window(req.vae_chunk)
+    );
+    assert!(
+        frames_held <= p.host_frames as i64,
+        "the plan counts {} B of decoded frames, {frames_held} B are alive",
+        p.host_frames
+    );
+    assert!(
+        frames_held * 10 >= p.host_frames as i64 * 6,
+        "the plan's {} B of decoded frames is loose: {frames_held} B are alive",
+        p.host_frames
+    );
 }
