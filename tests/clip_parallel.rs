@@ -16,8 +16,9 @@ use vi_model::distributed::{
 use vi_model::params::{ModelError, Params, Result, StoreSource};
 use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{UNet3D, UNetConfig};
+use vi_runtime::comm::{Communicator, Halos, Pending};
 use vi_runtime::testing::{assert_close_tensors, closeness, Tolerance};
-use vi_runtime::{ops, DType, Device, Tensor};
+use vi_runtime::{ops, DType, Device, Result as RtResult, Tensor};
 use vi_suite::golden_dir;
 use vi_weights::WeightStore;
 
@@ -836,6 +837,143 @@ fn overlapped_and_synchronous_schedules_are_bit_identical() {
                 assert!(sync[r] == overlapped[r], "{what}: overlapped differs");
                 assert!(sync[r] == delayed[r], "{what}: overlapped + delay differs");
             }
+        }
+    }
+}
+
+/// A rank's communicator that logs when each neighbour exchange starts (`log`, shared with the
+/// test's per-frame block, which logs what it produces).
+struct LoggingComm<'a> {
+    inner: &'a dyn Communicator,
+    log: &'a Mutex<Vec<String>>,
+}
+
+impl Communicator for LoggingComm<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn exchange_neighbors(&self, l: Option<&Tensor>, r: Option<&Tensor>) -> RtResult<Halos> {
+        self.log.lock().unwrap().push("exchange".into());
+        self.inner.exchange_neighbors(l, r)
+    }
+    fn start_exchange_neighbors(
+        &self,
+        l: Option<&Tensor>,
+        r: Option<&Tensor>,
+    ) -> RtResult<Pending<Halos>> {
+        self.log.lock().unwrap().push("exchange".into());
+        self.inner.start_exchange_neighbors(l, r)
+    }
+    fn all_gather(&self, t: &Tensor) -> RtResult<Vec<Tensor>> {
+        self.inner.all_gather(t)
+    }
+    fn start_all_gather(&self, t: &Tensor) -> RtResult<Pending<Vec<Tensor>>> {
+        self.inner.start_all_gather(t)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> RtResult<Tensor> {
+        self.inner.all_reduce_sum(t)
+    }
+    fn gather_to_root(&self, t: &Tensor) -> RtResult<Option<Vec<Tensor>>> {
+        self.inner.gather_to_root(t)
+    }
+    fn barrier(&self) -> RtResult<()> {
+        self.inner.barrier()
+    }
+    fn send_to(&self, dst: usize, t: &Tensor) -> RtResult<()> {
+        self.inner.send_to(dst, t)
+    }
+    fn recv_from(&self, src: usize) -> RtResult<Tensor> {
+        self.inner.recv_from(src)
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+    fn is_aborted(&self) -> bool {
+        self.inner.is_aborted()
+    }
+}
+
+/// The overlapped reference conv layer produces the frames its neighbours need first (rank 0
+/// its last P, a middle rank its first and last P, the last rank its first P), starts their
+/// halo exchange, and produces the other frames while it flies; the synchronous schedule
+/// produces every frame before the exchange. Same output bit for bit, equal to the plain
+/// conv layer on the whole produced clip; a middle clip of at most 2P frames is produced whole.
+#[test]
+fn overlapped_conv_layer_sends_the_edge_frames_before_producing_the_rest() {
+    let (store, _) = conv_layer();
+    let src = StoreSource::new(&store, "weight/", Device::Cpu, DType::F32);
+    let layer = TemporalConvLayer::load(
+        Params::new(&src).pp("down_blocks.0.temp_convs.0").p(),
+        32,
+        8,
+        1e-5,
+    )
+    .unwrap();
+    // (frames, ranks): clips 10/10/10 (P = 4: interiors of 6, 2, 6 frames), 8/8/8 (the middle
+    // rank's neighbours need all its frames).
+    for (t_total, world) in [(30, 3), (24, 3)] {
+        let x = randn(&[2, t_total, 4, 32], 5);
+        let clips = split_frames(t_total, world).unwrap();
+        let run = |overlap: bool| {
+            run_ranks(world, TIMEOUT, |r, comm| {
+                let log = Mutex::new(Vec::new());
+                let logging = LoggingComm {
+                    inner: comm,
+                    log: &log,
+                };
+                let cfg = ViConfig {
+                    overlap,
+                    conv_pad: 4,
+                    ..ViConfig::default()
+                };
+                let ctx = ClipParallelContext::new(&logging, &cfg, 900);
+                let xr = ops::narrow(&x, 1, clips[r].start, clips[r].len())?;
+                // A per-frame block: SiLU of the frames asked for.
+                let produce = |s: usize, len: usize| -> Result<Tensor> {
+                    log.lock().unwrap().push(format!("frames {s}+{len}"));
+                    Ok(ops::silu(&ops::narrow(&xr, 1, s, len)?)?)
+                };
+                let y = ctx.conv_layer_from(&layer, xr.dim(1), &produce)?;
+                let plain = ctx.conv_layer(&layer, &ops::silu(&xr)?)?;
+                assert!(
+                    y.to_vec_f32()? == plain.to_vec_f32()?,
+                    "rank {r}: differs from the layer on the whole clip"
+                );
+                Ok((y.to_vec_f32()?, log.into_inner().unwrap()))
+            })
+            .unwrap()
+        };
+        let (sync, overlapped) = (run(false), run(true));
+        let n = clips[1].len();
+        for r in 0..world {
+            let what = format!("T={t_total} W={world} rank {r}");
+            assert!(sync[r].0 == overlapped[r].0, "{what}: schedules differ");
+            // Both logs end with the plain conv layer's exchange.
+            let want_sync = [format!("frames 0+{n}"), "exchange".into()];
+            assert_eq!(sync[r].1[..2], want_sync, "{what}: synchronous");
+            let want: Vec<String> = match (r, n) {
+                (1, 8) => vec!["frames 0+8".into(), "exchange".into()],
+                (0, _) => vec![
+                    format!("frames {}+4", n - 4),
+                    "exchange".into(),
+                    format!("frames 0+{}", n - 4),
+                ],
+                (1, _) => vec![
+                    "frames 0+4".into(),
+                    format!("frames {}+4", n - 4),
+                    "exchange".into(),
+                    format!("frames 4+{}", n - 8),
+                ],
+                _ => vec![
+                    "frames 0+4".into(),
+                    "exchange".into(),
+                    format!("frames 4+{}", n - 4),
+                ],
+            };
+            assert_eq!(overlapped[r].1[..want.len()], want, "{what}: overlapped");
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Video-Infinity against the reference plugins (golden `unet_vi_*.safetensors`, kind unet3d): the
 //! tiny VideoCrafter2 UNet with the clip-parallel context on W in-process ranks (threads), each
 //! rank fed its own clip and prompt; every rank's output within atol 2e-5 + rtol 1e-4 and rel L2
-//! 1e-5 of the reference (golden README "Cases 2, 3 and extra", "Tolerances").
+//! 1e-5 of the reference (golden README "Cases 2, 3 and extra", "Tolerances"). Each case runs in
+//! the overlapped exchange schedule (the default); the synchronous schedule, and the overlapped
+//! one over TCP ranks, must give its outputs bit for bit.
 //!
 //! Unit tests of the two plugins against the `dbg/*` tensors of the FULL golden files (stripped
 //! from the copies in `tests/golden/`): ConvLayerPlugin (`down_blocks.0.temp_convs.0`) and
@@ -19,6 +21,7 @@ use vi_model::distributed::run_ranks;
 use vi_model::params::{Params, StoreSource};
 use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{channels_last_to_ncfhw, ncfhw_to_channels_last, UNet3D, UNetConfig};
+use vi_runtime::comm::{Communicator, MemoryStore, TcpComm, TcpConfig};
 use vi_runtime::testing::check_close_tensors;
 use vi_runtime::{ops, DType, Device, Tensor};
 use vi_suite::{dbg_golden_file, golden_dir, rel_l2, GOLDEN_MODEL};
@@ -115,24 +118,67 @@ fn plugin_configs_of_the_golden_cases_parse() {
     }
 }
 
-/// The whole UNet with the plugins, one thread per rank.
-fn run_unet_case(path: &Path) -> Vec<String> {
-    let c = open_case(path);
+/// Every rank's output (NCFHW) of the whole UNet with the plugins under `cfg`, one thread per
+/// rank; the ranks exchange in-process, or (`tcp`) through `TcpComm` over 127.0.0.1, the data
+/// plane of multi-process runs.
+fn unet_outputs(c: &Case, cfg: &ViConfig, tcp: bool) -> Vec<Tensor> {
     let src = StoreSource::new(&c.weights, "weight/", Device::Cpu, DType::F32);
     let unet = UNet3D::load(&c.unet_cfg, Params::new(&src)).unwrap();
-    let outs = run_ranks(c.world, TIMEOUT, |r, comm| {
+    let rank = |r: usize, comm: &dyn Communicator| -> vi_model::params::Result<Tensor> {
         let sample = ncfhw_to_channels_last(&load(&c.store, &format!("in/sample/rank{r}")))?;
         let ehs = load(&c.store, &format!("in/encoder_hidden_states/rank{r}"));
-        let ctx = ClipParallelContext::new(comm, &c.vi_cfg, c.timestep);
+        let ctx = ClipParallelContext::new(comm, cfg, c.timestep);
         let out = unet.forward(&sample, c.timestep as f32, c.fps as f32, &ehs, &ctx)?;
         channels_last_to_ncfhw(&out)
+    };
+    if !tcp {
+        return run_ranks(c.world, TIMEOUT, rank).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+    let store = MemoryStore::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..c.world)
+            .map(|r| {
+                let (store, rank) = (&store, &rank);
+                s.spawn(move || {
+                    let comm = TcpComm::connect(r, c.world, store, &TcpConfig::loopback(TIMEOUT))
+                        .unwrap_or_else(|e| panic!("{} rank {r}: {e}", c.name));
+                    rank(r, &comm).unwrap_or_else(|e| panic!("{} rank {r}: {e}", c.name))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+}
+
+/// The whole UNet with the plugins (the case's configuration: the overlapped schedule), one
+/// thread per rank, against the golden outputs; the synchronous schedule in-process and the
+/// overlapped one over TCP ranks give the same outputs bit for bit.
+fn run_unet_case(path: &Path) -> Vec<String> {
+    let c = open_case(path);
+    assert!(c.vi_cfg.overlap, "the overlapped schedule is the default");
+    let outs = unet_outputs(&c, &c.vi_cfg, false);
     let mut failures = Vec::new();
     for (r, out) in outs.iter().enumerate() {
         let want = load(&c.store, &format!("out/sample/rank{r}"));
         if let Some(f) = compare(&format!("{} rank {r} out/sample", c.name), out, &want) {
             failures.push(f);
+        }
+    }
+    let sync = ViConfig {
+        overlap: false,
+        ..c.vi_cfg.clone()
+    };
+    for (what, other) in [
+        ("synchronous schedule", unet_outputs(&c, &sync, false)),
+        (
+            "overlapped schedule over TCP",
+            unet_outputs(&c, &c.vi_cfg, true),
+        ),
+    ] {
+        for (r, (a, b)) in outs.iter().zip(&other).enumerate() {
+            if a.to_vec_f32().unwrap() != b.to_vec_f32().unwrap() {
+                failures.push(format!("{} rank {r}: the {what} differs", c.name));
+            }
         }
     }
     failures

@@ -18,10 +18,16 @@
 //! rounding, for equal and unequal clips -- except the temporal attention, which stays dual-scope
 //! by design.
 //!
-//! Schedules (`ViConfig::overlap`; both give the same values bit for bit on the CPU, a test
-//! checks it): the synchronous one completes each exchange where its result is needed. The
+//! Schedules (`ViConfig::overlap`; both give the same values bit for bit on the CPU, tests
+//! check it): the synchronous one completes each exchange where its result is needed. The
 //! overlapped one (default) starts exchanges early and computes meanwhile what does not depend
-//! on them, never splitting an op (a split changes rounding):
+//! on them; where it splits an op, it splits only per-frame work by frames, whose rows the CPU
+//! backend computes alike in any batch (runtime/tests/batch_invariance.rs):
+//! * reference conv layers: the halo exchange of the layer's input overlaps the ResNet that
+//!   feeds it: the ResNet computes the frames the neighbours need first (the first and last
+//!   `conv_pad` frames; only one edge at the video's ends), the exchange starts, and the other
+//!   frames are computed while it flies ([`TemporalContext::conv_layer_from`]). A middle clip of
+//!   at most 2 x `conv_pad` frames has no frame its neighbours do not need: nothing overlaps;
 //! * temporal attention: k and v are projected first; the global tokens' all-gather and the
 //!   local windows' halo exchange start (in that order, as in the synchronous schedule); q is
 //!   projected while both fly;
@@ -29,12 +35,10 @@
 //!   exchange of the block's raw (unnormalised) edge frames start together, so their round
 //!   trips overlap; the clip is normalised while the halo flies and the received frames are
 //!   normalised on arrival with the same statistics (elementwise: the values the neighbour
-//!   would have sent);
-//! * not overlapped: the reference conv layer's halo (the layer's GroupNorm over the padded
-//!   window needs it at once; producing the edge frames of the ResNet before it first would
-//!   split that ResNet's GEMMs by rows, which the CPU GEMM rounds differently: measured 1.5e-6)
-//!   and the exact-seam GroupNorm of the temporal transformers (nothing before its use is
-//!   independent of it).
+//!   would have sent). The first block's statistics need every frame of the ResNet before it,
+//!   so the ResNet is not split there;
+//! * not overlapped: the exact-seam GroupNorm of the temporal transformers (nothing before its
+//!   use is independent of it).
 //!
 //! Rules where the reference is undefined (it crashes or is wrong; our own choice, stated):
 //! * conv halo when a neighbour holds fewer than `conv_pad` frames (reference: wrong for n < 4):
@@ -48,8 +52,11 @@
 //! * clips may differ in length between ranks (the reference requires equal lengths): each rank
 //!   computes its global-token stride from its own n.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
-use vi_runtime::comm::{CommDelay, Communicator, DelayComm, Halos, Pending};
+use vi_runtime::comm::{CommDelay, Communicator, DelayComm, Halos, Pending, PendingOp};
 use vi_runtime::ops::{self, DualScopeParams};
 use vi_runtime::{DType, Tensor};
 
@@ -280,6 +287,46 @@ pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> 
     (0..n).step_by(stride).collect()
 }
 
+/// Exchanges started by the clip-parallel contexts of this process (all ranks, all UNet calls)
+/// and the time their ranks spent blocked waiting for the results: what `bench` reports as the
+/// exchange's visible cost (a snapshot; subtract two to tally a run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeTally {
+    /// Neighbour exchanges and all-gathers started.
+    pub calls: u64,
+    /// Summed over ranks: wall time inside `wait` of those exchanges.
+    pub blocked: Duration,
+}
+
+static TALLY_CALLS: AtomicU64 = AtomicU64::new(0);
+static TALLY_BLOCKED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The process's [`ExchangeTally`] so far.
+pub fn exchange_tally() -> ExchangeTally {
+    ExchangeTally {
+        calls: TALLY_CALLS.load(Ordering::Relaxed),
+        blocked: Duration::from_nanos(TALLY_BLOCKED_NS.load(Ordering::Relaxed)),
+    }
+}
+
+/// An exchange in flight whose `wait` is timed into the tally.
+struct Tallied<T>(Pending<T>);
+
+impl<T: Send> PendingOp<T> for Tallied<T> {
+    fn wait(self: Box<Self>) -> vi_runtime::Result<T> {
+        let t = Instant::now();
+        let r = self.0.wait();
+        TALLY_BLOCKED_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+/// Counts a started exchange into the tally and times its wait.
+fn tallied<T: Send + 'static>(p: Pending<T>) -> Pending<T> {
+    TALLY_CALLS.fetch_add(1, Ordering::Relaxed);
+    Pending::from_op(Tallied(p))
+}
+
 /// The [`TemporalContext`] of one rank: its clip plus the exchanges with the other ranks.
 /// One context per UNet call (it carries the call's timestep, which selects the attention phase).
 ///
@@ -340,10 +387,10 @@ impl<'a> ClipParallelContext<'a> {
         } else {
             None
         };
-        Ok(Some(comm.start_exchange_neighbors(
+        Ok(Some(tallied(comm.start_exchange_neighbors(
             to_left.as_ref(),
             to_right.as_ref(),
-        )?))
+        )?)))
     }
 
     /// What the neighbours sent (None at the video's ends or when nothing was exchanged).
@@ -386,12 +433,14 @@ impl<'a> ClipParallelContext<'a> {
         let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
         let shape = local.shape().to_vec();
         let device = x.device();
-        Ok(self.comm().start_all_gather(&local)?.map(move |all| {
-            merge_stats(&all, &shape, device).map_err(|e| match e {
-                ModelError::Runtime(e) => e,
-                other => vi_runtime::Error::Msg(other.to_string()),
-            })
-        }))
+        Ok(
+            tallied(self.comm().start_all_gather(&local)?).map(move |all| {
+                merge_stats(&all, &shape, device).map_err(|e| match e {
+                    ModelError::Runtime(e) => e,
+                    other => vi_runtime::Error::Msg(other.to_string()),
+                })
+            }),
+        )
     }
 
     /// Reference ConvLayerPlugin: halo of P frames of the input, body on the padded window.
@@ -403,6 +452,40 @@ impl<'a> ClipParallelContext<'a> {
         let edges = Edges::new([x], 1);
         let received = self.exchange(&edges, p)?;
         self.conv_layer_reference_body(layer, x, received)
+    }
+
+    /// [`Self::conv_layer_reference`] on the output of a per-frame block, edge frames first
+    /// (overlapped schedule): the m = min(P, n) frames each neighbour needs (the first m for
+    /// rank-1, the last m for rank+1) are produced and their halo exchange started; the other
+    /// frames are produced while it flies. The messages are the frames the synchronous schedule
+    /// sends (a frame of a per-frame block is the same computed alone or with others, bit for
+    /// bit on the CPU). When the neighbours need every frame (both exist and n <= 2m), all are
+    /// produced first.
+    fn conv_layer_reference_from(
+        &self,
+        layer: &TemporalConvLayer,
+        n: usize,
+        produce: &dyn Fn(usize, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let m = self.cfg.conv_pad.min(n);
+        let comm = self.comm();
+        let (r, w) = (comm.rank(), comm.world_size());
+        let (to_l, to_r) = (r > 0, r + 1 < w);
+        // [left edge | rest | right edge] as frame counts (an edge is 0 when no neighbour needs it).
+        let (lm, rm) = (if to_l { m } else { 0 }, if to_r { m } else { 0 });
+        if m == 0 || lm + rm == 0 || lm + rm >= n {
+            return self.conv_layer(layer, &produce(0, n)?);
+        }
+        let left = if to_l { Some(produce(0, m)?) } else { None };
+        let right = if to_r { Some(produce(n - m, m)?) } else { None };
+        let pending = tallied(comm.start_exchange_neighbors(left.as_ref(), right.as_ref())?);
+        // Overlaps the halo exchange.
+        let rest = produce(lm, n - lm - rm)?;
+        let pieces: Vec<&Tensor> = left.iter().chain([&rest]).chain(right.iter()).collect();
+        let x = ops::concat(&pieces, 1)?;
+        drop((left, rest, right));
+        let received = pending.wait()?;
+        self.conv_layer_reference_body(layer, &x, received)
     }
 
     /// The rest of [`Self::conv_layer_reference`] once the halos `(l, r)` are there.
@@ -545,7 +628,7 @@ impl<'a> ClipParallelContext<'a> {
             ],
             0,
         )?;
-        Ok(self.comm().start_all_gather(&mine)?)
+        Ok(tallied(self.comm().start_all_gather(&mine)?))
     }
 
     /// (k_glob, v_glob), each [b, min(top_k, all), H, D].
@@ -745,6 +828,23 @@ impl TemporalContext for ClipParallelContext<'_> {
             self.conv_layer_exact(layer, x)
         } else {
             self.conv_layer_reference(layer, x)
+        }
+    }
+
+    /// Overlapped schedule, reference mode: edge frames first, their halo exchange overlaps the
+    /// production of the interior frames ([`Self::conv_layer_reference_from`]). Otherwise (the
+    /// synchronous schedule; exact-seam mode, whose first exchange needs statistics over the
+    /// whole clip) all frames are produced first.
+    fn conv_layer_from(
+        &self,
+        layer: &TemporalConvLayer,
+        frames: usize,
+        produce: &dyn Fn(usize, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.cfg.overlap && !self.cfg.exact_seam {
+            self.conv_layer_reference_from(layer, frames, produce)
+        } else {
+            self.conv_layer(layer, &produce(0, frames)?)
         }
     }
 

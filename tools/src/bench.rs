@@ -10,14 +10,15 @@
 //!
 //! `--comm-delay` (in-process ranks) times both exchange schedules (overlapped, synchronous),
 //! each without and with the injected delay, interleaved over `--rounds` rounds, and prints how
-//! much step time the delay adds to each.
+//! much step time the delay adds to each (the comm share of a step), and per configuration the
+//! exchanges per rank and step and the time a rank spent blocked waiting for them.
 
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::ValueEnum;
-use vi_model::clip_parallel::ViConfig;
+use vi_model::clip_parallel::{exchange_tally, ExchangeTally, ViConfig};
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
@@ -245,8 +246,10 @@ fn compare_schedules<'m>(
     req: &GenerateRequest,
     delay: CommDelay,
 ) -> Result<()> {
-    // Rank 0's timed step times of one run.
-    let time_run = |vi: ViConfig| -> Result<Vec<f64>> {
+    // Rank 0's timed step times of one run, and the run's exchange tally (every rank, every
+    // step, warm-up included).
+    let time_run = |vi: ViConfig| -> Result<(Vec<f64>, ExchangeTally)> {
+        let before = exchange_tally();
         let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
         let progress = |e: Event| match e {
             Event::TextEncoded { .. } | Event::Step { rank: 0, .. } => {
@@ -259,13 +262,18 @@ fn compare_schedules<'m>(
         };
         let run_req = GenerateRequest { vi, ..req.clone() };
         pipeline::generate(models_of, &run_req, &progress)?;
+        let after = exchange_tally();
         let marks = marks.into_inner().unwrap();
         // marks[0]: text encoded; marks[k+1]: rank 0 finished step k.
         let times: Vec<f64> = marks
             .windows(2)
             .map(|w| (w[1] - w[0]).as_secs_f64())
             .collect();
-        Ok(times[a.warmup.min(times.len())..].to_vec())
+        let tally = ExchangeTally {
+            calls: after.calls - before.calls,
+            blocked: after.blocked.saturating_sub(before.blocked),
+        };
+        Ok((times[a.warmup.min(times.len())..].to_vec(), tally))
     };
     say!(
         "bench: injected delay {delay} (every clip-parallel message), {} rounds of the 4 runs",
@@ -273,6 +281,8 @@ fn compare_schedules<'m>(
     );
     // [schedule: overlapped, synchronous][no delay, delay]
     let mut steps = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    let mut tallies = [[ExchangeTally::default(); 2]; 2];
+    let mut runs = 0usize;
     for _ in 0..a.rounds.max(1) {
         for (si, overlap) in [true, false].into_iter().enumerate() {
             for (di, d) in [None, Some(delay)].into_iter().enumerate() {
@@ -281,10 +291,17 @@ fn compare_schedules<'m>(
                     comm_delay: d,
                     ..req.vi.clone()
                 };
-                steps[si][di].extend(time_run(vi)?);
+                let (times, tally) = time_run(vi)?;
+                steps[si][di].extend(times);
+                let t = &mut tallies[si][di];
+                t.calls += tally.calls;
+                t.blocked += tally.blocked;
             }
         }
+        runs += 1;
     }
+    // Per rank and step (warm-up included: its exchanges are the same).
+    let rank_steps = (runs * req.world * req.steps) as f64;
     let mut median = [[0.0f64; 2]; 2];
     for si in 0..2 {
         for di in 0..2 {
@@ -293,11 +310,18 @@ fn compare_schedules<'m>(
             let m = sorted[sorted.len() / 2];
             let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
             median[si][di] = m;
+            let t = tallies[si][di];
+            let blocked = t.blocked.as_secs_f64() / rank_steps;
             say!(
-                "  {:<12} {:<10} step median {m:.3} s, mean {mean:.3} s over {} timed steps",
+                "  {:<12} {:<10} step median {m:.3} s, mean {mean:.3} s over {} timed steps; \
+                 {:.0} exchanges per rank and step, blocked waiting for them {:.1} ms ({:.1} % \
+                 of the mean step)",
                 if si == 0 { "overlapped" } else { "synchronous" },
                 if di == 1 { "delayed" } else { "no delay" },
-                sorted.len()
+                sorted.len(),
+                t.calls as f64 / rank_steps,
+                blocked * 1e3,
+                blocked / mean * 100.0
             );
         }
     }

@@ -177,6 +177,47 @@ fn launch_4_workers_match_in_process() {
     through_launch(4, &[]);
 }
 
+/// Two processes in the overlapped exchange schedule (the default) on clips of 10 frames (the
+/// conv layers' edge frames are sent before the rest of each clip is computed) give the video of
+/// two in-process ranks in the synchronous schedule (`--sync-exchange`), bit for bit.
+#[test]
+fn overlapped_processes_match_the_synchronous_schedule_in_process() {
+    let t = tempfile::tempdir().unwrap();
+    let args = |devices: &str, dir: &Path| {
+        let mut a = gen_args(2, devices, dir);
+        set_flag(&mut a, "--frames", "20");
+        set_flag(&mut a, "--steps", "1");
+        a
+    };
+    let sync_dir = t.path().join("sync");
+    let out = Command::new(exe())
+        .args(args("cpu:2", &sync_dir))
+        .arg("--sync-exchange")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let want = frames(&sync_dir);
+    assert_eq!(want.len(), 20);
+    let got_dir = t.path().join("launch");
+    let out = Command::new(exe())
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "0",
+            "--",
+        ])
+        .args(args("cpu", &got_dir))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        frames(&got_dir) == want,
+        "frames differ from the synchronous in-process run"
+    );
+}
+
 /// Two processes of two logical ranks each (`--devices cpu:4` split over the node's processes)
 /// give the 4-rank in-process video.
 #[test]

@@ -2,6 +2,8 @@
 //! `UNetMidBlock3DCrossAttn`, `CrossAttnUpBlock3D`, `UpBlock3D`). Activations are per frame
 //! [B*F, H, W, C] (row b*F + f); the temporal parts view them as [B, F, H*W, C].
 
+use std::cell::RefCell;
+
 use vi_runtime::{ops, Tensor};
 
 use super::config::UNetConfig;
@@ -74,6 +76,62 @@ impl Fwd<'_> {
         }
         let refs: Vec<&Tensor> = parts.iter().collect();
         Ok(ops::concat(&refs, 0)?)
+    }
+
+    /// A ResNet followed by a TemporalConvLayer: x [B*F, H, W, Cin] -> [B*F, H, W, C]. The
+    /// context produces the ResNet's frames in the order it needs them
+    /// ([`TemporalContext::conv_layer_from`]: the clip-parallel one computes the edge frames its
+    /// neighbours need first and the interior while their halo flies). `x` is dropped once every
+    /// frame is produced. Traced runs take the plain order (the trace shows the ResNet's output).
+    pub fn resnet_temp_conv(
+        &self,
+        r: &ResnetBlock,
+        layer: &TemporalConvLayer,
+        x: Tensor,
+        res_name: &str,
+        conv_name: &str,
+    ) -> Result<Tensor> {
+        if self.trace.is_some() {
+            let h = self.resnet(r, &x, res_name)?;
+            drop(x);
+            return self.temp_conv(layer, &h, conv_name);
+        }
+        let (nf, hh, ww) = (x.dim(0), x.dim(1), x.dim(2));
+        let (b, f) = (self.batch, nf / self.batch);
+        // (input, frames produced so far): the input is dropped with the last frames.
+        let input = RefCell::new((Some(x), 0usize));
+        let produce = |start: usize, len: usize| -> Result<Tensor> {
+            let mut held = input.borrow_mut();
+            let x = held.0.as_ref().ok_or_else(|| {
+                crate::params::ModelError::Msg(format!(
+                    "{res_name}: frames {start}..{} asked for after all {f} were produced",
+                    start + len
+                ))
+            })?;
+            // Frames start..start+len of every batch row (rows b*F + f).
+            let part = if start == 0 && len == f {
+                x.clone()
+            } else if b == 1 {
+                ops::narrow(x, 0, start, len)?
+            } else {
+                let rows = (0..b)
+                    .map(|i| ops::narrow(x, 0, i * f + start, len))
+                    .collect::<vi_runtime::Result<Vec<_>>>()?;
+                let refs: Vec<&Tensor> = rows.iter().collect();
+                ops::concat(&refs, 0)?
+            };
+            let y = self.per_frame(&part, &|p, _| r.forward(p, Some(self.emb_silu)))?;
+            drop(part);
+            held.1 += len;
+            if held.1 >= f {
+                held.0 = None;
+            }
+            let c = y.dim(3);
+            Ok(y.reshape(&[b, len, hh * ww, c])?)
+        };
+        let y = self.ctx.conv_layer_from(layer, f, &produce)?;
+        let c = y.dim(3);
+        Ok(y.reshape(&[nf, hh, ww, c])?)
     }
 
     pub fn resnet(&self, r: &ResnetBlock, x: &Tensor, name: &str) -> Result<Tensor> {
@@ -171,9 +229,13 @@ impl Layer {
     /// Takes its input by value: it is dropped once the ResNet has read it (an up block's
     /// [hidden, skip] concatenation is not kept across the layer's exchanges).
     fn forward(&self, x: Tensor, fw: &Fwd, prefix: &str, idx: usize) -> Result<Tensor> {
-        let h = fw.resnet(&self.resnet, &x, &format!("{prefix}.resnets.{idx}"))?;
-        drop(x);
-        let mut h = fw.temp_conv(&self.temp_conv, &h, &format!("{prefix}.temp_convs.{idx}"))?;
+        let mut h = fw.resnet_temp_conv(
+            &self.resnet,
+            &self.temp_conv,
+            x,
+            &format!("{prefix}.resnets.{idx}"),
+            &format!("{prefix}.temp_convs.{idx}"),
+        )?;
         if let Some(a) = &self.attn {
             h = fw.attn(&a.attn, &h, &format!("{prefix}.attentions.{idx}"))?;
             h = fw.temp_attn(&a.temp_attn, &h, &format!("{prefix}.temp_attentions.{idx}"))?;
@@ -277,19 +339,21 @@ impl MidBlock {
 
     pub fn forward(&self, x: &Tensor, fw: &Fwd) -> Result<Tensor> {
         let pre = "mid_block";
-        let h = fw.resnet(&self.resnets[0], x, &format!("{pre}.resnets.0"))?;
-        let mut h = fw.temp_conv(&self.temp_convs[0], &h, &format!("{pre}.temp_convs.0"))?;
+        let mut h = fw.resnet_temp_conv(
+            &self.resnets[0],
+            &self.temp_convs[0],
+            x.clone(),
+            &format!("{pre}.resnets.0"),
+            &format!("{pre}.temp_convs.0"),
+        )?;
         for (j, a) in self.attns.iter().enumerate() {
             h = fw.attn(&a.attn, &h, &format!("{pre}.attentions.{j}"))?;
             h = fw.temp_attn(&a.temp_attn, &h, &format!("{pre}.temp_attentions.{j}"))?;
-            h = fw.resnet(
+            h = fw.resnet_temp_conv(
                 &self.resnets[j + 1],
-                &h,
-                &format!("{pre}.resnets.{}", j + 1),
-            )?;
-            h = fw.temp_conv(
                 &self.temp_convs[j + 1],
-                &h,
+                h,
+                &format!("{pre}.resnets.{}", j + 1),
                 &format!("{pre}.temp_convs.{}", j + 1),
             )?;
         }
