@@ -344,6 +344,21 @@ fn compare_schedules<'m>(
             f64::NAN
         }
     );
+    // The same comparison on the time blocked in the exchanges' waits (less exposed to the
+    // step-to-step noise of a loaded machine, but it counts waiting for a slower peer too).
+    let blocked = |si: usize, di: usize| tallies[si][di].blocked.as_secs_f64() / rank_steps;
+    let bgrow = |si: usize| blocked(si, 1) - blocked(si, 0);
+    say!(
+        "bench: the delay adds {:.1} ms per rank and step of waiting for exchanges to the \
+         synchronous schedule and {:.1} ms to the overlapped one: {:.0} %",
+        bgrow(1) * 1e3,
+        bgrow(0) * 1e3,
+        if bgrow(1) > 0.0 {
+            bgrow(0) / bgrow(1) * 100.0
+        } else {
+            f64::NAN
+        }
+    );
     Ok(())
 }
 
