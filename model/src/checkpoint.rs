@@ -654,6 +654,40 @@ mod tests {
         }
     }
 
+    /// The schedule is not compared on a resume (also under its old field name), the rest is.
+    #[test]
+    fn a_resume_may_run_another_schedule_but_not_another_request() {
+        let digest = |schedule: (&str, &str), seed: &str| RequestDigest {
+            fields: vec![
+                ("seed".to_string(), seed.to_string()),
+                (schedule.0.to_string(), schedule.1.to_string()),
+            ],
+        };
+        let m = Manifest {
+            format: FORMAT_VERSION,
+            completed: 1,
+            steps: 2,
+            world: 0,
+            digest: digest(("schedule", "chunk=2,sequential-cfg,turns"), "1"),
+            files: Vec::new(),
+        };
+        let dir = Path::new("ckpt");
+        m.check(dir, &digest(("schedule", "unconstrained"), "1"))
+            .unwrap();
+        // A checkpoint written when the digest named only the CFG rows.
+        let old = Manifest {
+            digest: digest(("sequential_cfg", "true"), "1"),
+            ..m.clone()
+        };
+        old.check(dir, &digest(("schedule", "unconstrained"), "1"))
+            .unwrap();
+        let e = m
+            .check(dir, &digest(("schedule", "unconstrained"), "2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `seed`") && !e.contains("schedule"), "{e}");
+    }
+
     #[test]
     fn rank_file_round_trips_bit_for_bit() {
         let p = Path::new("x.ckpt");
