@@ -30,13 +30,7 @@
 //!   at most 2 x `conv_pad` frames has no frame its neighbours do not need: nothing overlaps;
 //! * temporal attention: k and v are projected first; the global tokens' all-gather and the
 //!   local windows' halo exchange start (in that order, as in the synchronous schedule); q is
-//!   projected while both fly. In a temporal transformer (`TemporalContext::interleave_batch`),
-//!   each batch element (CFG half) is a chain of its own, exchanging its own k, v: both chains'
-//!   attn1 exchanges start (the second chain's proj_in, norm and k, v projections overlap the
-//!   first's), then chain by chain attn1 is finished and attn2's exchanges started (the first
-//!   chain's attn1, norm and k, v of attn2 overlap the second chain's attn1 exchanges, and so
-//!   on), then chain by chain attn2 and the feed-forward (the first chain's overlap the second
-//!   chain's attn2 exchanges). Twice the messages of half the size;
+//!   projected while both fly;
 //! * exact-seam conv layers, per block: the GroupNorm statistics' all-gather and the halo
 //!   exchange of the block's raw (unnormalised) edge frames start together, so their round
 //!   trips overlap; the clip is normalised while the halo flies and the received frames are
@@ -67,7 +61,7 @@ use vi_runtime::ops::{self, DualScopeParams};
 use vi_runtime::{DType, Tensor};
 
 use crate::params::{ModelError, Result};
-use crate::temporal::{KvInFlight, StartedAttention, TemporalContext, TemporalConvLayer};
+use crate::temporal::{TemporalContext, TemporalConvLayer};
 
 /// Logit biases of one phase of the dual-scope attention (reference `local_phase` /
 /// `global_phase`: `{t, local_biase, global_biase}`).
@@ -895,47 +889,15 @@ impl TemporalContext for ClipParallelContext<'_> {
             return self.attention(&q, &k, &v, scale);
         }
         let (k, v) = kv()?;
-        let started = self.start_attention(k, v)?;
-        // Overlaps both exchanges.
-        let q = q()?;
-        self.finish_attention(started, &q, scale)
-    }
-
-    /// The overlapped schedule interleaves the CFG halves of the temporal transformers.
-    fn interleave_batch(&self) -> bool {
-        self.cfg.overlap
-    }
-
-    /// Overlapped schedule: the global tokens' all-gather and the local windows' halo exchange
-    /// start here (in the synchronous schedule's order); they fly until
-    /// [`TemporalContext::finish_attention`]. Synchronous schedule: k and v are kept, and
-    /// `finish_attention` is [`TemporalContext::attention`].
-    fn start_attention(&self, k: Tensor, v: Tensor) -> Result<StartedAttention> {
-        if !self.cfg.overlap {
-            return Ok(StartedAttention {
-                k,
-                v,
-                in_flight: None,
-            });
-        }
         check_qkv(&k, &k, &v)?;
         let glob = self.start_global_tokens(&k, &v)?;
-        let local = self.start_local_windows(&k, &v, self.cfg.attn_pad)?;
-        Ok(StartedAttention {
-            k,
-            v,
-            in_flight: Some(KvInFlight { glob, local }),
-        })
-    }
-
-    fn finish_attention(&self, s: StartedAttention, q: &Tensor, scale: f32) -> Result<Tensor> {
-        let StartedAttention { k, v, in_flight } = s;
-        let Some(KvInFlight { glob, local }) = in_flight else {
-            return self.attention(q, &k, &v, scale);
-        };
-        check_qkv(q, &k, &v)?;
+        let p = self.cfg.attn_pad;
+        let local = self.start_local_windows(&k, &v, p)?;
+        // Overlaps both exchanges.
+        let q = q()?;
+        check_qkv(&q, &k, &v)?;
         let glob = self.finish_global_tokens(q.dim(0), glob.wait()?)?;
-        let local = Self::finish_local_windows(&k, &v, self.cfg.attn_pad, local)?;
-        self.dual_scope(q, local, glob, scale)
+        let local = Self::finish_local_windows(&k, &v, p, local)?;
+        self.dual_scope(&q, local, glob, scale)
     }
 }

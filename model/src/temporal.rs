@@ -6,7 +6,6 @@
 //! clip-parallel context of Video-Infinity (`crate::clip_parallel`) exchanges halos and global
 //! tokens with the other ranks. The exchange lives there and nowhere else.
 
-use vi_runtime::comm::{Halos, Pending};
 use vi_runtime::{ops, DType, Tensor};
 
 use crate::layers::{GroupNorm, TemporalConv};
@@ -108,45 +107,6 @@ pub trait TemporalContext: Sync {
         let (k, v) = kv()?;
         self.attention(&q, &k, &v, scale)
     }
-    /// Whether the temporal transformers run their batch rows (the CFG halves) as interleaved
-    /// chains, so that one chain's attention exchanges fly while another chain computes (the
-    /// clip-parallel overlapped schedule). Default: no.
-    fn interleave_batch(&self) -> bool {
-        false
-    }
-    /// [`TemporalContext::attention`] started from k, v [b, n, H, D] before q exists (a context
-    /// may start its exchanges of k and v here); [`TemporalContext::finish_attention`] completes
-    /// it with q. Every started attention must be finished, in the order started. Default:
-    /// keeps k and v.
-    fn start_attention(&self, k: Tensor, v: Tensor) -> Result<StartedAttention> {
-        Ok(StartedAttention {
-            k,
-            v,
-            in_flight: None,
-        })
-    }
-    /// Completes [`TemporalContext::start_attention`]: the attention of q [b, n, H, D].
-    fn finish_attention(&self, s: StartedAttention, q: &Tensor, scale: f32) -> Result<Tensor> {
-        self.attention(q, &s.k, &s.v, scale)
-    }
-}
-
-/// An attention whose k and v went to the context before q existed
-/// ([`TemporalContext::start_attention`]); [`TemporalContext::finish_attention`] completes it.
-pub struct StartedAttention {
-    /// [b, n, H, D].
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    /// The clip-parallel exchanges of k and v in flight (overlapped schedule; None: nothing in
-    /// flight).
-    pub(crate) in_flight: Option<KvInFlight>,
-}
-
-/// The exchanges of one attention's k and v: the global tokens' all-gather and the local
-/// windows' halo exchange (None when the window has no halo).
-pub(crate) struct KvInFlight {
-    pub glob: Pending<Vec<Tensor>>,
-    pub local: Option<Pending<Halos>>,
 }
 
 /// The plain model: this clip is the whole video (diffusers `UNet3DConditionModel` semantics).

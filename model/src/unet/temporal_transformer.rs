@@ -48,61 +48,6 @@ impl TransformerTemporal {
         a.out_add(&o, residual)
     }
 
-    /// proj_in and the transformer block on the normalised g [B*S, F, C] (rows (b, y, x)) ->
-    /// [B*S, F, inner] in `stream` dtype, each batch element's S rows as its own chain, the
-    /// chains interleaved so that a chain's attention exchanges fly while the next chains
-    /// compute: every chain's k, v of attn1 is started before any attn1 is finished, and each
-    /// chain's attn2 is started before the next chain finishes its attn1. Per row the same ops
-    /// as [`Self::forward`]'s plain path (rows are independent: bit for bit on the CPU).
-    fn block_interleaved(
-        &self,
-        g: &Tensor,
-        batch: usize,
-        stream: vi_runtime::DType,
-        ctx: &dyn TemporalContext,
-        ff_rows: usize,
-    ) -> Result<Tensor> {
-        let parts = &self.0;
-        let blk = &parts.block;
-        let rows = g.dim(0) / batch;
-        // attn1: every chain's k, v projected and started.
-        let mut chains = Vec::with_capacity(batch);
-        for i in 0..batch {
-            let h = parts
-                .proj_in
-                .forward_to(&ops::narrow(g, 0, i * rows, rows)?, stream)?;
-            let n1 = blk.ln(&h, &blk.norm1)?;
-            let (k, v) = blk.attn1.kv(&n1)?;
-            // Flies while the next chains compute.
-            let started = ctx.start_attention(k, v)?;
-            chains.push((h, n1, started));
-        }
-        // attn1 finished and attn2 started, chain by chain.
-        let mut chains2 = Vec::with_capacity(batch);
-        for (h, n1, started) in chains {
-            let a = &blk.attn1;
-            let o = ctx.finish_attention(started, &a.q(&n1)?, a.scale())?;
-            drop(n1);
-            let h = a.out_add(&o, &h)?;
-            let n2 = blk.ln(&h, &blk.norm2)?;
-            let (k, v) = blk.attn2.kv(&n2)?;
-            // Flies while the next chains finish attn1 and the earlier ones attn2.
-            let started = ctx.start_attention(k, v)?;
-            chains2.push((h, n2, started));
-        }
-        // attn2 finished and the feed-forward, chain by chain.
-        let mut outs = Vec::with_capacity(batch);
-        for (h, n2, started) in chains2 {
-            let a = &blk.attn2;
-            let o = ctx.finish_attention(started, &a.q(&n2)?, a.scale())?;
-            drop(n2);
-            let h = a.out_add(&o, &h)?;
-            outs.push(blk.ff_residual_chunked(&h, ff_rows)?);
-        }
-        let refs: Vec<&Tensor> = outs.iter().collect();
-        Ok(ops::concat(&refs, 0)?)
-    }
-
     /// x [B*F, H, W, C] (row b*F + f) -> same. `batch` = B. `name` (the module path) and `trace`
     /// report the first block's attn1 input/output ([B*S, F, inner]). `frame_chunk` > 0: the
     /// feed-forward runs over chunks of frame_chunk x H x W tokens.
@@ -133,16 +78,11 @@ impl TransformerTemporal {
             )?;
             // Rows ordered (b, y, x), frames as the sequence: [B, F, S, C] -> [B*S, F, C].
             let g = ops::permute(&g.reshape(&[b, f, s, c])?, &[0, 2, 1, 3])?;
-            let g = g.reshape(&[b * s, f, c])?;
-            if b > 1 && trace.is_none() && ctx.interleave_batch() {
-                let h = self.block_interleaved(&g, b, x.dtype(), ctx, frame_chunk * s)?;
-                let h = parts.proj_out.forward(&h.to_dtype(dt)?)?; // [B*S, F, C]
-                let h = ops::permute(&h.reshape(&[b, s, f, c])?, &[0, 2, 1, 3])?;
-                return Ok(ops::add_to(x, &h.reshape(&[nf, hh, ww, c])?, x.dtype())?);
-            }
             // The block's residual stream [B*S, F, inner] has x's dtype (f32 by default);
             // branches `dt`.
-            parts.proj_in.forward_to(&g, x.dtype())?
+            parts
+                .proj_in
+                .forward_to(&g.reshape(&[b * s, f, c])?, x.dtype())?
         };
         let n1 = blk.ln(&h, &blk.norm1)?;
         // Traced runs materialise attn1's output for the trace; the others fuse to_out with the add.
