@@ -237,10 +237,6 @@ fn plan_counts_the_decoded_frames_really_alive() {
     let mut req = request(frames, world);
     // Chunks of 3: a queue stops one chunk past a window of 16 (18 frames), the most it holds.
     req.vae_chunk = 3;
-    // The synchronous exchange: with the overlapped one (3c3fc84, ba906db) each rank > 0 holds
-    // about 2.8 MB more through its decode phase here (released when the rank ends; not a
-    // decoded frame, not yet explained), which would blur this count of frames.
-    req.vi.overlap = false;
     let clips = split_frames(frames, world).unwrap();
     let p = plan(
         &PlanModels {
