@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{exe, Launched};
+use support::{exe, frames, Launched};
 
 const STEPS: usize = 3;
 const LIMIT: Duration = Duration::from_secs(120);
@@ -46,26 +46,6 @@ fn gen_args(sampler: &str, devices: &str, frames_dir: &Path, extra: &[&str]) -> 
     .to_vec();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-/// The decoded RGB8 pixels of every `frame_*.png` in `dir`, in order.
-fn frames(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|p| {
-            let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
-            let mut r = dec.read_info().unwrap();
-            let mut buf = vec![0; r.output_buffer_size().unwrap()];
-            let info = r.next_frame(&mut buf).unwrap();
-            buf.truncate(info.buffer_size());
-            buf
-        })
-        .collect()
 }
 
 /// Runs the binary to its end; returns its output (panics when it fails).

@@ -9,11 +9,11 @@
 mod support;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{exe, Launched};
+use support::{exe, frames, Launched};
 
 /// Small and quick: 2 frames per rank, 2 steps, 64x64.
 fn gen_args(world: usize, devices: &str, frames_dir: &Path) -> Vec<String> {
@@ -35,26 +35,6 @@ fn gen_args(world: usize, devices: &str, frames_dir: &Path) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
-}
-
-/// The decoded RGB8 pixels of every `frame_*.png` in `dir`, in order.
-fn frames(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|p| {
-            let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
-            let mut r = dec.read_info().unwrap();
-            let mut buf = vec![0; r.output_buffer_size().unwrap()];
-            let info = r.next_frame(&mut buf).unwrap();
-            buf.truncate(info.buffer_size());
-            buf
-        })
-        .collect()
 }
 
 /// The reference: the same request as one process, with the synchronous exchange schedule

@@ -14,6 +14,26 @@ pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_video-infinity"))
 }
 
+/// The decoded RGB8 pixels of every `frame_*.png` in `dir`, in order.
+pub fn frames(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
+            let mut r = dec.read_info().unwrap();
+            let mut buf = vec![0; r.output_buffer_size().unwrap()];
+            let info = r.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            buf
+        })
+        .collect()
+}
+
 /// Sends `sig` to `pid`.
 pub fn signal(pid: i32, sig: i32) {
     // SAFETY: kill(2) on a pid this test started (a worker or the launcher); no memory is passed.
