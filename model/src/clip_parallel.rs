@@ -52,7 +52,8 @@
 //! * clips may differ in length between ranks (the reference requires equal lengths): each rank
 //!   computes its global-token stride from its own n.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -287,44 +288,137 @@ pub fn global_token_indices(n: usize, top_k: usize, world: usize) -> Vec<usize> 
     (0..n).step_by(stride).collect()
 }
 
-/// Exchanges started by the clip-parallel contexts of this process (all ranks, all UNet calls)
-/// and the time their ranks spent blocked waiting for the results: what `bench` reports as the
-/// exchange's visible cost (a snapshot; subtract two to tally a run).
+/// Which kind of exchange a tally entry counts (the bench's breakdown of the waiting time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExchangeSite {
+    /// The halo of a temporal conv layer (reference mode: one per layer; exact-seam: one per block).
+    ConvHalo,
+    /// The k/v halo of a temporal attention's local window.
+    AttnHalo,
+    /// The all-gather of a temporal attention's global tokens.
+    GlobalTokens,
+    /// The all-gather of GroupNorm statistics (exact-seam mode).
+    NormStats,
+}
+
+impl ExchangeSite {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeSite::ConvHalo => "conv halo",
+            ExchangeSite::AttnHalo => "attention halo",
+            ExchangeSite::GlobalTokens => "global tokens",
+            ExchangeSite::NormStats => "norm statistics",
+        }
+    }
+}
+
+/// Exchanges of one kind and their waiting time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExchangeTally {
-    /// Neighbour exchanges and all-gathers started.
+pub struct SiteTally {
+    /// Exchanges started.
     pub calls: u64,
-    /// Summed over ranks: wall time inside `wait` of those exchanges.
+    /// Summed over ranks: wall time inside their `wait`.
     pub blocked: Duration,
 }
 
-static TALLY_CALLS: AtomicU64 = AtomicU64::new(0);
-static TALLY_BLOCKED_NS: AtomicU64 = AtomicU64::new(0);
+/// Exchanges started by the clip-parallel contexts of this process (all ranks, all UNet calls)
+/// and the time their ranks spent blocked waiting for the results: what `bench` reports as the
+/// exchange's visible cost (a snapshot; [`ExchangeTally::since`] tallies a run).
+///
+/// The breakdown is per (site, rows), rows = the layer's batch x spatial positions (B x H x W of
+/// its latent level; 0 where the context does not know it: the temporal transformers'
+/// statistics). Where one wait covers several exchanges in flight (the overlapped attention waits
+/// for its global tokens, then its halo), the time is charged to the wait that blocked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExchangeTally {
+    pub by_site: BTreeMap<(ExchangeSite, usize), SiteTally>,
+}
+
+impl ExchangeTally {
+    /// All sites together.
+    pub fn total(&self) -> SiteTally {
+        let mut t = SiteTally::default();
+        for s in self.by_site.values() {
+            t.calls += s.calls;
+            t.blocked += s.blocked;
+        }
+        t
+    }
+
+    /// Per site (all rows together).
+    pub fn per_site(&self) -> BTreeMap<ExchangeSite, SiteTally> {
+        let mut m: BTreeMap<ExchangeSite, SiteTally> = BTreeMap::new();
+        for (&(site, _), s) in &self.by_site {
+            let t = m.entry(site).or_default();
+            t.calls += s.calls;
+            t.blocked += s.blocked;
+        }
+        m
+    }
+
+    /// What happened between the snapshot `before` and this one.
+    pub fn since(&self, before: &ExchangeTally) -> ExchangeTally {
+        let mut by_site = BTreeMap::new();
+        for (k, s) in &self.by_site {
+            let b = before.by_site.get(k).copied().unwrap_or_default();
+            let d = SiteTally {
+                calls: s.calls - b.calls,
+                blocked: s.blocked.saturating_sub(b.blocked),
+            };
+            if d.calls > 0 || !d.blocked.is_zero() {
+                by_site.insert(*k, d);
+            }
+        }
+        ExchangeTally { by_site }
+    }
+
+    /// Adds `other` into this tally.
+    pub fn add(&mut self, other: &ExchangeTally) {
+        for (k, s) in &other.by_site {
+            let t = self.by_site.entry(*k).or_default();
+            t.calls += s.calls;
+            t.blocked += s.blocked;
+        }
+    }
+}
+
+static TALLY: Mutex<BTreeMap<(ExchangeSite, usize), SiteTally>> = Mutex::new(BTreeMap::new());
+
+fn tally_mut<R>(f: impl FnOnce(&mut BTreeMap<(ExchangeSite, usize), SiteTally>) -> R) -> R {
+    // A panicking holder leaves the map consistent (plain additions): ignore the poison.
+    let mut g = TALLY.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut g)
+}
 
 /// The process's [`ExchangeTally`] so far.
 pub fn exchange_tally() -> ExchangeTally {
     ExchangeTally {
-        calls: TALLY_CALLS.load(Ordering::Relaxed),
-        blocked: Duration::from_nanos(TALLY_BLOCKED_NS.load(Ordering::Relaxed)),
+        by_site: tally_mut(|m| m.clone()),
     }
 }
 
-/// An exchange in flight whose `wait` is timed into the tally.
-struct Tallied<T>(Pending<T>);
+/// An exchange in flight whose `wait` is timed into the tally under its key.
+struct Tallied<T> {
+    inner: Pending<T>,
+    key: (ExchangeSite, usize),
+}
 
 impl<T: Send> PendingOp<T> for Tallied<T> {
     fn wait(self: Box<Self>) -> vi_runtime::Result<T> {
         let t = Instant::now();
-        let r = self.0.wait();
-        TALLY_BLOCKED_NS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let r = self.inner.wait();
+        let dt = t.elapsed();
+        tally_mut(|m| m.entry(self.key).or_default().blocked += dt);
         r
     }
 }
 
-/// Counts a started exchange into the tally and times its wait.
-fn tallied<T: Send + 'static>(p: Pending<T>) -> Pending<T> {
-    TALLY_CALLS.fetch_add(1, Ordering::Relaxed);
-    Pending::from_op(Tallied(p))
+/// Counts a started exchange of `site` at `rows` (see [`ExchangeTally`]) into the tally and
+/// times its wait.
+fn tallied<T: Send + 'static>(p: Pending<T>, site: ExchangeSite, rows: usize) -> Pending<T> {
+    let key = (site, rows);
+    tally_mut(|m| m.entry(key).or_default().calls += 1);
+    Pending::from_op(Tallied { inner: p, key })
 }
 
 /// The [`TemporalContext`] of one rank: its clip plus the exchanges with the other ranks.
@@ -364,11 +458,13 @@ impl<'a> ClipParallelContext<'a> {
 
     /// The halo exchange, started: sends the first min(p, n) frames of `edges` to the left
     /// neighbour and the last min(p, n) to the right one. None when min(p, n) = 0: nothing is
-    /// exchanged (every rank then skips the call alike).
+    /// exchanged (every rank then skips the call alike). `site`, `rows`: its tally key.
     fn start_exchange<const N: usize>(
         &self,
         edges: &Edges<N>,
         p: usize,
+        site: ExchangeSite,
+        rows: usize,
     ) -> Result<Option<Pending<Halos>>> {
         let n = edges.frames();
         let m = p.min(n);
@@ -387,10 +483,11 @@ impl<'a> ClipParallelContext<'a> {
         } else {
             None
         };
-        Ok(Some(tallied(comm.start_exchange_neighbors(
-            to_left.as_ref(),
-            to_right.as_ref(),
-        )?)))
+        Ok(Some(tallied(
+            comm.start_exchange_neighbors(to_left.as_ref(), to_right.as_ref())?,
+            site,
+            rows,
+        )))
     }
 
     /// What the neighbours sent (None at the video's ends or when nothing was exchanged).
@@ -402,13 +499,20 @@ impl<'a> ClipParallelContext<'a> {
     }
 
     /// The halo exchange, blocking ([`Self::start_exchange`] + wait).
-    fn exchange<const N: usize>(&self, edges: &Edges<N>, p: usize) -> Result<Halos> {
-        Self::finish_exchange(self.start_exchange(edges, p)?)
+    fn exchange<const N: usize>(
+        &self,
+        edges: &Edges<N>,
+        p: usize,
+        site: ExchangeSite,
+        rows: usize,
+    ) -> Result<Halos> {
+        Self::finish_exchange(self.start_exchange(edges, p, site, rows)?)
     }
 
     /// GroupNorm of x [N, S, C] (+ SiLU) with statistics over every rank's x (Chan's parallel
     /// combination of (count, mean, M2) in rank order, weighted by counts: exact for unequal clips).
-    /// Statistics travel and are applied in f32; the output is written as `out`.
+    /// Statistics travel and are applied in f32; the output is written as `out`. `rows`: the
+    /// exchange's tally key ([`ExchangeTally`]; 0: unknown).
     #[allow(clippy::too_many_arguments)]
     pub fn global_group_norm(
         &self,
@@ -419,8 +523,9 @@ impl<'a> ClipParallelContext<'a> {
         eps: f32,
         silu: bool,
         out: DType,
+        rows: usize,
     ) -> Result<Tensor> {
-        let stats = self.start_global_stats(x, groups)?.wait()?;
+        let stats = self.start_global_stats(x, groups, rows)?.wait()?;
         Ok(ops::group_norm_apply_to(
             x, &stats, gamma, beta, eps, silu, out,
         )?)
@@ -428,19 +533,27 @@ impl<'a> ClipParallelContext<'a> {
 
     /// The whole-video GroupNorm statistics of x [N, S, C], started: this rank's (count, mean,
     /// M2) per (n, group) are all-gathered; `wait` merges them into [N, G, 2] = (mean, biased var)
-    /// f32 on x's device, bit-identical on every rank.
-    fn start_global_stats(&self, x: &Tensor, groups: usize) -> Result<Pending<Tensor>> {
+    /// f32 on x's device, bit-identical on every rank. `rows`: the tally key (0: unknown).
+    fn start_global_stats(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        rows: usize,
+    ) -> Result<Pending<Tensor>> {
         let local = ops::group_norm_stats(x, groups)?; // [N, G, 3]
         let shape = local.shape().to_vec();
         let device = x.device();
-        Ok(
-            tallied(self.comm().start_all_gather(&local)?).map(move |all| {
-                merge_stats(&all, &shape, device).map_err(|e| match e {
-                    ModelError::Runtime(e) => e,
-                    other => vi_runtime::Error::Msg(other.to_string()),
-                })
-            }),
+        Ok(tallied(
+            self.comm().start_all_gather(&local)?,
+            ExchangeSite::NormStats,
+            rows,
         )
+        .map(move |all| {
+            merge_stats(&all, &shape, device).map_err(|e| match e {
+                ModelError::Runtime(e) => e,
+                other => vi_runtime::Error::Msg(other.to_string()),
+            })
+        }))
     }
 
     /// Reference ConvLayerPlugin: halo of P frames of the input, body on the padded window.
@@ -450,7 +563,7 @@ impl<'a> ClipParallelContext<'a> {
             return Ok(ops::add_to(x, &layer.body(x)?, x.dtype())?);
         }
         let edges = Edges::new([x], 1);
-        let received = self.exchange(&edges, p)?;
+        let received = self.exchange(&edges, p, ExchangeSite::ConvHalo, x.dim(0) * x.dim(2))?;
         self.conv_layer_reference_body(layer, x, received)
     }
 
@@ -478,7 +591,15 @@ impl<'a> ClipParallelContext<'a> {
         }
         let left = if to_l { Some(produce(0, m)?) } else { None };
         let right = if to_r { Some(produce(n - m, m)?) } else { None };
-        let pending = tallied(comm.start_exchange_neighbors(left.as_ref(), right.as_ref())?);
+        let rows = left
+            .as_ref()
+            .or(right.as_ref())
+            .map_or(0, |t| t.dim(0) * t.dim(2));
+        let pending = tallied(
+            comm.start_exchange_neighbors(left.as_ref(), right.as_ref())?,
+            ExchangeSite::ConvHalo,
+            rows,
+        );
         // Overlaps the halo exchange.
         let rest = produce(lm, n - lm - rm)?;
         let pieces: Vec<&Tensor> = left.iter().chain([&rest]).chain(right.iter()).collect();
@@ -533,9 +654,9 @@ impl<'a> ClipParallelContext<'a> {
                 .reshape(&[b, n, s, c])?)
             };
             let (hn, left, right) = if self.cfg.overlap {
-                let stats = self.start_global_stats(&flat, norm.groups)?;
+                let stats = self.start_global_stats(&flat, norm.groups, b * s)?;
                 let raw = Edges::new([&h], 1);
-                let halos = self.start_exchange(&raw, 1)?;
+                let halos = self.start_exchange(&raw, 1, ExchangeSite::ConvHalo, b * s)?;
                 let stats = stats.wait()?;
                 // Overlaps the halo exchange.
                 let hn = apply(&h, &stats)?;
@@ -558,10 +679,11 @@ impl<'a> ClipParallelContext<'a> {
                         norm.eps,
                         true,
                         layer.dtype(),
+                        b * s,
                     )?
                     .reshape(&[b, f, s, c])?;
                 let edges = Edges::new([&hn], 1);
-                let (l, r) = self.exchange(&edges, 1)?;
+                let (l, r) = self.exchange(&edges, 1, ExchangeSite::ConvHalo, b * s)?;
                 let left = edges.halo(l, 1, Side::Left, ShortHalo::Keep)?;
                 let right = edges.halo(r, 1, Side::Right, ShortHalo::Keep)?;
                 (hn, left, right)
@@ -587,7 +709,7 @@ impl<'a> ClipParallelContext<'a> {
         if p == 0 {
             return Ok(None);
         }
-        self.start_exchange(&Edges::new([k, v], 1), p)
+        self.start_exchange(&Edges::new([k, v], 1), p, ExchangeSite::AttnHalo, k.dim(0))
     }
 
     fn finish_local_windows(
@@ -628,7 +750,11 @@ impl<'a> ClipParallelContext<'a> {
             ],
             0,
         )?;
-        Ok(tallied(self.comm().start_all_gather(&mine)?))
+        Ok(tallied(
+            self.comm().start_all_gather(&mine)?,
+            ExchangeSite::GlobalTokens,
+            k.dim(0),
+        ))
     }
 
     /// (k_glob, v_glob), each [b, min(top_k, all), H, D].
@@ -858,7 +984,7 @@ impl TemporalContext for ClipParallelContext<'_> {
         out: DType,
     ) -> Result<Tensor> {
         if self.cfg.exact_seam {
-            self.global_group_norm(x, groups, gamma, beta, eps, false, out)
+            self.global_group_norm(x, groups, gamma, beta, eps, false, out, 0)
         } else {
             Ok(ops::group_norm_to(x, groups, gamma, beta, eps, false, out)?)
         }

@@ -11,14 +11,15 @@
 //! `--comm-delay` (in-process ranks) times both exchange schedules (overlapped, synchronous),
 //! each without and with the injected delay, interleaved over `--rounds` rounds, and prints how
 //! much step time the delay adds to each (the comm share of a step), and per configuration the
-//! exchanges per rank and step and the time a rank spent blocked waiting for them.
+//! exchanges per rank and step and the time a rank spent blocked waiting for them, in all and
+//! per exchange site (conv halo, attention halo, global tokens, norm statistics) and latent level.
 
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::ValueEnum;
-use vi_model::clip_parallel::{exchange_tally, ExchangeTally, ViConfig};
+use vi_model::clip_parallel::{exchange_tally, ExchangeSite, ExchangeTally, ViConfig};
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
@@ -269,10 +270,7 @@ fn compare_schedules<'m>(
             .windows(2)
             .map(|w| (w[1] - w[0]).as_secs_f64())
             .collect();
-        let tally = ExchangeTally {
-            calls: after.calls - before.calls,
-            blocked: after.blocked.saturating_sub(before.blocked),
-        };
+        let tally = after.since(&before);
         Ok((times[a.warmup.min(times.len())..].to_vec(), tally))
     };
     say!(
@@ -281,7 +279,7 @@ fn compare_schedules<'m>(
     );
     // [schedule: overlapped, synchronous][no delay, delay]
     let mut steps = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
-    let mut tallies = [[ExchangeTally::default(); 2]; 2];
+    let mut tallies: [[ExchangeTally; 2]; 2] = Default::default();
     let mut runs = 0usize;
     for _ in 0..a.rounds.max(1) {
         for (si, overlap) in [true, false].into_iter().enumerate() {
@@ -293,9 +291,7 @@ fn compare_schedules<'m>(
                 };
                 let (times, tally) = time_run(vi)?;
                 steps[si][di].extend(times);
-                let t = &mut tallies[si][di];
-                t.calls += tally.calls;
-                t.blocked += tally.blocked;
+                tallies[si][di].add(&tally);
             }
         }
         runs += 1;
@@ -310,7 +306,7 @@ fn compare_schedules<'m>(
             let m = sorted[sorted.len() / 2];
             let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
             median[si][di] = m;
-            let t = tallies[si][di];
+            let t = tallies[si][di].total();
             let blocked = t.blocked.as_secs_f64() / rank_steps;
             say!(
                 "  {:<12} {:<10} step median {m:.3} s, mean {mean:.3} s over {} timed steps; \
@@ -346,7 +342,7 @@ fn compare_schedules<'m>(
     );
     // The same comparison on the time blocked in the exchanges' waits (less exposed to the
     // step-to-step noise of a loaded machine, but it counts waiting for a slower peer too).
-    let blocked = |si: usize, di: usize| tallies[si][di].blocked.as_secs_f64() / rank_steps;
+    let blocked = |si: usize, di: usize| tallies[si][di].total().blocked.as_secs_f64() / rank_steps;
     let bgrow = |si: usize| blocked(si, 1) - blocked(si, 0);
     say!(
         "bench: the delay adds {:.1} ms per rank and step of waiting for exchanges to the \
@@ -359,7 +355,83 @@ fn compare_schedules<'m>(
             f64::NAN
         }
     );
+    say_site_breakdown(&tallies, rank_steps);
     Ok(())
+}
+
+/// Per exchange site (and per latent level: rows = batch x spatial positions of the layer), the
+/// exchanges per rank and step and the waiting time per rank and step of the four runs, and the
+/// delay's growth of the waiting per schedule: where the overlapped schedule's exposure is.
+fn say_site_breakdown(tallies: &[[ExchangeTally; 2]; 2], rank_steps: f64) {
+    let mut keys: Vec<(ExchangeSite, usize)> = Vec::new();
+    for t in tallies.iter().flatten() {
+        keys.extend(t.by_site.keys().copied());
+    }
+    keys.sort();
+    keys.dedup();
+    let ms = |si: usize, di: usize, k: &(ExchangeSite, usize)| {
+        tallies[si][di]
+            .by_site
+            .get(k)
+            .map_or(0.0, |t| t.blocked.as_secs_f64() / rank_steps * 1e3)
+    };
+    let calls = |si: usize, k: &(ExchangeSite, usize)| {
+        tallies[si][1]
+            .by_site
+            .get(k)
+            .map_or(0.0, |t| t.calls as f64 / rank_steps)
+    };
+    say!(
+        "bench: waiting per rank and step by exchange site (rows = batch x latent positions), \
+         ms: overlapped no delay / delayed, synchronous no delay / delayed; growth overlapped / \
+         synchronous"
+    );
+    let line = |label: String, ov: [f64; 2], sy: [f64; 2], n: [f64; 2]| {
+        let (go, gs) = (ov[1] - ov[0], sy[1] - sy[0]);
+        say!(
+            "  {label:<28} {:>4.0} / {:>4.0} exchanges  {:>7.1} / {:>7.1}  {:>7.1} / {:>7.1}  \
+             growth {:>6.1} / {:>6.1} ms = {}",
+            n[0],
+            n[1],
+            ov[0],
+            ov[1],
+            sy[0],
+            sy[1],
+            go,
+            gs,
+            if gs > 0.0 {
+                format!("{:.0} %", go / gs * 100.0)
+            } else {
+                "-".into()
+            }
+        );
+    };
+    let sites: Vec<ExchangeSite> = {
+        let mut v: Vec<ExchangeSite> = keys.iter().map(|k| k.0).collect();
+        v.dedup();
+        v
+    };
+    for site in sites {
+        let mut sum = [[0.0f64; 2]; 2];
+        let mut n = [0.0f64; 2];
+        for k in keys.iter().filter(|k| k.0 == site) {
+            let (ov, sy) = ([ms(0, 0, k), ms(0, 1, k)], [ms(1, 0, k), ms(1, 1, k)]);
+            for di in 0..2 {
+                sum[0][di] += ov[di];
+                sum[1][di] += sy[di];
+            }
+            let c = [calls(0, k), calls(1, k)];
+            n[0] += c[0];
+            n[1] += c[1];
+            let rows = if k.1 == 0 {
+                "?".to_string()
+            } else {
+                k.1.to_string()
+            };
+            line(format!("{} rows {rows}", site.name()), ov, sy, c);
+        }
+        line(format!("{} (all)", site.name()), sum[0], sum[1], n);
+    }
 }
 
 /// `bench --processes`: this bench as W processes through `launch` on this machine (W: the ranks
