@@ -120,9 +120,12 @@ fn unpack(t: &Tensor, src: usize, max: usize, h: usize, w: usize) -> Result<Vec<
         )));
     }
     // A host tensor is read in place; one on a device is copied over first.
-    let copied;
-    let v = match t.as_cpu_f32() {
-        Ok(v) => v,
+    let (held, copied);
+    let v: &[f32] = match t.as_cpu_f32() {
+        Ok(v) => {
+            held = v;
+            &held
+        }
         Err(_) => {
             copied = t.to_vec_f32()?;
             &copied[..]

@@ -6,6 +6,8 @@
 //! * `cuda` (feature `cuda`): bf16 storage, fp32 accumulation, our kernels + cuBLASLt/cuDNN.
 //! * [`meta`]: shape-only execution on `Device::Meta` and tensor-byte accounting ([`meta::measure`]),
 //!   the memory planner's dry run.
+//! * [`offload`]: long-lived tensors moved to a lower memory tier while a rank waits (host memory
+//!   for CUDA, a spill file for the CPU), brought back on first use.
 //! * [`comm`]: the `Communicator` trait (halo and global-token exchange between ranks) and its implementations.
 //! * [`testing`]: the tolerance check every test of the workspace uses (elementwise and rel L2).
 //!
@@ -20,10 +22,11 @@ mod device;
 mod error;
 pub mod knobs;
 pub mod meta;
+pub mod offload;
 pub mod ops;
 mod tensor;
 pub mod testing;
 
 pub use device::{DType, Device};
 pub use error::{Error, Result};
-pub use tensor::{Storage, Tensor};
+pub use tensor::{CpuF32Ref, Storage, StorageRef, Tensor};

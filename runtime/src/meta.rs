@@ -164,17 +164,37 @@ pub fn tracked(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::from_storage(Storage::Meta, shape.to_vec(), dtype, crate::Device::Meta)
 }
 
+/// Reads the inputs of a meta op as a real backend does: an offloaded input is restored (and
+/// charged to the calling thread) exactly where the real op would restore it
+/// ([`crate::offload`]).
+pub(crate) fn touch(ts: &[&Tensor]) -> Result<()> {
+    for t in ts {
+        t.storage()?;
+    }
+    Ok(())
+}
+
+fn touch_opt(t: Option<&Tensor>) -> Result<()> {
+    if let Some(t) = t {
+        t.storage()?;
+    }
+    Ok(())
+}
+
 /// The backend of `Device::Meta` (see the module doc). Inputs are validated by `ops`; every
 /// method states the output shape/dtype rule of the real backends.
 pub(crate) struct MetaBackend;
 
 impl Backend for MetaBackend {
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+        touch(&[a, b])?;
         // a [batch, M, K] x b [batch_b, K, N] (or [batch_b, N, K] transposed) -> [batch, M, N].
         let n = if trans_b { b.dim(1) } else { b.dim(2) };
         Ok(tracked(&[a.dim(0), a.dim(1), n], a.dtype()))
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        touch(&[x, w])?;
+        touch_opt(bias)?;
         gemm_bias_fallback(x, bias, x.dim(0) * w.dim(0));
         Ok(tracked(&[x.dim(0), w.dim(0)], x.dtype()))
     }
@@ -185,6 +205,8 @@ impl Backend for MetaBackend {
         _bias: Option<&Tensor>,
         out: DType,
     ) -> Result<Tensor> {
+        touch(&[x, w])?;
+        touch_opt(_bias)?;
         // Written straight as `out` from the accumulator (CUDA, CPU rounded path); reached only
         // with out != x's dtype (ops::linear_to delegates the same-dtype case to linear).
         Ok(tracked(&[x.dim(0), w.dim(0)], out))
@@ -198,6 +220,8 @@ impl Backend for MetaBackend {
         bias: Option<&Tensor>,
         g: &Conv2dGeom,
     ) -> Result<Tensor> {
+        touch(&[x, _w])?;
+        touch_opt(bias)?;
         let shape = g.out_shape();
         // 1x1 and im2col convolutions are GEMMs with the bias in the epilogue.
         gemm_bias_fallback(x, bias, shape.iter().product());
@@ -210,6 +234,8 @@ impl Backend for MetaBackend {
         bias: Option<&Tensor>,
         g: &TemporalConvGeom,
     ) -> Result<Tensor> {
+        touch(&[x, _w])?;
+        touch_opt(bias)?;
         let shape = g.out_shape();
         let out = tracked(&shape, x.dtype());
         // The CUDA backend accumulates the taps of a bf16/f16 temporal conv (k > 1) in an f32
@@ -222,12 +248,15 @@ impl Backend for MetaBackend {
         Ok(out)
     }
     fn group_norm_stats(&self, x: &Tensor, groups: usize) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(&[x.dim(0), groups, 3], DType::F32))
     }
     fn group_norm_apply(&self, x: &Tensor, _stats: &Tensor, p: &GroupNormParams) -> Result<Tensor> {
+        touch(&[x, _stats, p.gamma, p.beta])?;
         Ok(tracked(x.shape(), p.out))
     }
     fn group_norm(&self, x: &Tensor, _groups: usize, p: &GroupNormParams) -> Result<Tensor> {
+        touch(&[x, p.gamma, p.beta])?;
         Ok(tracked(x.shape(), p.out))
     }
     fn layer_norm(
@@ -238,9 +267,11 @@ impl Backend for MetaBackend {
         _eps: f32,
         out: DType,
     ) -> Result<Tensor> {
+        touch(&[x, _gamma, _beta])?;
         Ok(tracked(x.shape(), out))
     }
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn attention(
@@ -252,6 +283,8 @@ impl Backend for MetaBackend {
         _bias: Option<&Tensor>,
         _causal: bool,
     ) -> Result<Tensor> {
+        touch(&[q, _k, v])?;
+        touch_opt(_bias)?;
         Ok(tracked(&attention_shape(q, v), q.dtype()))
     }
     fn dual_scope_attention(
@@ -263,12 +296,15 @@ impl Backend for MetaBackend {
         _v_glob: &Tensor,
         _p: &DualScopeParams,
     ) -> Result<Tensor> {
+        touch(&[q, _k_local, _v_local, _k_glob, _v_glob])?;
         Ok(tracked(q.shape(), q.dtype()))
     }
     fn unary(&self, x: &Tensor, _op: UnaryOp) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn geglu(&self, x: &Tensor) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(&geglu_shape(x), x.dtype()))
     }
     fn binary(
@@ -279,30 +315,38 @@ impl Backend for MetaBackend {
         out_shape: &[usize],
         out: DType,
     ) -> Result<Tensor> {
+        touch(&[_a, _b])?;
         Ok(tracked(out_shape, out))
     }
     fn affine(&self, x: &Tensor, _mul: f32, _add: f32) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn clamp(&self, x: &Tensor, _lo: f32, _hi: f32) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(x.shape(), x.dtype()))
     }
     fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+        touch(xs)?;
         Ok(tracked(&concat_shape(xs, axis), xs[0].dtype()))
     }
     fn index_select(&self, x: &Tensor, axis: usize, indices: &[usize]) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(
             &index_select_shape(x, axis, indices.len()),
             x.dtype(),
         ))
     }
     fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(&permute_shape(x, perm), x.dtype()))
     }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        touch(&[x])?;
         Ok(tracked(&upsample_nearest2x_shape(x), x.dtype()))
     }
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+        touch(&[table])?;
         Ok(tracked(&[ids.len(), table.dim(1)], table.dtype()))
     }
 }

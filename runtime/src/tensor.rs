@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
 
@@ -16,11 +16,141 @@ pub enum Storage {
     Meta,
 }
 
-/// A storage and, while a [`crate::meta::measure`] runs on the thread that created it, the charge
-/// of its bytes (released when the last tensor sharing the storage is dropped).
-struct Held {
+/// The bytes of a resident tensor and, while a [`crate::meta::measure`] runs on the thread that
+/// created (or restored) them, their charge (released when the last handle is dropped).
+pub(crate) struct Resident {
     storage: Storage,
     _charge: Option<crate::meta::Charge>,
+}
+
+/// Where a tensor's data is: resident (on its device), in a lower tier ([`crate::offload`]), or
+/// both. Invariant: at least one of the two is `Some`.
+struct Residency {
+    resident: Option<Arc<Resident>>,
+    copy: Option<crate::offload::OffloadCopy>,
+}
+
+/// The shared state of every tensor viewing one storage (clones, reshapes). The data never
+/// changes (tensors are immutable); only where it lives does. The lock is held only to look at or
+/// swap the residency (and during a restore's read-back), never while an op computes: ops hold a
+/// [`StorageRef`], which keeps the bytes alive after an offload dropped them here.
+pub(crate) struct Held {
+    /// elem_count * dtype size.
+    bytes: usize,
+    dtype: DType,
+    device: Device,
+    state: Mutex<Residency>,
+}
+
+impl Held {
+    fn new(storage: Storage, bytes: usize, dtype: DType, device: Device, charged: bool) -> Held {
+        Held {
+            bytes,
+            dtype,
+            device,
+            state: Mutex::new(Residency {
+                resident: Some(Arc::new(Resident {
+                    storage,
+                    _charge: if charged {
+                        crate::meta::Charge::new(bytes)
+                    } else {
+                        None
+                    },
+                })),
+                copy: None,
+            }),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Residency> {
+        // A panic while the lock was held cannot leave the residency inconsistent (each update
+        // is one assignment), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the bytes are on the device now.
+    pub(crate) fn is_resident(&self) -> bool {
+        self.lock().resident.is_some()
+    }
+
+    /// The resident bytes; restores them from the lower tier first if they were offloaded (a
+    /// fresh charge on the calling thread's measurement, like a new tensor).
+    fn resident(&self) -> Result<Arc<Resident>> {
+        let mut st = self.lock();
+        if let Some(r) = &st.resident {
+            return Ok(r.clone());
+        }
+        let copy = st.copy.as_ref().ok_or_else(|| {
+            Error::Msg("tensor has neither resident data nor an offloaded copy".into())
+        })?;
+        let storage = copy.restore(self.dtype, self.device, self.bytes)?;
+        let r = Arc::new(Resident {
+            storage,
+            _charge: crate::meta::Charge::new(self.bytes),
+        });
+        st.resident = Some(r.clone());
+        Ok(r)
+    }
+
+    /// Moves the data to `tier`: writes a copy unless one exists (the data never changes, so a
+    /// copy written once stays valid), then drops the resident bytes (freed when the last
+    /// reader's [`StorageRef`] goes). Returns the bytes written (0: already had a copy, or was
+    /// not resident).
+    pub(crate) fn offload(&self, tier: &Arc<crate::offload::Tier>) -> Result<usize> {
+        let (resident, has_copy) = {
+            let st = self.lock();
+            match &st.resident {
+                None => return Ok(0),
+                Some(r) => (r.clone(), st.copy.is_some()),
+            }
+        };
+        let mut written = 0;
+        let copy = if has_copy {
+            None
+        } else {
+            written = self.bytes;
+            Some(tier.write(&resident.storage, self.bytes)?)
+        };
+        let dropped = {
+            let mut st = self.lock();
+            if let Some(c) = copy {
+                st.copy = Some(c);
+            }
+            st.resident.take()
+        };
+        // Released outside the lock (a CUDA free may synchronise).
+        drop((dropped, resident));
+        Ok(written)
+    }
+}
+
+/// A handle on a tensor's resident bytes ([`Tensor::storage`]): keeps them alive while held (an
+/// offload meanwhile only drops the tensor's own reference). Hold it for one op, not longer.
+pub struct StorageRef(Arc<Resident>);
+
+impl std::ops::Deref for StorageRef {
+    type Target = Storage;
+    fn deref(&self) -> &Storage {
+        &self.0.storage
+    }
+}
+
+/// The f32 data of a resident CPU f32 tensor ([`Tensor::as_cpu_f32`]).
+pub struct CpuF32Ref(StorageRef);
+
+impl std::ops::Deref for CpuF32Ref {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.0 {
+            Storage::CpuF32(v) => v,
+            // Checked when the handle was made.
+            _ => &[],
+        }
+    }
 }
 
 /// An immutable, contiguous, row-major n-d array. Cloning is cheap (shared storage).
@@ -48,11 +178,10 @@ impl Tensor {
     /// too: the dry run's activations).
     pub fn from_storage(storage: Storage, shape: Vec<usize>, dtype: DType, device: Device) -> Self {
         let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let held = Arc::new(Held::new(storage, bytes, dtype, device, true));
+        crate::offload::register(&held);
         Tensor {
-            storage: Arc::new(Held {
-                storage,
-                _charge: crate::meta::Charge::new(bytes),
-            }),
+            storage: held,
             shape,
             dtype,
             device,
@@ -126,11 +255,9 @@ impl Tensor {
     /// tables and dry-run weights. Ops on meta tensors return charged meta tensors
     /// ([`crate::meta::tracked`]).
     pub fn meta(shape: &[usize], dtype: DType) -> Tensor {
+        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
         Tensor {
-            storage: Arc::new(Held {
-                storage: Storage::Meta,
-                _charge: None,
-            }),
+            storage: Arc::new(Held::new(Storage::Meta, bytes, dtype, Device::Meta, false)),
             shape: shape.to_vec(),
             dtype,
             device: Device::Meta,
@@ -159,8 +286,31 @@ impl Tensor {
     pub fn device(&self) -> Device {
         self.device
     }
-    pub fn storage(&self) -> &Storage {
-        &self.storage.storage
+    /// The data, restored from its lower tier first if it was offloaded ([`crate::offload`]):
+    /// an I/O error of the tier is returned. The handle keeps the bytes alive; drop it after use.
+    pub fn storage(&self) -> Result<StorageRef> {
+        Ok(StorageRef(self.storage.resident()?))
+    }
+
+    /// Whether the data is on the device now (false: offloaded, restored on next use).
+    pub fn is_resident(&self) -> bool {
+        self.storage.is_resident()
+    }
+
+    /// Moves the data to `tier` now (what [`crate::offload::park`] does to each registered
+    /// tensor); the next use restores it. Returns the bytes written (0 if a copy existed).
+    pub fn offload_to(&self, tier: &Arc<crate::offload::Tier>) -> Result<usize> {
+        self.storage.offload(tier)
+    }
+
+    /// Whether this tensor's storage is `held`.
+    pub(crate) fn holds(&self, held: &Arc<Held>) -> bool {
+        Arc::ptr_eq(&self.storage, held)
+    }
+
+    /// Whether `self` and `other` share their storage (clones, reshapes).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
     }
 
     /// Same data, new shape (free: tensors are contiguous).
@@ -181,9 +331,10 @@ impl Tensor {
     }
 
     /// The f32 data of a CPU f32 tensor (no copy).
-    pub fn as_cpu_f32(&self) -> Result<&[f32]> {
-        match self.storage() {
-            Storage::CpuF32(v) => Ok(v),
+    pub fn as_cpu_f32(&self) -> Result<CpuF32Ref> {
+        let s = self.storage()?;
+        match &*s {
+            Storage::CpuF32(_) => Ok(CpuF32Ref(s)),
             _ => Err(Error::DType {
                 op: "as_cpu_f32",
                 dtype: self.dtype,
@@ -194,7 +345,7 @@ impl Tensor {
 
     /// Copy the data to a host `Vec<f32>` (any device, any dtype).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        match self.storage() {
+        match &*self.storage()? {
             Storage::CpuF32(v) => Ok(v.clone()),
             Storage::CpuF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
             Storage::CpuBF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
@@ -209,7 +360,7 @@ impl Tensor {
         if dtype == self.dtype {
             return Ok(self.clone());
         }
-        let storage = match self.storage() {
+        let storage = match &*self.storage()? {
             Storage::Meta => Storage::Meta,
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Storage::Cuda(s.to_dtype(dtype)?),
@@ -238,7 +389,7 @@ impl Tensor {
         match device {
             // A charged meta tensor (an activation of a dry run, e.g. latents placed on Meta).
             Device::Meta => Ok(crate::meta::tracked(&self.shape, self.dtype)),
-            Device::Cpu => match self.storage() {
+            Device::Cpu => match &*self.storage()? {
                 #[cfg(feature = "cuda")]
                 Storage::Cuda(s) => {
                     let v = s.to_vec_f32()?;

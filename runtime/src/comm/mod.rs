@@ -315,7 +315,7 @@ pub(crate) fn sum_in_order(ts: &[Tensor]) -> Result<Tensor> {
     if ts.iter().all(|t| t.as_cpu_f32().is_ok()) {
         let mut acc = first.as_cpu_f32()?.to_vec();
         for t in &ts[1..] {
-            for (a, b) in acc.iter_mut().zip(t.as_cpu_f32()?) {
+            for (a, b) in acc.iter_mut().zip(t.as_cpu_f32()?.iter()) {
                 *a += b;
             }
         }

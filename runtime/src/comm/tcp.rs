@@ -292,22 +292,21 @@ impl Transport for Wires {
 /// Writes one frame to `w`: header and shape, then the payload (small payloads in the header's
 /// write: one segment with TCP_NODELAY).
 fn write_frame(w: &mut impl Write, f: &OutFrame) -> io::Result<()> {
-    let (flags, dtype, shape, bytes): (u8, DType, &[usize], std::borrow::Cow<'_, [u8]>) =
-        match &f.payload {
-            None => (0, DType::F32, &[], (&[][..]).into()),
-            Some(t) if t.device() == Device::Meta => (
-                FLAG_TENSOR | FLAG_META,
-                t.dtype(),
-                t.shape(),
-                (&[][..]).into(),
-            ),
-            Some(t) => (
-                FLAG_TENSOR,
-                t.dtype(),
-                t.shape(),
-                le_bytes(t).map_err(|e| io::Error::other(e.to_string()))?,
-            ),
-        };
+    let (flags, dtype, shape, bytes): (u8, DType, &[usize], LeBytes) = match &f.payload {
+        None => (0, DType::F32, &[], LeBytes::Owned(Vec::new())),
+        Some(t) if t.device() == Device::Meta => (
+            FLAG_TENSOR | FLAG_META,
+            t.dtype(),
+            t.shape(),
+            LeBytes::Owned(Vec::new()),
+        ),
+        Some(t) => (
+            FLAG_TENSOR,
+            t.dtype(),
+            t.shape(),
+            le_bytes(t).map_err(|e| io::Error::other(e.to_string()))?,
+        ),
+    };
     let mut frame = header(
         op_code(f.kind),
         flags,
@@ -376,34 +375,47 @@ fn header(kind: u8, flags: u8, seq: u64, dtype: DType, shape: &[usize], len: u64
     h
 }
 
-/// The elements of a CPU tensor as little-endian bytes (no copy on a little-endian host).
-fn le_bytes(t: &Tensor) -> Result<std::borrow::Cow<'_, [u8]>> {
+/// The elements of a CPU tensor as little-endian bytes: on a little-endian host the tensor's own
+/// buffer (held for as long as the value lives), else a converted copy.
+enum LeBytes {
+    #[cfg_attr(target_endian = "big", allow(dead_code))]
+    Shared(crate::StorageRef),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for LeBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            LeBytes::Shared(s) => match &**s {
+                Storage::CpuF32(v) => bytemuck::cast_slice(v),
+                Storage::CpuF16(v) => bytemuck::cast_slice(v),
+                Storage::CpuBF16(v) => bytemuck::cast_slice(v),
+                // Checked by le_bytes.
+                _ => &[],
+            },
+            LeBytes::Owned(v) => v,
+        }
+    }
+}
+
+fn le_bytes(t: &Tensor) -> Result<LeBytes> {
+    let s = t.storage()?;
+    if !matches!(
+        &*s,
+        Storage::CpuF32(_) | Storage::CpuF16(_) | Storage::CpuBF16(_)
+    ) {
+        return Err(Error::Comm(format!("cannot send {t:?}: not host data")));
+    }
     #[cfg(target_endian = "little")]
-    let b: std::borrow::Cow<'_, [u8]> = match t.storage() {
-        Storage::CpuF32(v) => bytemuck::cast_slice(v).into(),
-        Storage::CpuF16(v) => bytemuck::cast_slice(v).into(),
-        Storage::CpuBF16(v) => bytemuck::cast_slice(v).into(),
-        _ => return Err(Error::Comm(format!("cannot send {t:?}: not host data"))),
-    };
+    let b = LeBytes::Shared(s);
     #[cfg(target_endian = "big")]
-    let b: std::borrow::Cow<'_, [u8]> = match t.storage() {
-        Storage::CpuF32(v) => v
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<_>>()
-            .into(),
-        Storage::CpuF16(v) => v
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<_>>()
-            .into(),
-        Storage::CpuBF16(v) => v
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<_>>()
-            .into(),
-        _ => return Err(Error::Comm(format!("cannot send {t:?}: not host data"))),
-    };
+    let b = LeBytes::Owned(match &*s {
+        Storage::CpuF32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::CpuF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Storage::CpuBF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        _ => Vec::new(),
+    });
     Ok(b)
 }
 
@@ -1071,7 +1083,7 @@ mod tests {
                 (kind, seq, p.shape(), p.dtype()),
                 (OpKind::AllGather, 9, &[2usize, 3][..], dtype)
             );
-            assert_eq!(le_bytes(&p).unwrap(), bytes, "bit-exact in {dtype:?}");
+            assert_eq!(*le_bytes(&p).unwrap(), *bytes, "bit-exact in {dtype:?}");
         }
         let wire = header(
             op_code(OpKind::Neighbors),

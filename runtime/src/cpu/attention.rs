@@ -36,7 +36,9 @@ pub(crate) fn attention(
     let (b, sq, h, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
     let (sk, dv) = (k.dim(1), v.dim(3));
     let (qd, kd, vd) = (q.as_cpu_f32()?, k.as_cpu_f32()?, v.as_cpu_f32()?);
+    let (qd, kd, vd) = (&*qd, &*kd, &*vd);
     let bias = bias.map(|t| t.as_cpu_f32()).transpose()?;
+    let bias = bias.as_deref();
     let mut o = vec![0f32; b * sq * h * dv];
     if o.is_empty() {
         return out(o, &attention_shape(q, v));
@@ -134,7 +136,9 @@ pub(crate) fn dual_scope_attention(
         k_local.as_cpu_f32()?,
         v_local.as_cpu_f32()?,
     );
+    let (qd, kl, vl) = (&*qd, &*kl, &*vl);
     let (kg, vg) = (k_glob.as_cpu_f32()?, v_glob.as_cpu_f32()?);
+    let (kg, vg) = (&*kg, &*vg);
     let row = h * d;
     let mut o = vec![0f32; b * n * row];
     if o.is_empty() {

@@ -31,8 +31,11 @@ pub(crate) fn conv2d(
         wo,
     } = *g;
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let wdat = w.as_cpu_f32()?;
+    let wdat = &*wdat;
     let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
+    let bias = bias.as_deref();
     let rows = n * ho * wo;
     let mut o = vec![0f32; rows * cout];
     fill_bias(&mut o, cout, bias);
@@ -126,8 +129,11 @@ pub(crate) fn temporal_conv(
         pad,
     } = *g;
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let wdat = w.as_cpu_f32()?;
+    let wdat = &*wdat;
     let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
+    let bias = bias.as_deref();
     let mut o = vec![0f32; b * f * s * cout];
     fill_bias(&mut o, cout, bias);
     // `o` starts as bias (or zeros) and every tap accumulates into it.

@@ -28,6 +28,7 @@ fn map(xd: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 
 pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let o = match op {
         UnaryOp::Silu => map(xd, silu),
         UnaryOp::Gelu => map(xd, gelu),
@@ -39,11 +40,11 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
 }
 
 pub(crate) fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
-    out(map(x.as_cpu_f32()?, |v| v * mul + add), x.shape())
+    out(map(&x.as_cpu_f32()?, |v| v * mul + add), x.shape())
 }
 
 pub(crate) fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
-    out(map(x.as_cpu_f32()?, |v| v.max(lo).min(hi)), x.shape())
+    out(map(&x.as_cpu_f32()?, |v| v.max(lo).min(hi)), x.shape())
 }
 
 /// x [.., 2N] -> [.., N] = x[.., :N] * gelu(x[.., N:]).
@@ -51,6 +52,7 @@ pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
     let c2 = x.dim(x.rank() - 1);
     let c = c2 / 2;
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let mut o = vec![0f32; xd.len() / 2];
     if c > 0 {
         o.par_chunks_mut(c)
@@ -97,6 +99,7 @@ fn binary_with(
     f: impl Fn(f32, f32) -> f32 + Sync + Copy,
 ) -> Result<Tensor> {
     let (ad, bd) = (a.as_cpu_f32()?, b.as_cpu_f32()?);
+    let (ad, bd) = (&*ad, &*bd);
     let total: usize = out_shape.iter().product();
     let mut o = vec![0f32; total];
     if total == 0 {

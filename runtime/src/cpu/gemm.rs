@@ -182,6 +182,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     let batch_b = b.dim(0);
     let n = if trans_b { b.dim(1) } else { b.dim(2) };
     let (ad, bd) = (a.as_cpu_f32()?, b.as_cpu_f32()?);
+    let (ad, bd) = (&*ad, &*bd);
     let rhs_of = |bi: usize| {
         let s = &bd[bi * k * n..(bi + 1) * k * n];
         if trans_b {
@@ -231,6 +232,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     let (rows, k) = (x.dim(0), x.dim(1));
     let n = w.dim(0);
     let bias = bias.map(|b| b.as_cpu_f32()).transpose()?;
+    let bias = bias.as_deref();
     let mut o = vec![0f32; rows * n];
     fill_bias(&mut o, n, bias);
     sgemm(
@@ -239,8 +241,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
         k,
         &mut o,
         n,
-        Mat::rows(x.as_cpu_f32()?, k),
-        Mat::trans(w.as_cpu_f32()?, k),
+        Mat::rows(&x.as_cpu_f32()?, k),
+        Mat::trans(&w.as_cpu_f32()?, k),
         bias.is_some(),
         true,
     );

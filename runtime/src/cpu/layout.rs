@@ -40,6 +40,7 @@ pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result
     let inner: usize = shape[axis + 1..].iter().product();
     let dim = shape[axis];
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let row = indices.len() * inner;
     let mut o = vec![0f32; outer * row];
     if row > 0 {
@@ -60,6 +61,7 @@ pub(crate) fn index_select(x: &Tensor, axis: usize, indices: &[usize]) -> Result
 pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let shape = x.shape();
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let oshape = permute_shape(x, perm);
     let total = xd.len();
     let mut o = vec![0f32; total];
@@ -114,6 +116,7 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (n, h, w, c) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let orow = 2 * w * c;
     let mut o = vec![0f32; n * 2 * h * orow];
     if orow > 0 {
@@ -135,6 +138,7 @@ pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn embedding(ids: &[u32], table: &Tensor) -> Result<Tensor> {
     let c = table.dim(1);
     let td = table.as_cpu_f32()?;
+    let td = &*td;
     let mut o = vec![0f32; ids.len() * c];
     for (orow, &id) in o.chunks_exact_mut(c.max(1)).zip(ids) {
         let s = id as usize * c;

@@ -92,7 +92,7 @@ fn moments(xd: &[f32], n: usize, s: usize, c: usize, g: usize) -> Vec<Moments> {
 /// x [N, S, C] -> [N, G, 3] = (count, mean, M2).
 pub(crate) fn group_norm_stats(x: &Tensor, groups: usize) -> Result<Tensor> {
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
-    let m = moments(x.as_cpu_f32()?, n, s, c, groups);
+    let m = moments(&x.as_cpu_f32()?, n, s, c, groups);
     let o = m
         .iter()
         .flat_map(|m| [m.count as f32, m.mean as f32, m.m2 as f32])
@@ -109,6 +109,7 @@ fn apply(
     p: &GroupNormParams,
 ) -> Result<Vec<f32>> {
     let (gamma, beta) = (p.gamma.as_cpu_f32()?, p.beta.as_cpu_f32()?);
+    let (gamma, beta) = (&*gamma, &*beta);
     let (eps, silu) = (p.eps, p.silu);
     let cg = c / g;
     // Per (n, channel): the mean and the scale gamma * rstd.
@@ -153,7 +154,7 @@ pub(crate) fn group_norm_apply(x: &Tensor, stats: &Tensor, p: &GroupNormParams) 
         .chunks_exact(2)
         .map(|p| (p[0] as f64, p[1] as f64))
         .collect();
-    let o = apply(x.as_cpu_f32()?, (n, s, c), g, &mv, p)?;
+    let o = apply(&x.as_cpu_f32()?, (n, s, c), g, &mv, p)?;
     out(o, &[n, s, c])
 }
 
@@ -161,6 +162,7 @@ pub(crate) fn group_norm_apply(x: &Tensor, stats: &Tensor, p: &GroupNormParams) 
 pub(crate) fn group_norm(x: &Tensor, groups: usize, p: &GroupNormParams) -> Result<Tensor> {
     let (n, s, c) = (x.dim(0), x.dim(1), x.dim(2));
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let mv: Vec<(f64, f64)> = moments(xd, n, s, c, groups)
         .iter()
         .map(|m| {
@@ -176,7 +178,9 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, p: &GroupNormParams) -> Resu
 pub(crate) fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     let c = x.dim(x.rank() - 1);
     let xd = x.as_cpu_f32()?;
+    let xd = &*xd;
     let (gm, bt) = (gamma.as_cpu_f32()?, beta.as_cpu_f32()?);
+    let (gm, bt) = (&*gm, &*bt);
     let mut o = vec![0f32; xd.len()];
     if c > 0 {
         o.par_chunks_mut(c)

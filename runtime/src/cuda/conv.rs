@@ -43,7 +43,8 @@ fn relaid(dev: &CudaDevice, w: &Tensor, perm: &[usize], tag: &'static str) -> Re
         return Ok(r.clone());
     }
     // Through `ops` (the op modules do not call each other): the CUDA permute kernel.
-    let r = crate::ops::permute(w, perm)?;
+    // Cached as long as the weight: never offloaded (crate::offload).
+    let r = crate::offload::outside(|| crate::ops::permute(w, perm))?;
     dev.weight_cache
         .lock()
         .unwrap()
@@ -81,9 +82,9 @@ pub(crate) fn conv2d(
         ho,
         wo,
     } = *g;
-    let bias_ptr = bias
-        .map(|b| storage(b, OP).map(|s| (s.ptr(), s.dtype())))
-        .transpose()?;
+    // The handle keeps the bias buffer alive until the launch is enqueued.
+    let bias_ref = bias.map(|b| storage(b, OP)).transpose()?;
+    let bias_ptr = bias_ref.as_ref().map(|s| (s.ptr(), s.dtype()));
     let out = dev.alloc(dt, n * ho * wo * cout)?;
     let shape = g.out_shape();
     if out.is_empty() {
@@ -226,9 +227,9 @@ pub(crate) fn temporal_conv(
         k,
         pad: p,
     } = *g;
-    let bias_ptr = bias
-        .map(|t| storage(t, OP).map(|st| (st.ptr(), st.dtype())))
-        .transpose()?;
+    // The handle keeps the bias buffer alive until the launch is enqueued.
+    let bias_ref = bias.map(|b| storage(b, OP)).transpose()?;
+    let bias_ptr = bias_ref.as_ref().map(|s| (s.ptr(), s.dtype()));
     let out = dev.alloc(dt, b * f * s * cout)?;
     let shape = g.out_shape();
     if out.is_empty() {

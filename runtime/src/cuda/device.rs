@@ -107,7 +107,7 @@ pub struct CudaDevice {
     /// [Cout, kh, kw, Cin], temporal conv weights to [k, Cout, Cin]). The entry keeps the source tensor
     /// alive, so its address cannot be reused by another buffer while the entry exists.
     pub(crate) weight_cache: Mutex<HashMap<WeightKey, (Tensor, Tensor)>>,
-    pub(crate) profiler: Profiler,
+    pub(crate) profiler: Arc<Profiler>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -187,7 +187,7 @@ impl CudaDevice {
             blas: Slot::default(),
             dnn: Slot::default(),
             weight_cache: Mutex::new(HashMap::new()),
-            profiler: Profiler::new(crate::knobs::get().profile),
+            profiler: Arc::new(Profiler::new(crate::knobs::get().profile)),
         })
     }
 
@@ -373,6 +373,57 @@ impl CudaStorage {
         })
     }
 
+    /// The raw bytes of the buffer, copied to the host (synchronises the stream): the host tier
+    /// of [`crate::offload`].
+    pub fn to_raw_bytes(&self) -> Result<Vec<u8>> {
+        let st = self.dev.stream();
+        let what = "device -> host copy (offload)";
+        Ok(match &self.buf {
+            CudaBuf::F32(s) => {
+                bytemuck::cast_slice(&st.clone_dtoh(s).map_err(|e| cuda_err(what, e))?).to_vec()
+            }
+            CudaBuf::BF16(s) => {
+                bytemuck::cast_slice(&st.clone_dtoh(s).map_err(|e| cuda_err(what, e))?).to_vec()
+            }
+            CudaBuf::F16(s) => {
+                bytemuck::cast_slice(&st.clone_dtoh(s).map_err(|e| cuda_err(what, e))?).to_vec()
+            }
+        })
+    }
+
+    /// A buffer of `dtype` on device `ordinal` holding `bytes` (raw, as [`Self::to_raw_bytes`]
+    /// wrote them): the restore of [`crate::offload`].
+    pub fn from_raw_bytes(ordinal: usize, dtype: DType, bytes: &[u8]) -> Result<CudaStorage> {
+        let dev = device(ordinal)?;
+        let st = dev.stream();
+        let what = "host -> device copy (restore)";
+        if !bytes.len().is_multiple_of(dtype.size_in_bytes()) {
+            return Err(Error::Cuda(format!(
+                "restore: {} bytes are not whole {dtype:?} elements",
+                bytes.len()
+            )));
+        }
+        let n = bytes.len() / dtype.size_in_bytes();
+        let buf = match dtype {
+            DType::F32 => {
+                let mut h = vec![0f32; n];
+                bytemuck::cast_slice_mut(&mut h).copy_from_slice(bytes);
+                CudaBuf::F32(st.clone_htod(&h).map_err(|e| cuda_err(what, e))?)
+            }
+            DType::BF16 => {
+                let mut h = vec![bf16::ZERO; n];
+                bytemuck::cast_slice_mut(&mut h).copy_from_slice(bytes);
+                CudaBuf::BF16(st.clone_htod(&h).map_err(|e| cuda_err(what, e))?)
+            }
+            DType::F16 => {
+                let mut h = vec![f16::ZERO; n];
+                bytemuck::cast_slice_mut(&mut h).copy_from_slice(bytes);
+                CudaBuf::F16(st.clone_htod(&h).map_err(|e| cuda_err(what, e))?)
+            }
+        };
+        Ok(CudaStorage { dev, buf })
+    }
+
     pub fn dtype(&self) -> DType {
         match self.buf {
             CudaBuf::F32(_) => DType::F32,
@@ -440,14 +491,39 @@ impl CudaStorage {
 }
 
 /// The CUDA storage of a tensor (error if it is not on a CUDA device).
-pub(crate) fn storage<'a>(t: &'a Tensor, op: &'static str) -> Result<&'a CudaStorage> {
-    match t.storage() {
-        Storage::Cuda(s) => Ok(s),
+pub(crate) fn storage(t: &Tensor, op: &'static str) -> Result<CudaRef> {
+    let s = t.storage()?;
+    match &*s {
+        Storage::Cuda(_) => Ok(CudaRef(s)),
         _ => Err(Error::DeviceMismatch {
             op,
             a: Device::Cuda(0),
             b: t.device(),
         }),
+    }
+}
+
+/// Keeps a buffer whose address was handed to a launch alive until the launch is enqueued: the
+/// operand's own buffer, or a converted copy.
+#[allow(dead_code)] // held for its Drop only
+pub(crate) enum Keep {
+    Held(CudaRef),
+    Copy(CudaStorage),
+}
+
+/// A held CUDA storage ([`storage`]): the device buffer stays alive (its address valid) while
+/// this handle lives, even if the tensor is offloaded meanwhile ([`crate::offload`]). Keep it
+/// alive for as long as a raw pointer taken from it is used (until the op's launches are
+/// enqueued: frees are stream-ordered on the device's single stream).
+pub(crate) struct CudaRef(crate::StorageRef);
+
+impl std::ops::Deref for CudaRef {
+    type Target = CudaStorage;
+    fn deref(&self) -> &CudaStorage {
+        match &*self.0 {
+            Storage::Cuda(s) => s,
+            _ => unreachable!("CudaRef is made from CUDA storage only"),
+        }
     }
 }
 

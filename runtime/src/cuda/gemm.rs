@@ -4,7 +4,7 @@
 //! bias in the GEMM epilogue (fp32, one rounding; see blas.rs for the bias dtypes).
 
 use super::blas::{gemm_rows, gemm_rows_to, Gemm};
-use super::device::{storage, CudaStorage};
+use super::device::{storage, Keep};
 use super::epilogue::convert;
 use crate::{DType, Error, Result, Tensor};
 
@@ -77,9 +77,9 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "linear";
     let (sx, sw) = (storage(x, OP)?, storage(w, OP)?);
-    let bias_ptr = bias
-        .map(|b| storage(b, OP).map(|s| (s.ptr(), s.dtype())))
-        .transpose()?;
+    // The handle keeps the bias buffer alive until the launch is enqueued.
+    let bias_ref = bias.map(|b| storage(b, OP)).transpose()?;
+    let bias_ptr = bias_ref.as_ref().map(|s| (s.ptr(), s.dtype()));
     let dev = sx.dev().clone();
     let (rows, k) = (x.dim(0), x.dim(1));
     let n = w.dim(0);
@@ -111,16 +111,16 @@ fn epilogue_bias(
     bias: Option<&Tensor>,
     d_dtype: DType,
     op: &'static str,
-) -> Result<(Option<BiasArg>, Option<CudaStorage>)> {
+) -> Result<(Option<BiasArg>, Option<Keep>)> {
     let Some(b) = bias else {
         return Ok((None, None));
     };
     let sb = storage(b, op)?;
     if sb.dtype() == d_dtype || sb.dtype() == DType::F32 {
-        return Ok((Some((sb.ptr(), sb.dtype())), None));
+        return Ok((Some((sb.ptr(), sb.dtype())), Some(Keep::Held(sb))));
     }
-    let wb = convert(sb, DType::F32)?;
-    Ok((Some((wb.ptr(), DType::F32)), Some(wb)))
+    let wb = convert(&sb, DType::F32)?;
+    Ok((Some((wb.ptr(), DType::F32)), Some(Keep::Copy(wb))))
 }
 
 /// x [rows, K] · w[N, K]^T + bias[N] written as `out` (x's dtype, or F32 straight from the fp32

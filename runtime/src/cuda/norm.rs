@@ -12,7 +12,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::device::{storage, CudaStorage};
+use super::device::{storage, CudaStorage, Keep};
 use super::epilogue::convert;
 use super::launch::{dtype_suffix, i32_arg, launch, vec_width, vec_width_mixed};
 use crate::ops::GroupNormParams;
@@ -28,13 +28,13 @@ fn fused_pair(x: DType, out: DType) -> bool {
 
 /// gamma/beta as fp32 on the device: (address, the widened copy to keep alive until the launch is
 /// queued). f32 tensors are used as they are; bf16/f16 ones are widened (C elements, exact).
-fn f32_param(t: &Tensor, op: &'static str) -> Result<(u64, Option<CudaStorage>)> {
+fn f32_param(t: &Tensor, op: &'static str) -> Result<(u64, Keep)> {
     let s = storage(t, op)?;
     if s.dtype() == DType::F32 {
-        return Ok((s.ptr(), None));
+        return Ok((s.ptr(), Keep::Held(s)));
     }
-    let w = convert(s, DType::F32)?;
-    Ok((w.ptr(), Some(w)))
+    let w = convert(&s, DType::F32)?;
+    Ok((w.ptr(), Keep::Copy(w)))
 }
 
 /// x must be [N, S, C] with C divisible by `groups` (re-checked here: the kernels rely on it).
@@ -253,7 +253,7 @@ pub(crate) fn group_norm_apply(x: &Tensor, stats: &Tensor, p: &GroupNormParams) 
         ));
     }
     let ss = storage(stats, OP)?;
-    apply(x, ss, stats.dim(1), p, OP)
+    apply(x, &ss, stats.dim(1), p, OP)
 }
 
 /// GroupNorm of x [N, S, C] (+ SiLU) written as `p.out`: stats kernel, merge kernel, apply kernel.

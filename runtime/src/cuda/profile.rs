@@ -8,8 +8,8 @@ use super::timing::Scope;
 use crate::{Result, Tensor};
 
 /// Start timing an op of `kind` on the device of `t` (None when profiling is off).
-pub(crate) fn scope<'a>(t: &'a Tensor, kind: &'static str) -> Result<Option<Scope<'a>>> {
-    let dev = storage(t, kind)?.dev();
+pub(crate) fn scope(t: &Tensor, kind: &'static str) -> Result<Option<Scope>> {
+    let dev = storage(t, kind)?.dev().clone();
     dev.profiler.scope(dev.ctx(), dev.stream(), kind)
 }
 

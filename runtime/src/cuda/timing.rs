@@ -25,11 +25,11 @@ pub(crate) struct Profiler {
     events: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
 }
 
-/// Records the end event when dropped.
-pub(crate) struct Scope<'a> {
-    profiler: &'a Profiler,
-    ctx: &'a Arc<CudaContext>,
-    stream: &'a Arc<CudaStream>,
+/// Records the end event when dropped. Owns what it needs (it outlives the op's storage handles).
+pub(crate) struct Scope {
+    profiler: Arc<Profiler>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     kind: &'static str,
     start: Option<CudaEvent>,
 }
@@ -56,19 +56,19 @@ impl Profiler {
     }
 
     /// Start timing an op of `kind` on `stream` (None when profiling is off).
-    pub(crate) fn scope<'a>(
-        &'a self,
-        ctx: &'a Arc<CudaContext>,
-        stream: &'a Arc<CudaStream>,
+    pub(crate) fn scope(
+        self: &Arc<Self>,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
         kind: &'static str,
-    ) -> Result<Option<Scope<'a>>> {
+    ) -> Result<Option<Scope>> {
         if !self.enabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
         Ok(Some(Scope {
-            profiler: self,
-            ctx,
-            stream,
+            profiler: self.clone(),
+            ctx: ctx.clone(),
+            stream: stream.clone(),
             kind,
             start: Some(timing_event(ctx, stream)?),
         }))
@@ -97,9 +97,9 @@ impl Profiler {
     }
 }
 
-impl Drop for Scope<'_> {
+impl Drop for Scope {
     fn drop(&mut self) {
-        if let (Some(start), Ok(end)) = (self.start.take(), timing_event(self.ctx, self.stream)) {
+        if let (Some(start), Ok(end)) = (self.start.take(), timing_event(&self.ctx, &self.stream)) {
             let mut events = self.profiler.events.lock().unwrap();
             events.push((self.kind, start, end));
         }

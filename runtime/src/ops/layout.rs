@@ -79,6 +79,8 @@ pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tenso
         return Ok(x.clone());
     }
     if x.device() == crate::Device::Meta {
+        // Read like the real copy does (an offloaded x is restored: crate::offload).
+        crate::meta::touch(&[x])?;
         // What index_select returns on meta, without an index list as long as the range (the
         // planner's dry runs narrow huge shape-only tensors).
         let mut shape = x.shape().to_vec();
