@@ -111,6 +111,7 @@ fn request(frames: usize, world: usize) -> GenerateRequest {
         vae_chunk: 4,
         decode: true,
         schedule: vi_model::schedule::Schedule::UNCONSTRAINED,
+        offload_dir: None,
     }
 }
 

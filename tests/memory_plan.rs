@@ -6,15 +6,15 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vi_model::clip_parallel::ViConfig;
 use vi_model::distributed::{run_ranks, split_frames};
 use vi_model::frame_flow::FRAMES_IN_FLIGHT;
 use vi_model::memory_plan::{
-    check_fit, choose_schedule, device_need, fmt_bytes, measure_rank, plan, Margin, MemoryPlan,
-    MetaModels, PlanModels, PlanRequest, RankPeaks, RechargingComm,
+    check_fit, choose_schedule, device_need, fmt_bytes, measure_rank, plan, plan_fits, Margin,
+    MemoryPlan, MetaModels, PlanModels, PlanRequest, RankPeaks, RechargingComm,
 };
 use vi_model::models::PartKind;
 use vi_model::params::param_dtype;
@@ -24,6 +24,7 @@ use vi_model::sampler::{Sampler, SamplerKind};
 use vi_model::schedule::{DeviceTurn, Schedule};
 use vi_model::temporal::LocalContext;
 use vi_model::{random_full, tiny};
+use vi_runtime::offload::Tier;
 use vi_runtime::{meta, DType, Device, Tensor};
 
 /// Heap bytes of the whole process, live and peak (a test-only counting allocator): what the real
@@ -143,7 +144,9 @@ fn dry_run_peak_equals_real_cpu_peak_single_passes() {
 }
 
 /// The whole rank loop (sampler steps with CFG over the clip-parallel context, then the chunked
-/// VAE decode) over 1 and 3 ranks: each rank's peaks are equal, real vs meta.
+/// VAE decode) over 1 and 3 ranks: each rank's peaks are equal, real vs meta; also with
+/// long-lived tensors offloaded (a spill file against the meta tier: each restore is charged
+/// where the real run makes it, and the tiers' peaks are equal).
 #[test]
 fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
     let _serial = serial();
@@ -160,10 +163,28 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
         exact_seam: true,
         ..vi.clone()
     };
-    for (world, frames, cfg) in [(1, 5, &vi), (3, 7, &vi), (2, 6, &exact)] {
+    let offload = Schedule {
+        offload: true,
+        ..Schedule::UNCONSTRAINED
+    };
+    let offload_chunked = Schedule {
+        frame_chunk: 2,
+        sequential_cfg: true,
+        offload: true,
+        ..Schedule::UNCONSTRAINED
+    };
+    let spill = tempfile::tempdir().unwrap();
+    for (world, frames, cfg, schedule) in [
+        (1, 5, &vi, Schedule::UNCONSTRAINED),
+        (3, 7, &vi, Schedule::UNCONSTRAINED),
+        (2, 6, &exact, Schedule::UNCONSTRAINED),
+        (3, 7, &vi, offload),
+        (3, 7, &vi, offload_chunked),
+        (2, 6, &exact, offload),
+    ] {
         let clips = split_frames(frames, world).unwrap();
         let sampler = Sampler::new(SamplerKind::DpmSolverSde, 10).unwrap();
-        let run = |m: RankModels| -> Vec<RankPeaks> {
+        let run = |m: RankModels, tier: Arc<Tier>| -> Vec<RankPeaks> {
             run_ranks(world, Duration::from_secs(120), |rank, comm| {
                 let job = RankJob {
                     sampler: &sampler,
@@ -175,36 +196,60 @@ fn dry_run_peak_equals_real_cpu_peak_rank_loop() {
                     vi: cfg,
                     vae_chunk: 2,
                     decode: true,
-                    schedule: Schedule::UNCONSTRAINED,
+                    schedule,
                     turn: None,
+                    offload_tier: Some(tier.clone()),
                 };
                 measure_rank(&m, text, &RechargingComm::new(comm), &job)
             })
             .unwrap()
         };
-        let r = run(RankModels {
-            unet: &real.unet,
-            vae: &real.vae,
-            device: Device::Cpu,
-            dtype: DType::F32,
-        });
-        let m = run(fake.rank_models());
+        let real_tier = Tier::spill(spill.path()).unwrap();
+        let meta_tier = Tier::meta();
+        let r = run(
+            RankModels {
+                unet: &real.unet,
+                vae: &real.vae,
+                device: Device::Cpu,
+                dtype: DType::F32,
+            },
+            real_tier.clone(),
+        );
+        let m = run(fake.rank_models(), meta_tier.clone());
         for rank in 0..world {
             eprintln!(
-                "world {world} exact_seam {} rank {rank} ({} frames): denoise real {} meta {}, \
-                 decode real {} meta {}",
+                "world {world} exact_seam {} {schedule} rank {rank} ({} frames): denoise real {} \
+                 meta {}, decode real {} meta {}, parked real {} meta {}",
                 cfg.exact_seam,
                 clips[rank].len(),
                 r[rank].denoise,
                 m[rank].denoise,
                 r[rank].decode,
-                m[rank].decode
+                m[rank].decode,
+                r[rank].parked,
+                m[rank].parked,
             );
             assert!(r[rank].denoise > 0 && r[rank].decode > 0);
             assert_eq!(r[rank].denoise, m[rank].denoise, "rank {rank} denoise");
             assert_eq!(r[rank].decode, m[rank].decode, "rank {rank} decode");
+            assert_eq!(r[rank].parked, m[rank].parked, "rank {rank} parked");
+        }
+        eprintln!(
+            "  tier peak real {} meta {}; spill file written {} read {}",
+            real_tier.peak(),
+            meta_tier.peak(),
+            real_tier.written(),
+            real_tier.read()
+        );
+        assert_eq!(real_tier.peak(), meta_tier.peak(), "offloaded peak");
+        if schedule.offload {
+            assert!(
+                real_tier.peak() > 0 && real_tier.read() > 0,
+                "nothing offloaded"
+            );
         }
     }
+    assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
 }
 
 /// The real pipeline (`pipeline::generate`, 2 CPU ranks, tiny model) takes from the heap, above
@@ -233,6 +278,7 @@ fn real_pipeline_heap_peak_is_within_the_plan() {
         vae_chunk: 3,
         decode: true,
         schedule: Schedule::UNCONSTRAINED,
+        offload_dir: None,
     };
     let mut preq = request(vec![(Device::Cpu, DType::F32); world], frames, hw, hw);
     preq.steps = req.steps;
@@ -562,6 +608,43 @@ fn generate_refuses_a_plan_that_cannot_fit_this_machine() {
     );
 }
 
+/// An offloading schedule on CPU ranks needs a spill directory that takes files: a missing one
+/// is refused before any weight is loaded or frame written, naming the flag and the directory.
+#[test]
+fn an_unusable_offload_dir_is_refused_up_front() {
+    let _serial = serial();
+    let t = tempfile::tempdir().unwrap();
+    let frames_dir = t.path().join("frames");
+    let missing = t.path().join("no-such-dir");
+    let e = err(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--devices",
+        "cpu:2",
+        "--frames",
+        "4",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "1",
+        "--quiet",
+        "--schedule",
+        "chunk=1,sequential-cfg,turns,offload",
+        "--offload-dir",
+        s(&missing),
+        "--frames-dir",
+        s(&frames_dir),
+    ]);
+    assert!(
+        e.contains("--offload-dir") && e.contains("no-such-dir"),
+        "{e}"
+    );
+    assert!(!frames_dir.exists(), "frames written before the check");
+}
+
 /// The check runs before any weight is read: a model folder with a truncated UNet file fails on
 /// memory (pretending 1 MB free), not on the weights; with --no-memory-check the weights error
 /// comes. And --no-memory-check lets a small tiny run go through whatever the free memory.
@@ -715,6 +798,8 @@ fn run_schedule(
     let hidden = models.clip.config.hidden_size;
     let cond = Tensor::from_vec(frame_noise(9, 0, 0..1, 2, 77, hidden), &[2, 77, hidden]).unwrap();
     let turn = DeviceTurn::new(Duration::from_secs(120));
+    let spill = tempfile::tempdir().unwrap();
+    let tier = Tier::spill(spill.path()).unwrap();
     run_ranks(world, Duration::from_secs(120), |rank, comm| {
         let job = RankJob {
             sampler: &sampler,
@@ -728,6 +813,7 @@ fn run_schedule(
             decode: true,
             schedule,
             turn: schedule.rank_turns.then_some(&turn),
+            offload_tier: schedule.offload.then(|| tier.clone()),
         };
         let inputs = SeededTestInputs {
             cond: cond.clone(),
@@ -746,7 +832,7 @@ fn run_schedule(
 }
 
 /// Every schedule the planner may choose (frames in chunks, the CFG rows one after the other,
-/// ranks taking turns, all combined) gives the unconstrained run's latents after every step and
+/// ranks taking turns, long-lived tensors offloaded to a spill file, all combined) gives the unconstrained run's latents after every step and
 /// its decoded images bit for bit, on 3 ranks of unequal clips, in the default and the
 /// exact-seam mode.
 #[test]
@@ -763,23 +849,30 @@ fn every_schedule_gives_the_unconstrained_bits() {
         exact_seam: true,
         ..vi.clone()
     };
-    let s = |frame_chunk, sequential_cfg, rank_turns| Schedule {
+    let s = |frame_chunk, sequential_cfg, rank_turns, offload| Schedule {
         frame_chunk,
         sequential_cfg,
         rank_turns,
+        offload,
     };
     for (cfg, schedules) in [
         (
             &vi,
             vec![
-                s(2, false, false),
-                s(0, true, false),
-                s(0, false, true),
-                s(1, true, true),
-                s(3, true, true),
+                s(2, false, false, false),
+                s(0, true, false, false),
+                s(0, false, true, false),
+                s(1, true, true, false),
+                s(3, true, true, false),
+                s(0, false, false, true),
+                s(0, false, true, true),
+                s(1, true, true, true),
             ],
         ),
-        (&exact, vec![s(1, true, true)]),
+        (
+            &exact,
+            vec![s(1, true, true, false), s(1, true, true, true)],
+        ),
     ] {
         let (world, frames) = (3, 7);
         let reference = run_schedule(&models, world, frames, cfg, Schedule::UNCONSTRAINED);
@@ -829,12 +922,19 @@ fn schedules_lower_the_plan_and_the_choice_fits_the_budget() {
     let turns = at(Schedule {
         frame_chunk: 2,
         rank_turns: true,
-        sequential_cfg: false,
+        ..Schedule::UNCONSTRAINED
     });
     let all = at(Schedule {
         frame_chunk: 1,
         rank_turns: true,
         sequential_cfg: true,
+        offload: false,
+    });
+    let all_offloaded = at(Schedule {
+        frame_chunk: 1,
+        rank_turns: true,
+        sequential_cfg: true,
+        offload: true,
     });
     let act = |p: &MemoryPlan| p.devices[0].activations();
     eprintln!(
@@ -845,9 +945,18 @@ fn schedules_lower_the_plan_and_the_choice_fits_the_budget() {
         fmt_bytes(act(&turns)),
         fmt_bytes(act(&all))
     );
+    eprintln!(
+        "  + offload: {} (the waiting ranks park {} instead of {}; offloaded up to {})",
+        fmt_bytes(act(&all_offloaded)),
+        fmt_bytes(all_offloaded.devices[0].parked.iter().sum()),
+        fmt_bytes(all.devices[0].parked.iter().sum()),
+        fmt_bytes(all_offloaded.devices[0].offloaded)
+    );
     assert!(act(&chunked) <= act(&free));
     assert!(act(&turns) < act(&chunked));
     assert!(act(&all) < act(&turns));
+    assert!(act(&all_offloaded) < act(&all));
+    assert!(all_offloaded.devices[0].offloaded > 0 && all.devices[0].offloaded == 0);
     // Turns: the worst rank at its peak plus every other rank's parked bytes.
     let d = &turns.devices[0];
     assert!(d.rank_turns);
@@ -878,6 +987,17 @@ fn schedules_lower_the_plan_and_the_choice_fits_the_budget() {
         "{}",
         c.schedule
     );
+    // The least constraining rung that fits: every rung before it does not.
+    let ladder = Schedule::ladder(8, true);
+    let at_rung = ladder.iter().position(|x| *x == c.schedule).unwrap();
+    for x in &ladder[..at_rung] {
+        assert!(need(&at(*x)) > budget, "{x} fits {budget} and comes first");
+    }
+    // A budget below the plan without offload (chunks of 1, turns, sequential CFG) but above
+    // the one with it: only offload fits.
+    let budget = (need(&all) + need(&all_offloaded)) / 2;
+    let c = choose_schedule(&tiny_models(), &req, &|_| Some(budget)).unwrap();
+    assert!(c.fits && c.schedule.offload, "{}", c.schedule);
     let c = choose_schedule(&tiny_models(), &req, &|_| Some(need(&all) / 2)).unwrap();
     assert!(!c.fits);
     assert_eq!(c.schedule.frame_chunk, 1, "the most constrained candidate");
@@ -904,15 +1024,28 @@ fn plan_only_2300_frames_fit_one_80g_card() {
     let mut a = args.to_vec();
     a.extend(["--device-memory", "80G"]);
     run(&a).unwrap();
-    let mut a = args.to_vec();
-    a.extend(["--memory-budget", "20G"]);
-    let e = err(&a);
-    assert!(
-        e.contains("does not fit the memory budget under any schedule") && e.contains("20.00 GiB"),
-        "{e}"
-    );
     // The same choice through the library: what it chose, and that it fits.
     let req = request(vec![(Device::Cuda(0), DType::BF16); 8], 2300, 320, 512);
+    // The most constrained schedule (chunks of 1, turns, sequential CFG, offload to host
+    // memory) needs far less of the card; half of that fits no schedule and is refused.
+    let last = *Schedule::ladder(288, true).last().unwrap();
+    let (p_last, _) = plan_fits(&full_models(), &req, last, &|_| None).unwrap();
+    let d_last = &p_last.devices[0];
+    eprintln!(
+        "2300 frames, cuda:0x8, most constrained: {last} -> {}",
+        d_last.describe()
+    );
+    assert!(last.offload && d_last.offloaded > 0);
+    let hopeless = device_need(&p_last, d_last) / 2;
+    let mut a = args.to_vec();
+    let hopeless_arg = hopeless.to_string();
+    a.extend(["--memory-budget", &hopeless_arg]);
+    let e = err(&a);
+    assert!(
+        e.contains("does not fit the memory budget under any schedule")
+            && e.contains(&fmt_bytes(hopeless)),
+        "{e}"
+    );
     let budget = Margin::CUDA.budget_from_free(80 << 30);
     let c = choose_schedule(&full_models(), &req, &|_| Some(budget)).unwrap();
     let d = &c.plan.devices[0];
@@ -944,15 +1077,18 @@ fn png_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// `generate` under a `--memory-budget` that only frames in chunks, sequential CFG rows and
-/// ranks taking turns meet writes the same PNG bytes as the unconstrained run, and the run's
-/// heap (counting allocator, everything the process took from the start of the command: weights,
-/// activations, scratch, decoded frames) stays within that budget.
+/// `generate` under a `--memory-budget` that only frames in chunks, sequential CFG rows, ranks
+/// taking turns and long-lived tensors offloaded (to a spill file in --offload-dir) meet writes
+/// the same PNG bytes as the unconstrained run, the run's heap (counting allocator, everything
+/// the process took from the start of the command: weights, activations, scratch, decoded
+/// frames) stays within that budget, and the spill file is gone.
 #[test]
 fn a_small_budget_forces_a_schedule_with_the_same_frames_within_it() {
     let _serial = serial();
     let t = tempfile::tempdir().unwrap();
     let (free_dir, tight_dir) = (t.path().join("free"), t.path().join("tight"));
+    let spill_dir = t.path().join("spill");
+    std::fs::create_dir(&spill_dir).unwrap();
     let base_args = [
         "generate",
         "--model",
@@ -993,23 +1129,18 @@ fn a_small_budget_forces_a_schedule_with_the_same_frames_within_it() {
         frame_chunk: 0,
         sequential_cfg: true,
         rank_turns: true,
+        offload: true,
     });
-    let chunks_of_2 = need(Schedule {
+    let chunks_of_2 = Schedule {
         frame_chunk: 2,
         sequential_cfg: true,
         rank_turns: true,
-    });
-    assert!(chunks_of_2 < whole_clips && whole_clips < unconstrained);
-    let budget = (chunks_of_2 + whole_clips) / 2;
+        offload: true,
+    };
+    assert!(need(chunks_of_2) < whole_clips && whole_clips < unconstrained);
+    let budget = (need(chunks_of_2) + whole_clips) / 2;
     let c = choose_schedule(&tiny_models(), &req, &|_| Some(budget)).unwrap();
-    assert_eq!(
-        c.schedule,
-        Schedule {
-            frame_chunk: 2,
-            sequential_cfg: true,
-            rank_turns: true
-        }
-    );
+    assert_eq!(c.schedule, chunks_of_2);
 
     let mut a = base_args.to_vec();
     let budget_arg = budget.to_string();
@@ -1018,6 +1149,8 @@ fn a_small_budget_forces_a_schedule_with_the_same_frames_within_it() {
         s(&tight_dir),
         "--memory-budget",
         &budget_arg,
+        "--offload-dir",
+        s(&spill_dir),
     ]);
     let base = HEAP_LIVE.load(Ordering::SeqCst);
     HEAP_PEAK.store(base, Ordering::SeqCst);
@@ -1032,6 +1165,11 @@ fn a_small_budget_forces_a_schedule_with_the_same_frames_within_it() {
         fmt_bytes(real)
     );
     assert!(real <= budget, "real heap peak {real} > budget {budget}");
+    assert_eq!(
+        std::fs::read_dir(&spill_dir).unwrap().count(),
+        0,
+        "spill file left"
+    );
 
     let (x, y) = (png_bytes(&free_dir), png_bytes(&tight_dir));
     assert_eq!(x.len(), 12);

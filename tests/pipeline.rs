@@ -32,6 +32,7 @@ fn request(world: usize, sampler: SamplerKind) -> GenerateRequest {
         vae_chunk: 2,
         decode: true,
         schedule: vi_model::schedule::Schedule::UNCONSTRAINED,
+        offload_dir: None,
     }
 }
 

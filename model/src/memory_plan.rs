@@ -37,11 +37,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vi_runtime::comm::Communicator;
 use vi_runtime::meta::{self, Measured};
+use vi_runtime::offload::Tier;
 use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::clip::{ClipTextConfig, ClipTextModel};
@@ -135,6 +136,9 @@ pub struct DevicePlan {
     /// The ranks of this device take turns ([`Schedule::rank_turns`]): only one holds its
     /// transients at a time, the others hold at most their parked bytes.
     pub rank_turns: bool,
+    /// Under [`Schedule::offload`]: the most bytes this device's ranks hold in the lower tier at
+    /// once (host memory for CUDA, the spill file for the CPU); not part of [`Self::total`].
+    pub offloaded: u64,
     /// Largest fp32 buffer of the CUDA GEMM f32-bias fallback (taken only if cuBLASLt refuses a
     /// bias epilogue; one op at a time per device, since a device's ranks share one stream and
     /// stream-ordered frees precede later allocations). Added to the CUDA margin.
@@ -215,6 +219,17 @@ impl DevicePlan {
             let _ = write!(s, ", text encoder {}", fmt_bytes(self.text_peak));
         }
         let _ = write!(s, ") = {}", fmt_bytes(self.total()));
+        if self.offloaded > 0 {
+            let _ = write!(
+                s,
+                "; offloaded up to {} to {}",
+                fmt_bytes(self.offloaded),
+                match self.device {
+                    Device::Cpu => "the spill file",
+                    _ => "host memory",
+                }
+            );
+        }
         if self.gemm_fallback > 0 {
             let _ = write!(
                 s,
@@ -715,8 +730,20 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
     let text_here = req.local.start == 0;
     let (text_peak, text_kept, text_fallback) = text_phase(m0, req.prompts, req.local.len())?;
 
+    // Under offload: one accounting-only tier per local device, shared by its ranks (what they
+    // move off the device at once); the ranks of other processes get one of their own.
+    let tiers: Vec<(Device, Arc<Tier>)> = devs.iter().map(|&(d, _)| (d, Tier::meta())).collect();
     let peaks = run_ranks(world, Duration::from_secs(600), |rank, comm| {
         let comm = RechargingComm::new(comm);
+        let tier = if !req.local.contains(&rank) {
+            Tier::meta()
+        } else {
+            tiers
+                .iter()
+                .find(|(d, _)| *d == req.ranks[rank].0)
+                .map(|(_, t)| t.clone())
+                .expect("a tier per local device")
+        };
         let mm = of(req.ranks[rank].1);
         let job = RankJob {
             sampler: &sampler,
@@ -732,6 +759,7 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             // The dry run keeps every exchange in lockstep (RechargingComm); turns enter the
             // device's sum through the parked bytes (DevicePlan::ranks_peak).
             turn: None,
+            offload_tier: req.schedule.offload.then_some(tier),
         };
         measure_rank(&mm.rank_models(), mm.text_dims(), &comm, &job)
     })?;
@@ -769,6 +797,11 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
             decode_peaks: ranks.iter().map(|&r| peaks[r].decode).collect(),
             parked: ranks.iter().map(|&r| peaks[r].parked).collect(),
             rank_turns: req.schedule.rank_turns,
+            offloaded: if req.schedule.offload {
+                tiers[i].1.peak()
+            } else {
+                0
+            },
             gemm_fallback: ranks
                 .iter()
                 .map(|&r| peaks[r].fallback)
@@ -792,6 +825,16 @@ pub fn plan(models: &PlanModels, req: &PlanRequest) -> Result<MemoryPlan> {
         devices: out,
         host_frames,
     })
+}
+
+/// Host memory the CUDA devices' offloaded tensors take (their tiers' peaks, a bound: they need
+/// not peak at once). The CPU device's offloaded tensors go to a spill file on disk instead.
+pub fn host_offloaded(plan: &MemoryPlan) -> u64 {
+    plan.devices
+        .iter()
+        .filter(|d| matches!(d.device, Device::Cuda(_)))
+        .map(|d| d.offloaded)
+        .sum()
 }
 
 /// The bytes of `d` that a budget bounds: its weights and activations, and on the CPU device
@@ -999,20 +1042,22 @@ pub fn check_fit(
 ) -> std::result::Result<Vec<String>, Vec<Shortfall>> {
     let mut notes = Vec::new();
     let mut short = Vec::new();
+    // The host holds the decoded frames in flight and what CUDA devices offload to it.
+    let host_extra = plan.host_frames + host_offloaded(plan);
     let mut entries: Vec<(Device, u64, Option<&DevicePlan>)> = plan
         .devices
         .iter()
         .map(|d| {
             let extra = if d.device == Device::Cpu {
-                plan.host_frames
+                host_extra
             } else {
                 0
             };
             (d.device, d.total() + extra, Some(d))
         })
         .collect();
-    if !entries.iter().any(|(d, _, _)| *d == Device::Cpu) && plan.host_frames > 0 {
-        entries.push((Device::Cpu, plan.host_frames, None));
+    if !entries.iter().any(|(d, _, _)| *d == Device::Cpu) && host_extra > 0 {
+        entries.push((Device::Cpu, host_extra, None));
     }
     for (device, planned, dp) in entries {
         let margin = match device {
@@ -1063,6 +1108,13 @@ pub fn check_fit(
                 text,
                 "\n    decoded frames kept in host memory (in flight to the writer): {}",
                 fmt_bytes(plan.host_frames)
+            );
+        }
+        if device == Device::Cpu && host_offloaded(plan) > 0 {
+            let _ = write!(
+                text,
+                "\n    tensors the GPUs offload to host memory: {}",
+                fmt_bytes(host_offloaded(plan))
             );
         }
         let _ = write!(text, "\n    {}", advice(dp, req));

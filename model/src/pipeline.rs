@@ -25,6 +25,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use vi_runtime::comm::{CommChoice, Communicator};
+use vi_runtime::offload::Tier;
 use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::checkpoint::{Checkpointing, RankFile};
@@ -70,6 +71,9 @@ pub struct GenerateRequest {
     pub decode: bool,
     /// Bounded-memory schedule (`memory_plan::choose_schedule`); the video is the same for all.
     pub schedule: Schedule,
+    /// Where a CPU rank's spill file goes under [`Schedule::offload`] (`--offload-dir`; None: the
+    /// system temp dir). Not part of the request's identity (the video does not depend on it).
+    pub offload_dir: Option<std::path::PathBuf>,
 }
 
 /// Progress of a generation, reported from the rank threads. A process sees the events of its
@@ -382,6 +386,11 @@ fn rank_body<'a: 'b, 'b>(
         schedule: req.schedule,
         // Turns, if any, are in `comm` already (generate_rank_with_turn).
         turn: None,
+        offload_tier: if req.schedule.offload {
+            Some(Tier::shared(models.device, req.offload_dir.as_deref())?)
+        } else {
+            None
+        },
     };
     let resume = match ckpt {
         Some(c) if !c.resume.is_empty() => Some(c.resume.get(&rank).ok_or_else(|| {

@@ -23,14 +23,16 @@
 //! model's storage dtype.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use vi_runtime::comm::Communicator;
+use vi_runtime::offload::{self, Tier};
 use vi_runtime::{ops, DType, Device, Tensor};
 
 use crate::clip_parallel::{ClipParallelContext, ViConfig};
 use crate::params::{ModelError, Result};
 use crate::sampler::{Sampler, SamplerState};
-use crate::schedule::{DeviceTurn, Schedule, TurnComm};
+use crate::schedule::{DeviceTurn, ParkComm, Schedule, TurnComm};
 use crate::unet::UNet3D;
 use crate::vae::{to_unit_range, VaeDecoder};
 
@@ -70,6 +72,9 @@ pub struct RankJob<'a> {
     /// The turn of this rank's device, shared by the ranks on it, under
     /// [`Schedule::rank_turns`] (None: the rank computes whenever it can).
     pub turn: Option<&'a DeviceTurn>,
+    /// The lower memory tier under [`Schedule::offload`] (required then): the tensors the rank
+    /// creates are parked there at each call to the group ([`ParkComm`]).
+    pub offload_tier: Option<Arc<Tier>>,
 }
 
 /// Where a rank's inputs come from.
@@ -146,7 +151,27 @@ pub trait RankHooks {
 
 /// Runs one rank: `job.steps` sampler steps on its clip with the clip-parallel exchanges over
 /// `comm` (a collective: every rank of the group runs it), then, if `job.decode`, the VAE decode.
+/// Under [`Schedule::offload`] both phases run in an offload scope on `job.offload_tier`: the
+/// tensors of at least [`offload::MIN_BYTES`] created here are parked at every call to the group.
 pub fn run_rank(
+    m: &RankModels,
+    comm: &dyn Communicator,
+    job: &RankJob,
+    inputs: &dyn RankInputs,
+    hooks: &dyn RankHooks,
+) -> Result<()> {
+    if !job.schedule.offload {
+        return run_rank_body(m, comm, job, inputs, hooks);
+    }
+    let tier = job.offload_tier.clone().ok_or_else(|| {
+        ModelError::Msg("rank loop: the schedule offloads, but no offload tier was given".into())
+    })?;
+    offload::scope(tier, offload::MIN_BYTES, || {
+        run_rank_body(m, comm, job, inputs, hooks)
+    })
+}
+
+fn run_rank_body(
     m: &RankModels,
     comm: &dyn Communicator,
     job: &RankJob,
@@ -161,6 +186,12 @@ pub fn run_rank(
     };
     let comm: &dyn Communicator = match &turn_comm {
         Some(t) => t,
+        None => comm,
+    };
+    // Parks before the turn (if any) is handed on.
+    let park_comm = job.schedule.offload.then(|| ParkComm::new(comm));
+    let comm: &dyn Communicator = match &park_comm {
+        Some(p) => p,
         None => comm,
     };
     let mut latents = None;

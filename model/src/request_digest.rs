@@ -284,6 +284,7 @@ mod tests {
             vae_chunk: 4,
             decode: true,
             schedule: crate::schedule::Schedule::UNCONSTRAINED,
+            offload_dir: None,
         }
     }
 

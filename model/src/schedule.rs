@@ -29,6 +29,12 @@ pub struct Schedule {
     /// device's turn and hands it on while it waits in a collective call, so only one rank's
     /// transients are alive on the device at a time.
     pub rank_turns: bool,
+    /// Long-lived tensors move to a lower memory tier at each of the rank's calls to the group
+    /// ([`ParkComm`], `vi_runtime::offload`): host memory for CUDA, a spill file for the CPU.
+    /// What the rank keeps across an exchange (skips, layer state, latents, sampler state) is
+    /// then not on the device while it waits (and, under turns, while others compute); each
+    /// tensor comes back at its first use.
+    pub offload: bool,
 }
 
 impl Schedule {
@@ -37,6 +43,7 @@ impl Schedule {
         frame_chunk: 0,
         sequential_cfg: false,
         rank_turns: false,
+        offload: false,
     };
 
     /// The VAE's frames per call under this schedule, given the requested `--vae-chunk`.
@@ -51,8 +58,13 @@ impl Schedule {
 
     /// The candidates the planner tries, least constraining first: whole clips; frames in chunks
     /// of 8; + ranks of a device taking turns (when a device holds several ranks); + the CFG rows
-    /// one after the other; then chunks of 4, 2 and 1 frames. A chunk at least as long as the
-    /// longest clip is the whole clip, so such candidates are skipped.
+    /// one after the other; + long-lived tensors offloaded; then chunks of 4, 2 and 1 frames. A
+    /// chunk at least as long as the longest clip is the whole clip, so such candidates are
+    /// skipped. Offload comes after the sequential CFG rows: it costs a copy of every long-lived
+    /// tensor each way, and with CFG batch 2 the lower tier must hold twice the skips (the
+    /// 2,300-frame job on one card would put ~106 GiB in host memory where sequential rows fit
+    /// the card without offloading). Every rung is at least as constrained as the one before in every part (a chain:
+    /// [`Schedule::merge`] of two rungs is the later one).
     pub fn ladder(longest_clip: usize, shared_device: bool) -> Vec<Schedule> {
         let mut out = vec![Schedule::UNCONSTRAINED];
         let mut push = |s: Schedule| {
@@ -76,13 +88,20 @@ impl Schedule {
         push(Schedule {
             frame_chunk: 8,
             rank_turns: true,
-            sequential_cfg: false,
+            ..Schedule::UNCONSTRAINED
+        });
+        push(Schedule {
+            frame_chunk: 8,
+            rank_turns: true,
+            sequential_cfg: true,
+            offload: false,
         });
         for chunk in [8, 4, 2, 1] {
             push(Schedule {
                 frame_chunk: chunk,
                 rank_turns: true,
                 sequential_cfg: true,
+                offload: true,
             });
         }
         out
@@ -92,7 +111,7 @@ impl Schedule {
 impl Schedule {
     /// The schedule at least as constrained as `self` and `other` in every part: the smaller
     /// frame chunk (0, the whole clip, is the largest), sequential CFG rows if either has them,
-    /// turns if either takes them. The processes of a job run the merge of their choices: each
+    /// turns if either takes them, offload if either offloads. The processes of a job run the merge of their choices: each
     /// planned its own ranks against its own budget, and a more constrained schedule needs no
     /// more memory (the ladder is a chain in every part), so the merge fits every process.
     pub fn merge(self, other: Schedule) -> Schedule {
@@ -103,6 +122,7 @@ impl Schedule {
             },
             sequential_cfg: self.sequential_cfg || other.sequential_cfg,
             rank_turns: self.rank_turns || other.rank_turns,
+            offload: self.offload || other.offload,
         }
     }
 
@@ -118,6 +138,9 @@ impl Schedule {
         if self.rank_turns {
             parts.push("turns".to_string());
         }
+        if self.offload {
+            parts.push("offload".to_string());
+        }
         if parts.is_empty() {
             "unconstrained".to_string()
         } else {
@@ -125,8 +148,8 @@ impl Schedule {
         }
     }
 
-    /// Parses `unconstrained`, or comma-separated parts `chunk=N`, `sequential-cfg`, `turns`
-    /// (generate's hidden `--schedule`: a pinned schedule for tests and benchmarks).
+    /// Parses `unconstrained`, or comma-separated parts `chunk=N`, `sequential-cfg`, `turns`,
+    /// `offload` (generate's hidden `--schedule`: a pinned schedule for tests and benchmarks).
     pub fn parse(spec: &str) -> Result<Schedule, String> {
         let mut s = Schedule::UNCONSTRAINED;
         if spec.trim() == "unconstrained" {
@@ -136,12 +159,13 @@ impl Schedule {
             match part {
                 "sequential-cfg" => s.sequential_cfg = true,
                 "turns" => s.rank_turns = true,
+                "offload" => s.offload = true,
                 _ => match part.strip_prefix("chunk=").map(str::parse::<usize>) {
                     Some(Ok(n)) => s.frame_chunk = n,
                     _ => {
                         return Err(format!(
                             "`{part}` in schedule `{spec}`: expected `unconstrained` or \
-                             comma-separated `chunk=N`, `sequential-cfg`, `turns`"
+                             comma-separated `chunk=N`, `sequential-cfg`, `turns`, `offload`"
                         ))
                     }
                 },
@@ -163,6 +187,12 @@ impl fmt::Display for Schedule {
         }
         if self.rank_turns {
             parts.push("ranks of a device take turns".to_string());
+        }
+        if self.offload {
+            parts.push(
+                "long-lived tensors offloaded (to host memory; a spill file on the CPU)"
+                    .to_string(),
+            );
         }
         if parts.is_empty() {
             write!(
@@ -312,6 +342,73 @@ impl Communicator for TurnComm<'_> {
     }
 }
 
+/// A rank's communicator under [`Schedule::offload`]: before each call to the group (where the
+/// rank waits for its peers, and under turns hands its device on) it parks its long-lived
+/// tensors ([`vi_runtime::offload::park_except`]; a no-op outside an offload scope), keeping
+/// resident what it is about to send. It wraps the [`TurnComm`], so the tensors leave the device
+/// before the turn does.
+pub struct ParkComm<'a> {
+    inner: &'a dyn Communicator,
+}
+
+impl<'a> ParkComm<'a> {
+    pub fn new(inner: &'a dyn Communicator) -> ParkComm<'a> {
+        ParkComm { inner }
+    }
+}
+
+fn park(keep: &[&Tensor]) -> RtResult<()> {
+    vi_runtime::offload::park_except(keep).map(|_| ())
+}
+
+impl Communicator for ParkComm<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn exchange_neighbors(
+        &self,
+        to_left: Option<&Tensor>,
+        to_right: Option<&Tensor>,
+    ) -> RtResult<(Option<Tensor>, Option<Tensor>)> {
+        let keep: Vec<&Tensor> = to_left.into_iter().chain(to_right).collect();
+        park(&keep)?;
+        self.inner.exchange_neighbors(to_left, to_right)
+    }
+    fn all_gather(&self, t: &Tensor) -> RtResult<Vec<Tensor>> {
+        park(&[t])?;
+        self.inner.all_gather(t)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> RtResult<Tensor> {
+        park(&[t])?;
+        self.inner.all_reduce_sum(t)
+    }
+    fn gather_to_root(&self, t: &Tensor) -> RtResult<Option<Vec<Tensor>>> {
+        park(&[t])?;
+        self.inner.gather_to_root(t)
+    }
+    fn barrier(&self) -> RtResult<()> {
+        park(&[])?;
+        self.inner.barrier()
+    }
+    fn send_to(&self, dst: usize, t: &Tensor) -> RtResult<()> {
+        park(&[t])?;
+        self.inner.send_to(dst, t)
+    }
+    fn recv_from(&self, src: usize) -> RtResult<Tensor> {
+        park(&[])?;
+        self.inner.recv_from(src)
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+    fn is_aborted(&self) -> bool {
+        self.inner.is_aborted()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,14 +418,18 @@ mod tests {
         let l = Schedule::ladder(24, true);
         assert_eq!(l[0], Schedule::UNCONSTRAINED);
         assert_eq!(l[1].frame_chunk, 8);
-        assert!(l[2].rank_turns && !l[2].sequential_cfg);
-        assert!(l[3].sequential_cfg);
+        assert!(l[2].rank_turns && !l[2].sequential_cfg && !l[2].offload);
+        assert!(l[3].rank_turns && l[3].sequential_cfg && !l[3].offload);
+        assert!(l[4].sequential_cfg && l[4].offload && l[4].frame_chunk == 8);
         assert_eq!(l.last().unwrap().frame_chunk, 1);
         // One rank per device: no turns; a 4-frame clip: chunks of 8 are the whole clip.
         let l = Schedule::ladder(4, false);
         assert!(l.iter().all(|s| !s.rank_turns));
         assert!(l.iter().all(|s| s.frame_chunk < 4));
-        assert_eq!(l.len(), 4, "{l:?}");
+        // unconstrained, sequential CFG, + offload, chunks of 2, of 1.
+        assert_eq!(l.len(), 5, "{l:?}");
+        assert!(l[1].sequential_cfg && !l[1].offload && l[1].frame_chunk == 0);
+        assert!(l[2].sequential_cfg && l[2].offload && l[2].frame_chunk == 0);
         assert_eq!(Schedule::UNCONSTRAINED.vae_chunk(4), 4);
         let s = Schedule {
             frame_chunk: 2,
@@ -344,16 +445,19 @@ mod tests {
             frame_chunk: 8,
             sequential_cfg: false,
             rank_turns: true,
+            offload: false,
         };
         let b = Schedule {
             frame_chunk: 2,
             sequential_cfg: true,
             rank_turns: false,
+            offload: true,
         };
         let m = Schedule {
             frame_chunk: 2,
             sequential_cfg: true,
             rank_turns: true,
+            offload: true,
         };
         assert_eq!(a.merge(b), m);
         assert_eq!(b.merge(a), m);
@@ -367,7 +471,11 @@ mod tests {
                 assert_eq!(x.merge(*y), *y);
             }
         }
-        assert_eq!(Schedule::parse("chunk=2,sequential-cfg,turns"), Ok(m));
+        assert_eq!(
+            Schedule::parse("chunk=2,sequential-cfg,turns,offload"),
+            Ok(m)
+        );
+        assert!(m.to_string().contains("offloaded"));
         for x in Schedule::ladder(24, true) {
             assert_eq!(Schedule::parse(&x.spec()), Ok(x));
         }

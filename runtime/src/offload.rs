@@ -37,6 +37,18 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::tensor::Held;
 use crate::{DType, Device, Error, Result, Storage};
 
+/// Tensors smaller than this stay resident (the rank loop's threshold: below it a tensor's I/O
+/// costs more than its bytes are worth).
+pub const MIN_BYTES: usize = 16 << 10;
+
+/// Which process-wide tier [`Tier::shared`] returns.
+#[derive(PartialEq, Eq)]
+enum TierKey {
+    Meta,
+    Host,
+    Spill(PathBuf),
+}
+
 /// What a [`Tier`] keeps its copies in.
 enum Kind {
     /// Accounting only (the dry run on `Device::Meta`).
@@ -78,6 +90,34 @@ impl Tier {
             Device::Cuda(_) => Tier::host(),
             Device::Meta => Tier::meta(),
         })
+    }
+
+    /// The process's tier for `device`'s kind: the same one for every caller while any holder
+    /// keeps it (the ranks of a process share one spill file, or one host pool), made by
+    /// [`Tier::for_device`] at first use. CPU tiers are keyed by their directory too.
+    pub fn shared(device: Device, spill_dir: Option<&Path>) -> Result<Arc<Tier>> {
+        static TIERS: Mutex<Vec<(TierKey, Weak<Tier>)>> = Mutex::new(Vec::new());
+        let key = match device {
+            Device::Cpu => TierKey::Spill(
+                spill_dir
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(std::env::temp_dir),
+            ),
+            Device::Cuda(_) => TierKey::Host,
+            Device::Meta => TierKey::Meta,
+        };
+        let mut tiers = TIERS.lock().unwrap_or_else(|p| p.into_inner());
+        tiers.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(t) = tiers
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(t);
+        }
+        let t = Tier::for_device(device, spill_dir)?;
+        tiers.push((key, Arc::downgrade(&t)));
+        Ok(t)
     }
 
     fn new(kind: Kind) -> Arc<Tier> {

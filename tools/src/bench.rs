@@ -132,6 +132,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         vae_chunk: 1,
         decode: false,
         schedule,
+        // A spill file (if the schedule offloads on the CPU) in the system temp dir.
+        offload_dir: None,
     };
     // Models by logical rank (rank_model: by this process's ranks).
     let models_of = |r: usize| &models[rank_model[r - first]];

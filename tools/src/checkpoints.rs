@@ -66,7 +66,7 @@ pub struct Layout<'a> {
 
 /// Free bytes for an unprivileged user in the file system holding `dir`.
 #[cfg(unix)]
-fn free_bytes(dir: &Path) -> Result<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .with_context(|| format!("{}: a path with a NUL byte", dir.display()))?;
@@ -90,7 +90,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 }
 
 #[cfg(not(unix))]
-fn free_bytes(_dir: &Path) -> Result<u64> {
+pub(crate) fn free_bytes(_dir: &Path) -> Result<u64> {
     Ok(u64::MAX)
 }
 

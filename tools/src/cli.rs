@@ -213,6 +213,14 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
 
+    /// Where CPU ranks put their spill file when the schedule offloads long-lived tensors (the
+    /// planner's choice under a small --memory-budget): one file per process, unlinked as soon
+    /// as it is created (nothing is left behind), checked writable and for the plan's spill size
+    /// before any weight is loaded. GPU ranks offload to host memory instead [default: the
+    /// system temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub offload_dir: Option<PathBuf>,
+
     /// Steps between checkpoints, 1 to 1000 (the last step is always checkpointed).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub checkpoint_every: usize,
@@ -252,7 +260,7 @@ pub struct GenerateArgs {
 
     /// Testing and benchmarks: run this schedule instead of the planner's choice (still planned
     /// and checked against the budget): `unconstrained`, or comma-separated `chunk=N`,
-    /// `sequential-cfg`, `turns`.
+    /// `sequential-cfg`, `turns`, `offload`.
     #[arg(long, hide = true, value_name = "SPEC", value_parser = parse_schedule)]
     pub schedule: Option<vi_model::schedule::Schedule>,
 

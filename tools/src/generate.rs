@@ -329,6 +329,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         vae_chunk: a.vae_chunk,
         decode: true,
         schedule,
+        offload_dir: None,
     };
 
     // --- Rendezvous: every process runs the same request, before any output or weight ----------
@@ -358,6 +359,35 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         )?),
         None => None,
     };
+
+    // --- Offload: the spill directory of CPU ranks under an offloading schedule ---------------
+    if req.schedule.offload && ranks.contains(&Device::Cpu) {
+        let dir = a.offload_dir.clone().unwrap_or_else(std::env::temp_dir);
+        // A spill file made and dropped: the directory takes files (unlinked at once).
+        vi_runtime::offload::Tier::spill(&dir)
+            .map_err(|e| anyhow::anyhow!("--offload-dir {}: {e}", dir.display()))?;
+        let spill = planned.as_ref().map_or(0, |p| {
+            p.0.devices
+                .iter()
+                .filter(|d| d.device == Device::Cpu)
+                .map(|d| d.offloaded)
+                .sum()
+        });
+        let free = checkpoints::free_bytes(&dir)
+            .map_err(|e| anyhow::anyhow!("--offload-dir {}: {e}", dir.display()))?;
+        if spill > free {
+            bail!(
+                "--offload-dir {}: the plan spills up to {} to disk but only {} is free there \
+                 (nothing was written)",
+                dir.display(),
+                memory_plan::fmt_bytes(spill),
+                memory_plan::fmt_bytes(free)
+            );
+        }
+        req.offload_dir = Some(dir);
+    } else if let Some(dir) = &a.offload_dir {
+        req.offload_dir = Some(dir.clone());
+    }
 
     // --- Checkpoints: the folder, its size against the free space, a resume's files ------------
     let prepared = if checkpointed {
