@@ -466,6 +466,8 @@ impl SpillFile {
 
 /// The offload registry of a thread inside [`scope`].
 struct Registry {
+    /// Unique per scope (never 0).
+    id: u64,
     tier: Arc<Tier>,
     min_bytes: usize,
     tensors: Vec<Weak<Held>>,
@@ -494,7 +496,9 @@ impl Drop for Installed {
 /// created on this thread while `f` runs may be moved to `tier` by [`park`]. A nested scope
 /// replaces the outer one while it runs.
 pub fn scope<R>(tier: Arc<Tier>, min_bytes: usize, f: impl FnOnce() -> R) -> R {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let reg = Registry {
+        id: NEXT_ID.fetch_add(1, Ordering::SeqCst),
         tier,
         min_bytes,
         tensors: Vec::new(),
@@ -518,11 +522,12 @@ pub fn active() -> bool {
     REGISTRY.with(|r| r.borrow().is_some())
 }
 
-/// Called by `Tensor::from_storage`: registers a new tensor with the thread's scope, if any.
+/// Registers a tensor with the thread's scope, if any: a new one (`Tensor::from_storage`), or one
+/// this thread restored (`Tensor::storage`; skipped if this scope registered it last).
 pub(crate) fn register(held: &Arc<Held>) {
     REGISTRY.with(|r| {
         if let Some(reg) = r.borrow_mut().as_mut() {
-            if held.bytes() >= reg.min_bytes && held.bytes() > 0 {
+            if held.bytes() >= reg.min_bytes && held.bytes() > 0 && held.set_registry(reg.id) {
                 if reg.tensors.len() >= reg.prune_at {
                     reg.tensors.retain(|w| w.strong_count() > 0);
                     reg.prune_at = (2 * reg.tensors.len()).max(PRUNE_MIN);
@@ -746,6 +751,30 @@ mod tests {
         assert_eq!(park().unwrap(), 0, "no scope: nothing parked");
         assert_eq!(kept.to_vec_f32().unwrap(), values(64));
         assert_eq!(sent.to_vec_f32().unwrap(), values(8));
+    }
+
+    #[test]
+    fn a_reader_that_restores_another_threads_tensor_parks_it_again() {
+        let tier = Tier::host();
+        let t = scope(tier.clone(), 16, || {
+            let t = Tensor::from_vec(values(64), &[64]).unwrap();
+            park().unwrap();
+            t
+        });
+        assert!(!t.is_resident());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                scope(tier.clone(), 16, || {
+                    assert_eq!(t.to_vec_f32().unwrap(), values(64));
+                    assert!(t.is_resident());
+                    assert_eq!(registered(), 1, "the restore registers it with the reader");
+                    assert_eq!(park().unwrap(), 0, "the copy exists: nothing written");
+                    assert!(!t.is_resident());
+                })
+            })
+            .join()
+            .unwrap()
+        });
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(crate) struct Held {
     dtype: DType,
     device: Device,
     state: Mutex<Residency>,
+    /// Id of the offload registry that registered this storage last (0: none): a reader that
+    /// restores it registers it with its own ([`crate::offload`]), once.
+    registry: std::sync::atomic::AtomicU64,
 }
 
 impl Held {
@@ -59,7 +62,13 @@ impl Held {
                 })),
                 copy: None,
             }),
+            registry: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Records `id` as the registry of this storage; false if it was already.
+    pub(crate) fn set_registry(&self, id: u64) -> bool {
+        self.registry.swap(id, std::sync::atomic::Ordering::SeqCst) != id
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -79,10 +88,11 @@ impl Held {
 
     /// The resident bytes; restores them from the lower tier first if they were offloaded (a
     /// fresh charge on the calling thread's measurement, like a new tensor).
-    fn resident(&self) -> Result<Arc<Resident>> {
+    /// The resident bytes, and whether this call restored them.
+    fn resident(&self) -> Result<(Arc<Resident>, bool)> {
         let mut st = self.lock();
         if let Some(r) = &st.resident {
-            return Ok(r.clone());
+            return Ok((r.clone(), false));
         }
         let copy = st.copy.as_ref().ok_or_else(|| {
             Error::Msg("tensor has neither resident data nor an offloaded copy".into())
@@ -93,7 +103,7 @@ impl Held {
             _charge: crate::meta::Charge::new(self.bytes),
         });
         st.resident = Some(r.clone());
-        Ok(r)
+        Ok((r, true))
     }
 
     /// Moves the data to `tier`: writes a copy unless one exists (the data never changes, so a
@@ -289,7 +299,13 @@ impl Tensor {
     /// The data, restored from its lower tier first if it was offloaded ([`crate::offload`]):
     /// an I/O error of the tier is returned. The handle keeps the bytes alive; drop it after use.
     pub fn storage(&self) -> Result<StorageRef> {
-        Ok(StorageRef(self.storage.resident()?))
+        let (r, restored) = self.storage.resident()?;
+        if restored {
+            // Parked again at the reader's next park, like the reader's own tensors (a tensor
+            // another rank made and parked would otherwise stay resident until its maker's).
+            crate::offload::register(&self.storage);
+        }
+        Ok(StorageRef(r))
     }
 
     /// Whether the data is on the device now (false: offloaded, restored on next use).

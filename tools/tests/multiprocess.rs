@@ -329,7 +329,8 @@ fn processes_taking_turns_hold_less_than_without_turns() {
 }
 
 /// Unequal clips (5 frames over 2 processes: 3 and 2) under a budget where the process of the
-/// 3-frame clip needs frames in chunks and sequential CFG rows and the other needs nothing: the
+/// 3-frame clip needs frames in chunks, sequential CFG rows and offload (a spill file each) and
+/// the other needs nothing: the
 /// job runs the merge of the two choices on both (before, each ran its own choice and the
 /// digests differed: `request differs between ranks: field sequential_cfg`), and the video is
 /// the in-process one.
@@ -351,7 +352,9 @@ fn processes_with_unequal_clips_run_one_schedule() {
     for (r, o) in outs.iter().enumerate() {
         assert!(o.status.success(), "process {r}:\n{}", logs[r]);
     }
-    let chosen = "frames in chunks of 2, CFG rows sequential";
+    let chosen =
+        "frames in chunks of 2, CFG rows sequential, long-lived tensors offloaded (to host \
+                  memory; a spill file on the CPU)";
     assert!(
         logs[0].contains(&format!("schedule: {chosen}: planned peak")),
         "process 0 (3 frames) no longer needs {chosen} under 45M (re-derive the budget from \
