@@ -536,15 +536,20 @@ impl NcclComm {
         let stream = self.comm_stream.cu_stream() as *mut c_void;
         // (peer, device address, bytes) of every send and receive, empty ones left out (both
         // sides know the size, so both skip it).
+        // The storage handles keep the buffers themselves alive (a tensor offloaded meanwhile,
+        // crate::offload, drops only its own reference).
+        let mut held = Vec::with_capacity(sends.len() + outs.len());
         let mut send_ops = Vec::with_capacity(sends.len());
         for (peer, t) in &sends {
-            let ptr = device::storage(t, "NCCL send")?.ptr();
-            send_ops.push((*peer, ptr, byte_len(t)));
+            let s = device::storage(t, "NCCL send")?;
+            send_ops.push((*peer, s.ptr(), byte_len(t)));
+            held.push(s);
         }
         let mut recv_ops = Vec::with_capacity(outs.len());
         for ((peer, _), t) in recvs.iter().zip(&outs) {
-            let ptr = device::storage(t, "NCCL receive")?.ptr();
-            recv_ops.push((*peer, ptr, byte_len(t)));
+            let s = device::storage(t, "NCCL receive")?;
+            recv_ops.push((*peer, s.ptr(), byte_len(t)));
+            held.push(s);
         }
         send_ops.retain(|op| op.2 > 0);
         recv_ops.retain(|op| op.2 > 0);
@@ -613,6 +618,7 @@ impl NcclComm {
             compute: compute.clone(),
             done: Some(done),
             keep: sends.into_iter().map(|(_, t)| t).collect(),
+            held,
             outs,
         })
     }
@@ -776,6 +782,8 @@ struct InFlight {
     done: Option<CudaEvent>,
     /// The tensors sent (NCCL reads them until `done`).
     keep: Vec<Tensor>,
+    /// The device buffers of the sends and receives, held until `done` is ordered.
+    held: Vec<device::CudaRef>,
     /// The receive buffers, in the order of the receives.
     outs: Vec<Tensor>,
 }
@@ -786,6 +794,7 @@ impl InFlight {
     fn finish(mut self) -> Result<Vec<Tensor>> {
         self.order()?;
         self.keep.clear();
+        self.held.clear();
         Ok(std::mem::take(&mut self.outs))
     }
 
