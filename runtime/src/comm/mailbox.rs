@@ -44,6 +44,8 @@ fn key(kind: OpKind, seq: u64, src: usize, dst: usize) -> MsgKey {
 struct Message {
     kind: OpKind,
     payload: Option<Tensor>,
+    /// When it was put in the mailbox (its arrival at this rank).
+    at: Instant,
 }
 
 struct State {
@@ -167,7 +169,14 @@ impl<T: Transport> Mailbox<T> {
         if st.messages.contains_key(&k) {
             return false;
         }
-        st.messages.insert(k, Message { kind, payload });
+        st.messages.insert(
+            k,
+            Message {
+                kind,
+                payload,
+                at: Instant::now(),
+            },
+        );
         drop(st);
         self.cv.notify_all();
         true
@@ -191,8 +200,14 @@ impl<T: Transport> Mailbox<T> {
 
     /// Waits for the message of call `seq` from `src` to `rank`. Fails when the group is aborted,
     /// when `src` departed without sending it, on a kind mismatch, or after the timeout; the last
-    /// three abort the group.
-    fn recv(&self, rank: usize, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
+    /// three abort the group. Returns the payload and when it arrived.
+    fn recv(
+        &self,
+        rank: usize,
+        seq: u64,
+        kind: OpKind,
+        src: usize,
+    ) -> Result<(Option<Tensor>, Instant)> {
         let deadline = Instant::now() + self.timeout;
         let k = key(kind, seq, src, rank);
         let mut st = self.lock();
@@ -203,7 +218,7 @@ impl<T: Transport> Mailbox<T> {
             }
             if let Some(msg) = st.messages.remove(&k) {
                 if msg.kind == kind {
-                    return Ok(msg.payload);
+                    return Ok((msg.payload, msg.at));
                 }
                 let reason = format!(
                     "rank {rank}: collective call #{seq} mismatch: this rank called {kind:?}, \
@@ -290,7 +305,7 @@ impl<T: Transport> Endpoint<T> {
     }
 
     fn recv(&self, seq: u64, kind: OpKind, src: usize) -> Result<Option<Tensor>> {
-        recv_placed(&self.mb, self.rank, self.device, seq, kind, src)
+        Ok(recv_placed(&self.mb, self.rank, self.device, seq, kind, src)?.0)
     }
 
     /// The receiving half of call `seq`, completed later (see [`PendingRecv`]).
@@ -350,10 +365,10 @@ fn recv_placed<T: Transport>(
     seq: u64,
     kind: OpKind,
     src: usize,
-) -> Result<Option<Tensor>> {
+) -> Result<(Option<Tensor>, Instant)> {
     match mb.recv(rank, seq, kind, src)? {
-        Some(t) => Ok(Some(mb.transport.place(t, device)?)),
-        None => Ok(None),
+        (Some(t), at) => Ok((Some(mb.transport.place(t, device)?), at)),
+        (None, at) => Ok((None, at)),
     }
 }
 
@@ -487,12 +502,17 @@ struct PendingRecv<T: Transport> {
 }
 
 impl<T: Transport> PendingRecv<T> {
-    fn recv_all(&mut self) -> Result<Vec<Option<Tensor>>> {
+    /// Every source's message, in `srcs` order, and when the last of them arrived.
+    fn recv_all(&mut self) -> Result<(Vec<Option<Tensor>>, Option<Instant>)> {
         self.waited = true;
-        self.srcs
-            .iter()
-            .map(|&src| recv_placed(&self.mb, self.rank, self.device, self.seq, self.kind, src))
-            .collect()
+        let mut last = None;
+        let mut out = Vec::with_capacity(self.srcs.len());
+        for &src in &self.srcs {
+            let (t, at) = recv_placed(&self.mb, self.rank, self.device, self.seq, self.kind, src)?;
+            last = last.max(Some(at));
+            out.push(t);
+        }
+        Ok((out, last))
     }
 }
 
@@ -515,16 +535,20 @@ impl<T: Transport> Drop for PendingRecv<T> {
 struct NeighborsOp<T: Transport>(PendingRecv<T>);
 
 impl<T: Transport> PendingOp<Halos> for NeighborsOp<T> {
-    fn wait(mut self: Box<Self>) -> Result<Halos> {
+    fn wait(self: Box<Self>) -> Result<Halos> {
+        Ok(self.wait_arrived()?.0)
+    }
+    fn wait_arrived(mut self: Box<Self>) -> Result<(Halos, Option<Instant>)> {
         let (r, w) = (self.0.rank, self.0.mb.world);
-        let mut got = self.0.recv_all()?.into_iter();
+        let (got, at) = self.0.recv_all()?;
+        let mut got = got.into_iter();
         let from_left = if r > 0 { got.next().flatten() } else { None };
         let from_right = if r + 1 < w {
             got.next().flatten()
         } else {
             None
         };
-        Ok((from_left, from_right))
+        Ok(((from_left, from_right), at))
     }
 }
 
@@ -535,16 +559,14 @@ struct GatherOp<T: Transport> {
 }
 
 impl<T: Transport> PendingOp<Vec<Tensor>> for GatherOp<T> {
-    fn wait(mut self: Box<Self>) -> Result<Vec<Tensor>> {
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>> {
+        Ok(self.wait_arrived()?.0)
+    }
+    fn wait_arrived(mut self: Box<Self>) -> Result<(Vec<Tensor>, Option<Instant>)> {
         let rank = self.recv.rank;
         let mut out = Vec::with_capacity(self.recv.mb.world);
-        for (src, t) in self
-            .recv
-            .srcs
-            .clone()
-            .into_iter()
-            .zip(self.recv.recv_all()?)
-        {
+        let (got, at) = self.recv.recv_all()?;
+        for (src, t) in self.recv.srcs.clone().into_iter().zip(got) {
             if out.len() == rank {
                 out.push(self.own.clone());
             }
@@ -553,7 +575,7 @@ impl<T: Transport> PendingOp<Vec<Tensor>> for GatherOp<T> {
         if out.len() == rank {
             out.push(self.own.clone());
         }
-        Ok(out)
+        Ok((out, at))
     }
 }
 

@@ -1,6 +1,8 @@
 //! The handle of an exchange in flight: returned by the `start_*` forms of the
 //! [`Communicator`](super::Communicator), completed by [`Pending::wait`].
 
+use std::time::Instant;
+
 use crate::Result;
 
 /// What an implementation hands out for an exchange it has started: `wait` blocks until the
@@ -10,6 +12,12 @@ use crate::Result;
 /// this one had been waited for (its messages are discarded when they arrive).
 pub trait PendingOp<T>: Send {
     fn wait(self: Box<Self>) -> Result<T>;
+    /// [`PendingOp::wait`], and when the last message of the exchange reached this rank (None:
+    /// not known). A wrapper that delays delivery ([`super::DelayComm`]) counts its latency
+    /// from there, without a thread of its own per exchange.
+    fn wait_arrived(self: Box<Self>) -> Result<(T, Option<Instant>)> {
+        Ok((self.wait()?, None))
+    }
 }
 
 /// An exchange in flight (see [`super::Communicator::start_exchange_neighbors`]). The call index
@@ -51,6 +59,15 @@ impl<T> Pending<T> {
         }
     }
 
+    /// [`Pending::wait`], and when the exchange's last message reached this rank (None: not
+    /// known; for an exchange completed at start, it arrived before it started).
+    pub fn wait_arrived(self) -> Result<(T, Option<Instant>)> {
+        match self.inner {
+            Inner::Done(r) => Ok((r?, None)),
+            Inner::Op(op) => op.wait_arrived(),
+        }
+    }
+
     /// Whether the result was already there when the exchange started (an eager implementation).
     pub fn is_done(&self) -> bool {
         matches!(self.inner, Inner::Done(_))
@@ -68,6 +85,10 @@ impl<T> Pending<T> {
         impl<T: Send, U, F: FnOnce(T) -> Result<U> + Send> PendingOp<U> for Mapped<T, F> {
             fn wait(self: Box<Self>) -> Result<U> {
                 (self.f)(self.inner.wait()?)
+            }
+            fn wait_arrived(self: Box<Self>) -> Result<(U, Option<Instant>)> {
+                let (t, at) = self.inner.wait_arrived()?;
+                Ok(((self.f)(t)?, at))
             }
         }
         match self.inner {
