@@ -832,8 +832,7 @@ fn run_schedule(
 }
 
 /// Every schedule the planner may choose (frames in chunks, the CFG rows one after the other,
-/// ranks taking turns, long-lived tensors offloaded to a spill file, all combined) and the CFG
-/// rows as two concurrent chains give the unconstrained run's latents after every step and
+/// ranks taking turns, long-lived tensors offloaded to a spill file, all combined) gives the unconstrained run's latents after every step and
 /// its decoded images bit for bit, on 3 ranks of unequal clips, in the default and the
 /// exact-seam mode.
 #[test]
@@ -855,14 +854,6 @@ fn every_schedule_gives_the_unconstrained_bits() {
         sequential_cfg,
         rank_turns,
         offload,
-        cfg_chains: false,
-    };
-    // The CFG rows as two concurrent chains (their exchanges on two lanes of each rank's
-    // communicator), whole clips and frames in chunks.
-    let chains = |frame_chunk| Schedule {
-        frame_chunk,
-        cfg_chains: true,
-        ..Schedule::UNCONSTRAINED
     };
     for (cfg, schedules) in [
         (
@@ -876,13 +867,11 @@ fn every_schedule_gives_the_unconstrained_bits() {
                 s(0, false, false, true),
                 s(0, false, true, true),
                 s(1, true, true, true),
-                chains(0),
-                chains(2),
             ],
         ),
         (
             &exact,
-            vec![s(1, true, true, false), s(1, true, true, true), chains(0)],
+            vec![s(1, true, true, false), s(1, true, true, true)],
         ),
     ] {
         let (world, frames) = (3, 7);
@@ -940,14 +929,12 @@ fn schedules_lower_the_plan_and_the_choice_fits_the_budget() {
         rank_turns: true,
         sequential_cfg: true,
         offload: false,
-        ..Schedule::UNCONSTRAINED
     });
     let all_offloaded = at(Schedule {
         frame_chunk: 1,
         rank_turns: true,
         sequential_cfg: true,
         offload: true,
-        ..Schedule::UNCONSTRAINED
     });
     let act = |p: &MemoryPlan| p.devices[0].activations();
     eprintln!(
@@ -1143,14 +1130,12 @@ fn a_small_budget_forces_a_schedule_with_the_same_frames_within_it() {
         sequential_cfg: true,
         rank_turns: true,
         offload: true,
-        ..Schedule::UNCONSTRAINED
     });
     let chunks_of_2 = Schedule {
         frame_chunk: 2,
         sequential_cfg: true,
         rank_turns: true,
         offload: true,
-        ..Schedule::UNCONSTRAINED
     };
     assert!(need(chunks_of_2) < whole_clips && whole_clips < unconstrained);
     let budget = (need(chunks_of_2) + whole_clips) / 2;

@@ -117,7 +117,7 @@ pub struct RankResults<T> {
     pub first_failure: Option<String>,
 }
 
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {

@@ -23,10 +23,9 @@
 //! model's storage dtype.
 
 use std::ops::Range;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use vi_runtime::comm::{Communicator, DelayComm, Lanes};
+use vi_runtime::comm::Communicator;
 use vi_runtime::offload::{self, Tier};
 use vi_runtime::{ops, DType, Device, Tensor};
 
@@ -214,75 +213,6 @@ fn run_rank_body(
     Ok(())
 }
 
-/// The two CFG rows of one UNet call as two concurrent chains ([`Schedule::cfg_chains`]):
-/// `pass(row, ctx)` runs on its own thread for rows 0 (uncond) and 1 (cond), each with a
-/// [`ClipParallelContext`] on its lane of `comm` ([`Lanes`]: the rows' collective calls take the
-/// rank's call indices alternately, the same on every rank). Each row's exchanges overlap with
-/// the other row's compute; per-row arithmetic equals the batch-2 pass (as under
-/// `sequential_cfg`). The threads charge the caller's memory measurement (`meta::current`). A row
-/// that fails or panics aborts the group (its lane's peers would pair the other row's calls with
-/// its own), and the first row's error is returned.
-fn cfg_chains(
-    comm: &dyn Communicator,
-    vi: &ViConfig,
-    t: i64,
-    pass: impl Fn(usize, &ClipParallelContext) -> Result<Tensor> + Sync,
-) -> Result<[Tensor; 2]> {
-    let measuring = vi_runtime::meta::current();
-    // An injected delay sits under the lanes: one incoming link per rank, and a lane's wait on a
-    // delayed exchange blocks its own thread (where the baton is handed on).
-    let delayed = vi.comm_delay.map(|d| DelayComm::new(comm, d));
-    let comm: &dyn Communicator = match &delayed {
-        Some(d) => d,
-        None => comm,
-    };
-    let vi = &ViConfig {
-        comm_delay: None,
-        ..vi.clone()
-    };
-    let lanes = Lanes::split(comm, 2, None);
-    let rows: Vec<Result<Tensor>> = std::thread::scope(|s| {
-        let handles: Vec<_> = lanes
-            .into_iter()
-            .map(|lane| {
-                let (pass, measuring) = (&pass, &measuring);
-                s.spawn(move || {
-                    let row = lane.index();
-                    lane.enter();
-                    let r = catch_unwind(AssertUnwindSafe(|| {
-                        measuring.run(|| pass(row, &ClipParallelContext::new(&lane, vi, t)))
-                    }))
-                    .unwrap_or_else(|p| {
-                        Err(ModelError::Msg(format!(
-                            "CFG row {row} panicked: {}",
-                            crate::distributed::panic_message(&*p)
-                        )))
-                    });
-                    if let Err(e) = &r {
-                        lane.abort(&format!("rank {}: CFG row {row} failed: {e}", lane.rank()));
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ModelError::Msg(
-                        "a CFG row's thread could not be joined".into(),
-                    ))
-                })
-            })
-            .collect()
-    });
-    let mut rows = rows.into_iter();
-    match (rows.next(), rows.next()) {
-        (Some(uncond), Some(cond)) => Ok([uncond?, cond?]),
-        _ => Err(ModelError::Msg("CFG chains: a row is missing".into())),
-    }
-}
-
 /// The denoising phase: returns the clip's latents [n, h, w, c] in the model dtype.
 fn denoise(
     m: &RankModels,
@@ -338,15 +268,6 @@ fn denoise(
             };
             let uncond = pass(0)?;
             (uncond, pass(1)?)
-        } else if job.schedule.runs_cfg_chains() {
-            let input = x.to_dtype(dt)?;
-            let [uncond, cond] = cfg_chains(comm, job.vi, t, |row, ctx| {
-                let ehs_row = ops::narrow(&ehs, 0, row, 1)?;
-                Ok(m.unet
-                    .forward_chunked(&input, t as f32, job.fps_cond, &ehs_row, ctx, chunk)?
-                    .to_dtype(DType::F32)?)
-            })?;
-            (uncond, cond)
         } else {
             let input = ops::concat(&[&x, &x], 0)?.to_dtype(dt)?;
             let eps = m

@@ -35,11 +35,6 @@ pub struct Schedule {
     /// then not on the device while it waits (and, under turns, while others compute); each
     /// tensor comes back at its first use.
     pub offload: bool,
-    /// The two CFG rows run as two UNet passes of batch 1 at the same time, one thread each, their
-    /// exchanges on two lanes of the rank's communicator (`vi_runtime::comm::Lanes`): while one
-    /// row waits for an exchange, the other computes. Ignored under `sequential_cfg`, `rank_turns`
-    /// and `offload` (they bound what is alive at a time; two concurrent rows would not).
-    pub cfg_chains: bool,
 }
 
 impl Schedule {
@@ -49,14 +44,7 @@ impl Schedule {
         sequential_cfg: false,
         rank_turns: false,
         offload: false,
-        cfg_chains: false,
     };
-
-    /// Whether the CFG rows run as two concurrent chains ([`Schedule::cfg_chains`] where no
-    /// memory bound excludes it).
-    pub fn runs_cfg_chains(&self) -> bool {
-        self.cfg_chains && !self.sequential_cfg && !self.rank_turns && !self.offload
-    }
 
     /// The VAE's frames per call under this schedule, given the requested `--vae-chunk`.
     pub fn vae_chunk(&self, requested: usize) -> usize {
@@ -106,7 +94,7 @@ impl Schedule {
             frame_chunk: 8,
             rank_turns: true,
             sequential_cfg: true,
-            ..Schedule::UNCONSTRAINED
+            offload: false,
         });
         for chunk in [8, 4, 2, 1] {
             push(Schedule {
@@ -114,7 +102,6 @@ impl Schedule {
                 rank_turns: true,
                 sequential_cfg: true,
                 offload: true,
-                ..Schedule::UNCONSTRAINED
             });
         }
         out
@@ -136,7 +123,6 @@ impl Schedule {
             sequential_cfg: self.sequential_cfg || other.sequential_cfg,
             rank_turns: self.rank_turns || other.rank_turns,
             offload: self.offload || other.offload,
-            cfg_chains: self.cfg_chains && other.cfg_chains,
         }
     }
 
@@ -155,9 +141,6 @@ impl Schedule {
         if self.offload {
             parts.push("offload".to_string());
         }
-        if self.cfg_chains {
-            parts.push("cfg-chains".to_string());
-        }
         if parts.is_empty() {
             "unconstrained".to_string()
         } else {
@@ -166,7 +149,7 @@ impl Schedule {
     }
 
     /// Parses `unconstrained`, or comma-separated parts `chunk=N`, `sequential-cfg`, `turns`,
-    /// `offload`, `cfg-chains` (generate's hidden `--schedule`: a pinned schedule for tests and benchmarks).
+    /// `offload` (generate's hidden `--schedule`: a pinned schedule for tests and benchmarks).
     pub fn parse(spec: &str) -> Result<Schedule, String> {
         let mut s = Schedule::UNCONSTRAINED;
         if spec.trim() == "unconstrained" {
@@ -177,13 +160,12 @@ impl Schedule {
                 "sequential-cfg" => s.sequential_cfg = true,
                 "turns" => s.rank_turns = true,
                 "offload" => s.offload = true,
-                "cfg-chains" => s.cfg_chains = true,
                 _ => match part.strip_prefix("chunk=").map(str::parse::<usize>) {
                     Some(Ok(n)) => s.frame_chunk = n,
                     _ => {
                         return Err(format!(
                             "`{part}` in schedule `{spec}`: expected `unconstrained` or \
-                             comma-separated `chunk=N`, `sequential-cfg`, `turns`, `offload`, `cfg-chains`"
+                             comma-separated `chunk=N`, `sequential-cfg`, `turns`, `offload`"
                         ))
                     }
                 },
@@ -211,9 +193,6 @@ impl fmt::Display for Schedule {
                 "long-lived tensors offloaded (to host memory; a spill file on the CPU)"
                     .to_string(),
             );
-        }
-        if self.cfg_chains {
-            parts.push("CFG rows as two concurrent chains".to_string());
         }
         if parts.is_empty() {
             write!(
@@ -467,21 +446,18 @@ mod tests {
             sequential_cfg: false,
             rank_turns: true,
             offload: false,
-            ..Schedule::UNCONSTRAINED
         };
         let b = Schedule {
             frame_chunk: 2,
             sequential_cfg: true,
             rank_turns: false,
             offload: true,
-            ..Schedule::UNCONSTRAINED
         };
         let m = Schedule {
             frame_chunk: 2,
             sequential_cfg: true,
             rank_turns: true,
             offload: true,
-            ..Schedule::UNCONSTRAINED
         };
         assert_eq!(a.merge(b), m);
         assert_eq!(b.merge(a), m);
@@ -500,23 +476,6 @@ mod tests {
             Ok(m)
         );
         assert!(m.to_string().contains("offloaded"));
-        // The CFG chains: kept only when both run them; not run under a memory bound.
-        let c = Schedule::parse("cfg-chains").unwrap();
-        assert!(c.cfg_chains && c.runs_cfg_chains());
-        assert_eq!(Schedule::parse(&c.spec()), Ok(c));
-        assert!(c.to_string().contains("concurrent chains"));
-        assert!(!c.merge(Schedule::UNCONSTRAINED).cfg_chains);
-        assert!(c.merge(c).cfg_chains);
-        for bound in [
-            "cfg-chains,sequential-cfg",
-            "cfg-chains,turns",
-            "cfg-chains,offload",
-        ] {
-            assert!(
-                !Schedule::parse(bound).unwrap().runs_cfg_chains(),
-                "{bound}"
-            );
-        }
         for x in Schedule::ladder(24, true) {
             assert_eq!(Schedule::parse(&x.spec()), Ok(x));
         }

@@ -135,27 +135,6 @@ pub fn measure_full<R>(f: impl FnOnce() -> R) -> (R, Measured) {
     (r, m)
 }
 
-/// The calling thread's measurement (if any), to be installed on threads it starts: a rank's
-/// helper threads (the concurrent CFG rows of `Schedule::cfg_chains`) charge the rank's
-/// accountant, so their tensors count in its peak.
-#[derive(Clone)]
-pub struct Measuring(Option<Arc<Accountant>>);
-
-/// The calling thread's [`Measuring`].
-pub fn current() -> Measuring {
-    Measuring(CURRENT.with(|c| c.borrow().clone()))
-}
-
-impl Measuring {
-    /// Runs `f` on the calling thread with this measurement installed (restored after, also on
-    /// unwind).
-    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let prev = CURRENT.with(|c| std::mem::replace(&mut *c.borrow_mut(), self.0.clone()));
-        let _guard = Installed(prev);
-        f()
-    }
-}
-
 /// Notes a conditional backend temporary of `bytes` (see [`Measured::fallback`]).
 fn note_fallback(bytes: usize) {
     CURRENT.with(|c| {

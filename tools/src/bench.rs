@@ -23,7 +23,6 @@ use vi_model::clip_parallel::{exchange_tally, ExchangeSite, ExchangeTally, ViCon
 use vi_model::distributed::split_frames;
 use vi_model::memory_plan::PlanRequest;
 use vi_model::pipeline::{self, Event, GenerateRequest};
-use vi_model::schedule::Schedule;
 use vi_runtime::comm::{CommChoice, CommDelay, WorldEnv};
 
 use crate::cli::{BenchArgs, PartArgs};
@@ -63,17 +62,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         None => node_devices,
     };
     check_available(&ranks)?;
-    if a.cfg_chains {
-        ensure!(
-            a.comm_delay.is_some(),
-            "--cfg-chains: only with --comm-delay (it changes the overlapped runs of that comparison)"
-        );
-        let chains = Schedule {
-            cfg_chains: true,
-            ..Schedule::UNCONSTRAINED
-        };
-        crate::generate::check_cfg_chains(&chains, &ranks, "--cfg-chains")?;
-    }
     if place.is_none() {
         let nccl = vi_runtime::comm::nccl_in_process(&ranks, a.comm)?;
         eprintln!(
@@ -263,7 +251,7 @@ fn compare_schedules<'m>(
 ) -> Result<()> {
     // Rank 0's timed step times of one run, and the run's exchange tally (every rank, every
     // step, warm-up included).
-    let time_run = |vi: ViConfig, schedule| -> Result<(Vec<f64>, ExchangeTally)> {
+    let time_run = |vi: ViConfig| -> Result<(Vec<f64>, ExchangeTally)> {
         let before = exchange_tally();
         let marks: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
         let progress = |e: Event| match e {
@@ -275,11 +263,7 @@ fn compare_schedules<'m>(
             | Event::Written { .. }
             | Event::Checkpointed(_) => {}
         };
-        let run_req = GenerateRequest {
-            vi,
-            schedule,
-            ..req.clone()
-        };
+        let run_req = GenerateRequest { vi, ..req.clone() };
         pipeline::generate(models_of, &run_req, &progress)?;
         let after = exchange_tally();
         let marks = marks.into_inner().unwrap();
@@ -292,13 +276,8 @@ fn compare_schedules<'m>(
         Ok((times[a.warmup.min(times.len())..].to_vec(), tally))
     };
     say!(
-        "bench: injected delay {delay} (every clip-parallel message), {} rounds of the 4 runs; \
-         overlapped schedule: {}",
-        a.rounds.max(1),
-        Schedule {
-            cfg_chains: a.cfg_chains,
-            ..req.schedule
-        }
+        "bench: injected delay {delay} (every clip-parallel message), {} rounds of the 4 runs",
+        a.rounds.max(1)
     );
     // [schedule: overlapped, synchronous][no delay, delay]
     let mut steps = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
@@ -312,11 +291,7 @@ fn compare_schedules<'m>(
                     comm_delay: d,
                     ..req.vi.clone()
                 };
-                let schedule = Schedule {
-                    cfg_chains: overlap && a.cfg_chains,
-                    ..req.schedule
-                };
-                let (times, tally) = time_run(vi, schedule)?;
+                let (times, tally) = time_run(vi)?;
                 steps[si][di].extend(times);
                 tallies[si][di].add(&tally);
             }
@@ -371,13 +346,6 @@ fn compare_schedules<'m>(
     // step-to-step noise of a loaded machine, but it counts waiting for a slower peer too).
     let blocked = |si: usize, di: usize| tallies[si][di].total().blocked.as_secs_f64() / rank_steps;
     let bgrow = |si: usize| blocked(si, 1) - blocked(si, 0);
-    if a.cfg_chains {
-        say!(
-            "bench: with --cfg-chains the waiting below is summed over both CFG rows' threads of \
-             a rank, and a row waits while the other computes: it is not time lost; the step \
-             times above are the measure"
-        );
-    }
     say!(
         "bench: the delay adds {:.1} ms per rank and step of waiting for exchanges to the \
          synchronous schedule and {:.1} ms to the overlapped one: {:.0} %",

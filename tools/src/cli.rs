@@ -503,10 +503,6 @@ pub struct BenchArgs {
     /// With --comm-delay: rounds of the four runs, interleaved (each run: warm-up + timed steps).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
-    /// With --comm-delay: the overlapped runs also run the two CFG rows as concurrent chains
-    /// (each row's exchanges overlap the other row's compute; schedule part `cfg-chains`).
-    #[arg(long)]
-    pub cfg_chains: bool,
     #[command(flatten)]
     pub vi: ViArgs,
     /// Skip the memory plan check (as for `generate`: the plan runs before any weight is loaded;

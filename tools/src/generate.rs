@@ -164,9 +164,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Some(p) => p.devices.clone(),
         None => node_devices,
     };
-    if let Some(s) = &a.schedule {
-        check_cfg_chains(s, &ranks, "--schedule cfg-chains")?;
-    }
     if !a.plan_only {
         // A plan-only run opens no device.
         check_available(&ranks)?;
@@ -1250,21 +1247,6 @@ pub fn replan_assuming_free(
 }
 
 /// `4 ranks on cpu`, `8 ranks on cuda:0..7`, ...
-/// The CFG rows as concurrent chains ([`Schedule::cfg_chains`]) run on two threads that share the
-/// rank's CPU pool; on CUDA the two rows would share the rank's one compute stream, so the chains
-/// would only reorder its work: refused there (`flag` names what asked for them).
-pub fn check_cfg_chains(schedule: &Schedule, ranks: &[Device], flag: &str) -> Result<()> {
-    if schedule.cfg_chains {
-        if let Some(Device::Cuda(i)) = ranks.iter().find(|d| matches!(d, Device::Cuda(_))) {
-            anyhow::bail!(
-                "{flag}: the concurrent CFG rows run on the CPU only (on cuda:{i} both rows would \
-                 share one compute stream); drop it for CUDA ranks"
-            );
-        }
-    }
-    Ok(())
-}
-
 pub fn describe_ranks(ranks: &[Device]) -> String {
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
     for d in ranks {

@@ -15,8 +15,6 @@
 //! [`in_process_group`] / [`agree_on_nccl`] apply it.
 //! [`delay`] wraps any communicator with an injected latency and bandwidth limit (benchmarks of
 //! the overlapped schedules on one machine).
-//! [`lanes`] lets several threads of one rank share its communicator, their calls in a fixed
-//! round robin (the CFG rows run as two concurrent chains).
 //!
 //! Asynchronous forms: `start_exchange_neighbors` and `start_all_gather` start the exchange (the
 //! call index is taken then, in program order, like a blocking call's) and return a [`Pending`]
@@ -35,7 +33,6 @@
 
 pub mod delay;
 pub mod in_process;
-pub mod lanes;
 mod mailbox;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -48,7 +45,6 @@ pub mod world;
 
 pub use delay::{CommDelay, DelayComm};
 pub use in_process::{InProcessComm, InProcessGroup};
-pub use lanes::{Lane, Lanes};
 pub use pending::{Pending, PendingOp};
 pub use rendezvous::{MemoryStore, Rendezvous};
 pub use store::{StoreClient, StoreServer};
