@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use vi_model::clip_parallel::{global_token_indices, ClipParallelContext, ViConfig};
+use vi_model::clip_parallel::{
+    edge_first_pays, global_token_indices, ClipParallelContext, ViConfig, EDGE_FIRST_MIN_ROWS,
+};
 use vi_model::distributed::{
     concat_frames, prompt_for_clip, reference_prompt_index, reference_prompt_segments,
     run_denoising, run_ranks, split_frames, RankInfo,
 };
 use vi_model::params::{ModelError, Params, Result, StoreSource};
-use vi_model::temporal::{LocalContext, TemporalContext, TemporalConvLayer};
+use vi_model::temporal::{FrameBlock, LocalContext, TemporalContext, TemporalConvLayer};
 use vi_model::unet::{UNet3D, UNetConfig};
 use vi_runtime::comm::{Communicator, Halos, Pending};
 use vi_runtime::testing::{assert_close_tensors, closeness, Tolerance};
@@ -917,7 +919,7 @@ fn overlapped_conv_layer_sends_the_edge_frames_before_producing_the_rest() {
     for (t_total, world) in [(30, 3), (24, 3)] {
         let x = randn(&[2, t_total, 4, 32], 5);
         let clips = split_frames(t_total, world).unwrap();
-        let run = |overlap: bool| {
+        let run = |overlap: bool, block: FrameBlock| {
             run_ranks(world, TIMEOUT, |r, comm| {
                 let log = Mutex::new(Vec::new());
                 let logging = LoggingComm {
@@ -936,7 +938,7 @@ fn overlapped_conv_layer_sends_the_edge_frames_before_producing_the_rest() {
                     log.lock().unwrap().push(format!("frames {s}+{len}"));
                     Ok(ops::silu(&ops::narrow(&xr, 1, s, len)?)?)
                 };
-                let y = ctx.conv_layer_from(&layer, xr.dim(1), &produce)?;
+                let y = ctx.conv_layer_from(&layer, xr.dim(1), block, &produce)?;
                 let plain = ctx.conv_layer(&layer, &ops::silu(&xr)?)?;
                 assert!(
                     y.to_vec_f32()? == plain.to_vec_f32()?,
@@ -946,7 +948,27 @@ fn overlapped_conv_layer_sends_the_edge_frames_before_producing_the_rest() {
             })
             .unwrap()
         };
-        let (sync, overlapped) = (run(false), run(true));
+        // A block whose split pays (weights that stay in cache), and one whose split does not
+        // (few rows per frame, weights read from memory at every call): produced whole.
+        let cheap = FrameBlock {
+            frame_rows: 8,
+            weight_bytes: 1 << 10,
+        };
+        let heavy = FrameBlock {
+            frame_rows: 8,
+            weight_bytes: 64 << 20,
+        };
+        assert!(edge_first_pays(4, 10, cheap) && !edge_first_pays(4, 10, heavy));
+        assert!(edge_first_pays(
+            4,
+            10,
+            FrameBlock {
+                frame_rows: EDGE_FIRST_MIN_ROWS / 4,
+                ..heavy
+            }
+        ));
+        let (sync, overlapped) = (run(false, cheap), run(true, cheap));
+        let whole = run(true, heavy);
         let n = clips[1].len();
         for r in 0..world {
             let what = format!("T={t_total} W={world} rank {r}");
@@ -974,6 +996,12 @@ fn overlapped_conv_layer_sends_the_edge_frames_before_producing_the_rest() {
                 ],
             };
             assert_eq!(overlapped[r].1[..want.len()], want, "{what}: overlapped");
+            assert!(whole[r].0 == sync[r].0, "{what}: whole block differs");
+            assert_eq!(
+                whole[r].1[..2],
+                want_sync,
+                "{what}: a heavy block is produced whole"
+            );
         }
     }
 }

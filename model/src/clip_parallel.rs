@@ -27,7 +27,9 @@
 //!   feeds it: the ResNet computes the frames the neighbours need first (the first and last
 //!   `conv_pad` frames; only one edge at the video's ends), the exchange starts, and the other
 //!   frames are computed while it flies ([`TemporalContext::conv_layer_from`]). A middle clip of
-//!   at most 2 x `conv_pad` frames has no frame its neighbours do not need: nothing overlaps;
+//!   at most 2 x `conv_pad` frames has no frame its neighbours do not need: nothing overlaps.
+//!   The split is made only where it pays ([`edge_first_pays`]: two calls of a weight-bound
+//!   block cost nearly twice one);
 //! * temporal attention: k and v are projected first; the global tokens' all-gather and the
 //!   local windows' halo exchange start (in that order, as in the synchronous schedule); q is
 //!   projected while both fly;
@@ -62,7 +64,27 @@ use vi_runtime::ops::{self, DualScopeParams};
 use vi_runtime::{DType, Tensor};
 
 use crate::params::{ModelError, Result};
-use crate::temporal::{TemporalContext, TemporalConvLayer};
+use crate::temporal::{FrameBlock, TemporalContext, TemporalConvLayer};
+
+/// The overlapped schedule splits the per-frame block before a reference conv layer (edge
+/// frames first) only when it pays: when an edge piece holds at least this many GEMM rows
+/// (frames x batch x spatial positions), or when the block's weights are small enough to stay
+/// in cache ([`EDGE_FIRST_CACHED_WEIGHTS`]). Otherwise the block's GEMMs are bound by reading
+/// their weights (the full-size model's deepest latents: a few rows against up to
+/// 1280 x 1280 x 9 weights per convolution), so two calls cost nearly twice one: measured on the
+/// full-size model on the CPU (BENCHMARKS.md), splitting at every level made a step 20-30 %
+/// slower than not splitting at all.
+pub const EDGE_FIRST_MIN_ROWS: usize = 512;
+
+/// See [`EDGE_FIRST_MIN_ROWS`]: a block whose weights take at most this many bytes is split
+/// whatever its rows (a second pass over them is a cache read).
+pub const EDGE_FIRST_CACHED_WEIGHTS: usize = 4 << 20;
+
+/// Whether producing the edge frames of `block` apart pays (see [`EDGE_FIRST_MIN_ROWS`]).
+pub fn edge_first_pays(conv_pad: usize, frames: usize, block: FrameBlock) -> bool {
+    conv_pad.min(frames) * block.frame_rows >= EDGE_FIRST_MIN_ROWS
+        || block.weight_bytes <= EDGE_FIRST_CACHED_WEIGHTS
+}
 
 /// Logit biases of one phase of the dual-scope attention (reference `local_phase` /
 /// `global_phase`: `{t, local_biase, global_biase}`).
@@ -965,9 +987,13 @@ impl TemporalContext for ClipParallelContext<'_> {
         &self,
         layer: &TemporalConvLayer,
         frames: usize,
+        block: FrameBlock,
         produce: &dyn Fn(usize, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        if self.cfg.overlap && !self.cfg.exact_seam {
+        if self.cfg.overlap
+            && !self.cfg.exact_seam
+            && edge_first_pays(self.cfg.conv_pad, frames, block)
+        {
             self.conv_layer_reference_from(layer, frames, produce)
         } else {
             self.conv_layer(layer, &produce(0, frames)?)

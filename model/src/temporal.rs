@@ -59,6 +59,16 @@ impl TemporalConvLayer {
     }
 }
 
+/// The per-frame block feeding a temporal conv layer, as [`TemporalContext::conv_layer_from`]
+/// weighs splitting it by frames: every call reads all its weights, whatever its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBlock {
+    /// GEMM rows one frame holds across the batch: batch rows x spatial positions.
+    pub frame_rows: usize,
+    /// Bytes of the block's matrix weights (its convolutions).
+    pub weight_bytes: usize,
+}
+
 /// How the frame-mixing parts of the UNet see the rest of the video.
 /// Layouts: x [B, F, S, C] (S = H*W, channels-last); attention q/k/v [b, n, heads, head_dim]
 /// with b = B*S rows (one per batch element and spatial position), n = this clip's frames.
@@ -67,18 +77,21 @@ pub trait TemporalContext: Sync {
     /// x + body(window) restricted to this clip.
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor>;
     /// [`TemporalContext::conv_layer`] on the output of a per-frame block (the ResNet before
-    /// every temporal conv layer): `frames` = F, and `produce(start, len)` computes the block's
-    /// output for frames `start..start + len` of every batch row, [B, len, S, C]. A context may
-    /// produce the frames in any order and pieces (the clip-parallel one produces the edge frames
-    /// its neighbours need first and sends them while it produces the interior); the result is
-    /// the same, since a per-frame block's frames do not depend on which other frames one call
-    /// holds. Default: all frames at once, then [`TemporalContext::conv_layer`].
+    /// every temporal conv layer): `frames` = F, `block` what a call of the block costs (a
+    /// piece of fewer frames is a smaller GEMM over the same weights), and `produce(start, len)` computes the block's output for frames `start..start + len` of every
+    /// batch row, [B, len, S, C]. A context may produce the frames in any order and pieces (the
+    /// clip-parallel one produces the edge frames its neighbours need first and sends them while
+    /// it produces the interior); the result is the same, since a per-frame block's frames do not
+    /// depend on which other frames one call holds. Default: all frames at once, then
+    /// [`TemporalContext::conv_layer`].
     fn conv_layer_from(
         &self,
         layer: &TemporalConvLayer,
         frames: usize,
+        block: FrameBlock,
         produce: &dyn Fn(usize, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let _ = block;
         self.conv_layer(layer, &produce(0, frames)?)
     }
     /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C] -> written as `out`.

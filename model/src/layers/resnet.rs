@@ -32,6 +32,19 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
+    /// Bytes of the convolutions' weights (what every call of the block reads).
+    pub fn conv_weight_bytes(&self) -> usize {
+        [
+            Some(&self.conv1),
+            Some(&self.conv2),
+            self.conv_shortcut.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|c| c.weight.elem_count() * c.weight.dtype().size_in_bytes())
+        .sum()
+    }
+
     pub fn load(p: Params, cfg: &ResnetConfig) -> Result<ResnetBlock> {
         let (cin, cout, g, eps) = (cfg.cin, cfg.cout, cfg.groups, cfg.eps);
         Ok(ResnetBlock {

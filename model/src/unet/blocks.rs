@@ -12,7 +12,7 @@ use super::transformer::Transformer2D;
 use super::Trace;
 use crate::layers::resnet::{Downsample, ResnetBlock, ResnetConfig, Upsample};
 use crate::params::{Params, Result};
-use crate::temporal::{TemporalContext, TemporalConvLayer};
+use crate::temporal::{FrameBlock, TemporalContext, TemporalConvLayer};
 
 /// GroupNorm eps of TemporalConvLayer (PyTorch's nn.GroupNorm default; not the config's norm_eps).
 pub(crate) const TEMP_CONV_GN_EPS: f32 = 1e-5;
@@ -129,7 +129,11 @@ impl Fwd<'_> {
             let c = y.dim(3);
             Ok(y.reshape(&[b, len, hh * ww, c])?)
         };
-        let y = self.ctx.conv_layer_from(layer, f, &produce)?;
+        let block = FrameBlock {
+            frame_rows: b * hh * ww,
+            weight_bytes: r.conv_weight_bytes(),
+        };
+        let y = self.ctx.conv_layer_from(layer, f, block, &produce)?;
         let c = y.dim(3);
         Ok(y.reshape(&[nf, hh, ww, c])?)
     }
