@@ -78,20 +78,20 @@ pub trait TemporalContext: Sync {
     fn conv_layer(&self, layer: &TemporalConvLayer, x: &Tensor) -> Result<Tensor>;
     /// [`TemporalContext::conv_layer`] on the output of a per-frame block (the ResNet before
     /// every temporal conv layer): `frames` = F, `block` what a call of the block costs (a
-    /// piece of fewer frames is a smaller GEMM over the same weights), and `produce(start, len)` computes the block's output for frames `start..start + len` of every
-    /// batch row, [B, len, S, C]. A context may produce the frames in any order and pieces (the
+    /// piece of fewer frames is a smaller GEMM over the same weights), and `produce(start, len)`
+    /// computes the block's output for frames `start..start + len` of every batch row,
+    /// [B, len, S, C]. A context may produce the frames in any order and pieces (the
     /// clip-parallel one produces the edge frames its neighbours need first and sends them while
-    /// it produces the interior); the result is the same, since a per-frame block's frames do not
-    /// depend on which other frames one call holds. Default: all frames at once, then
-    /// [`TemporalContext::conv_layer`].
+    /// it produces the interior, where [`FrameBlock`] says that pays); the result is the same,
+    /// since a per-frame block's frames do not depend on which other frames one call holds.
+    /// Default: all frames at once, then [`TemporalContext::conv_layer`].
     fn conv_layer_from(
         &self,
         layer: &TemporalConvLayer,
         frames: usize,
-        block: FrameBlock,
+        _block: FrameBlock,
         produce: &dyn Fn(usize, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let _ = block;
         self.conv_layer(layer, &produce(0, frames)?)
     }
     /// GroupNorm at the entry of a temporal transformer: x [B, F*S, C] -> written as `out`.
