@@ -979,10 +979,11 @@ impl TemporalContext for ClipParallelContext<'_> {
         }
     }
 
-    /// Overlapped schedule, reference mode: edge frames first, their halo exchange overlaps the
-    /// production of the interior frames ([`Self::conv_layer_reference_from`]). Otherwise (the
-    /// synchronous schedule; exact-seam mode, whose first exchange needs statistics over the
-    /// whole clip) all frames are produced first.
+    /// Overlapped schedule, reference mode, where [`edge_first_pays`]: edge frames first, their
+    /// halo exchange overlaps the production of the interior frames
+    /// ([`Self::conv_layer_reference_from`]). Otherwise (the synchronous schedule; exact-seam
+    /// mode, whose first exchange needs statistics over the whole clip; a weight-bound block)
+    /// all frames are produced first.
     fn conv_layer_from(
         &self,
         layer: &TemporalConvLayer,
